@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from tests.mounts import force_unmount
+from unionfs.mount import find_mount
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--seeds", type=int, default=0, help="run the differential tests on this many seeds"
+    )
+
+
+def _mounts_under(top: str) -> list[str]:
+    found = []
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            point = line.split()[4]
+            if point == top or point.startswith(top + "/"):
+                found.append(point)
+    return found
+
+
+@pytest.fixture
+def scratch() -> Iterator[str]:
+    """A fresh directory for one test; mounts left inside are removed first."""
+    top = tempfile.mkdtemp(prefix="strata-test-")
+    try:
+        yield top
+    finally:
+        for point in sorted(_mounts_under(top), key=len, reverse=True):
+            if find_mount(point) is not None:
+                force_unmount(point)
+        if _mounts_under(top):
+            raise RuntimeError(f"mounts left under {top}; not removing it")
+        shutil.rmtree(top)

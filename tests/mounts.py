@@ -1,0 +1,78 @@
+"""Real mounts for tests: strata through its CLI, the kernel's overlayfs as oracle.
+
+Every helper unmounts exactly the mountpoint it created, also when the test
+fails; a FUSE connection that will not go away is aborted through its own
+entry in /sys/fs/fuse/connections, never anyone else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+from unionfs.mount import find_mount
+
+STRATA = [sys.executable, "-m", "unionfs"]
+
+
+def strata(root: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [*STRATA, "--root", root, *args], capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"strata {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def force_unmount(mountpoint: str) -> None:
+    """Last resort for a mount this test created and could not unmount."""
+    info = find_mount(mountpoint)
+    if info is None:
+        return
+    if info.fstype.startswith("fuse"):
+        minor = info.device.split(":")[1]
+        abort = f"/sys/fs/fuse/connections/{minor}/abort"
+        if os.path.exists(abort):
+            with open(abort, "w") as handle:
+                handle.write("1")
+    subprocess.run(["umount", mountpoint], capture_output=True)
+    if find_mount(mountpoint) is not None:
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+
+
+@contextlib.contextmanager
+def strata_mount(root: str, layers: Sequence[str], mountpoint: str) -> Iterator[str]:
+    """Mount *layers* (lowest first) with `strata mount`; unmount after."""
+    os.makedirs(mountpoint, exist_ok=True)
+    layer_args = [arg for layer in layers for arg in ("--layer", layer)]
+    strata(root, "mount", *layer_args, mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        result = strata(root, "umount", mountpoint, check=False)
+        if result.returncode != 0 or find_mount(mountpoint) is not None:
+            force_unmount(mountpoint)
+
+
+@contextlib.contextmanager
+def overlay_mount(layers: Sequence[str], mountpoint: str, *, options: str = "") -> Iterator[str]:
+    """The kernel's overlayfs over the same *layers* (lowest first), read-only."""
+    os.makedirs(mountpoint, exist_ok=True)
+    lowerdir = ":".join(reversed(list(layers)))
+    opts = f"lowerdir={lowerdir}" + (f",{options}" if options else "")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mountpoint], check=True)
+    try:
+        yield mountpoint
+    finally:
+        for _ in range(50):
+            if find_mount(mountpoint) is None:
+                break
+            if subprocess.run(["umount", mountpoint], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            force_unmount(mountpoint)

@@ -1,0 +1,81 @@
+"""The `strata` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import StrataError
+
+
+def default_root() -> str:
+    env = os.environ.get("STRATA_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/strata"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data, "strata")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="strata", description="A union filesystem for layered container images."
+    )
+    parser.add_argument("--version", action="version", version=f"strata {__version__}")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="store and index directory (default: $STRATA_ROOT or /var/lib/strata)",
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+
+    mount = verbs.add_parser("mount", help="mount a stack of layers on a directory")
+    mount.add_argument(
+        "--layer",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="a layer directory; repeat, lowest layer first",
+    )
+    mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    mount.add_argument("-d", "--debug", action="store_true", help="log every request")
+    mount.add_argument("mountpoint")
+
+    umount = verbs.add_parser("umount", help="unmount a strata mount")
+    umount.add_argument("mountpoint")
+
+    verbs.add_parser("demo", help="mount the built-in sample image, list it, unmount")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    root = os.path.abspath(args.root or default_root())
+    try:
+        if args.verb == "mount":
+            from .mount import MountRequest, mount
+
+            mount(MountRequest(root, args.layer, args.mountpoint, args.foreground, args.debug))
+        elif args.verb == "umount":
+            from .mount import unmount
+
+            unmount(args.mountpoint)
+        elif args.verb == "demo":
+            from .sample import run_demo
+
+            run_demo(root)
+    except StrataError as exc:
+        print(f"strata: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

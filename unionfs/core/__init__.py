@@ -1,0 +1,1 @@
+"""The union core: index, layer stack, resolution. Knows nothing of FUSE."""

@@ -1,0 +1,159 @@
+"""The LMDB index: merged directory listings, chains of layers, counters.
+
+Tables (LMDB named databases):
+  meta     counters and the format version
+  dents    (listing id, name hash) -> the entries of that name bucket
+  chains   chain id -> root entry of the merged view of that chain
+  layers   layer identity -> layer number; b"#" + number -> layer path
+
+Listings are immutable once written: a chain that adds a layer writes new
+listings only for the directories that layer contains and shares every other
+listing with the chain below it (path copying). Keys are 16 bytes whatever the
+depth or the name length, far below LMDB's 511-byte limit.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+
+import lmdb
+import xxhash
+
+from ..errors import StrataError
+from .records import Entry, pack_entry, pack_group, unpack_entry, unpack_group
+
+FORMAT = b"strata-index-1"
+ROOT_INO = 1
+
+_KEY = struct.Struct(">QQ")
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+# Name hashes are 55 bits so that a readdir offset (hash << 8 | position in the
+# bucket) fits a signed 64-bit off_t; 0 is never a hash so offsets 1 and 2 stay
+# free for "." and "..".
+HASH_BITS = 55
+
+
+def name_hash(name: bytes) -> int:
+    return (xxhash.xxh3_64_intdigest(name) >> (64 - HASH_BITS)) or 1
+
+
+def dent_key(listing: int, hashed: int) -> bytes:
+    return _KEY.pack(listing, hashed)
+
+
+class Index:
+    """An LMDB environment shared by every mount that uses the same store."""
+
+    def __init__(self, path: str, *, map_size: int = 1 << 38) -> None:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            self.env = lmdb.open(
+                path, map_size=map_size, max_dbs=8, max_readers=512, meminit=False
+            )
+        except (OSError, lmdb.Error) as exc:
+            raise StrataError(f"cannot open the index at {path}: {exc}") from exc
+        self.path = path
+        self.meta = self.env.open_db(b"meta")
+        self.dents = self.env.open_db(b"dents")
+        self.chains = self.env.open_db(b"chains")
+        self.layers = self.env.open_db(b"layers")
+        with self.env.begin(write=True) as txn:
+            found = txn.get(b"format", db=self.meta)
+            if found is None:
+                txn.put(b"format", FORMAT, db=self.meta)
+            elif found != FORMAT:
+                raise StrataError(
+                    f"the index at {path} has format {found.decode(errors='replace')},"
+                    f" this strata reads {FORMAT.decode()}; remove it to rebuild"
+                )
+
+    def close(self) -> None:
+        self.env.close()
+
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin(buffers=True)
+
+    def write(self) -> lmdb.Transaction:
+        return self.env.begin(write=True)
+
+    # Counters -------------------------------------------------------------
+
+    def counter(self, txn: lmdb.Transaction, name: bytes) -> int:
+        """The next free number of a counter; numbers are never handed out twice."""
+        raw = txn.get(name, db=self.meta)
+        # 1 is the root's inode number in every chain.
+        return _U64.unpack(bytes(raw))[0] if raw is not None else ROOT_INO + 1
+
+    def set_counter(self, txn: lmdb.Transaction, name: bytes, value: int) -> None:
+        txn.put(name, _U64.pack(value), db=self.meta)
+
+    def allocate(self, txn: lmdb.Transaction, name: bytes, count: int = 1) -> int:
+        first = self.counter(txn, name)
+        self.set_counter(txn, name, first + count)
+        return first
+
+    # Layers ---------------------------------------------------------------
+
+    def layer_number(self, txn: lmdb.Transaction, identity: bytes) -> int | None:
+        raw = txn.get(identity, db=self.layers)
+        return None if raw is None else _U32.unpack(bytes(raw))[0]
+
+    def add_layer(self, txn: lmdb.Transaction, identity: bytes, path: bytes) -> int:
+        number = self.allocate(txn, b"next_layer")
+        txn.put(identity, _U32.pack(number), db=self.layers)
+        txn.put(b"#" + _U32.pack(number), path, db=self.layers)
+        return number
+
+    # Chains ---------------------------------------------------------------
+
+    def chain_root(self, txn: lmdb.Transaction, chain_id: bytes) -> Entry | None:
+        raw = txn.get(chain_id, db=self.chains)
+        return None if raw is None else unpack_entry(raw)[0]
+
+    def put_chain(self, txn: lmdb.Transaction, chain_id: bytes, root: Entry) -> None:
+        txn.put(chain_id, pack_entry(root), db=self.chains)
+
+    # Listings -------------------------------------------------------------
+
+    def lookup(self, txn: lmdb.Transaction, listing: int, name: bytes) -> Entry | None:
+        raw = txn.get(dent_key(listing, name_hash(name)), db=self.dents)
+        if raw is None:
+            return None
+        for found, entry in unpack_group(raw):
+            if found == name:
+                return entry
+        return None
+
+    def scan(
+        self, txn: lmdb.Transaction, listing: int, from_hash: int = 0
+    ) -> Iterator[tuple[int, list[tuple[bytes, Entry]]]]:
+        """Yield (hash, bucket) of a listing in hash order, from *from_hash* on."""
+        prefix = _U64.pack(listing)
+        with txn.cursor(db=self.dents) as cursor:
+            if not cursor.set_range(dent_key(listing, from_hash)):
+                return
+            for key, value in cursor:
+                if bytes(key[:8]) != prefix:
+                    return
+                yield _KEY.unpack(bytes(key))[1], unpack_group(value)
+
+    def load_listing(self, txn: lmdb.Transaction, listing: int) -> dict[bytes, Entry]:
+        return {
+            name: entry for _, group in self.scan(txn, listing) for name, entry in group
+        }
+
+    def write_listing(self, txn: lmdb.Transaction, entries: dict[bytes, Entry]) -> int:
+        listing = self.allocate(txn, b"next_listing")
+        buckets: dict[int, list[tuple[bytes, Entry]]] = {}
+        for name, entry in entries.items():
+            buckets.setdefault(name_hash(name), []).append((name, entry))
+        items = sorted(
+            (dent_key(listing, hashed), pack_group(group))
+            for hashed, group in buckets.items()
+        )
+        with txn.cursor(db=self.dents) as cursor:
+            cursor.putmulti(items, append=True)
+        return listing

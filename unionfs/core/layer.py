@@ -1,0 +1,193 @@
+"""Reading one directory layer: fingerprint, whiteouts, opaque dirs, safe opens.
+
+A layer may use either on-disk convention, even mixed:
+  OCI        `.wh.NAME` hides NAME below, `.wh..wh..opq` makes its dir opaque;
+  overlayfs  a 0/0 character device hides its name, the xattr
+             trusted.overlay.opaque=y (or user.overlay.opaque=y) makes a dir opaque.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+from ..errors import StrataError
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+# Bookkeeping xattrs of overlayfs (and ours) are never shown to users.
+HIDDEN_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+
+_STAT = struct.Struct("<QIIIIQQqqH")
+
+
+def is_whiteout_device(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def fingerprint(root: bytes) -> bytes:
+    """A 128-bit digest of every name and inode status in the layer.
+
+    The ctime of an inode moves on any change to its data or metadata, and the
+    names cover renames, so a layer edited after indexing gets a new digest.
+    """
+    digest = xxhash.xxh3_128()
+    pack = _STAT.pack
+    st = os.lstat(root)
+    digest.update(
+        pack(st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev,
+             st.st_size, st.st_mtime_ns, st.st_ctime_ns, 0)
+    )
+    pending = [root]
+    while pending:
+        path = pending.pop()
+        with os.scandir(path) as listing:
+            items = sorted(listing, key=lambda item: item.name)
+        digest.update(b"\0D" + path)
+        for item in items:
+            st = item.stat(follow_symlinks=False)
+            name = item.name
+            digest.update(
+                pack(st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                     st.st_rdev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, len(name))
+            )
+            digest.update(name)
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(item.path)
+    return digest.digest()
+
+
+def layer_identity(root: bytes, digest: bytes) -> bytes:
+    return xxhash.xxh3_128_digest(root + b"\0" + digest)
+
+
+def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """All xattrs of *path* itself (symlinks not followed), sorted by name."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return ()
+        raise
+    out = []
+    for name in names:
+        key = name.encode("utf-8", "surrogateescape")
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:  # removed meanwhile
+                continue
+            raise
+        out.append((key, value))
+    out.sort()
+    return tuple(out)
+
+
+def visible_xattrs(xattrs: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple(item for item in xattrs if not item[0].startswith(HIDDEN_XATTR_PREFIXES))
+
+
+def is_opaque(xattrs: tuple[tuple[bytes, bytes], ...]) -> bool:
+    return any(name in OPAQUE_XATTRS and value == b"y" for name, value in xattrs)
+
+
+@dataclass(slots=True)
+class LayerDir:
+    """One directory of one layer, its markers separated from its entries."""
+
+    opaque: bool
+    whiteouts: set[bytes]
+    entries: list[tuple[bytes, os.stat_result]]
+
+
+def read_layer_dir(path: bytes) -> LayerDir:
+    opaque = False
+    whiteouts: set[bytes] = set()
+    entries: list[tuple[bytes, os.stat_result]] = []
+    with os.scandir(path) as listing:
+        for item in listing:
+            name = item.name
+            if name.startswith(WHITEOUT_PREFIX):
+                if name == OPAQUE_MARKER:
+                    opaque = True
+                elif not name.startswith(b".wh..wh."):  # other .wh..wh. names are reserved
+                    whiteouts.add(name[len(WHITEOUT_PREFIX) :])
+                continue
+            st = item.stat(follow_symlinks=False)
+            if is_whiteout_device(st):
+                whiteouts.add(name)
+                continue
+            entries.append((name, st))
+    return LayerDir(opaque, whiteouts, entries)
+
+
+# Opening files beneath a layer root -------------------------------------------
+
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_SYS_OPENAT2 = 437  # same number on every architecture (unified syscall table)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_openat2_works = True
+
+
+def open_beneath(dir_fd: int, relpath: bytes, flags: int = os.O_RDONLY) -> int:
+    """Open *relpath* under *dir_fd* without following any symlink on the way.
+
+    A layer may hold `etc -> /`; resolving a merged path through it must never
+    reach the host, so every component must be a real directory of the layer.
+    """
+    global _openat2_works
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    if _openat2_works:
+        how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+        fd = _libc.syscall(
+            _SYS_OPENAT2, ctypes.c_int(dir_fd), ctypes.c_char_p(relpath),
+            ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
+            raise OSError(err, os.strerror(err), relpath)
+        _openat2_works = False
+    return _open_by_components(dir_fd, relpath, flags)
+
+
+def _open_by_components(dir_fd: int, relpath: bytes, flags: int) -> int:
+    parts = [part for part in relpath.split(b"/") if part]
+    if not parts or any(part in (b".", b"..") for part in parts):
+        raise OSError(errno.EINVAL, "bad path inside a layer", relpath)
+    current = dir_fd
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=current)
+            if current != dir_fd:
+                os.close(current)
+            current = nxt
+        return os.open(parts[-1], flags, dir_fd=current)
+    finally:
+        if current != dir_fd:
+            os.close(current)
+
+
+def open_layer_root(path: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StrataError(f"cannot open layer {path}: {exc.strerror}") from exc

@@ -1,0 +1,316 @@
+"""Mount lifecycle: checks, the background daemon, signals, unmount.
+
+`strata mount` forks a daemon that indexes the stack, mounts, and reports
+back through a pipe once the mount answers requests; the parent then exits
+with the daemon's verdict, so a script can use the mountpoint right away.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from .errors import StrataError
+
+log = logging.getLogger(__name__)
+
+FUSE_DEVICE = "/dev/fuse"
+FSTYPE = "fuse.strata"
+
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class MountRequest:
+    root: str
+    layers: Sequence[str]
+    mountpoint: str
+    foreground: bool = False
+    debug: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MountInfo:
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # "major:minor", names the FUSE connection
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def find_mount(mountpoint: str) -> MountInfo | None:
+    """The topmost mount at exactly *mountpoint*, if any."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            head, _, tail = line.partition(" - ")
+            fields = head.split()
+            if len(fields) < 5 or _unescape(fields[4]) != mountpoint:
+                continue
+            fstype, source = (tail.split() + ["", ""])[:2]
+            found = MountInfo(mountpoint, fstype, _unescape(source), fields[2])
+    return found
+
+
+def check_mountpoint(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise StrataError(f"mountpoint {path}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise StrataError(f"mountpoint {path} is not a directory")
+    real = os.path.realpath(path)
+    mounted = find_mount(real)
+    if mounted is not None and mounted.fstype == FSTYPE:
+        raise StrataError(f"{real} is already a strata mount; run 'strata umount {real}' first")
+    return real
+
+
+def check_fuse_device() -> None:
+    if not os.path.exists(FUSE_DEVICE):
+        raise StrataError(f"{FUSE_DEVICE} does not exist: load the fuse module or add the device")
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        raise StrataError(f"no permission to use {FUSE_DEVICE}")
+
+
+def runtime_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/strata"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/strata-{os.geteuid()}"
+    return os.path.join(base, "strata")
+
+
+def pid_file(mountpoint: str) -> str:
+    return os.path.join(runtime_dir(), xxhash.xxh64_hexdigest(os.fsencode(mountpoint)) + ".pid")
+
+
+def fuse_options(read_only: bool) -> set[str]:
+    options = {"fsname=strata", "subtype=strata", "default_permissions", "noatime"}
+    if read_only:
+        options.add("ro")
+    if os.geteuid() == 0:
+        # As fuse-overlayfs does: other users (and containers) see the mount,
+        # with the kernel checking permissions.
+        options.add("allow_other")
+    return options
+
+
+def mount(request: MountRequest) -> None:
+    """Mount and return once it serves (or serve in the foreground until unmounted)."""
+    mountpoint = check_mountpoint(request.mountpoint)
+    check_fuse_device()
+    from .core.stack import check_layer_dir
+
+    for layer in request.layers:
+        check_layer_dir(layer)
+    request = MountRequest(
+        request.root, request.layers, mountpoint, request.foreground, request.debug
+    )
+    if request.foreground:
+        _configure_logging(request.debug, None)
+        serve(request, notify=_print_progress)
+        return
+    _mount_in_background(request)
+
+
+def _print_progress(message: str) -> None:
+    if message != "ready":
+        print(message, file=sys.stderr)
+
+
+def _mount_in_background(request: MountRequest) -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        code = 1
+        report = os.fdopen(write_end, "w", buffering=1)
+
+        def notify(message: str) -> None:
+            try:
+                report.write(message.replace("\n", " ") + "\n")
+            except OSError:
+                pass  # the parent is gone; keep serving
+
+        try:
+            try:
+                os.setsid()
+                _detach_stdio(request)
+                serve(request, notify)
+                code = 0
+            except StrataError as exc:
+                notify(f"error:{exc}")
+            except BaseException as exc:  # report, never leave the parent waiting
+                log.exception("daemon failed")
+                notify(f"error:the mount daemon failed: {exc!r}")
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as replies:
+        for line in replies:
+            line = line.rstrip("\n")
+            if line == "ready":
+                return
+            if line.startswith("error:"):
+                os.waitpid(pid, 0)
+                raise StrataError(line[len("error:") :])
+            print(line, file=sys.stderr)
+    os.waitpid(pid, 0)
+    raise StrataError("the mount daemon exited before the mount was ready")
+
+
+def _detach_stdio(request: MountRequest) -> None:
+    log_dir = os.path.join(request.root, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, xxhash.xxh64_hexdigest(os.fsencode(request.mountpoint)) + ".log")
+    null = os.open(os.devnull, os.O_RDWR)
+    logfile = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(logfile, 2)
+    os.close(null)
+    os.close(logfile)
+    _configure_logging(request.debug, None)
+
+
+def _configure_logging(debug: bool, path: str | None) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s strata[%(process)d] %(levelname)s %(message)s",
+        filename=path,
+    )
+
+
+def serve(request: MountRequest, notify: Notify) -> None:
+    """Index the stack, mount it and serve until unmounted or signalled."""
+    import pyfuse3
+    import trio
+
+    from .core.index import Index
+    from .core.stack import prepare_stack
+    from .core.view import MergedView
+    from .fuse import StrataOperations
+
+    index = Index(os.path.join(request.root, "index"))
+    try:
+        stack = prepare_stack(index, request.layers, progress=notify)
+        if stack.merged_layers:
+            rate = stack.merged_files / max(stack.seconds, 1e-6)
+            notify(f"indexed {stack.merged_files} files in {stack.seconds:.2f} s ({rate:.0f} files/s)")
+        view = MergedView(index, stack.root, stack.layers)
+        operations = StrataOperations(view)
+        try:
+            pyfuse3.init(operations, request.mountpoint, fuse_options(read_only=True))
+        except RuntimeError as exc:
+            raise StrataError(f"cannot mount on {request.mountpoint}: {exc}") from exc
+        try:
+            _serve_mounted(request, notify)
+        finally:
+            view.close()
+    finally:
+        index.close()
+
+
+def _serve_mounted(request: MountRequest, notify: Notify) -> None:
+    """Run the request loop of an initialised pyfuse3 session; always close it."""
+    import pyfuse3
+    import trio
+
+    terminated = False
+    pidfile = pid_file(request.mountpoint)
+    try:
+        os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+        with open(pidfile, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+
+        async def run() -> None:
+            nonlocal terminated
+            async with trio.open_nursery() as nursery:
+
+                async def fuse_loop() -> None:
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+
+                async def signals() -> None:
+                    nonlocal terminated
+                    stop = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                    with trio.open_signal_receiver(*stop) as received:
+                        async for _ in received:
+                            terminated = True
+                            pyfuse3.terminate()
+
+                nursery.start_soon(fuse_loop)
+                nursery.start_soon(signals)
+                # A request through the kernel proves the mount serves.
+                await trio.to_thread.run_sync(os.stat, request.mountpoint)
+                notify("ready")
+
+        trio.run(run)
+    except BaseException:
+        terminated = True  # unmount below rather than leave a dead mount behind
+        raise
+    finally:
+        pyfuse3.close(unmount=terminated)
+        try:
+            os.unlink(pidfile)
+        except FileNotFoundError:
+            pass
+
+
+def unmount(mountpoint: str, *, timeout: float = 30.0) -> None:
+    real = os.path.realpath(mountpoint)
+    mounted = find_mount(real)
+    if mounted is None or mounted.fstype != FSTYPE:
+        raise StrataError(f"{real} is not a strata mount")
+    pid = _read_pid(pid_file(real))
+    if os.geteuid() == 0:
+        command = ["umount", real]
+    else:
+        command = ["fusermount3", "-u", real]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise StrataError(f"cannot unmount {real}: {reason}")
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
