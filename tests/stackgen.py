@@ -55,7 +55,7 @@ def generate(seed: int, layers: int | None = None) -> list[Layer]:
         kinds: dict[str, str] = {}  # path -> kind within this layer
         items: Layer = []
 
-        def claim(path: str, kind: str) -> bool:
+        def claim(path: str, kind: str, kinds: dict[str, str] = kinds) -> bool:
             parts = path.split("/")
             for depth in range(1, len(parts)):
                 ancestor = "/".join(parts[:depth])
@@ -77,8 +77,18 @@ def generate(seed: int, layers: int | None = None) -> list[Layer]:
         for _ in range(rng.randint(8, 25)):
             path = random_path()
             kind = rng.choices(
-                ["file", "dir", "symlink", "hardlink", "fifo", "socket", "chr", "blk",
-                 "whiteout", "opaque"],
+                [
+                    "file",
+                    "dir",
+                    "symlink",
+                    "hardlink",
+                    "fifo",
+                    "socket",
+                    "chr",
+                    "blk",
+                    "whiteout",
+                    "opaque",
+                ],
                 weights=[30, 12, 6, 6, 3, 2, 2, 2, 14, 6],
             )[0]
             if kind == "socket" and len(path.rpartition("/")[2]) > 50:

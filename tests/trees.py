@@ -27,8 +27,13 @@ class Node:
 
 def _kind(mode: int) -> str:
     for test, kind in (
-        (stat.S_ISDIR, "d"), (stat.S_ISREG, "f"), (stat.S_ISLNK, "l"), (stat.S_ISFIFO, "p"),
-        (stat.S_ISSOCK, "s"), (stat.S_ISCHR, "c"), (stat.S_ISBLK, "b"),
+        (stat.S_ISDIR, "d"),
+        (stat.S_ISREG, "f"),
+        (stat.S_ISLNK, "l"),
+        (stat.S_ISFIFO, "p"),
+        (stat.S_ISSOCK, "s"),
+        (stat.S_ISCHR, "c"),
+        (stat.S_ISBLK, "b"),
     ):
         if test(mode):
             return kind

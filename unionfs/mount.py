@@ -7,6 +7,7 @@ with the daemon's verdict, so a script can use the mountpoint right away.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -68,7 +69,7 @@ def find_mount(mountpoint: str) -> MountInfo | None:
             fields = head.split()
             if len(fields) < 5 or _unescape(fields[4]) != mountpoint:
                 continue
-            fstype, source = (tail.split() + ["", ""])[:2]
+            fstype, source = ([*tail.split(), "", ""])[:2]
             found = MountInfo(mountpoint, fstype, _unescape(source), fields[2])
     return found
 
@@ -88,8 +89,14 @@ def check_mountpoint(path: str) -> str:
 
 
 def check_fuse_device() -> None:
-    if not os.path.exists(FUSE_DEVICE):
-        raise StrataError(f"{FUSE_DEVICE} does not exist: load the fuse module or add the device")
+    try:
+        st = os.stat(FUSE_DEVICE)
+    except FileNotFoundError:
+        raise StrataError(
+            f"{FUSE_DEVICE} does not exist: load the fuse module or add the device"
+        ) from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise StrataError(f"{FUSE_DEVICE} is not a character device")
     if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
         raise StrataError(f"no permission to use {FUSE_DEVICE}")
 
@@ -135,7 +142,8 @@ def mount(request: MountRequest) -> None:
 
 
 def _print_progress(message: str) -> None:
-    if message != "ready":
+    # Progress is for people watching; scripts get errors only.
+    if message != "ready" and sys.stderr.isatty():
         print(message, file=sys.stderr)
 
 
@@ -148,10 +156,8 @@ def _mount_in_background(request: MountRequest) -> None:
         report = os.fdopen(write_end, "w", buffering=1)
 
         def notify(message: str) -> None:
-            try:
+            with contextlib.suppress(OSError):  # the parent may be gone; keep serving
                 report.write(message.replace("\n", " ") + "\n")
-            except OSError:
-                pass  # the parent is gone; keep serving
 
         try:
             try:
@@ -175,7 +181,7 @@ def _mount_in_background(request: MountRequest) -> None:
             if line.startswith("error:"):
                 os.waitpid(pid, 0)
                 raise StrataError(line[len("error:") :])
-            print(line, file=sys.stderr)
+            _print_progress(line)
     os.waitpid(pid, 0)
     raise StrataError("the mount daemon exited before the mount was ready")
 
@@ -183,7 +189,9 @@ def _mount_in_background(request: MountRequest) -> None:
 def _detach_stdio(request: MountRequest) -> None:
     log_dir = os.path.join(request.root, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, xxhash.xxh64_hexdigest(os.fsencode(request.mountpoint)) + ".log")
+    log_path = os.path.join(
+        log_dir, xxhash.xxh64_hexdigest(os.fsencode(request.mountpoint)) + ".log"
+    )
     null = os.open(os.devnull, os.O_RDWR)
     logfile = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(null, 0)
@@ -205,7 +213,6 @@ def _configure_logging(debug: bool, path: str | None) -> None:
 def serve(request: MountRequest, notify: Notify) -> None:
     """Index the stack, mount it and serve until unmounted or signalled."""
     import pyfuse3
-    import trio
 
     from .core.index import Index
     from .core.stack import prepare_stack
@@ -217,7 +224,9 @@ def serve(request: MountRequest, notify: Notify) -> None:
         stack = prepare_stack(index, request.layers, progress=notify)
         if stack.merged_layers:
             rate = stack.merged_files / max(stack.seconds, 1e-6)
-            notify(f"indexed {stack.merged_files} files in {stack.seconds:.2f} s ({rate:.0f} files/s)")
+            notify(
+                f"indexed {stack.merged_files} files in {stack.seconds:.2f} s ({rate:.0f} files/s)"
+            )
         view = MergedView(index, stack.root, stack.layers)
         operations = StrataOperations(view)
         try:
@@ -272,10 +281,8 @@ def _serve_mounted(request: MountRequest, notify: Notify) -> None:
         raise
     finally:
         pyfuse3.close(unmount=terminated)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(pidfile)
-        except FileNotFoundError:
-            pass
 
 
 def unmount(mountpoint: str, *, timeout: float = 30.0) -> None:
@@ -284,10 +291,7 @@ def unmount(mountpoint: str, *, timeout: float = 30.0) -> None:
     if mounted is None or mounted.fstype != FSTYPE:
         raise StrataError(f"{real} is not a strata mount")
     pid = _read_pid(pid_file(real))
-    if os.geteuid() == 0:
-        command = ["umount", real]
-    else:
-        command = ["fusermount3", "-u", real]
+    command = ["umount", real] if os.geteuid() == 0 else ["fusermount3", "-u", real]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"

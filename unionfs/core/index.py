@@ -50,9 +50,7 @@ class Index:
     def __init__(self, path: str, *, map_size: int = 1 << 38) -> None:
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
-            self.env = lmdb.open(
-                path, map_size=map_size, max_dbs=8, max_readers=512, meminit=False
-            )
+            self.env = lmdb.open(path, map_size=map_size, max_dbs=8, max_readers=512, meminit=False)
         except (OSError, lmdb.Error) as exc:
             raise StrataError(f"cannot open the index at {path}: {exc}") from exc
         self.path = path
@@ -141,9 +139,7 @@ class Index:
                 yield _KEY.unpack(bytes(key))[1], unpack_group(value)
 
     def load_listing(self, txn: lmdb.Transaction, listing: int) -> dict[bytes, Entry]:
-        return {
-            name: entry for _, group in self.scan(txn, listing) for name, entry in group
-        }
+        return {name: entry for _, group in self.scan(txn, listing) for name, entry in group}
 
     def write_listing(self, txn: lmdb.Transaction, entries: dict[bytes, Entry]) -> int:
         listing = self.allocate(txn, b"next_listing")
@@ -151,8 +147,7 @@ class Index:
         for name, entry in entries.items():
             buckets.setdefault(name_hash(name), []).append((name, entry))
         items = sorted(
-            (dent_key(listing, hashed), pack_group(group))
-            for hashed, group in buckets.items()
+            (dent_key(listing, hashed), pack_group(group)) for hashed, group in buckets.items()
         )
         with txn.cursor(db=self.dents) as cursor:
             cursor.putmulti(items, append=True)

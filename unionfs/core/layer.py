@@ -42,8 +42,18 @@ def fingerprint(root: bytes) -> bytes:
     pack = _STAT.pack
     st = os.lstat(root)
     digest.update(
-        pack(st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev,
-             st.st_size, st.st_mtime_ns, st.st_ctime_ns, 0)
+        pack(
+            st.st_ino,
+            st.st_mode,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            0,
+        )
     )
     pending = [root]
     while pending:
@@ -55,8 +65,18 @@ def fingerprint(root: bytes) -> bytes:
             st = item.stat(follow_symlinks=False)
             name = item.name
             digest.update(
-                pack(st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
-                     st.st_rdev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, len(name))
+                pack(
+                    st.st_ino,
+                    st.st_mode,
+                    st.st_nlink,
+                    st.st_uid,
+                    st.st_gid,
+                    st.st_rdev,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                    len(name),
+                )
             )
             digest.update(name)
             if stat.S_ISDIR(st.st_mode):
@@ -156,8 +176,11 @@ def open_beneath(dir_fd: int, relpath: bytes, flags: int = os.O_RDONLY) -> int:
     if _openat2_works:
         how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
         fd = _libc.syscall(
-            _SYS_OPENAT2, ctypes.c_int(dir_fd), ctypes.c_char_p(relpath),
-            ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+            _SYS_OPENAT2,
+            ctypes.c_int(dir_fd),
+            ctypes.c_char_p(relpath),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
         )
         if fd >= 0:
             return int(fd)
@@ -175,8 +198,9 @@ def _open_by_components(dir_fd: int, relpath: bytes, flags: int) -> int:
     current = dir_fd
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=current)
+            nxt = os.open(
+                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current
+            )
             if current != dir_fd:
                 os.close(current)
             current = nxt

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 # ino, mode, nlink, uid, gid, rdev, size, blocks, atime, mtime, ctime,
 # layer, listing, host_ino
@@ -51,9 +51,6 @@ class Entry:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
-
-    def with_changes(self, **changes: object) -> Entry:
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 def pack_entry(entry: Entry) -> bytes:
@@ -109,7 +106,13 @@ def unpack_entry(buf: bytes | memoryview, pos: int = 0) -> tuple[Entry, int]:
         pos += 4
         xattrs.append((name, bytes(buf[pos : pos + n])))
         pos += n
-    entry = Entry(*fixed, path=path, target=target, xattrs=tuple(xattrs))
+    ino, mode, nlink, uid, gid, rdev, size, blocks, atime, mtime, ctime, layer, listing, host = (
+        fixed
+    )
+    entry = Entry(
+        ino, mode, nlink, uid, gid, rdev, size, blocks, atime, mtime, ctime, layer, listing, host,
+        path, target, tuple(xattrs),
+    )  # fmt: skip
     return entry, pos
 
 

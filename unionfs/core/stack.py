@@ -83,7 +83,8 @@ def prepare_stack(
         raise StrataError("no layers given")
     started = time.monotonic()
     real = [os.fsencode(check_layer_dir(path)) for path in layer_paths]
-    identities = [layer_identity(path, digest) for path, digest in zip(real, _fingerprints(real))]
+    digests = _fingerprints(real)
+    identities = [layer_identity(path, digest) for path, digest in zip(real, digests, strict=True)]
     chains = chain_ids(identities)
     numbers: dict[int, str] = {}
     merged_layers = merged_files = 0

@@ -101,9 +101,7 @@ class MergedView:
 
     # Listings -------------------------------------------------------------
 
-    def listdir(
-        self, ino: int, offset: int = 0
-    ) -> Generator[tuple[int, bytes, Entry], None, None]:
+    def listdir(self, ino: int, offset: int = 0) -> Generator[tuple[int, bytes, Entry], None, None]:
         """Yield (offset, name, entry) after *offset*, "." and ".." first.
 
         An offset is the entry's name hash and its place among equal hashes,

@@ -1,0 +1,316 @@
+"""The union core, used directly: no FUSE, no mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from tests.layers import opaque, whiteout, write
+from unionfs.core.index import ROOT_INO, Index
+from unionfs.core.layer import fingerprint, open_beneath
+from unionfs.core.records import Entry
+from unionfs.core.stack import IndexedStack, prepare_stack
+from unionfs.core.view import FsError, MergedView
+from unionfs.errors import StrataError
+
+
+class Stack:
+    """Index a stack and resolve paths in its merged view."""
+
+    def __init__(self, root: str, layers: list[str]) -> None:
+        self.index = Index(os.path.join(root, "index"))
+        self.prepared: IndexedStack = prepare_stack(self.index, layers)
+        self.view = MergedView(self.index, self.prepared.root, self.prepared.layers)
+
+    def close(self) -> None:
+        self.view.close()
+        self.index.close()
+
+    def resolve(self, path: str) -> Entry | None:
+        entry: Entry | None = self.view.entry(ROOT_INO)
+        for name in filter(None, path.split("/")):
+            assert entry is not None
+            entry = self.view.lookup(entry.ino, name.encode())
+            if entry is None:
+                return None
+        return entry
+
+    def names(self, path: str = "") -> list[bytes]:
+        entry = self.resolve(path)
+        assert entry is not None
+        return sorted(
+            name for _, name, _ in self.view.listdir(entry.ino) if name not in (b".", b"..")
+        )
+
+    def read(self, path: str) -> bytes:
+        entry = self.resolve(path)
+        assert entry is not None
+        fd = self.view.open_data(entry.ino)
+        try:
+            return os.pread(fd, 1 << 20, 0)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def layers(scratch: str) -> list[str]:
+    paths = [os.path.join(scratch, f"L{n}") for n in range(4)]
+    for path in paths:
+        os.mkdir(path)
+    return paths
+
+
+def open_stack(scratch: str, layers: list[str]) -> Stack:
+    return Stack(os.path.join(scratch, "store"), layers)
+
+
+def test_topmost_layer_wins_and_directories_merge(scratch: str, layers: list[str]) -> None:
+    l0, l1 = layers[:2]
+    write(f"{l0}/etc/a", "a0")
+    write(f"{l0}/etc/b", "b0")
+    write(f"{l1}/etc/b", "b1")
+    write(f"{l1}/etc/c", "c1")
+    stack = open_stack(scratch, [l0, l1])
+    assert stack.names("etc") == [b"a", b"b", b"c"]
+    assert stack.read("etc/a") == b"a0"
+    assert stack.read("etc/b") == b"b1"
+    assert stack.resolve("etc/missing") is None
+    etc = stack.resolve("etc")
+    assert etc is not None and etc.nlink == 2
+    stack.close()
+
+
+@pytest.mark.parametrize("style", ["oci", "overlay"])
+def test_whiteouts_hide_lower_entries_and_never_show(
+    scratch: str, layers: list[str], style: str
+) -> None:
+    l0, l1, l2 = layers[:3]
+    write(f"{l0}/dir/gone", "x")
+    write(f"{l0}/dir/kept", "x")
+    write(f"{l0}/tree/deep/file", "x")
+    whiteout(l1, "dir/gone", style)
+    whiteout(l1, "tree", style)
+    write(f"{l2}/dir/gone", "back")  # a higher layer may bring the name back
+    stack = open_stack(scratch, [l0, l1])
+    assert stack.names() == [b"dir"]
+    assert stack.names("dir") == [b"kept"]
+    assert stack.resolve("tree/deep/file") is None
+    stack.close()
+    stack = open_stack(scratch, [l0, l1, l2])
+    assert stack.names("dir") == [b"gone", b"kept"]
+    assert stack.read("dir/gone") == b"back"
+    stack.close()
+
+
+@pytest.mark.parametrize("style", ["oci", "trusted", "user"])
+def test_opaque_directory_hides_everything_below(
+    scratch: str, layers: list[str], style: str
+) -> None:
+    l0, l1, l2 = layers[:3]
+    write(f"{l0}/app/old", "x")
+    write(f"{l0}/app/sub/deeper", "x")
+    opaque(l1, "app", style)
+    write(f"{l1}/app/new", "x")
+    write(f"{l2}/app/newest", "x")
+    stack = open_stack(scratch, [l0, l1, l2])
+    assert stack.names("app") == [b"new", b"newest"]
+    app = stack.resolve("app")
+    assert app is not None
+    assert stack.view.listxattr(app.ino) == []  # the opaque mark is bookkeeping
+    stack.close()
+
+
+def test_type_changes_hide_in_both_directions(scratch: str, layers: list[str]) -> None:
+    l0, l1 = layers[:2]
+    write(f"{l0}/was-dir/inside", "x")
+    write(f"{l0}/was-file", "x")
+    write(f"{l1}/was-dir", "now a file")
+    write(f"{l1}/was-file/inside-new", "x")
+    stack = open_stack(scratch, [l0, l1])
+    was_dir = stack.resolve("was-dir")
+    assert was_dir is not None and stat.S_ISREG(was_dir.mode)
+    assert stack.read("was-dir") == b"now a file"
+    assert stack.names("was-file") == [b"inside-new"]
+    stack.close()
+
+
+def test_every_file_type_and_attribute_is_kept(scratch: str, layers: list[str]) -> None:
+    l0 = layers[0]
+    write(f"{l0}/setuid", "x", 0o4755)
+    os.chown(f"{l0}/setuid", 1000, 1001)
+    os.chmod(f"{l0}/setuid", 0o4755)
+    os.utime(f"{l0}/setuid", ns=(123456789123456789, 987654321987654321))
+    os.setxattr(f"{l0}/setuid", "user.note", b"hello")
+    os.setxattr(f"{l0}/setuid", "trusted.overlay.redirect", b"hidden")
+    os.symlink("target/path", f"{l0}/link")
+    os.mkfifo(f"{l0}/fifo")
+    os.mknod(f"{l0}/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(f"{l0}/disk", stat.S_IFBLK | 0o660, os.makedev(8, 1))
+    os.makedirs(f"{l0}/sticky")
+    os.chmod(f"{l0}/sticky", 0o1777)
+    stack = open_stack(scratch, [l0])
+    entry = stack.resolve("setuid")
+    assert entry is not None
+    assert stat.S_IMODE(entry.mode) == 0o4755 and (entry.uid, entry.gid) == (1000, 1001)
+    assert entry.mtime_ns == 987654321987654321
+    assert stack.view.listxattr(entry.ino) == [b"user.note"]
+    assert stack.view.getxattr(entry.ino, b"user.note") == b"hello"
+    with pytest.raises(FsError) as missing:
+        stack.view.getxattr(entry.ino, b"trusted.overlay.redirect")
+    assert missing.value.errno == errno.ENODATA
+    link = stack.resolve("link")
+    assert link is not None and stack.view.readlink(link.ino) == b"target/path"
+    fifo, null, disk, sticky = (stack.resolve(n) for n in ("fifo", "null", "disk", "sticky"))
+    assert fifo is not None and stat.S_ISFIFO(fifo.mode)
+    assert null is not None and stat.S_ISCHR(null.mode) and null.rdev == os.makedev(1, 3)
+    assert disk is not None and stat.S_ISBLK(disk.mode) and disk.rdev == os.makedev(8, 1)
+    assert sticky is not None and stat.S_IMODE(sticky.mode) == 0o1777
+    stack.close()
+
+
+def test_hardlinks_share_one_inode(scratch: str, layers: list[str]) -> None:
+    l0 = layers[0]
+    write(f"{l0}/a/one", "shared")
+    os.makedirs(f"{l0}/b")
+    os.link(f"{l0}/a/one", f"{l0}/b/two")
+    stack = open_stack(scratch, [l0])
+    one, two = stack.resolve("a/one"), stack.resolve("b/two")
+    assert one is not None and two is not None
+    assert one.ino == two.ino and one.nlink == 2
+    stack.close()
+
+
+def test_inode_numbers_are_stable_across_reopen(scratch: str, layers: list[str]) -> None:
+    l0, l1 = layers[:2]
+    write(f"{l0}/d/f", "x")
+    write(f"{l1}/d/g", "y")
+    first = open_stack(scratch, [l0, l1])
+    before = {p: first.resolve(p) for p in ("d", "d/f", "d/g")}
+    first.close()
+    second = open_stack(scratch, [l0, l1])
+    assert second.prepared.merged_layers == 0
+    after = {p: second.resolve(p) for p in ("d", "d/f", "d/g")}
+    assert {p: e.ino for p, e in before.items() if e} == {p: e.ino for p, e in after.items() if e}
+    inos = [e.ino for e in after.values() if e]
+    assert len(set(inos)) == 3 and ROOT_INO not in inos
+    second.close()
+
+
+def test_a_stack_reuses_the_chain_of_its_lower_part(scratch: str, layers: list[str]) -> None:
+    for number, layer in enumerate(layers):
+        write(f"{layer}/f{number}", str(number))
+    stack = open_stack(scratch, layers[:3])
+    assert stack.prepared.merged_layers == 3
+    stack.close()
+    stack = open_stack(scratch, layers)
+    assert stack.prepared.merged_layers == 1  # only the new top layer
+    assert stack.names() == [b"f0", b"f1", b"f2", b"f3"]
+    stack.close()
+    stack = open_stack(scratch, layers[:2])
+    assert stack.prepared.merged_layers == 0  # a prefix of an indexed stack
+    stack.close()
+
+
+def test_a_changed_layer_is_reindexed_not_served_stale(scratch: str, layers: list[str]) -> None:
+    l0, l1 = layers[:2]
+    write(f"{l0}/f", "old")
+    write(f"{l1}/g", "x")
+    stack = open_stack(scratch, [l0, l1])
+    stack.close()
+    write(f"{l0}/f", "new data")  # content and size change in place
+    os.chmod(f"{l1}/g", 0o600)  # metadata only
+    stack = open_stack(scratch, [l0, l1])
+    assert stack.prepared.merged_layers == 2
+    f, g = stack.resolve("f"), stack.resolve("g")
+    assert f is not None and f.size == 8 and stack.read("f") == b"new data"
+    assert g is not None and stat.S_IMODE(g.mode) == 0o600
+    stack.close()
+
+
+def test_fingerprint_sees_renames_and_new_files(layers: list[str]) -> None:
+    l0 = layers[0]
+    write(f"{l0}/d/f", "x")
+    base = fingerprint(os.fsencode(l0))
+    assert fingerprint(os.fsencode(l0)) == base
+    os.rename(f"{l0}/d/f", f"{l0}/d/g")
+    renamed = fingerprint(os.fsencode(l0))
+    assert renamed != base
+    write(f"{l0}/d/h")
+    assert fingerprint(os.fsencode(l0)) != renamed
+
+
+def test_long_names_and_deep_paths_keep_keys_small(scratch: str, layers: list[str]) -> None:
+    l0 = layers[0]
+    name = "n" * 255
+    deep = "/".join(["d" * 200] * 17)  # with the name: a 3,700-byte path
+    write(f"{l0}/{name}", "long")
+    os.makedirs(f"{l0}/{deep}")
+    write(f"{l0}/{deep}/{name}", "deep")
+    stack = open_stack(scratch, [l0])
+    assert stack.read(name) == b"long"
+    assert stack.read(f"{deep}/{name}") == b"deep"
+    stack.close()
+
+
+def test_listing_offsets_resume_exactly(scratch: str, layers: list[str]) -> None:
+    l0, l1 = layers[:2]
+    for n in range(300):
+        write(f"{(l0, l1)[n % 2]}/big/f{n:03}")
+    stack = open_stack(scratch, [l0, l1])
+    big = stack.resolve("big")
+    assert big is not None
+    full = list(stack.view.listdir(big.ino))
+    assert [name for _, name, _ in full[:2]] == [b".", b".."]
+    offsets = [offset for offset, _, _ in full]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+    assert len(full) == 302
+    for cut in (0, 1, 2, 57, 301):
+        resumed = list(stack.view.listdir(big.ino, full[cut][0]))
+        assert [name for _, name, _ in resumed] == [name for _, name, _ in full[cut + 1 :]]
+    stack.close()
+
+
+def test_lookup_counts_keep_nodes_until_forgotten(scratch: str, layers: list[str]) -> None:
+    write(f"{layers[0]}/f", "x")
+    stack = open_stack(scratch, [layers[0]])
+    entry = stack.view.lookup(ROOT_INO, b"f")
+    assert entry is not None
+    stack.view.lookup(ROOT_INO, b"f")
+    stack.view.forget(entry.ino, 1)
+    assert stack.view.entry(entry.ino) == entry
+    stack.view.forget(entry.ino, 1)
+    with pytest.raises(FsError):
+        stack.view.entry(entry.ino)
+    stack.view.forget(ROOT_INO, 5)
+    assert stack.view.entry(ROOT_INO).is_dir
+    stack.close()
+
+
+def test_opening_never_follows_a_symlink_inside_a_layer(scratch: str, layers: list[str]) -> None:
+    l0 = layers[0]
+    secret = write(os.path.join(scratch, "outside", "secret"), "host data")
+    os.symlink(os.path.dirname(secret), f"{l0}/etc")
+    os.makedirs(f"{l0}/x")
+    os.symlink("../../outside", f"{l0}/x/up")
+    fd = os.open(l0, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for rel in (b"etc/secret", b"x/up/secret", b"../outside/secret", b"/etc/passwd"):
+            with pytest.raises(OSError) as refused:
+                os.close(open_beneath(fd, rel))
+            assert refused.value.errno in (errno.ELOOP, errno.EXDEV, errno.ENOENT, errno.EINVAL)
+    finally:
+        os.close(fd)
+
+
+def test_bad_layers_are_refused_with_a_message(scratch: str, layers: list[str]) -> None:
+    index = Index(os.path.join(scratch, "store", "index"))
+    with pytest.raises(StrataError, match="No such file"):
+        prepare_stack(index, [os.path.join(scratch, "nope")])
+    with pytest.raises(StrataError, match="not a directory"):
+        prepare_stack(index, [write(os.path.join(scratch, "file"))])
+    with pytest.raises(StrataError, match="no layers"):
+        prepare_stack(index, [])
+    index.close()

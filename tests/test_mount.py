@@ -1,0 +1,223 @@
+"""`strata mount` and `strata umount` for real: lifecycle, errors, read-only."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.layers import write
+from tests.mounts import STRATA, overlay_mount, strata, strata_mount
+from tests.trees import differences, snapshot
+from unionfs.mount import FSTYPE, find_mount
+
+
+def open_for_writing(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def two_layers(scratch: str) -> list[str]:
+    l0, l1 = os.path.join(scratch, "L0"), os.path.join(scratch, "L1")
+    write(f"{l0}/etc/hostname", "base\n")
+    write(f"{l0}/bin/tool", "#!/bin/sh\n", 0o755)
+    write(f"{l1}/etc/hostname", "top\n")
+    return [l0, l1]
+
+
+def test_mount_serves_as_soon_as_the_command_returns(scratch: str) -> None:
+    layers = two_layers(scratch)
+    mountpoint = os.path.join(scratch, "mnt")
+    os.mkdir(mountpoint)
+    root = os.path.join(scratch, "store")
+    strata(root, "mount", "--layer", layers[0], "--layer", layers[1], mountpoint)
+    try:
+        info = find_mount(mountpoint)
+        assert info is not None and info.fstype == FSTYPE
+        with open(f"{mountpoint}/etc/hostname") as handle:
+            assert handle.read() == "top\n"
+        assert sorted(os.listdir(mountpoint)) == ["bin", "etc"]
+    finally:
+        result = strata(root, "umount", mountpoint, check=False)
+    assert result.returncode == 0, result.stderr
+    assert find_mount(mountpoint) is None
+    assert os.listdir(mountpoint) == []
+
+
+def test_the_mount_is_read_only_without_a_writable_layer(scratch: str) -> None:
+    layers = two_layers(scratch)
+    with strata_mount(os.path.join(scratch, "store"), layers, os.path.join(scratch, "m")) as m:
+        attempts: list[Callable[[], object]] = [
+            lambda: open_for_writing(f"{m}/etc/hostname"),
+            lambda: open_for_writing(f"{m}/new"),
+            lambda: os.mkdir(f"{m}/dir"),
+            lambda: os.unlink(f"{m}/etc/hostname"),
+            lambda: os.rename(f"{m}/etc", f"{m}/etc2"),
+            lambda: os.chmod(f"{m}/bin/tool", 0o700),
+            lambda: os.setxattr(f"{m}/bin/tool", "user.x", b"1"),
+        ]
+        for attempt in attempts:
+            with pytest.raises(OSError) as refused:
+                attempt()
+            assert refused.value.errno == errno.EROFS
+    with open(f"{layers[1]}/etc/hostname") as handle:
+        assert handle.read() == "top\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_mount_unmounts_cleanly_on_signals(scratch: str, signum: int) -> None:
+    layers = two_layers(scratch)
+    mountpoint = os.path.join(scratch, "mnt")
+    os.mkdir(mountpoint)
+    args = [arg for layer in layers for arg in ("--layer", layer)]
+    command = [*STRATA, "--root", os.path.join(scratch, "store"), "mount", "-f", *args, mountpoint]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while find_mount(mountpoint) is None:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "the foreground mount never appeared"
+            time.sleep(0.05)
+        assert sorted(os.listdir(mountpoint)) == ["bin", "etc"]
+        process.send_signal(signum)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert find_mount(mountpoint) is None
+
+
+def _fails_cleanly(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("strata: error:") and message in lines[0], lines[0]
+
+
+def test_user_mistakes_get_one_line_and_mount_nothing(scratch: str) -> None:
+    layers = two_layers(scratch)
+    root = os.path.join(scratch, "store")
+    mountpoint = os.path.join(scratch, "mnt")
+    os.mkdir(mountpoint)
+    a_file = write(os.path.join(scratch, "a-file"), "x")
+    missing = os.path.join(scratch, "missing")
+    cases = [
+        (["--layer", missing, mountpoint], "No such file"),
+        (["--layer", a_file, mountpoint], "not a directory"),
+        (["--layer", layers[0], missing], "No such file"),
+        (["--layer", layers[0], a_file], "not a directory"),
+    ]
+    for args, message in cases:
+        _fails_cleanly(strata(root, "mount", *args, check=False), message)
+        assert find_mount(mountpoint) is None
+    _fails_cleanly(strata(root, "umount", mountpoint, check=False), "not a strata mount")
+
+
+def test_a_mountpoint_already_served_is_refused(scratch: str) -> None:
+    layers = two_layers(scratch)
+    root = os.path.join(scratch, "store")
+    with strata_mount(root, layers, os.path.join(scratch, "m")) as mountpoint:
+        result = strata(root, "mount", "--layer", layers[0], mountpoint, check=False)
+        _fails_cleanly(result, "already a strata mount")
+        assert sorted(os.listdir(mountpoint)) == ["bin", "etc"]  # the first mount still serves
+
+
+def test_no_fuse_device_is_a_clear_error(scratch: str) -> None:
+    layers = two_layers(scratch)
+    mountpoint = os.path.join(scratch, "mnt")
+    os.mkdir(mountpoint)
+    # Cover /dev/fuse with a plain file in a private mount namespace of this
+    # command only; the host's /dev is untouched.
+    plain = write(os.path.join(scratch, "not-a-device"))
+    script = f'mount --bind {plain} /dev/fuse || exit 77; exec "$@"'
+
+    hide = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    command = [*STRATA, "--root", os.path.join(scratch, "store"), "mount"]
+    result = subprocess.run(
+        [*hide, *command, "--layer", layers[0], mountpoint], capture_output=True, text=True
+    )
+    if result.returncode == 77:
+        pytest.fail("could not hide /dev/fuse in a private mount namespace")
+    _fails_cleanly(result, "/dev/fuse")
+    assert find_mount(mountpoint) is None
+
+
+def test_python_m_unionfs_is_the_same_command(scratch: str) -> None:
+    result = subprocess.run([*STRATA, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "mount" in result.stdout
+
+
+def test_telldir_and_seekdir_return_to_the_same_entries(scratch: str) -> None:
+    l0, l1 = os.path.join(scratch, "L0"), os.path.join(scratch, "L1")
+    for n in range(600):
+        write(f"{(l0, l1)[n % 2]}/big/file-{n:04}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    name_offset = 19  # struct dirent64: d_ino 8, d_off 8, d_reclen 2, d_type 1
+
+    def read_all(handle: int) -> list[bytes]:
+        names: list[bytes] = []
+        while True:
+            dirent = libc.readdir(handle)
+            if not dirent:
+                return names
+            names.append(ctypes.string_at(dirent + name_offset))
+
+    with strata_mount(os.path.join(scratch, "store"), [l0, l1], os.path.join(scratch, "m")) as m:
+        handle = libc.opendir(os.fsencode(f"{m}/big"))
+        assert handle
+        try:
+            for _ in range(250):
+                assert libc.readdir(handle)
+            position = libc.telldir(handle)
+            rest = read_all(handle)
+            libc.seekdir(handle, position)
+            assert read_all(handle) == rest
+            libc.seekdir(handle, 0)
+            everything = read_all(handle)
+        finally:
+            libc.closedir(handle)
+        assert len(everything) == 602 and len(rest) == 602 - 250
+        assert set(everything) == {b".", b".."} | {f"file-{n:04}".encode() for n in range(600)}
+
+
+def test_symlinks_in_layers_never_lead_strata_outside(scratch: str) -> None:
+    """Layers holding `etc -> /` and friends: the tree equals overlayfs's and
+    strata itself never reads a host file, even when a layer is swapped for a
+    symlink under a live mount."""
+    secret = write(os.path.join(scratch, "host", "secret"), "host data")
+    l0, l1 = os.path.join(scratch, "L0"), os.path.join(scratch, "L1")
+    write(f"{l0}/etc/passwd", "layer passwd")
+    write(f"{l0}/data/file", "layer data")
+    os.makedirs(l1)
+    os.symlink("/", f"{l1}/etc")
+    os.symlink("../../..", f"{l1}/x")
+    os.symlink("..", f"{l1}/up")
+    os.symlink(os.path.dirname(secret), f"{l1}/host")
+    with overlay_mount([l0, l1], os.path.join(scratch, "ovl")) as mounted:
+        expected = snapshot(mounted)
+    root = os.path.join(scratch, "store")
+    with strata_mount(root, [l0, l1], os.path.join(scratch, "m")) as m:
+        assert differences(expected, snapshot(m)) == []
+        assert os.readlink(f"{m}/etc") == "/"
+        # Swap a layer directory for a symlink to the host while mounted.
+        os.rename(f"{l0}/data", f"{l0}/data.old")
+        os.symlink(os.path.dirname(secret), f"{l0}/data")
+        os.rename(secret, os.path.join(os.path.dirname(secret), "file"))
+        with pytest.raises(OSError) as refused, open(f"{m}/data/file") as handle:
+            handle.read()
+        assert refused.value.errno in (errno.ELOOP, errno.ESTALE, errno.ENOENT)
