@@ -24,7 +24,7 @@ import xxhash
 from ..errors import StrataError
 from .records import Entry, pack_entry, pack_group, unpack_entry, unpack_group
 
-FORMAT = b"strata-index-1"
+FORMAT = b"strata-index-2"
 ROOT_INO = 1
 
 _KEY = struct.Struct(">QQ")
@@ -34,6 +34,14 @@ _U32 = struct.Struct(">I")
 # bucket) fits a signed 64-bit off_t; 0 is never a hash so offsets 1 and 2 stay
 # free for "." and "..".
 HASH_BITS = 55
+
+
+# Bucket 0 of a listing holds its summary (the number of subdirectories).
+_SUMMARY = 0
+
+
+# Bucket 0 of a listing holds its summary (the number of subdirectories).
+_SUMMARY = 0
 
 
 def name_hash(name: bytes) -> int:
@@ -125,30 +133,50 @@ class Index:
                 return entry
         return None
 
-    def scan(
-        self, txn: lmdb.Transaction, listing: int, from_hash: int = 0
-    ) -> Iterator[tuple[int, list[tuple[bytes, Entry]]]]:
-        """Yield (hash, bucket) of a listing in hash order, from *from_hash* on."""
+    def _raw(
+        self, txn: lmdb.Transaction, listing: int, from_hash: int
+    ) -> Iterator[tuple[int, bytes | memoryview]]:
         prefix = _U64.pack(listing)
         with txn.cursor(db=self.dents) as cursor:
-            if not cursor.set_range(dent_key(listing, from_hash)):
+            if not cursor.set_range(dent_key(listing, max(from_hash, 1))):
                 return
             for key, value in cursor:
                 if bytes(key[:8]) != prefix:
                     return
-                yield _KEY.unpack(bytes(key))[1], unpack_group(value)
+                yield _KEY.unpack(bytes(key))[1], value
 
-    def load_listing(self, txn: lmdb.Transaction, listing: int) -> dict[bytes, Entry]:
-        return {name: entry for _, group in self.scan(txn, listing) for name, entry in group}
+    def scan(
+        self, txn: lmdb.Transaction, listing: int, from_hash: int = 0
+    ) -> Iterator[tuple[int, list[tuple[bytes, Entry]]]]:
+        """Yield (hash, bucket) of a listing in hash order, from *from_hash* on."""
+        for hashed, value in self._raw(txn, listing, from_hash):
+            yield hashed, unpack_group(value)
 
-    def write_listing(self, txn: lmdb.Transaction, entries: dict[bytes, Entry]) -> int:
+    def load_buckets(self, txn: lmdb.Transaction, listing: int) -> dict[int, bytes]:
+        """A listing's buckets, still encoded: merging copies most of them as they are."""
+        return {hashed: bytes(value) for hashed, value in self._raw(txn, listing, 1)}
+
+    def subdirectories(self, txn: lmdb.Transaction, listing: int) -> int:
+        raw = txn.get(dent_key(listing, _SUMMARY), db=self.dents)
+        return 0 if raw is None else _U64.unpack(bytes(raw))[0]
+
+    def write_listing(
+        self,
+        txn: lmdb.Transaction,
+        encoded: dict[int, bytes],
+        decoded: dict[int, list[tuple[bytes, Entry]]],
+        subdirectories: int,
+    ) -> int:
+        """Store a new listing from encoded and decoded buckets; return its id."""
         listing = self.allocate(txn, b"next_listing")
-        buckets: dict[int, list[tuple[bytes, Entry]]] = {}
-        for name, entry in entries.items():
-            buckets.setdefault(name_hash(name), []).append((name, entry))
-        items = sorted(
-            (dent_key(listing, hashed), pack_group(group)) for hashed, group in buckets.items()
-        )
+        items = [(dent_key(listing, _SUMMARY), _U64.pack(subdirectories))]
+        items += [(dent_key(listing, hashed), value) for hashed, value in encoded.items()]
+        items += [
+            (dent_key(listing, hashed), pack_group(group))
+            for hashed, group in decoded.items()
+            if group
+        ]
+        items.sort()
         with txn.cursor(db=self.dents) as cursor:
             cursor.putmulti(items, append=True)
         return listing

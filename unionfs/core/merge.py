@@ -11,9 +11,9 @@ import stat
 
 import lmdb
 
-from .index import ROOT_INO, Index
+from .index import ROOT_INO, Index, name_hash
 from .layer import is_opaque, read_layer_dir, read_xattrs, visible_xattrs
-from .records import Entry
+from .records import Entry, unpack_group
 
 
 class LayerMerger:
@@ -75,36 +75,68 @@ class LayerMerger:
         )
 
     def _merge_dir(self, base: int, rel: bytes, opaque: bool) -> tuple[int, int]:
-        """Merge this layer's directory *rel* onto listing *base*; return (listing, nlink)."""
+        """Merge this layer's directory *rel* onto listing *base*; return (listing, nlink).
+
+        Buckets of the base listing this layer does not touch are copied still
+        encoded; only the names the layer adds, replaces or whites out are decoded.
+        """
         path = self.root + b"/" + rel if rel else self.root
         layer_dir = read_layer_dir(path)
         if layer_dir.opaque:
             opaque = True
-        merged = {} if opaque or not base else self.index.load_listing(self.txn, base)
+        index, txn = self.index, self.txn
+        merge_onto = base and not opaque
+        encoded = index.load_buckets(txn, base) if merge_onto else {}
+        subdirs = index.subdirectories(txn, base) if merge_onto else 0
+        decoded: dict[int, list[tuple[bytes, Entry]]] = {}
+
+        def bucket(name: bytes) -> list[tuple[bytes, Entry]]:
+            hashed = name_hash(name)
+            group = decoded.get(hashed)
+            if group is None:
+                raw = encoded.pop(hashed, None)
+                group = decoded[hashed] = unpack_group(raw) if raw is not None else []
+            return group
+
+        def take(name: bytes) -> Entry | None:
+            """Remove *name* from the listing being built; return what it was."""
+            nonlocal subdirs
+            group = bucket(name)
+            for position, (found, entry) in enumerate(group):
+                if found == name:
+                    del group[position]
+                    if entry.is_dir:
+                        subdirs -= 1
+                    return entry
+            return None
+
         # Whiteouts hide what lies below, never this layer's own entries.
         for name in layer_dir.whiteouts:
-            merged.pop(name, None)
+            take(name)
         for name, st in layer_dir.entries:
             self.files += 1
             child_rel = rel + b"/" + name if rel else name
             child_path = path + b"/" + name
             xattrs = read_xattrs(child_path)
-            lower = merged.get(name)
+            lower = take(name)
             if stat.S_ISDIR(st.st_mode):
                 child_opaque = is_opaque(xattrs)
-                lower_dir = lower is not None and lower.is_dir and not child_opaque
-                child_base = lower.listing if lower is not None and lower_dir else 0
+                lower_dir = (
+                    lower if lower is not None and lower.is_dir and not child_opaque else None
+                )
+                child_base = lower_dir.listing if lower_dir is not None else 0
                 listing, nlink = self._merge_dir(child_base, child_rel, child_opaque)
-                ino = lower.ino if lower is not None and lower_dir else self._new_ino()
-                merged[name] = self._entry(ino, st, child_rel, xattrs, listing=listing, nlink=nlink)
-                continue
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                ino = self.hardlinks.get(key) or self._new_ino()
-                self.hardlinks[key] = ino
+                ino = lower_dir.ino if lower_dir is not None else self._new_ino()
+                entry = self._entry(ino, st, child_rel, xattrs, listing=listing, nlink=nlink)
+                subdirs += 1
             else:
-                ino = self._new_ino()
-            target = os.readlink(child_path) if stat.S_ISLNK(st.st_mode) else b""
-            merged[name] = self._entry(ino, st, child_rel, xattrs, target=target)
-        subdirs = sum(1 for entry in merged.values() if entry.is_dir)
-        return self.index.write_listing(self.txn, merged), 2 + subdirs
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    ino = self.hardlinks.get(key) or self._new_ino()
+                    self.hardlinks[key] = ino
+                else:
+                    ino = self._new_ino()
+                target = os.readlink(child_path) if stat.S_ISLNK(st.st_mode) else b""
+                entry = self._entry(ino, st, child_rel, xattrs, target=target)
+            bucket(name).append((name, entry))
+        return index.write_listing(txn, encoded, decoded, subdirs), 2 + subdirs
