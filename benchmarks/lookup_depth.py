@@ -153,9 +153,7 @@ def main() -> int:
             if "overlayfs" in systems:
                 for depth in depths:
                     ratio = results["strata", depth]["warm"] / results["overlayfs", depth]["warm"]
-                    print(
-                        f"strata warm / overlayfs warm, {depth} layers: {ratio:.2f}x (target <= 1.5x)"
-                    )
+                    print(f"strata/overlayfs warm, {depth} layers: {ratio:.2f}x (target <= 1.5x)")
         if not args.skip_readiness:
             mount_readiness(scratch, store)
     finally:

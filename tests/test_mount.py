@@ -221,3 +221,26 @@ def test_symlinks_in_layers_never_lead_strata_outside(scratch: str) -> None:
         with pytest.raises(OSError) as refused, open(f"{m}/data/file") as handle:
             handle.read()
         assert refused.value.errno in (errno.ELOOP, errno.ESTALE, errno.ENOENT)
+
+
+def test_relative_paths_work_for_a_background_mount(scratch: str) -> None:
+    """The daemon leaves the caller's directory; relative layer paths must still resolve."""
+    two_layers(scratch)
+    os.mkdir(os.path.join(scratch, "mnt"))
+    command = [*STRATA, "--root", "store"]
+    result = subprocess.run(
+        [*command, "mount", "--layer", "L0", "--layer", "L1", "mnt"],
+        cwd=scratch,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    try:
+        with open(os.path.join(scratch, "mnt", "etc", "hostname")) as handle:
+            assert handle.read() == "top\n"
+        with open(os.path.join(scratch, "mnt", "bin", "tool")) as handle:
+            assert handle.read() == "#!/bin/sh\n"
+    finally:
+        subprocess.run([*command, "umount", "mnt"], cwd=scratch, check=False)
+    assert find_mount(os.path.join(scratch, "mnt")) is None
+    assert os.path.isdir(os.path.join(scratch, "store", "index"))

@@ -51,7 +51,7 @@ def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
             out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
@@ -131,9 +131,9 @@ def mount(request: MountRequest) -> None:
 
     for layer in request.layers:
         check_layer_dir(layer)
-    request = MountRequest(
-        request.root, request.layers, mountpoint, request.foreground, request.debug
-    )
+    # Absolute paths: the daemon leaves the caller's working directory.
+    layers = [os.path.abspath(layer) for layer in request.layers]
+    request = MountRequest(request.root, layers, mountpoint, request.foreground, request.debug)
     if request.foreground:
         _configure_logging(request.debug, None)
         serve(request, notify=_print_progress)
@@ -162,6 +162,7 @@ def _mount_in_background(request: MountRequest) -> None:
         try:
             try:
                 os.setsid()
+                os.chdir("/")  # never keep the caller's directory busy
                 _detach_stdio(request)
                 serve(request, notify)
                 code = 0
