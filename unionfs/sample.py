@@ -66,20 +66,22 @@ def build_sample(dest: str) -> list[str]:
 
 def describe_tree(top: str) -> list[str]:
     """An `ls -l`-like listing of every path under *top*, sorted."""
-    lines = []
+    lines: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
+        for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
             shown = "/" + os.path.relpath(path, top)
             if stat.S_ISLNK(st.st_mode):
                 shown += " -> " + os.readlink(path)
             lines.append(
-                f"{stat.filemode(st.st_mode)} {st.st_nlink:>2} {st.st_uid:>4} {st.st_gid:>4}"
-                f" {st.st_size:>6} {shown}"
+                (
+                    shown,
+                    f"{stat.filemode(st.st_mode)} {st.st_nlink:>2} {st.st_uid:>4} {st.st_gid:>4}"
+                    f" {st.st_size:>6} {shown}",
+                )
             )
-    return lines
+    return [line for _, line in sorted(lines)]
 
 
 def run_demo(root: str) -> None:
@@ -95,6 +97,7 @@ def run_demo(root: str) -> None:
         os.rmdir(mountpoint)
         os.rmdir(scratch)
         raise StrataError("the sample image did not mount")
+    mount_seconds = time.monotonic() - started
     try:
         listing = describe_tree(mountpoint)
         with open(os.path.join(mountpoint, "etc/os-release")) as handle:
@@ -102,7 +105,7 @@ def run_demo(root: str) -> None:
     finally:
         # Unmount before anything else can fail, and never clean up a live mount.
         subprocess.run([*command, "umount", mountpoint], check=False)
-    print(f"mounted {len(layers)} layers in {time.monotonic() - started:.2f} s\n")
+    print(f"mounted {len(layers)} layers in {mount_seconds:.2f} s\n")
     print("\n".join(listing))
     print("\n/etc/os-release:\n" + release, end="")
     print(f"\n$ strata umount {mountpoint}")

@@ -32,6 +32,13 @@ def is_whiteout_device(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+def _status(st: os.stat_result, name: bytes) -> bytes:
+    return _STAT.pack(
+        st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev,
+        st.st_size, st.st_mtime_ns, st.st_ctime_ns, len(name),
+    ) + name  # fmt: skip
+
+
 def fingerprint(root: bytes) -> bytes:
     """A 128-bit digest of every name and inode status in the layer.
 
@@ -39,22 +46,7 @@ def fingerprint(root: bytes) -> bytes:
     names cover renames, so a layer edited after indexing gets a new digest.
     """
     digest = xxhash.xxh3_128()
-    pack = _STAT.pack
-    st = os.lstat(root)
-    digest.update(
-        pack(
-            st.st_ino,
-            st.st_mode,
-            st.st_nlink,
-            st.st_uid,
-            st.st_gid,
-            st.st_rdev,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-            0,
-        )
-    )
+    digest.update(_status(os.lstat(root), b""))
     pending = [root]
     while pending:
         path = pending.pop()
@@ -63,22 +55,7 @@ def fingerprint(root: bytes) -> bytes:
         digest.update(b"\0D" + path)
         for item in items:
             st = item.stat(follow_symlinks=False)
-            name = item.name
-            digest.update(
-                pack(
-                    st.st_ino,
-                    st.st_mode,
-                    st.st_nlink,
-                    st.st_uid,
-                    st.st_gid,
-                    st.st_rdev,
-                    st.st_size,
-                    st.st_mtime_ns,
-                    st.st_ctime_ns,
-                    len(name),
-                )
-            )
-            digest.update(name)
+            digest.update(_status(st, item.name))
             if stat.S_ISDIR(st.st_mode):
                 pending.append(item.path)
     return digest.digest()
