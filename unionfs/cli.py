@@ -42,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a layer directory; repeat, lowest layer first",
     )
     mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
-    mount.add_argument("-d", "--debug", action="store_true", help="log every request")
     mount.add_argument("mountpoint")
 
     umount = verbs.add_parser("umount", help="unmount a strata mount")
@@ -60,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "mount":
             from .mount import MountRequest, mount
 
-            mount(MountRequest(root, args.layer, args.mountpoint, args.foreground, args.debug))
+            mount(MountRequest(root, args.layer, args.mountpoint, args.foreground))
         elif args.verb == "umount":
             from .mount import unmount
 

@@ -36,7 +36,6 @@ class MountRequest:
     layers: Sequence[str]
     mountpoint: str
     foreground: bool = False
-    debug: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +128,12 @@ def mount(request: MountRequest) -> None:
     check_fuse_device()
     from .core.stack import check_layer_dir
 
-    for layer in request.layers:
-        check_layer_dir(layer)
-    # Absolute paths: the daemon leaves the caller's working directory.
-    layers = [os.path.abspath(layer) for layer in request.layers]
-    request = MountRequest(request.root, layers, mountpoint, request.foreground, request.debug)
+    # Checked before anything is written; absolute because the daemon leaves
+    # the caller's working directory.
+    layers = [check_layer_dir(layer) for layer in request.layers]
+    request = MountRequest(request.root, layers, mountpoint, request.foreground)
     if request.foreground:
-        _configure_logging(request.debug, None)
+        _configure_logging()
         serve(request, notify=_print_progress)
         return
     _mount_in_background(request)
@@ -200,14 +198,12 @@ def _detach_stdio(request: MountRequest) -> None:
     os.dup2(logfile, 2)
     os.close(null)
     os.close(logfile)
-    _configure_logging(request.debug, None)
+    _configure_logging()
 
 
-def _configure_logging(debug: bool, path: str | None) -> None:
+def _configure_logging() -> None:
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s strata[%(process)d] %(levelname)s %(message)s",
-        filename=path,
+        level=logging.INFO, format="%(asctime)s strata[%(process)d] %(levelname)s %(message)s"
     )
 
 

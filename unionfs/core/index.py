@@ -40,10 +40,6 @@ HASH_BITS = 55
 _SUMMARY = 0
 
 
-# Bucket 0 of a listing holds its summary (the number of subdirectories).
-_SUMMARY = 0
-
-
 def name_hash(name: bytes) -> int:
     return (xxhash.xxh3_64_intdigest(name) >> (64 - HASH_BITS)) or 1
 

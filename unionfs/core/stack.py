@@ -91,11 +91,11 @@ def prepare_stack(
     root: Entry | None = None
     with index.read() as txn:
         known = [index.layer_number(txn, identity) for identity in identities]
-        top = len(chains)
-        while top > 0 and index.chain_root(txn, chains[top - 1]) is None:
-            top -= 1
-        if top:
+        top = len(chains)  # the longest prefix of the stack already indexed
+        while top > 0 and root is None:
             root = index.chain_root(txn, chains[top - 1])
+            if root is None:
+                top -= 1
     for position in range(top):
         number = known[position]
         assert number is not None, "a chain in the index implies its layers are too"
