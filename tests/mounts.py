@@ -45,11 +45,11 @@ def force_unmount(mountpoint: str) -> None:
 
 
 @contextlib.contextmanager
-def strata_mount(root: str, layers: Sequence[str], mountpoint: str) -> Iterator[str]:
+def strata_mount(root: str, layers: Sequence[str], mountpoint: str, *options: str) -> Iterator[str]:
     """Mount *layers* (lowest first) with `strata mount`; unmount after."""
     os.makedirs(mountpoint, exist_ok=True)
     layer_args = [arg for layer in layers for arg in ("--layer", layer)]
-    strata(root, "mount", *layer_args, mountpoint)
+    strata(root, "mount", *layer_args, *options, mountpoint)
     try:
         yield mountpoint
     finally:
@@ -58,12 +58,28 @@ def strata_mount(root: str, layers: Sequence[str], mountpoint: str) -> Iterator[
             force_unmount(mountpoint)
 
 
+# What makes the kernel's directory renames and hardlinks behave as strata's do.
+WRITABLE_OVERLAY = "redirect_dir=on,index=on"
+
+
 @contextlib.contextmanager
-def overlay_mount(layers: Sequence[str], mountpoint: str, *, options: str = "") -> Iterator[str]:
-    """The kernel's overlayfs over the same *layers* (lowest first), read-only."""
+def overlay_mount(
+    layers: Sequence[str],
+    mountpoint: str,
+    *,
+    options: str = "",
+    upper: str | None = None,
+    work: str | None = None,
+) -> Iterator[str]:
+    """The kernel's overlayfs over the same *layers* (lowest first); writable with *upper*."""
     os.makedirs(mountpoint, exist_ok=True)
     lowerdir = ":".join(reversed(list(layers)))
-    opts = f"lowerdir={lowerdir}" + (f",{options}" if options else "")
+    opts = f"lowerdir={lowerdir}"
+    if upper is not None:
+        assert work is not None
+        os.makedirs(work, exist_ok=True)
+        opts += f",upperdir={upper},workdir={work}"
+    opts += f",{options}" if options else ""
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mountpoint], check=True)
     try:
         yield mountpoint

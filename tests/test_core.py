@@ -13,7 +13,7 @@ from unionfs.core.index import ROOT_INO, Index
 from unionfs.core.layer import fingerprint, open_beneath
 from unionfs.core.records import Entry
 from unionfs.core.stack import IndexedStack, prepare_stack
-from unionfs.core.view import FsError, MergedView
+from unionfs.core.view import FsError, UnionView
 from unionfs.errors import StrataError
 
 
@@ -23,20 +23,20 @@ class Stack:
     def __init__(self, root: str, layers: list[str]) -> None:
         self.index = Index(os.path.join(root, "index"))
         self.prepared: IndexedStack = prepare_stack(self.index, layers)
-        self.view = MergedView(self.index, self.prepared.root, self.prepared.layers)
+        self.view = UnionView(self.index, self.prepared.root, self.prepared.layers)
 
     def close(self) -> None:
         self.view.close()
         self.index.close()
 
     def resolve(self, path: str) -> Entry | None:
-        entry: Entry | None = self.view.entry(ROOT_INO)
+        ino = ROOT_INO
         for name in filter(None, path.split("/")):
-            assert entry is not None
-            entry = self.view.lookup(entry.ino, name.encode())
-            if entry is None:
+            node = self.view.lookup(ino, name.encode())
+            if node is None:
                 return None
-        return entry
+            ino = node.ino
+        return self.view.getattr(ino)
 
     def names(self, path: str = "") -> list[bytes]:
         entry = self.resolve(path)
@@ -276,16 +276,17 @@ def test_listing_offsets_resume_exactly(scratch: str, layers: list[str]) -> None
 def test_lookup_counts_keep_nodes_until_forgotten(scratch: str, layers: list[str]) -> None:
     write(f"{layers[0]}/f", "x")
     stack = open_stack(scratch, [layers[0]])
-    entry = stack.view.lookup(ROOT_INO, b"f")
-    assert entry is not None
+    node = stack.view.lookup(ROOT_INO, b"f")
+    assert node is not None
+    entry = stack.view.getattr(node.ino)
     stack.view.lookup(ROOT_INO, b"f")
-    stack.view.forget(entry.ino, 1)
-    assert stack.view.entry(entry.ino) == entry
-    stack.view.forget(entry.ino, 1)
+    stack.view.forget(node.ino, 1)
+    assert stack.view.getattr(node.ino) == entry
+    stack.view.forget(node.ino, 1)
     with pytest.raises(FsError):
-        stack.view.entry(entry.ino)
+        stack.view.getattr(node.ino)
     stack.view.forget(ROOT_INO, 5)
-    assert stack.view.entry(ROOT_INO).is_dir
+    assert stack.view.getattr(ROOT_INO).is_dir
     stack.close()
 
 

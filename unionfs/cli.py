@@ -41,6 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a layer directory; repeat, lowest layer first",
     )
+    mount.add_argument(
+        "--upper", metavar="DIR", help="writable layer (overlayfs upper format); changes land here"
+    )
+    mount.add_argument(
+        "--work", metavar="DIR", help="work directory on UPPER's filesystem (default: beside it)"
+    )
+    mount.add_argument(
+        "--xattrs",
+        choices=("auto", "trusted", "user"),
+        default="auto",
+        help="marker xattrs in UPPER: trusted.overlay.* or user.overlay.* (rootless)",
+    )
+    mount.add_argument(
+        "--whiteouts",
+        choices=("auto", "device", "file"),
+        default="auto",
+        help="whiteouts in UPPER: 0/0 character devices or .wh. files (rootless)",
+    )
     mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     mount.add_argument("mountpoint")
 
@@ -57,9 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = os.path.abspath(args.root or default_root())
     try:
         if args.verb == "mount":
-            from .mount import MountRequest, mount
+            from .mount import MountRequest, WritableLayer, default_work_dir, mount
 
-            mount(MountRequest(root, args.layer, args.mountpoint, args.foreground))
+            writable = None
+            if args.upper:
+                work = args.work or default_work_dir(args.upper)
+                writable = WritableLayer(args.upper, work, args.xattrs, args.whiteouts)
+            elif args.work:
+                raise StrataError("--work needs --upper")
+            mount(MountRequest(root, args.layer, args.mountpoint, args.foreground, writable))
         elif args.verb == "umount":
             from .mount import unmount
 

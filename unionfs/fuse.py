@@ -1,11 +1,13 @@
-"""The pyfuse3 adapter: translates kernel requests to the merged view.
+"""The pyfuse3 adapter: translates kernel requests to the union view.
 
-Every handler runs on the trio thread; anything that may block on a disk
-(opening or reading layer files) goes to a worker thread.
+Every handler runs on the trio thread; anything that may block on a disk for
+long (opening, reading, writing and syncing files, copying data up) goes to a
+worker thread, so one large copy-up never stalls the other requests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -17,12 +19,15 @@ import pyfuse3
 import trio
 
 from .core.records import Entry
-from .core.view import FsError, MergedView
+from .core.upper import RENAME_EXCHANGE
+from .core.view import Caller, FsError, Node, UnionView
 
 log = logging.getLogger(__name__)
 
-# Lower layers never change under a mount, so the kernel may keep what it learns.
-LOWER_TIMEOUT = 24 * 3600.0
+# Lower layers never change under a mount and every change to the writable
+# layer passes through strata, which the kernel sees; so it may keep what it
+# learns for long.
+CACHE_TIMEOUT = 24 * 3600.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -44,11 +49,26 @@ def _fuse_errors(handler: F) -> F:
     return cast(F, wrapper)
 
 
+class Handle:
+    """An open file: the host descriptor and which copy of the data it reads."""
+
+    __slots__ = ("fd", "ino", "version", "write")
+
+    def __init__(self, ino: int, fd: int, version: int, write: bool) -> None:
+        self.ino = ino
+        self.fd = fd
+        self.version = version
+        self.write = write
+
+
 class StrataOperations(pyfuse3.Operations):
-    def __init__(self, view: MergedView, *, timeout: float = LOWER_TIMEOUT) -> None:
+    def __init__(self, view: UnionView, *, timeout: float = CACHE_TIMEOUT) -> None:
         super().__init__()
         self.view = view
         self.timeout = timeout
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._copy_locks: dict[int, trio.Lock] = {}
 
     def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -69,18 +89,27 @@ class StrataOperations(pyfuse3.Operations):
         attrs.st_ctime_ns = entry.ctime_ns
         return attrs
 
+    def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        return self._attributes(self.view.attributes(node))
+
+    @staticmethod
+    def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+        return Caller(ctx.uid, ctx.gid)
+
+    # Lookups ----------------------------------------------------------------
+
     @_fuse_errors
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        entry = self.view.lookup(parent_inode, name)
-        if entry is None:
+        node = self.view.lookup(parent_inode, name)
+        if node is None:
             # st_ino 0 with a timeout: the kernel caches the miss.
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
             negative.entry_timeout = self.timeout
             return negative
-        return self._attributes(entry)
+        return self._node_attributes(node)
 
     async def forget(self, inode_list: Any) -> None:
         for ino, count in inode_list:
@@ -88,7 +117,7 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attributes(self.view.entry(inode))
+        return self._attributes(self.view.getattr(inode))
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -96,7 +125,7 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if not self.view.entry(inode).is_dir:
+        if not self.view.node(inode).is_dir:
             raise FsError(errno.ENOTDIR)
         return inode
 
@@ -104,30 +133,211 @@ class StrataOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self.view.listdir(fh, start_id)
         try:
-            for offset, name, entry in listing:
-                if not pyfuse3.readdir_reply(token, name, self._attributes(entry), offset):
+            for offset, name, node in listing:
+                if not pyfuse3.readdir_reply(token, name, self._node_attributes(node), offset):
                     break
                 if name not in (b".", b".."):  # the kernel takes no reference for these
-                    self.view.remember(entry, fh)
+                    self.view.remember(node)
         finally:
             listing.close()
 
     async def releasedir(self, fh: int) -> None:
         return None
 
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # Data -------------------------------------------------------------------
+
+    async def _copy_data_up(self, ino: int) -> None:
+        """Copy a lower file's data into the writable layer, in a worker thread."""
+        if not self.view.needs_data_copy(ino):
+            return
+        lock = self._copy_locks.setdefault(ino, trio.Lock())
+        try:
+            async with lock:
+                if not self.view.needs_data_copy(ino):
+                    return
+                job = self.view.prepare_copy(self.view.node(ino))
+                try:
+                    await trio.to_thread.run_sync(self.view.fill, job)
+                    self.view.finish_copy(job)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(job.temp)  # only there if it was not placed
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._copy_locks.pop(ino, None)
+
+    def _add_handle(self, ino: int, fd: int, write: bool) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(ino, fd, self.view.node(ino).version, write)
+        return fh
+
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+        write = flags & os.O_ACCMODE != os.O_RDONLY
+        truncate = bool(flags & os.O_TRUNC)
+        if (write or truncate) and not self.view.writable:
             raise FsError(errno.EROFS)
-        fd = await trio.to_thread.run_sync(self.view.open_data, inode)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+        if write or truncate:
+            if not truncate:
+                await self._copy_data_up(inode)
+            fd = self.view.open_for_write(inode, truncate)
+        else:
+            fd = await trio.to_thread.run_sync(self.view.open_data, inode)
+        return pyfuse3.FileInfo(fh=self._add_handle(inode, fd, write), keep_cache=True)
+
+    @_fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags,
+                                    self._caller(ctx))  # fmt: skip
+        info = pyfuse3.FileInfo(fh=self._add_handle(node.ino, fd, True), keep_cache=True)
+        return info, self._node_attributes(node)
+
+    async def _current_fd(self, handle: Handle) -> int:
+        """The handle's descriptor, reopened if the data moved up since it was opened."""
+        node = self.view.nodes.get(handle.ino)
+        if node is not None and node.version != handle.version and not handle.write:
+            fd = await trio.to_thread.run_sync(self.view.open_data, handle.ino)
+            os.close(handle.fd)
+            handle.fd, handle.version = fd, node.version
+        return handle.fd
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await trio.to_thread.run_sync(os.pread, fh, size, off)
+        fd = await self._current_fd(self.handles[fh])
+        return await trio.to_thread.run_sync(os.pread, fd, size, off)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        return await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off)
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.handles[fh]
+        sync = os.fdatasync if datasync else os.fsync
+        await trio.to_thread.run_sync(sync, handle.fd)
+
+    async def flush(self, fh: int) -> None:
+        return None
 
     async def release(self, fh: int) -> None:
-        os.close(fh)
+        handle = self.handles.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
+
+    # Changes ----------------------------------------------------------------
+
+    @_fuse_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if not self.view.writable:
+            raise FsError(errno.EROFS)
+        if fields.update_size and attr.st_size:
+            await self._copy_data_up(inode)
+        handle = self.handles.get(fh) if fh is not None else None
+        entry = self.view.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fd=handle.fd if handle is not None and handle.write else None,
+        )
+        return self._attributes(entry)
+
+    @_fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.view.mkdir(parent_inode, name, mode & ~ctx.umask, self._caller(ctx))
+        return self._node_attributes(node)
+
+    @_fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, self._caller(ctx))
+        return self._node_attributes(node)
+
+    @_fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.view.symlink(parent_inode, name, target, self._caller(ctx))
+        return self._node_attributes(node)
+
+    @_fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._node_attributes(self.view.link(inode, new_parent_inode, new_name))
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.view.unlink(parent_inode, name)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.view.rmdir(parent_inode, name)
+
+    @_fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        moving = self.view.peek(parent_inode_old, name_old)
+        if moving is not None:
+            await self._copy_data_up(moving.ino)
+        if flags & RENAME_EXCHANGE:
+            other = self.view.peek(parent_inode_new, name_new)
+            if other is not None:
+                await self._copy_data_up(other.ino)
+        self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # Extended attributes ----------------------------------------------------
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.view.getxattr(inode, name)
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.view.listxattr(inode)
+
+    @_fuse_errors
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if not self.view.writable:
+            raise FsError(errno.EROFS)
+        self.view.setxattr(inode, name, value)
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if not self.view.writable:
+            raise FsError(errno.EROFS)
+        self.view.removexattr(inode, name)
+
+    # The filesystem ---------------------------------------------------------
 
     @_fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -145,14 +355,6 @@ class StrataOperations(pyfuse3.Operations):
         return data
 
     @_fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.view.getxattr(inode, name)
-
-    @_fuse_errors
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return self.view.listxattr(inode)
-
-    @_fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        self.view.entry(inode)
+        self.view.node(inode)
         return True

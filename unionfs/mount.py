@@ -17,10 +17,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import xxhash
 
 from .errors import StrataError
+
+if TYPE_CHECKING:
+    from .core.index import Index
+    from .core.upper import UpperStore
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,45 @@ Notify = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
+class WritableLayer:
+    upper: str
+    work: str
+    xattrs: str = "auto"  # trusted, user
+    whiteouts: str = "auto"  # device, file
+
+
+@dataclass(frozen=True, slots=True)
 class MountRequest:
     root: str
     layers: Sequence[str]
     mountpoint: str
     foreground: bool = False
+    writable: WritableLayer | None = None
+
+
+def default_work_dir(upper: str) -> str:
+    """WORK beside UPPER (it must be on the same filesystem, and not inside it)."""
+    upper = os.path.abspath(upper).rstrip("/")
+    return os.path.join(os.path.dirname(upper), "." + os.path.basename(upper) + ".work")
+
+
+def check_writable_layer(layer: WritableLayer) -> WritableLayer:
+    """UPPER must be a directory; WORK is made if missing, on UPPER's filesystem."""
+    upper = os.path.realpath(layer.upper)
+    if not os.path.isdir(upper):
+        raise StrataError(f"upper directory {layer.upper} does not exist or is not a directory")
+    try:
+        os.makedirs(layer.work, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StrataError(f"cannot create work directory {layer.work}: {exc.strerror}") from exc
+    work = os.path.realpath(layer.work)
+    if not os.path.isdir(work):
+        raise StrataError(f"work directory {layer.work} is not a directory")
+    if os.stat(upper).st_dev != os.stat(work).st_dev:
+        raise StrataError(f"work directory {work} must be on the same filesystem as {upper}")
+    if upper == work or work.startswith(upper + "/") or upper.startswith(work + "/"):
+        raise StrataError("upper and work directories must not contain each other")
+    return WritableLayer(upper, work, layer.xattrs, layer.whiteouts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +156,9 @@ def fuse_options(read_only: bool) -> set[str]:
         options.add("ro")
     if os.geteuid() == 0:
         # As fuse-overlayfs does: other users (and containers) see the mount,
-        # with the kernel checking permissions.
-        options.add("allow_other")
+        # with the kernel checking permissions; device nodes and setuid
+        # binaries of an image work as on any root filesystem.
+        options.update({"allow_other", "dev", "suid"})
     return options
 
 
@@ -131,7 +171,13 @@ def mount(request: MountRequest) -> None:
     # Checked before anything is written; absolute because the daemon leaves
     # the caller's working directory.
     layers = [check_layer_dir(layer) for layer in request.layers]
-    request = MountRequest(request.root, layers, mountpoint, request.foreground)
+    writable = request.writable
+    if writable is not None:
+        writable = check_writable_layer(writable)
+        for layer in layers:
+            if writable.upper == layer or layer.startswith(writable.upper + "/"):
+                raise StrataError(f"the upper directory must not hold the layer {layer}")
+    request = MountRequest(request.root, layers, mountpoint, request.foreground, writable)
     if request.foreground:
         _configure_logging()
         serve(request, notify=_print_progress)
@@ -213,7 +259,7 @@ def serve(request: MountRequest, notify: Notify) -> None:
 
     from .core.index import Index
     from .core.stack import prepare_stack
-    from .core.view import MergedView
+    from .core.view import UnionView
     from .fuse import StrataOperations
 
     index = Index(os.path.join(request.root, "index"))
@@ -224,10 +270,13 @@ def serve(request: MountRequest, notify: Notify) -> None:
             notify(
                 f"indexed {stack.merged_files} files in {stack.seconds:.2f} s ({rate:.0f} files/s)"
             )
-        view = MergedView(index, stack.root, stack.layers)
+        store = None
+        if request.writable is not None:
+            store = open_upper(index, request.writable)
+        view = UnionView(index, stack.root, stack.layers, store)
         operations = StrataOperations(view)
         try:
-            pyfuse3.init(operations, request.mountpoint, fuse_options(read_only=True))
+            pyfuse3.init(operations, request.mountpoint, fuse_options(read_only=store is None))
         except RuntimeError as exc:
             raise StrataError(f"cannot mount on {request.mountpoint}: {exc}") from exc
         try:
@@ -236,6 +285,31 @@ def serve(request: MountRequest, notify: Notify) -> None:
             view.close()
     finally:
         index.close()
+
+
+def open_upper(index: Index, layer: WritableLayer) -> UpperStore:
+    """Claim UPPER for this process (one mount at a time) and tidy after a crash."""
+    import fcntl
+
+    from .core.upper import UpperStore, probe_format
+
+    lock = os.open(os.path.join(layer.work, "strata-lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise StrataError(f"{layer.upper} is in use by another strata mount") from None
+    # The lock lives as long as this process: the descriptor is never closed.
+    store = UpperStore(
+        layer.upper,
+        layer.work,
+        probe_format(os.fsencode(layer.work), layer.xattrs, layer.whiteouts),
+        index.store_id(),
+    )
+    left = store.recover()
+    if left:
+        log.info("removed %d unfinished copies left by an earlier daemon", left)
+    return store
 
 
 def _serve_mounted(request: MountRequest, notify: Notify) -> None:

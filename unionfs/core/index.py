@@ -75,6 +75,15 @@ class Index:
     def close(self) -> None:
         self.env.close()
 
+    def store_id(self) -> bytes:
+        """8 random bytes naming this index; upper files carry it with their st_ino."""
+        with self.env.begin(write=True) as txn:
+            found = txn.get(b"store_id", db=self.meta)
+            if found is None:
+                found = os.urandom(8)
+                txn.put(b"store_id", found, db=self.meta)
+            return bytes(found)
+
     def read(self) -> lmdb.Transaction:
         return self.env.begin(buffers=True)
 

@@ -1,8 +1,10 @@
-"""The merged view as a filesystem sees it: inodes, lookups, listings, data.
+"""The merged view as a filesystem sees it: inodes, lookups, listings, changes.
 
-Knows nothing of FUSE. Keeps the lookup counts the kernel holds (a node lives
-while the kernel may still name it) and answers from the index, so serving
-metadata never touches a layer directory.
+Knows nothing of FUSE. The lower layers are answered from the index (serving
+their metadata never touches a layer directory); the optional writable layer
+is a live directory in overlayfs's upper format (see upper.py) that shadows
+them. Keeps the lookup counts the kernel holds: a node lives while the kernel
+may still name it, and an inode number is never handed out twice.
 """
 
 from __future__ import annotations
@@ -10,14 +12,34 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, replace
 
-from .index import ROOT_INO, Index
-from .layer import open_beneath, open_layer_root
+from .index import ROOT_INO, Index, name_hash
+from .layer import (
+    HIDDEN_XATTR_PREFIXES,
+    WHITEOUT_PREFIX,
+    open_beneath,
+    open_layer_root,
+    read_xattrs,
+)
 from .records import Entry
+from .upper import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    UpperStore,
+    copy_data,
+    copy_link_metadata,
+    copy_metadata,
+    join,
+    renameat2,
+)
 
 DOT_OFFSET = 1
 DOTDOT_OFFSET = 2
+UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
+_INO_BATCH = 1024
 
 
 class FsError(Exception):
@@ -29,23 +51,92 @@ class FsError(Exception):
 
 
 class Node:
-    """An inode the kernel knows, with the number of lookups it holds."""
+    """An inode of the merged view, with the number of lookups the kernel holds.
 
-    __slots__ = ("entry", "lookups", "parent")
+    `lower` is the lower layers' entry at this node's place (for a directory:
+    the listing merged under its upper contents; for a file: the data until it
+    is copied up). `upper` says whether the writable layer holds it. A file may
+    have several names (hardlinks); `names` are those the kernel knows.
+    """
 
-    def __init__(self, entry: Entry, parent: int) -> None:
-        self.entry = entry
+    __slots__ = (
+        "ino",
+        "lookups",
+        "lower",
+        "lower_path",
+        "metacopy",
+        "mode",
+        "name",
+        "names",
+        "opaque",
+        "parent",
+        "subdirs",
+        "upper",
+        "version",
+    )  # fmt: skip
+
+    def __init__(self, ino: int, mode: int, parent: int, name: bytes) -> None:
+        self.ino = ino
+        self.mode = mode
         self.lookups = 0
         self.parent = parent
+        self.name = name
+        self.names: set[tuple[int, bytes]] = {(parent, name)}
+        self.lower: Entry | None = None
+        self.lower_path: bytes | None = None  # directories: the lower path merged in
+        self.upper = False
+        self.opaque = False
+        self.metacopy = False
+        self.version = 0  # moves when the data changes place (copy-up)
+        self.subdirs: int | None = None  # directories: cached count for st_nlink
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
 
 
-class MergedView:
-    def __init__(self, index: Index, root: Entry, layers: dict[int, str]) -> None:
+@dataclass(frozen=True, slots=True)
+class CopyJob:
+    """Data to copy from a lower file into a new file in WORK."""
+
+    ino: int
+    layer_fd: int
+    source: bytes
+    entry: Entry
+    temp: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    uid: int
+    gid: int
+
+
+class UnionView:
+    def __init__(
+        self,
+        index: Index,
+        root: Entry,
+        layers: dict[int, str],
+        upper: UpperStore | None = None,
+    ) -> None:
         self.index = index
         self.layer_paths = layers
         self.layer_fds = {number: open_layer_root(path) for number, path in layers.items()}
-        self.nodes: dict[int, Node] = {ROOT_INO: Node(root, ROOT_INO)}
-        self.nodes[ROOT_INO].lookups = 1  # the kernel never forgets the root
+        self.store = upper
+        self.lower_root = root
+        top = Node(ROOT_INO, root.mode, ROOT_INO, b"")
+        top.lookups = 1  # the kernel never forgets the root
+        top.lower = root
+        top.lower_path = b""
+        top.upper = upper is not None
+        self.nodes: dict[int, Node] = {ROOT_INO: top}
+        self._next_ino = 0
+        self._last_ino = 0
+
+    @property
+    def writable(self) -> bool:
+        return self.store is not None
 
     def close(self) -> None:
         for fd in self.layer_fds.values():
@@ -53,7 +144,19 @@ class MergedView:
         self.layer_fds.clear()
         self.nodes.clear()
 
-    # Inodes ---------------------------------------------------------------
+    # Inode numbers ----------------------------------------------------------
+
+    def _allocate_ino(self) -> int:
+        """A number no inode of this store ever had; reserved in batches."""
+        if self._next_ino >= self._last_ino:
+            with self.index.write() as txn:
+                self._next_ino = self.index.allocate(txn, b"next_ino", _INO_BATCH)
+            self._last_ino = self._next_ino + _INO_BATCH
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    # Nodes ------------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
         try:
@@ -61,21 +164,22 @@ class MergedView:
         except KeyError:
             raise FsError(errno.ENOENT) from None
 
-    def entry(self, ino: int) -> Entry:
-        return self.node(ino).entry
-
-    def _directory(self, ino: int) -> Entry:
-        entry = self.node(ino).entry
-        if not entry.is_dir:
+    def _directory(self, ino: int) -> Node:
+        node = self.node(ino)
+        if not node.is_dir:
             raise FsError(errno.ENOTDIR)
-        return entry
+        return node
 
-    def remember(self, entry: Entry, parent: int) -> None:
-        """Count one more kernel reference to *entry* (lookup, readdirplus)."""
-        node = self.nodes.get(entry.ino)
-        if node is None:
-            node = self.nodes[entry.ino] = Node(entry, parent)
-        node.lookups += 1
+    def rel(self, node: Node) -> bytes:
+        """The node's path in the merged view (its latest name for a file)."""
+        parts: list[bytes] = []
+        while node.ino != ROOT_INO:
+            parts.append(node.name)
+            node = self.nodes[node.parent]
+        return b"/".join(reversed(parts))
+
+    def _rel_of(self, parent: Node, name: bytes) -> bytes:
+        return join(self.rel(parent), name)
 
     def forget(self, ino: int, count: int) -> None:
         node = self.nodes.get(ino)
@@ -85,53 +189,268 @@ class MergedView:
         if node.lookups <= 0:
             del self.nodes[ino]
 
-    def lookup(self, parent: int, name: bytes) -> Entry | None:
-        """Resolve *name* in directory *parent*; None when it does not exist."""
-        directory = self._directory(parent)
-        if name == b".":
-            entry: Entry | None = directory
-        elif name == b"..":
-            entry = self.entry(self.node(parent).parent)
+    def remember(self, node: Node) -> None:
+        """Count one more kernel reference (lookup, create, readdirplus)."""
+        known = self.nodes.setdefault(node.ino, node)
+        known.lookups += 1
+
+    def _adopt(self, found: Node, parent: Node, name: bytes) -> Node:
+        """The live node for what a lookup *found*: the known one, updated."""
+        known = self.nodes.get(found.ino)
+        if known is None:
+            return found
+        if known.is_dir:
+            known.parent, known.name = parent.ino, name
         else:
-            with self.index.read() as txn:
-                entry = self.index.lookup(txn, directory.listing, name)
-        if entry is not None:
-            self.remember(entry, parent)
+            known.names.add((parent.ino, name))
+            if found.upper or not known.upper:
+                known.parent, known.name = parent.ino, name
+        if found.upper and not known.upper:  # a lower hardlink met its copy
+            known.upper, known.metacopy, known.version = True, found.metacopy, known.version + 1
+        return known
+
+    # Resolving names --------------------------------------------------------
+
+    def _lower_child(self, parent: Node, name: bytes) -> Entry | None:
+        if parent.opaque or parent.lower is None or not parent.lower.is_dir:
+            return None
+        with self.index.read() as txn:
+            return self.index.lookup(txn, parent.lower.listing, name)
+
+    def _lower_at(self, path: bytes) -> Entry | None:
+        entry: Entry | None = self.lower_root
+        with self.index.read() as txn:
+            for part in path.split(b"/"):
+                if not part:
+                    continue
+                if entry is None or not entry.is_dir:
+                    return None
+                entry = self.index.lookup(txn, entry.listing, part)
         return entry
 
-    # Listings -------------------------------------------------------------
+    def _resolve(self, parent: Node, name: bytes) -> Node | None:
+        """What NAME in PARENT is, without counting a reference."""
+        up_st: os.stat_result | None = None
+        if self.store is not None and parent.upper:
+            parent_rel = self.rel(parent)
+            up_st = self.store.lstat(join(parent_rel, name))
+            lower = self._lower_child(parent, name)
+            if up_st is None:
+                if lower is None or self.store.is_whited_out(parent_rel, name, None):
+                    return None
+            elif self.store.is_whited_out(parent_rel, name, up_st):
+                return None
+        else:
+            lower = self._lower_child(parent, name)
+        if up_st is None:
+            if lower is None:
+                return None
+            return self._lower_node(parent, name, lower)
+        return self._upper_node(parent, name, up_st, lower)
 
-    def listdir(self, ino: int, offset: int = 0) -> Generator[tuple[int, bytes, Entry], None, None]:
-        """Yield (offset, name, entry) after *offset*, "." and ".." first.
+    def _lower_node(self, parent: Node, name: bytes, lower: Entry) -> Node:
+        node = Node(lower.ino, lower.mode, parent.ino, name)
+        node.lower = lower
+        if lower.is_dir:
+            assert parent.lower_path is not None
+            node.lower_path = join(parent.lower_path, name)
+        return node
 
-        An offset is the entry's name hash and its place among equal hashes,
-        so it stays valid while the directory changes (telldir/seekdir work).
+    def _upper_node(
+        self, parent: Node, name: bytes, st: os.stat_result, lower: Entry | None
+    ) -> Node:
+        assert self.store is not None
+        rel = self._rel_of(parent, name)
+        path = self.store.path(rel)
+        if stat.S_ISDIR(st.st_mode):
+            opaque = self.store.is_opaque(rel)
+            redirect = self.store.redirect(rel)
+            lower_path: bytes | None = None
+            if redirect is not None:
+                lower_path = (
+                    redirect.strip(b"/")
+                    if redirect.startswith(b"/")
+                    else join(parent.lower_path or b"", redirect)
+                )
+                lower = self._lower_at(lower_path)
+            elif lower is not None and parent.lower_path is not None:
+                lower_path = join(parent.lower_path, name)
+            if opaque or lower is None or not lower.is_dir:
+                lower, lower_path = None, None
+            ino = lower.ino if lower is not None else self._upper_ino(path, None)
+            node = Node(ino, st.st_mode, parent.ino, name)
+            node.lower, node.lower_path, node.opaque = lower, lower_path, opaque
+        else:
+            same_kind = lower is not None and stat.S_IFMT(lower.mode) == stat.S_IFMT(st.st_mode)
+            ino = self._upper_ino(path, lower.ino if lower is not None and same_kind else None)
+            node = Node(ino, st.st_mode, parent.ino, name)
+            if stat.S_ISREG(st.st_mode) and self.store.is_metacopy(rel):
+                node.metacopy = True
+                node.lower = lower if lower is not None and same_kind else None
+        node.upper = True
+        return node
+
+    def _upper_ino(self, path: bytes, copied_from: int | None) -> int:
+        """The inode number an upper file carries; one is given if it has none
+        (a file overlayfs wrote: the lower file's number when it is a copy)."""
+        assert self.store is not None
+        ino = self.store.stored_ino(path)
+        if ino is None:
+            ino = copied_from if copied_from is not None else self._allocate_ino()
+            self.store.set_ino(path, ino)
+        return ino
+
+    def lookup(self, parent_ino: int, name: bytes) -> Node | None:
+        """Resolve NAME in PARENT and count the reference; None if it does not exist."""
+        parent = self._directory(parent_ino)
+        if name == b".":
+            node: Node | None = parent
+        elif name == b"..":
+            node = self.node(parent.parent)
+        else:
+            found = self._resolve(parent, name)
+            node = None if found is None else self._adopt(found, parent, name)
+        if node is not None:
+            self.remember(node)
+        return node
+
+    def peek(self, parent_ino: int, name: bytes) -> Node | None:
+        """Like lookup, without counting: the node an operation is about to change."""
+        parent = self._directory(parent_ino)
+        found = self._resolve(parent, name)
+        return None if found is None else self._adopt(found, parent, name)
+
+    # Attributes -------------------------------------------------------------
+
+    def attributes(self, node: Node) -> Entry:
+        if not node.upper:
+            assert node.lower is not None
+            if node.is_dir and node.subdirs is not None:
+                return replace(node.lower, nlink=2 + node.subdirs)
+            return node.lower
+        assert self.store is not None
+        st = os.lstat(self._host(node))
+        nlink = st.st_nlink
+        if node.is_dir:
+            if node.subdirs is None:
+                node.subdirs = sum(1 for _, _, child in self._merged(node, 0) if child.is_dir)
+            nlink = 2 + node.subdirs
+        size, blocks = st.st_size, st.st_blocks
+        if node.metacopy and node.lower is not None:
+            blocks = node.lower.blocks
+        return Entry(
+            ino=node.ino,
+            mode=st.st_mode,
+            nlink=nlink,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev,
+            size=size,
+            blocks=blocks,
+            atime_ns=st.st_atime_ns,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            layer=UPPER_LAYER,
+            listing=node.lower.listing if node.lower is not None and node.is_dir else 0,
+        )
+
+    def getattr(self, ino: int) -> Entry:
+        return self.attributes(self.node(ino))
+
+    def _host(self, node: Node) -> bytes:
+        """The path of the node's upper copy."""
+        assert self.store is not None and node.upper
+        if node.is_dir:
+            return self.store.path(self.rel(node))
+        return self.store.path(self._upper_name(node))
+
+    def _upper_name(self, node: Node) -> bytes:
+        """A merged path at which UPPER holds this file."""
+        assert self.store is not None
+        primary = self._rel_of(self.nodes[node.parent], node.name)
+        st = self.store.lstat(primary)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            return primary
+        for parent_ino, name in list(node.names):
+            parent = self.nodes.get(parent_ino)
+            if parent is None:
+                node.names.discard((parent_ino, name))
+                continue
+            rel = self._rel_of(parent, name)
+            if self.store.lstat(rel) is not None:
+                node.parent, node.name = parent_ino, name
+                return rel
+        raise FsError(errno.ESTALE)
+
+    # Listings ---------------------------------------------------------------
+
+    def listdir(self, ino: int, offset: int = 0) -> Generator[tuple[int, bytes, Node], None, None]:
+        """Yield (offset, name, node) after *offset*, "." and ".." first.
+
+        An offset is the name's hash and its place among equal hashes, so it
+        stays valid while the directory changes (telldir/seekdir work).
         """
         directory = self._directory(ino)
         if offset < DOT_OFFSET:
             yield DOT_OFFSET, b".", directory
         if offset < DOTDOT_OFFSET:
-            yield DOTDOT_OFFSET, b"..", self.entry(self.node(ino).parent)
-        with self.index.read() as txn:
-            for hashed, group in self.index.scan(txn, directory.listing, offset >> 8):
-                for position, (name, entry) in enumerate(group, 1):
-                    here = hashed << 8 | position
-                    if here > offset:
-                        yield here, name, entry
+            yield DOTDOT_OFFSET, b"..", self.node(directory.parent)
+        for here, name, node in self._merged(directory, offset):
+            yield here, name, self._adopt(node, directory, name)
 
-    # Contents -------------------------------------------------------------
+    def _merged(
+        self, directory: Node, offset: int
+    ) -> Generator[tuple[int, bytes, Node], None, None]:
+        """The merged entries of a directory in offset order (nodes not adopted)."""
+        upper_entries: dict[int, list[tuple[bytes, os.stat_result]]] = {}
+        whiteouts: set[bytes] = set()
+        if self.store is not None and directory.upper:
+            upper_dir = self.store.read_dir(self.rel(directory))
+            whiteouts = upper_dir.whiteouts
+            for name, st in upper_dir.entries.items():
+                upper_entries.setdefault(name_hash(name), []).append((name, st))
+        start = offset >> 8
+        upper_hashes = sorted(h for h in upper_entries if h >= start)
+        with self.index.read() as txn:
+            lower_buckets: Iterator[tuple[int, list[tuple[bytes, Entry]]]] = iter(())
+            if directory.lower is not None and not directory.opaque:
+                lower_buckets = self.index.scan(txn, directory.lower.listing, start)
+            for hashed, lowers in _merge_by_hash(lower_buckets, upper_hashes):
+                names: dict[bytes, tuple[os.stat_result | None, Entry | None]] = {}
+                for name, entry in lowers:
+                    if name not in whiteouts:
+                        names[name] = (None, entry)
+                for name, up in upper_entries.get(hashed, ()):
+                    names[name] = (up, names.get(name, (None, None))[1])
+                for position, name in enumerate(sorted(names), 1):
+                    here = hashed << 8 | position
+                    if here <= offset:
+                        continue
+                    up_st, lower = names[name]
+                    if up_st is None:
+                        assert lower is not None
+                        yield here, name, self._lower_node(directory, name, lower)
+                    else:
+                        yield here, name, self._upper_node(directory, name, up_st, lower)
+
+    def _is_empty(self, directory: Node) -> bool:
+        for _ in self._merged(directory, 0):
+            return False
+        return True
+
+    # Contents ---------------------------------------------------------------
 
     def readlink(self, ino: int) -> bytes:
-        entry = self.entry(ino)
-        if not stat.S_ISLNK(entry.mode):
+        node = self.node(ino)
+        if not stat.S_ISLNK(node.mode):
             raise FsError(errno.EINVAL)
-        return entry.target
+        if node.upper:
+            return os.readlink(self._host(node))
+        assert node.lower is not None
+        return node.lower.target
 
-    def open_data(self, ino: int) -> int:
-        """Open the layer file holding the data of *ino* (read-only). Blocking."""
-        entry = self.entry(ino)
-        if not stat.S_ISREG(entry.mode):
-            raise FsError(errno.EINVAL)
+    def open_lower(self, entry: Entry) -> int:
+        """Open the layer file holding a lower entry's data (read-only). Blocking."""
         try:
             fd = open_beneath(self.layer_fds[entry.layer], entry.path, os.O_RDONLY)
         except OSError as exc:
@@ -144,15 +463,569 @@ class MergedView:
             raise FsError(errno.ESTALE, f"layer changed under the mount: {entry.path!r}")
         return fd
 
+    def open_data(self, ino: int, write: bool = False) -> int:
+        """A host descriptor for the node's current data. Blocking.
+
+        For writing, the node must be copied up (with its data) first.
+        """
+        node = self.node(ino)
+        if not stat.S_ISREG(node.mode):
+            raise FsError(errno.EINVAL)
+        if node.upper and not node.metacopy:
+            return os.open(self._host(node), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        if write:
+            raise FsError(errno.EIO, "write to a file that is not copied up")
+        if node.lower is None:
+            if node.metacopy:  # metadata-only copy whose lower data is gone
+                raise FsError(errno.EIO)
+            raise FsError(errno.ENOENT)
+        return self.open_lower(node.lower)
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        for key, value in self.entry(ino).xattrs:
+        node = self.node(ino)
+        if name.startswith(HIDDEN_XATTR_PREFIXES):
+            raise FsError(errno.ENODATA)
+        if node.upper:
+            try:
+                return os.getxattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
+            except OSError as exc:
+                raise FsError(exc.errno or errno.EIO) from None
+        assert node.lower is not None
+        for key, value in node.lower.xattrs:
             if key == name:
                 return value
         raise FsError(errno.ENODATA)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        return [key for key, _ in self.entry(ino).xattrs]
+        node = self.node(ino)
+        if node.upper:
+            names = os.listxattr(self._host(node), follow_symlinks=False)
+            return [
+                key
+                for key in (os.fsencode(name) for name in names)
+                if not key.startswith(HIDDEN_XATTR_PREFIXES)
+            ]
+        assert node.lower is not None
+        return [key for key, _ in node.lower.xattrs]
 
     def statfs_path(self) -> str:
-        """The filesystem whose figures statfs reports: the top layer's."""
+        """The filesystem whose figures statfs reports: UPPER's, else the top layer's."""
+        if self.store is not None:
+            return os.fsdecode(self.store.root)
         return list(self.layer_paths.values())[-1]  # insertion order: bottom to top
+
+    # Copy-up ----------------------------------------------------------------
+
+    def _writable(self) -> UpperStore:
+        if self.store is None:
+            raise FsError(errno.EROFS)
+        return self.store
+
+    def _copy_up_dir(self, node: Node) -> None:
+        """Give a directory (and its parents) a place in UPPER, no contents."""
+        store = self._writable()
+        if node.upper:
+            return
+        parent = self.nodes[node.parent]
+        self._copy_up_dir(parent)
+        lower = node.lower
+        assert lower is not None
+        temp = store.new_directory()
+        store.set_ino(temp, node.ino)
+        copy_link_metadata(
+            temp,
+            uid=lower.uid,
+            gid=lower.gid,
+            atime_ns=lower.atime_ns,
+            mtime_ns=lower.mtime_ns,
+            xattrs=lower.xattrs,
+            mode=lower.mode,
+        )
+        store.place(temp, self.rel(parent), node.name)
+        node.upper = True
+
+    def _copy_up(self, node: Node, *, data: bool) -> None:
+        """Copy a file up; without *data* a regular file becomes a metacopy."""
+        store = self._writable()
+        if node.is_dir:
+            self._copy_up_dir(node)
+            return
+        if node.upper:
+            if data and node.metacopy:
+                self.copy_up_data_now(node)
+            return
+        parent = self.nodes[node.parent]
+        self._copy_up_dir(parent)
+        lower = node.lower
+        assert lower is not None
+        temp = store.temp_path()
+        if stat.S_ISREG(lower.mode):
+            if data and lower.size:
+                self._fill(self.prepare_copy(node, temp))
+            else:
+                fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                try:
+                    os.ftruncate(fd, lower.size)  # sparse: no data is written
+                    if lower.size:
+                        store.set_marker(temp, b"metacopy", b"")
+                    self._finish_temp(fd, node.ino, lower)
+                finally:
+                    os.close(fd)
+            node.metacopy = bool(lower.size) and not data
+        else:
+            if stat.S_ISLNK(lower.mode):
+                os.symlink(lower.target, temp)
+            else:
+                os.mknod(temp, lower.mode, lower.rdev)
+            store.set_ino(temp, node.ino)
+            copy_link_metadata(
+                temp,
+                uid=lower.uid,
+                gid=lower.gid,
+                atime_ns=lower.atime_ns,
+                mtime_ns=lower.mtime_ns,
+                xattrs=lower.xattrs,
+                mode=None if stat.S_ISLNK(lower.mode) else lower.mode,
+            )
+        store.place(temp, self.rel(parent), node.name)
+        node.upper = True
+        node.version += 1
+
+    def _finish_temp(self, fd: int, ino: int, lower: Entry) -> None:
+        """Give a new file in WORK its inode number and the metadata of *lower*."""
+        assert self.store is not None
+        self.store.set_ino_fd(fd, ino)
+        copy_metadata(
+            fd,
+            mode=lower.mode,
+            uid=lower.uid,
+            gid=lower.gid,
+            atime_ns=lower.atime_ns,
+            mtime_ns=lower.mtime_ns,
+            xattrs=lower.xattrs,
+        )
+
+    def needs_data_copy(self, ino: int) -> bool:
+        """Whether writing to *ino* must first copy data up (a slow step)."""
+        node = self.node(ino)
+        if not stat.S_ISREG(node.mode):
+            return False
+        return (not node.upper or node.metacopy) and node.lower is not None and node.lower.size > 0
+
+    def prepare_copy(self, node: Node, temp: bytes | None = None) -> CopyJob:
+        store = self._writable()
+        lower = node.lower
+        assert lower is not None
+        return CopyJob(
+            ino=node.ino,
+            layer_fd=self.layer_fds[lower.layer],
+            source=lower.path,
+            entry=lower,
+            temp=temp if temp is not None else store.temp_path(),
+        )
+
+    def fill(self, job: CopyJob) -> None:
+        """Copy the data of a job into its temporary file. Blocking, thread-safe."""
+        self._fill(job)
+
+    def _fill(self, job: CopyJob) -> None:
+        assert self.store is not None
+        source = self.open_lower(job.entry)
+        try:
+            fd = os.open(job.temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            try:
+                copy_data(source, fd, job.entry.size)
+                self._finish_temp(fd, job.ino, job.entry)
+                os.fdatasync(fd)  # as overlayfs: the copy is durable before it is visible
+            finally:
+                os.close(fd)
+        finally:
+            os.close(source)
+
+    def finish_copy(self, job: CopyJob) -> None:
+        """Put a filled copy in place (on the request thread, after fill)."""
+        store = self._writable()
+        node = self.nodes.get(job.ino)
+        if (
+            node is None
+            or (node.upper and not node.metacopy)
+            or (node.parent, node.name) not in node.names
+        ):
+            os.unlink(job.temp)  # someone else finished first, or the name is gone
+            return
+        if node.upper:
+            # A metacopy becomes a full copy in one rename; its metadata, which
+            # may have changed while the data was copied, goes along.
+            host = self._host(node)
+            st = os.lstat(host)
+            xattrs = tuple(
+                item for item in read_xattrs(host) if not item[0].startswith(HIDDEN_XATTR_PREFIXES)
+            )
+            fd = os.open(job.temp, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                for name in os.listxattr(fd):
+                    if not os.fsencode(name).startswith(HIDDEN_XATTR_PREFIXES):
+                        os.removexattr(fd, name)
+                copy_metadata(
+                    fd, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
+                    mtime_ns=st.st_mtime_ns, xattrs=xattrs,
+                )  # fmt: skip
+            finally:
+                os.close(fd)
+            os.rename(job.temp, host)
+        else:
+            parent = self.nodes[node.parent]
+            self._copy_up_dir(parent)
+            store.place(job.temp, self.rel(parent), node.name)
+            node.upper = True
+        node.metacopy = False
+        node.version += 1
+
+    def copy_up_data_now(self, node: Node) -> None:
+        job = self.prepare_copy(node)
+        self._fill(job)
+        self.finish_copy(job)
+
+    # Changes ----------------------------------------------------------------
+
+    def _new_object(
+        self,
+        parent: Node,
+        name: bytes,
+        caller: Caller,
+        make: Callable[[bytes], int | None],
+        mode: int,
+    ) -> tuple[Node, int | None]:
+        """Create NAME in PARENT: built complete in WORK, then moved in place."""
+        store = self._writable()
+        if name in (b".", b"..") or name.startswith(WHITEOUT_PREFIX):
+            raise FsError(errno.EINVAL if name.startswith(WHITEOUT_PREFIX) else errno.EEXIST)
+        if self._resolve(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        self._copy_up_dir(parent)
+        parent_rel = self.rel(parent)
+        parent_st = os.lstat(store.path(parent_rel))
+        gid = caller.gid
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid  # BSD group semantics of a setgid directory
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        temp = store.temp_path()
+        fd = make(temp)
+        ino = self._allocate_ino()
+        try:
+            store.set_ino(temp, ino)
+            os.chown(temp, caller.uid, gid, follow_symlinks=False)
+            if not stat.S_ISLNK(mode):
+                os.chmod(temp, stat.S_IMODE(mode))
+            lower = self._lower_child(parent, name)
+            if stat.S_ISDIR(mode) and lower is not None:
+                store.set_marker(temp, b"opaque", b"y")  # the old lower dir stays hidden
+            store.place(temp, parent_rel, name)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        parent.subdirs = None
+        node = Node(ino, os.lstat(store.path(join(parent_rel, name))).st_mode, parent.ino, name)
+        node.upper = True
+        node.opaque = stat.S_ISDIR(mode) and lower is not None
+        if stat.S_ISDIR(mode):
+            node.lower_path = None
+        self.remember(node)
+        return node, fd
+
+    def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[Node, int]:
+        parent = self._directory(parent_ino)
+
+        def make(temp: bytes) -> int:
+            return os.open(temp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+
+        node, fd = self._new_object(parent, name, caller, make, stat.S_IFREG | (mode & 0o7777))
+        assert fd is not None
+        return node, fd
+
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> Node:
+        parent = self._directory(parent_ino)
+
+        def make(temp: bytes) -> None:
+            os.mkdir(temp, 0o700)
+
+        return self._new_object(parent, name, caller, make, stat.S_IFDIR | (mode & 0o7777))[0]
+
+    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+        parent = self._directory(parent_ino)
+
+        def make(temp: bytes) -> None:
+            os.mknod(temp, (mode & ~0o7777) | 0o600, rdev)
+
+        return self._new_object(parent, name, caller, make, mode)[0]
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, caller: Caller) -> Node:
+        parent = self._directory(parent_ino)
+
+        def make(temp: bytes) -> None:
+            os.symlink(target, temp)
+
+        return self._new_object(parent, name, caller, make, stat.S_IFLNK | 0o777)[0]
+
+    def link(self, ino: int, parent_ino: int, name: bytes) -> Node:
+        store = self._writable()
+        node = self.node(ino)
+        parent = self._directory(parent_ino)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        if self._resolve(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        self._copy_up(node, data=False)
+        self._copy_up_dir(parent)
+        temp = store.temp_path()
+        os.link(self._host(node), temp)
+        store.place(temp, self.rel(parent), name)
+        node.names.add((parent.ino, name))
+        self.remember(node)
+        return node
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        parent = self._directory(parent_ino)
+        node = self.peek(parent_ino, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        self._remove(parent, name, node)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        parent = self._directory(parent_ino)
+        node = self.peek(parent_ino, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not self._is_empty(node):
+            raise FsError(errno.ENOTEMPTY)
+        self._remove(parent, name, node)
+
+    def _remove(self, parent: Node, name: bytes, node: Node) -> None:
+        store = self._writable()
+        self._copy_up_dir(parent)
+        parent_rel = self.rel(parent)
+        hides_lower = self._lower_child(parent, name) is not None
+        upper_here = store.lstat(join(parent_rel, name)) is not None
+        if hides_lower:
+            store.make_whiteout(parent_rel, name)
+        elif upper_here:
+            store.remove(parent_rel, name)
+        parent.subdirs = None
+        node.names.discard((parent.ino, name))
+        if not node.is_dir and (node.parent, node.name) == (parent.ino, name) and node.names:
+            node.parent, node.name = next(iter(node.names))
+
+    def rename(
+        self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int
+    ) -> None:
+        store = self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FsError(errno.EINVAL)
+        old_parent = self._directory(old_parent_ino)
+        new_parent = self._directory(new_parent_ino)
+        node = self.peek(old_parent_ino, old_name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        target = self.peek(new_parent_ino, new_name)
+        if target is node:
+            if (old_parent.ino, old_name) == (new_parent.ino, new_name):
+                return
+            if not node.is_dir:  # two names of one file: POSIX says do nothing
+                return
+        if new_name.startswith(WHITEOUT_PREFIX):
+            raise FsError(errno.EINVAL)
+        if flags & RENAME_NOREPLACE and target is not None:
+            raise FsError(errno.EEXIST)
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise FsError(errno.ENOENT)
+            self._exchange(old_parent, old_name, node, new_parent, new_name, target)
+            return
+        if target is not None:
+            if node.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not node.is_dir and target.is_dir:
+                raise FsError(errno.EISDIR)
+            if target.is_dir and not self._is_empty(target):
+                raise FsError(errno.ENOTEMPTY)
+        self._prepare_move(node)
+        self._copy_up_dir(new_parent)
+        old_rel = self._rel_of(old_parent, old_name)
+        new_parent_rel = self.rel(new_parent)
+        new_rel = join(new_parent_rel, new_name)
+        new_lower = self._lower_child(new_parent, new_name)
+        self._fit_at(node, new_lower, store.path(old_rel))
+        if target is not None and store.lstat(new_rel) is not None and target.is_dir:
+            store.remove(new_parent_rel, new_name)  # empty, or whiteouts only
+        leaves_lower = self._lower_child(old_parent, old_name) is not None
+        wh_marker = store.path(join(new_parent_rel, WHITEOUT_PREFIX + new_name))
+        if leaves_lower and store.format.device_whiteouts:
+            renameat2(store.path(old_rel), store.path(new_rel), RENAME_WHITEOUT)
+        else:
+            os.rename(store.path(old_rel), store.path(new_rel))
+            if leaves_lower:
+                store.make_whiteout(self.rel(old_parent), old_name)
+        if os.path.lexists(wh_marker):
+            os.unlink(wh_marker)
+        old_parent.subdirs = new_parent.subdirs = None
+        if target is not None and target is not node:
+            target.names.discard((new_parent.ino, new_name))
+        self._moved(node, old_parent, old_name, new_parent, new_name)
+
+    def _prepare_move(self, node: Node) -> None:
+        """Copy up what moves: a directory alone (redirect), a file with data."""
+        if node.is_dir:
+            self._copy_up_dir(node)
+        else:
+            self._copy_up(node, data=True)
+
+    def _fit_at(self, node: Node, new_lower: Entry | None, host: bytes) -> None:
+        """Mark a moving directory so the right lower contents show at its new place."""
+        assert self.store is not None
+        if not node.is_dir:
+            return
+        if node.lower is not None and node.lower_path is not None:
+            self.store.set_marker(host, b"redirect", b"/" + node.lower_path)
+        elif new_lower is not None and not node.opaque:
+            self.store.set_marker(host, b"opaque", b"y")
+            node.opaque = True
+
+    def _moved(
+        self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
+    ) -> None:
+        node.names.discard((old_parent.ino, old_name))
+        node.names.add((new_parent.ino, new_name))
+        node.parent, node.name = new_parent.ino, new_name
+
+    def _exchange(
+        self,
+        old_parent: Node,
+        old_name: bytes,
+        node: Node,
+        new_parent: Node,
+        new_name: bytes,
+        target: Node,
+    ) -> None:
+        store = self._writable()
+        self._prepare_move(node)
+        self._prepare_move(target)
+        old_rel = self._rel_of(old_parent, old_name)
+        new_rel = self._rel_of(new_parent, new_name)
+        self._fit_at(node, self._lower_child(new_parent, new_name), store.path(old_rel))
+        self._fit_at(target, self._lower_child(old_parent, old_name), store.path(new_rel))
+        renameat2(store.path(old_rel), store.path(new_rel), RENAME_EXCHANGE)
+        old_parent.subdirs = new_parent.subdirs = None
+        self._moved(node, old_parent, old_name, new_parent, new_name)
+        self._moved(target, new_parent, new_name, old_parent, old_name)
+
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        fd: int | None = None,
+    ) -> Entry:
+        node = self.node(ino)
+        if size is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not stat.S_ISREG(node.mode):
+                raise FsError(errno.EINVAL)
+            if size == 0 and (not node.upper or node.metacopy):
+                self._copy_up(node, data=False)  # nothing to keep: no data moves
+                self._drop_metacopy(node)
+            else:
+                self._copy_up(node, data=True)
+        else:
+            self._copy_up(node, data=False)
+        path = self._host(node)
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid,
+                     follow_symlinks=False)  # fmt: skip
+        if mode is not None and not stat.S_ISLNK(node.mode):
+            os.chmod(path, stat.S_IMODE(mode))
+        if size is not None:
+            if fd is not None:
+                os.ftruncate(fd, size)
+            else:
+                os.truncate(path, size)
+        if atime_ns is not None or mtime_ns is not None:
+            st = os.lstat(path)
+            os.utime(
+                path,
+                ns=(
+                    st.st_atime_ns if atime_ns is None else atime_ns,
+                    st.st_mtime_ns if mtime_ns is None else mtime_ns,
+                ),
+                follow_symlinks=False,
+            )
+        return self.attributes(node)
+
+    def _drop_metacopy(self, node: Node) -> None:
+        if node.metacopy:
+            assert self.store is not None
+            self.store.clear_markers(self._host(node), self.store.metacopy_xattrs)
+            node.metacopy = False
+            node.version += 1
+
+    def open_for_write(self, ino: int, truncate: bool) -> int:
+        """A descriptor to write the node's upper copy (data already copied up)."""
+        node = self.node(ino)
+        if truncate and (not node.upper or node.metacopy):
+            self._copy_up(node, data=False)
+            self._drop_metacopy(node)
+            os.truncate(self._host(node), 0)
+        else:
+            self._copy_up(node, data=True)
+        fd = self.open_data(ino, write=True)
+        if truncate:
+            os.ftruncate(fd, 0)
+        return fd
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        node = self.node(ino)
+        if name.startswith(HIDDEN_XATTR_PREFIXES):
+            raise FsError(errno.EPERM)  # as overlayfs: its own xattrs are not the user's
+        self._copy_up(node, data=False)
+        os.setxattr(self._host(node), os.fsdecode(name), value, follow_symlinks=False)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        node = self.node(ino)
+        if name.startswith(HIDDEN_XATTR_PREFIXES):
+            raise FsError(errno.ENODATA)
+        if not node.upper:
+            self.getxattr(ino, name)  # ENODATA before anything is copied
+        self._copy_up(node, data=False)
+        os.removexattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
+
+
+# Helpers --------------------------------------------------------------------
+
+
+def _merge_by_hash(
+    lower: Iterator[tuple[int, list[tuple[bytes, Entry]]]], upper_hashes: list[int]
+) -> Generator[tuple[int, list[tuple[bytes, Entry]]], None, None]:
+    """Walk lower buckets and upper hashes together in hash order."""
+    position = 0
+    for hashed, group in lower:
+        while position < len(upper_hashes) and upper_hashes[position] < hashed:
+            yield upper_hashes[position], []
+            position += 1
+        if position < len(upper_hashes) and upper_hashes[position] == hashed:
+            position += 1
+        yield hashed, group
+    for hashed in upper_hashes[position:]:
+        yield hashed, []

@@ -1,0 +1,410 @@
+"""The writable layer on disk, kept in overlayfs's upper format.
+
+UPPER holds changed and new files at their merged paths; deletions are
+whiteouts and replaced directories are opaque, exactly as the kernel's
+overlayfs writes them, so the same UPPER can be mounted by either:
+
+  whiteout   a 0/0 character device (or, where mknod is not allowed, an empty
+             `.wh.NAME` file, fuse-overlayfs's rootless form)
+  opaque     PREFIX.opaque = "y" on the directory
+  redirect   PREFIX.redirect = "/lower/path" on a renamed directory whose
+             contents still come from the lower layers
+  metacopy   PREFIX.metacopy on a file whose metadata changed but whose data
+             is still the lower file's (a sparse file of the right size)
+
+PREFIX is "trusted.overlay." (needs CAP_SYS_ADMIN) or "user.overlay."
+(rootless). Strata adds PREFIX.strata.ino: the inode number the file shows,
+so st_ino survives copy-up, rename and remount; overlayfs hides every PREFIX
+xattr and ignores this one.
+
+New files are built complete in WORK (data, owner, mode, xattrs) and renamed
+into place, so a crash leaves either the old view or the whole new file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import stat
+import struct
+from dataclasses import dataclass
+
+from ..errors import StrataError
+from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device
+
+TRUSTED_PREFIX = b"trusted.overlay."
+USER_PREFIX = b"user.overlay."
+PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+_FICLONE = 0x40049409
+_INO = struct.Struct(">8sQ")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+]
+_AT_FDCWD = -100
+
+
+def renameat2(old: bytes, new: bytes, flags: int = 0) -> None:
+    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), old, None, new)
+
+
+def _xattr_name(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+def get_xattr(path: bytes, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, _xattr_name(name), follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class UpperFormat:
+    """How this UPPER spells its markers."""
+
+    prefix: bytes
+    device_whiteouts: bool
+
+    def name(self, what: bytes) -> bytes:
+        return self.prefix + what
+
+
+def probe_format(work: bytes, xattrs: str = "auto", whiteouts: str = "auto") -> UpperFormat:
+    """Pick trusted or user xattrs and device or file whiteouts for *work*'s fs."""
+    probe = os.path.join(work, b"probe")
+    with _scratch(probe):
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o600))
+        if xattrs == "auto":
+            try:
+                os.setxattr(probe, "trusted.overlay.strata.probe", b"y")
+                prefix = TRUSTED_PREFIX
+            except OSError:
+                prefix = USER_PREFIX
+        else:
+            prefix = TRUSTED_PREFIX if xattrs == "trusted" else USER_PREFIX
+        try:
+            os.setxattr(probe, _xattr_name(prefix + b"strata.probe"), b"y")
+        except OSError as exc:
+            raise StrataError(
+                f"cannot set {prefix.decode()}* xattrs in {os.fsdecode(work)}: {exc.strerror}"
+            ) from exc
+    device = whiteouts == "device"
+    if whiteouts == "auto":
+        node = os.path.join(work, b"probe-whiteout")
+        with _scratch(node):
+            try:
+                os.mknod(node, stat.S_IFCHR | 0o000, 0)
+                device = True
+            except OSError:
+                device = False
+    return UpperFormat(prefix, device)
+
+
+class _scratch:
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self._remove()
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@dataclass(slots=True)
+class UpperDir:
+    """One directory of UPPER: its entries and its markers."""
+
+    entries: dict[bytes, os.stat_result]
+    whiteouts: set[bytes]
+    opaque: bool
+
+
+class UpperStore:
+    """Primitive, crash-safe changes to UPPER, with temporaries in WORK."""
+
+    def __init__(self, upper: str, work: str, fmt: UpperFormat, store_id: bytes) -> None:
+        self.root = os.fsencode(upper)
+        self.work = os.fsencode(work)
+        self.tmp = os.path.join(self.work, b"strata-tmp")
+        self.format = fmt
+        self.store_id = store_id
+        self._serial = 0
+        self.ino_xattr = fmt.name(b"strata.ino")
+        self.opaque_xattrs = tuple(prefix + b"opaque" for prefix in PRIVATE_PREFIXES)
+        self.redirect_xattrs = tuple(prefix + b"redirect" for prefix in PRIVATE_PREFIXES)
+        self.metacopy_xattrs = tuple(prefix + b"metacopy" for prefix in PRIVATE_PREFIXES)
+
+    # Setup ------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Drop temporaries a killed daemon left in WORK; return how many."""
+        found = 0
+        if os.path.isdir(self.tmp):
+            for name in os.listdir(self.tmp):
+                found += 1
+                path = os.path.join(self.tmp, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+        os.makedirs(self.tmp, mode=0o700, exist_ok=True)
+        return found
+
+    def path(self, rel: bytes) -> bytes:
+        return self.root + b"/" + rel if rel else self.root
+
+    def temp_path(self) -> bytes:
+        self._serial += 1
+        return b"%s/%d.%d" % (self.tmp, os.getpid(), self._serial)
+
+    # Reading ----------------------------------------------------------------
+
+    def lstat(self, rel: bytes) -> os.stat_result | None:
+        try:
+            return os.lstat(self.path(rel))
+        except FileNotFoundError:
+            return None
+
+    def is_whited_out(self, parent_rel: bytes, name: bytes, st: os.stat_result | None) -> bool:
+        """Whether NAME in the upper dir hides the lower layers' NAME."""
+        if st is not None:
+            return is_whiteout_device(st)
+        return os.path.lexists(self.path(join(parent_rel, WHITEOUT_PREFIX + name)))
+
+    def read_dir(self, rel: bytes) -> UpperDir:
+        entries: dict[bytes, os.stat_result] = {}
+        whiteouts: set[bytes] = set()
+        opaque = False
+        with os.scandir(self.path(rel)) as listing:
+            for item in listing:
+                name = item.name
+                if name.startswith(WHITEOUT_PREFIX):
+                    if name == OPAQUE_MARKER:
+                        opaque = True
+                    elif not name.startswith(b".wh..wh."):
+                        whiteouts.add(name[len(WHITEOUT_PREFIX) :])
+                    continue
+                st = item.stat(follow_symlinks=False)
+                if is_whiteout_device(st):
+                    whiteouts.add(name)
+                else:
+                    entries[name] = st
+        whiteouts.difference_update(entries)  # a real entry beats a stale marker
+        return UpperDir(entries, whiteouts, opaque or self.is_opaque(rel))
+
+    def is_opaque(self, rel: bytes) -> bool:
+        path = self.path(rel)
+        if any(get_xattr(path, name) == b"y" for name in self.opaque_xattrs):
+            return True
+        return os.path.lexists(path + b"/" + OPAQUE_MARKER)
+
+    def redirect(self, rel: bytes) -> bytes | None:
+        path = self.path(rel)
+        for name in self.redirect_xattrs:
+            value = get_xattr(path, name)
+            if value:
+                return value
+        return None
+
+    def is_metacopy(self, rel: bytes) -> bool:
+        path = self.path(rel)
+        return any(get_xattr(path, name) is not None for name in self.metacopy_xattrs)
+
+    def stored_ino(self, path: bytes) -> int | None:
+        raw = get_xattr(path, self.ino_xattr)
+        if raw is None or len(raw) != _INO.size:
+            return None
+        store, ino = _INO.unpack(raw)
+        return ino if store == self.store_id else None
+
+    def set_ino(self, path: bytes, ino: int) -> None:
+        os.setxattr(path, _xattr_name(self.ino_xattr), _INO.pack(self.store_id, ino),
+                    follow_symlinks=False)  # fmt: skip
+
+    def set_ino_fd(self, fd: int, ino: int) -> None:
+        os.setxattr(fd, _xattr_name(self.ino_xattr), _INO.pack(self.store_id, ino))
+
+    def set_marker(self, path: bytes, what: bytes, value: bytes) -> None:
+        os.setxattr(path, _xattr_name(self.format.name(what)), value, follow_symlinks=False)
+
+    def clear_markers(self, path: bytes, names: tuple[bytes, ...]) -> None:
+        for name in names:
+            try:
+                os.removexattr(path, _xattr_name(name), follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                    raise
+
+    # Changing ---------------------------------------------------------------
+
+    def place(self, temp: bytes, parent_rel: bytes, name: bytes) -> None:
+        """Move a complete new object from WORK to NAME, replacing a whiteout."""
+        target = self.path(join(parent_rel, name))
+        st = self.lstat(join(parent_rel, name))
+        if st is not None and is_whiteout_device(st):
+            if stat.S_ISDIR(os.lstat(temp).st_mode):
+                # A directory cannot replace a device by rename; swap, then drop it.
+                renameat2(temp, target, RENAME_EXCHANGE)
+                os.unlink(temp)
+            else:
+                os.rename(temp, target)
+            return
+        renameat2(temp, target, RENAME_NOREPLACE)
+        marker = self.path(join(parent_rel, WHITEOUT_PREFIX + name))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
+
+    def make_whiteout(self, parent_rel: bytes, name: bytes) -> None:
+        """Hide the lower layers' NAME; whatever UPPER has at NAME is removed."""
+        target = self.path(join(parent_rel, name))
+        existing = self.lstat(join(parent_rel, name))
+        if self.format.device_whiteouts:
+            temp = self.temp_path()
+            os.mknod(temp, stat.S_IFCHR | 0o000, 0)
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                renameat2(temp, target, RENAME_EXCHANGE)
+                shutil.rmtree(temp)
+            else:
+                os.rename(temp, target)  # atomic: the old entry or the whiteout
+            return
+        marker = self.path(join(parent_rel, WHITEOUT_PREFIX + name))
+        fd = os.open(marker, os.O_CREAT | os.O_WRONLY, 0o000)
+        os.close(fd)
+        if existing is not None:
+            self.remove(parent_rel, name)
+
+    def remove(self, parent_rel: bytes, name: bytes) -> None:
+        """Remove NAME from UPPER (a directory with whatever markers it holds)."""
+        target = self.path(join(parent_rel, name))
+        st = os.lstat(target)
+        if stat.S_ISDIR(st.st_mode):
+            temp = self.temp_path()
+            os.rename(target, temp)
+            shutil.rmtree(temp)
+        else:
+            os.unlink(target)
+
+    def new_directory(self) -> bytes:
+        temp = self.temp_path()
+        os.mkdir(temp, 0o700)
+        return temp
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+# Copying data --------------------------------------------------------------
+
+
+def copy_data(source: int, target: int, size: int) -> None:
+    """Copy *size* bytes by the fastest path: reflink, then copy_file_range
+    over the data segments (holes stay holes), then sendfile."""
+    try:
+        fcntl.ioctl(target, _FICLONE, source)
+        return
+    except OSError:
+        pass
+    for start, end in _data_segments(source, size):
+        _copy_range(source, target, start, end)
+    os.ftruncate(target, size)
+
+
+def _data_segments(fd: int, size: int) -> list[tuple[int, int]]:
+    segments = []
+    offset = 0
+    try:
+        while offset < size:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            segments.append((start, end))
+            offset = end
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data after offset
+            return segments
+        return [(0, size)]  # no SEEK_DATA support: copy everything
+    return segments
+
+
+def _copy_range(source: int, target: int, start: int, end: int) -> None:
+    offset = start
+    try:
+        while offset < end:
+            copied = os.copy_file_range(source, target, end - offset, offset, offset)
+            if copied == 0:
+                return
+            offset += copied
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.lseek(target, offset, os.SEEK_SET)
+    while offset < end:
+        sent = os.sendfile(target, source, offset, end - offset)
+        if sent == 0:
+            return
+        offset += sent
+
+
+def copy_metadata(
+    fd: int,
+    *,
+    mode: int,
+    uid: int,
+    gid: int,
+    atime_ns: int,
+    mtime_ns: int,
+    xattrs: tuple[tuple[bytes, bytes], ...],
+) -> None:
+    """Owner first (chown clears setuid and capabilities), then mode, xattrs, times."""
+    os.fchown(fd, uid, gid)
+    os.fchmod(fd, stat.S_IMODE(mode))
+    for name, value in xattrs:
+        os.setxattr(fd, _xattr_name(name), value)
+    os.utime(fd, ns=(atime_ns, mtime_ns))
+
+
+def copy_link_metadata(
+    path: bytes,
+    *,
+    uid: int,
+    gid: int,
+    atime_ns: int,
+    mtime_ns: int,
+    xattrs: tuple[tuple[bytes, bytes], ...],
+    mode: int | None = None,
+) -> None:
+    """Like copy_metadata for a path that may be a symlink or special file."""
+    os.chown(path, uid, gid, follow_symlinks=False)
+    if mode is not None:
+        os.chmod(path, stat.S_IMODE(mode))
+    for name, value in xattrs:
+        try:
+            os.setxattr(path, _xattr_name(name), value, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.EPERM:  # user.* xattrs are refused on symlinks
+                raise
+    os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
