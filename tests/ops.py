@@ -119,6 +119,9 @@ def _stat_view(st: os.stat_result) -> tuple[int, ...]:
 
 
 def _digest(fd: int) -> str:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        return f"not a regular file: {stat.S_IFMT(mode):o}"  # a device may never end
     hasher = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, 1 << 20, offset):

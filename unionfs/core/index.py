@@ -5,6 +5,7 @@ Tables (LMDB named databases):
   dents    (listing id, name hash) -> the entries of that name bucket
   chains   chain id -> root entry of the merged view of that chain
   layers   layer identity -> layer number; b"#" + number -> layer path
+  aliases  inode number -> every layer path of a hardlinked file
 
 Listings are immutable once written: a chain that adds a layer writes new
 listings only for the directories that layer contains and shares every other
@@ -24,7 +25,7 @@ import xxhash
 from ..errors import StrataError
 from .records import Entry, pack_entry, pack_group, unpack_entry, unpack_group
 
-FORMAT = b"strata-index-2"
+FORMAT = b"strata-index-3"
 ROOT_INO = 1
 
 _KEY = struct.Struct(">QQ")
@@ -62,6 +63,7 @@ class Index:
         self.dents = self.env.open_db(b"dents")
         self.chains = self.env.open_db(b"chains")
         self.layers = self.env.open_db(b"layers")
+        self.aliases = self.env.open_db(b"aliases")
         with self.env.begin(write=True) as txn:
             found = txn.get(b"format", db=self.meta)
             if found is None:
@@ -117,6 +119,13 @@ class Index:
         txn.put(identity, _U32.pack(number), db=self.layers)
         txn.put(b"#" + _U32.pack(number), path, db=self.layers)
         return number
+
+    def put_aliases(self, txn: lmdb.Transaction, ino: int, paths: list[bytes]) -> None:
+        txn.put(_U64.pack(ino), b"\0".join(paths), db=self.aliases)
+
+    def aliases_of(self, txn: lmdb.Transaction, ino: int) -> list[bytes]:
+        raw = txn.get(_U64.pack(ino), db=self.aliases)
+        return [] if raw is None else bytes(raw).split(b"\0")
 
     # Chains ---------------------------------------------------------------
 

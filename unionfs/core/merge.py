@@ -26,6 +26,8 @@ class LayerMerger:
         self.number = number
         # One inode number per hardlinked file of this layer.
         self.hardlinks: dict[tuple[int, int], int] = {}
+        # Every path of each hardlinked file, so a copy-up can link them all.
+        self.aliases: dict[int, list[bytes]] = {}
         self.files = 0
         self.next_ino = index.counter(txn, b"next_ino")
 
@@ -36,6 +38,8 @@ class LayerMerger:
         base = base_root.listing if base_root is not None else 0
         listing, nlink = self._merge_dir(base, b"", False)
         self.index.set_counter(self.txn, b"next_ino", self.next_ino)
+        for ino, paths in self.aliases.items():
+            self.index.put_aliases(self.txn, ino, paths)
         return self._entry(ROOT_INO, st, b"", xattrs, listing=listing, nlink=nlink)
 
     def _new_ino(self) -> int:
@@ -134,6 +138,7 @@ class LayerMerger:
                     key = (st.st_dev, st.st_ino)
                     ino = self.hardlinks.get(key) or self._new_ino()
                     self.hardlinks[key] = ino
+                    self.aliases.setdefault(ino, []).append(child_rel)
                 else:
                     ino = self._new_ino()
                 target = os.readlink(child_path) if stat.S_ISLNK(st.st_mode) else b""

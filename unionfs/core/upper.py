@@ -149,6 +149,10 @@ class UpperStore:
         self.root = os.fsencode(upper)
         self.work = os.fsencode(work)
         self.tmp = os.path.join(self.work, b"strata-tmp")
+        # One name per copied-up hardlinked lower file, by inode number: the
+        # copy all its names share, found again after a remount.
+        self.links = os.path.join(self.work, b"strata-links")
+        self.nlink_xattr = fmt.name(b"strata.nlink")
         self.format = fmt
         self.store_id = store_id
         self._serial = 0
@@ -171,7 +175,19 @@ class UpperStore:
                 else:
                     os.unlink(path)
         os.makedirs(self.tmp, mode=0o700, exist_ok=True)
+        os.makedirs(self.links, mode=0o700, exist_ok=True)
         return found
+
+    def link_path(self, ino: int) -> bytes:
+        return b"%s/%x" % (self.links, ino)
+
+    def link_count(self, ino: int) -> int | None:
+        raw = get_xattr(self.link_path(ino), self.nlink_xattr)
+        return int(raw) if raw else None
+
+    def set_link_count(self, ino: int, count: int) -> None:
+        os.setxattr(self.link_path(ino), _xattr_name(self.nlink_xattr), b"%d" % count,
+                    follow_symlinks=False)  # fmt: skip
 
     def path(self, rel: bytes) -> bytes:
         return self.root + b"/" + rel if rel else self.root

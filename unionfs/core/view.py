@@ -61,6 +61,7 @@ class Node:
 
     __slots__ = (
         "ino",
+        "linked",
         "lookups",
         "lower",
         "lower_path",
@@ -89,6 +90,7 @@ class Node:
         self.metacopy = False
         self.version = 0  # moves when the data changes place (copy-up)
         self.subdirs: int | None = None  # directories: cached count for st_nlink
+        self.linked = False  # a hardlinked lower file whose shared copy is in WORK
 
     @property
     def is_dir(self) -> bool:
@@ -254,7 +256,13 @@ class UnionView:
         if lower.is_dir:
             assert parent.lower_path is not None
             node.lower_path = join(parent.lower_path, name)
+        elif self._is_linked(lower.ino):
+            # Another name of this file was copied up: all names show that copy.
+            node.upper = node.linked = True
         return node
+
+    def _is_linked(self, ino: int) -> bool:
+        return self.store is not None and os.path.lexists(self.store.link_path(ino))
 
     def _upper_node(
         self, parent: Node, name: bytes, st: os.stat_result, lower: Entry | None
@@ -284,6 +292,7 @@ class UnionView:
             same_kind = lower is not None and stat.S_IFMT(lower.mode) == stat.S_IFMT(st.st_mode)
             ino = self._upper_ino(path, lower.ino if lower is not None and same_kind else None)
             node = Node(ino, st.st_mode, parent.ino, name)
+            node.linked = self._is_linked(ino)
             if stat.S_ISREG(st.st_mode) and self.store.is_metacopy(rel):
                 node.metacopy = True
                 node.lower = lower if lower is not None and same_kind else None
@@ -331,6 +340,8 @@ class UnionView:
         assert self.store is not None
         st = os.lstat(self._host(node))
         nlink = st.st_nlink
+        if node.linked:
+            nlink = self.store.link_count(node.ino) or nlink
         if node.is_dir:
             if node.subdirs is None:
                 node.subdirs = sum(1 for _, _, child in self._merged(node, 0) if child.is_dir)
@@ -362,6 +373,8 @@ class UnionView:
         assert self.store is not None and node.upper
         if node.is_dir:
             return self.store.path(self.rel(node))
+        if node.linked:
+            return self.store.link_path(node.ino)
         return self.store.path(self._upper_name(node))
 
     def _upper_name(self, node: Node) -> bytes:
@@ -530,6 +543,10 @@ class UnionView:
         self._copy_up_dir(parent)
         lower = node.lower
         assert lower is not None
+        existing = store.lstat(self._rel_of(parent, node.name))
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            node.upper = True  # made meanwhile for another name of a hardlinked file
+            return
         temp = store.new_directory()
         store.set_ino(temp, node.ino)
         copy_link_metadata(
@@ -554,10 +571,13 @@ class UnionView:
             if data and node.metacopy:
                 self.copy_up_data_now(node)
             return
-        parent = self.nodes[node.parent]
-        self._copy_up_dir(parent)
         lower = node.lower
         assert lower is not None
+        if lower.nlink > 1:
+            self._copy_up_group(node)
+            return
+        parent = self.nodes[node.parent]
+        self._copy_up_dir(parent)
         temp = store.temp_path()
         if stat.S_ISREG(lower.mode):
             if data and lower.size:
@@ -591,6 +611,102 @@ class UnionView:
         node.upper = True
         node.version += 1
 
+    def _copy_up_group(self, node: Node) -> None:
+        """Copy up a hardlinked lower file once, for all its names.
+
+        The copy lives in WORK under its inode number and holds the merged link
+        count; every visible name of the file is linked to it in UPPER, so the
+        kernel's overlayfs reads the same UPPER alike.
+        """
+        store = self._writable()
+        lower = node.lower
+        assert lower is not None
+        link = store.link_path(node.ino)
+        if not os.path.lexists(link):
+            temp = store.temp_path()
+            if stat.S_ISREG(lower.mode):
+                self._fill(self.prepare_copy(node, temp))
+            else:
+                if stat.S_ISLNK(lower.mode):
+                    os.symlink(lower.target, temp)
+                else:
+                    os.mknod(temp, lower.mode, lower.rdev)
+                store.set_ino(temp, node.ino)
+                copy_link_metadata(
+                    temp, uid=lower.uid, gid=lower.gid, atime_ns=lower.atime_ns,
+                    mtime_ns=lower.mtime_ns, xattrs=lower.xattrs,
+                    mode=None if stat.S_ISLNK(lower.mode) else lower.mode,
+                )  # fmt: skip
+            os.rename(temp, link)
+            store.set_link_count(node.ino, lower.nlink)
+        node.upper = node.linked = True
+        node.metacopy = False
+        node.version += 1
+        with self.index.read() as txn:
+            aliases = self.index.aliases_of(txn, node.ino)
+        for path in aliases:
+            self._link_alias(node.ino, path)
+
+    def _link_alias(self, ino: int, path: bytes) -> None:
+        """Link the shared copy at *path* if the merged view still shows the
+        lower file there (same path, nothing above it whited out or replaced)."""
+        store = self._writable()
+        parts = path.split(b"/")
+        directory: Entry = self.lower_root
+        rel = b""
+        for depth, part in enumerate(parts):
+            child = join(rel, part)
+            st = store.lstat(child)
+            if store.is_whited_out(rel, part, st):
+                return
+            with self.index.read() as txn:
+                entry = self.index.lookup(txn, directory.listing, part)
+            if entry is None:
+                return
+            if depth == len(parts) - 1:
+                if st is None and entry.ino == ino:
+                    os.link(store.link_path(ino), store.path(child))
+                return
+            if not entry.is_dir:
+                return
+            if st is None:
+                temp = store.new_directory()
+                store.set_ino(temp, entry.ino)
+                copy_link_metadata(
+                    temp, uid=entry.uid, gid=entry.gid, atime_ns=entry.atime_ns,
+                    mtime_ns=entry.mtime_ns, xattrs=entry.xattrs, mode=entry.mode,
+                )  # fmt: skip
+                store.place(temp, rel, part)
+            elif (
+                not stat.S_ISDIR(st.st_mode)
+                or store.is_opaque(child)
+                or store.redirect(child) is not None
+            ):
+                return
+            directory, rel = entry, child
+
+    def _name_in_upper(self, parent: Node, name: bytes, node: Node) -> None:
+        """Make sure UPPER holds this name of a copied-up hardlinked file."""
+        store = self._writable()
+        if node.linked and store.lstat(self._rel_of(parent, name)) is None:
+            self._copy_up_dir(parent)
+            temp = store.temp_path()
+            os.link(store.link_path(node.ino), temp)
+            store.place(temp, self.rel(parent), name)
+
+    def _index_group(self, node: Node) -> None:
+        """Before a name of a hardlinked lower file goes, copy the file up so
+        its other names keep a true link count."""
+        if not node.is_dir and not node.upper and node.lower is not None and node.lower.nlink > 1:
+            self._copy_up_group(node)
+
+    def _count_link(self, node: Node, change: int) -> None:
+        if node.linked:
+            assert self.store is not None
+            count = self.store.link_count(node.ino)
+            if count is not None:
+                self.store.set_link_count(node.ino, max(count + change, 0))
+
     def _finish_temp(self, fd: int, ino: int, lower: Entry) -> None:
         """Give a new file in WORK its inode number and the metadata of *lower*."""
         assert self.store is not None
@@ -608,9 +724,11 @@ class UnionView:
     def needs_data_copy(self, ino: int) -> bool:
         """Whether writing to *ino* must first copy data up (a slow step)."""
         node = self.node(ino)
-        if not stat.S_ISREG(node.mode):
+        if not stat.S_ISREG(node.mode) or node.lower is None:
             return False
-        return (not node.upper or node.metacopy) and node.lower is not None and node.lower.size > 0
+        if node.lower.nlink > 1 and not node.upper:
+            return False  # copied once for all names, by _copy_up_group
+        return (not node.upper or node.metacopy) and node.lower.size > 0
 
     def prepare_copy(self, node: Node, temp: bytes | None = None) -> CopyJob:
         store = self._writable()
@@ -784,6 +902,8 @@ class UnionView:
         temp = store.temp_path()
         os.link(self._host(node), temp)
         store.place(temp, self.rel(parent), name)
+        self._count_link(node, +1)
+        parent.subdirs = None
         node.names.add((parent.ino, name))
         self.remember(node)
         return node
@@ -795,7 +915,9 @@ class UnionView:
             raise FsError(errno.ENOENT)
         if node.is_dir:
             raise FsError(errno.EISDIR)
+        self._index_group(node)
         self._remove(parent, name, node)
+        self._count_link(node, -1)
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self._directory(parent_ino)
@@ -857,6 +979,9 @@ class UnionView:
             if target.is_dir and not self._is_empty(target):
                 raise FsError(errno.ENOTEMPTY)
         self._prepare_move(node)
+        self._name_in_upper(old_parent, old_name, node)
+        if target is not None and target is not node:
+            self._index_group(target)
         self._copy_up_dir(new_parent)
         old_rel = self._rel_of(old_parent, old_name)
         new_parent_rel = self.rel(new_parent)
@@ -878,6 +1003,7 @@ class UnionView:
         old_parent.subdirs = new_parent.subdirs = None
         if target is not None and target is not node:
             target.names.discard((new_parent.ino, new_name))
+            self._count_link(target, -1)
         self._moved(node, old_parent, old_name, new_parent, new_name)
 
     def _prepare_move(self, node: Node) -> None:
@@ -917,6 +1043,8 @@ class UnionView:
         store = self._writable()
         self._prepare_move(node)
         self._prepare_move(target)
+        self._name_in_upper(old_parent, old_name, node)
+        self._name_in_upper(new_parent, new_name, target)
         old_rel = self._rel_of(old_parent, old_name)
         new_rel = self._rel_of(new_parent, new_name)
         self._fit_at(node, self._lower_child(new_parent, new_name), store.path(old_rel))

@@ -1,0 +1,119 @@
+"""Checking a writable layer against the lower layers' index (`strata fsck`).
+
+UPPER is the truth and everything strata keeps about it is derived, so a check
+looks for what a crash or a hand edit can leave behind and a repair removes or
+rebuilds that derived state; it never invents user data.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .index import Index
+from .layer import WHITEOUT_PREFIX, is_whiteout_device
+from .records import Entry
+from .upper import UpperStore, join
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    path: str
+    problem: str
+    repaired: bool
+
+
+class UpperChecker:
+    def __init__(
+        self, index: Index, lower_root: Entry, store: UpperStore, allocate: Callable[[], int]
+    ) -> None:
+        self.index = index
+        self.lower_root = lower_root
+        self.store = store
+        self.allocate = allocate
+        self.findings: list[Finding] = []
+        self._inos: dict[int, int] = {}  # strata inode number -> host inode holding it
+
+    def _report(self, path: bytes, problem: str, repaired: bool) -> None:
+        self.findings.append(Finding(os.fsdecode(path) or "/", problem, repaired))
+
+    def _lower_at(self, path: bytes) -> Entry | None:
+        entry: Entry | None = self.lower_root
+        with self.index.read() as txn:
+            for part in filter(None, path.split(b"/")):
+                if entry is None or not entry.is_dir:
+                    return None
+                entry = self.index.lookup(txn, entry.listing, part)
+        return entry
+
+    def check(self, repair: bool) -> list[Finding]:
+        store = self.store
+        if os.path.isdir(store.tmp):
+            for name in sorted(os.listdir(store.tmp)):
+                self._report(join(b"WORK/strata-tmp", name), "unfinished copy", repair)
+            if repair:
+                store.recover()
+        self._walk(b"", b"", repair)
+        if os.path.isdir(store.links):
+            for name in sorted(os.listdir(store.links)):
+                path = os.path.join(store.links, name)
+                st = os.lstat(path)
+                if st.st_nlink == 1:
+                    self._report(join(b"WORK/strata-links", name), "copy no name uses", repair)
+                    if repair:
+                        os.unlink(path)
+        return self.findings
+
+    def _walk(self, rel: bytes, lower_path: bytes | None, repair: bool) -> None:
+        store = self.store
+        listing = store.read_dir(rel)
+        for name in sorted(os.listdir(store.path(rel))):
+            if name.startswith(WHITEOUT_PREFIX) and not name.startswith(b".wh..wh."):
+                hidden = name[len(WHITEOUT_PREFIX) :]
+                if hidden in listing.entries:
+                    self._report(join(rel, name), "whiteout beside the name it hides", repair)
+                    if repair:
+                        os.unlink(store.path(join(rel, name)))
+        for name, st in sorted(listing.entries.items()):
+            child = join(rel, name)
+            path = store.path(child)
+            child_lower = join(lower_path, name) if lower_path is not None else None
+            if stat.S_ISDIR(st.st_mode):
+                redirect = store.redirect(child)
+                if redirect is not None:
+                    target = redirect.strip(b"/") if redirect.startswith(b"/") else (
+                        join(lower_path or b"", redirect)
+                    )  # fmt: skip
+                    found = self._lower_at(target)
+                    if found is None or not found.is_dir:
+                        self._report(child, "redirect to a missing lower directory", repair)
+                        if repair:
+                            store.clear_markers(path, store.redirect_xattrs)
+                        child_lower = None
+                    else:
+                        child_lower = target
+                if store.is_opaque(child):
+                    child_lower = None
+                self._check_ino(child, path, st, repair)
+                self._walk(child, child_lower, repair)
+                continue
+            if is_whiteout_device(st):
+                continue
+            self._check_ino(child, path, st, repair)
+            if stat.S_ISREG(st.st_mode) and store.is_metacopy(child):
+                lower = self._lower_at(child_lower) if child_lower is not None else None
+                if lower is None or not stat.S_ISREG(lower.mode):
+                    # The data is lost; keeping the file shows what is left.
+                    self._report(child, "metadata-only copy whose lower data is gone", False)
+
+    def _check_ino(self, rel: bytes, path: bytes, st: os.stat_result, repair: bool) -> None:
+        ino = self.store.stored_ino(path)
+        if ino is None:
+            return  # a file overlayfs wrote: strata numbers it when it first sees it
+        holder = self._inos.setdefault(ino, st.st_ino)
+        if holder != st.st_ino:
+            self._report(rel, f"inode number {ino} also used by another file", repair)
+            if repair:
+                self.store.set_ino(path, self.allocate())
