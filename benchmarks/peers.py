@@ -47,27 +47,40 @@ def _unmount(mountpoint: str) -> None:
 
 
 @contextlib.contextmanager
-def mounted(system: str, layers: Sequence[str], mountpoint: str, store: str) -> Iterator[float]:
-    """Mount *layers* (lowest first) with *system*; yield the seconds mounting took."""
+def mounted(
+    system: str,
+    layers: Sequence[str],
+    mountpoint: str,
+    store: str,
+    upper: str | None = None,
+    work: str | None = None,
+) -> Iterator[float]:
+    """Mount *layers* (lowest first) with *system*, writable with *upper*;
+    yield the seconds mounting took."""
     os.makedirs(mountpoint, exist_ok=True)
     lowers = list(reversed(list(layers)))
-    if len(lowers) == 1 and system == "overlayfs":
+    if len(lowers) == 1 and system == "overlayfs" and upper is None:
         # overlayfs wants two lower layers when there is no upper one: add an empty one.
         empty = mountpoint + ".empty"
         os.makedirs(empty, exist_ok=True)
         lowers.append(empty)
-    lowerdir = ":".join(lowers)
+    options = f"lowerdir={':'.join(lowers)}"
+    if upper is not None:
+        assert work is not None
+        os.makedirs(work, exist_ok=True)
+        options += f",upperdir={upper},workdir={work}"
     started = time.perf_counter()
     if system == "strata":
         args = [arg for layer in layers for arg in ("--layer", layer)]
+        if upper is not None:
+            args += ["--upper", upper, "--work", str(work)]
         subprocess.run([*STRATA, "--root", store, "mount", *args, mountpoint], check=True)
     elif system == "overlayfs":
-        subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowerdir}", mountpoint],
-            check=True,
-        )
+        if upper is not None:
+            options += ",redirect_dir=on,index=on,metacopy=on"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, mountpoint], check=True)
     elif system == "fuse-overlayfs":
-        subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={lowerdir}", mountpoint], check=True)
+        subprocess.run(["fuse-overlayfs", "-o", options, mountpoint], check=True)
     else:
         raise ValueError(system)
     elapsed = time.perf_counter() - started

@@ -48,7 +48,8 @@ class Op:
 
     def __repr__(self) -> str:
         who = " as user" if self.as_user else ""
-        return f"{self.kind}({self.path!r}, {self.other!r}, {self.number}, {len(self.data)} bytes){who}"
+        size = f"{len(self.data)} bytes"
+        return f"{self.kind}({self.path!r}, {self.other!r}, {self.number}, {size}){who}"
 
 
 def choose(rng: random.Random, paths: list[str], dirs: list[str]) -> Op:

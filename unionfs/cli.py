@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     mount.add_argument("mountpoint")
 
+    fsck = verbs.add_parser("fsck", help="check a writable layer (not mounted) against its layers")
+    fsck.add_argument("--layer", action="append", required=True, metavar="DIR")
+    fsck.add_argument("--upper", required=True, metavar="DIR")
+    fsck.add_argument("--work", metavar="DIR")
+    fsck.add_argument("--repair", action="store_true", help="remove what a crash left behind")
+
     umount = verbs.add_parser("umount", help="unmount a strata mount")
     umount.add_argument("mountpoint")
 
@@ -84,6 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.work:
                 raise StrataError("--work needs --upper")
             mount(MountRequest(root, args.layer, args.mountpoint, args.foreground, writable))
+        elif args.verb == "fsck":
+            from .mount import MountRequest, WritableLayer, check_upper, default_work_dir
+
+            work = args.work or default_work_dir(args.upper)
+            request = MountRequest(root, args.layer, "", writable=WritableLayer(args.upper, work))
+            findings = check_upper(request, args.repair)
+            for line in findings:
+                print(line)
+            unrepaired = [line for line in findings if not line.endswith("(repaired)")]
+            print(f"strata fsck: {len(findings)} problems, {len(unrepaired)} left")
+            return 1 if unrepaired else 0
         elif args.verb == "umount":
             from .mount import unmount
 

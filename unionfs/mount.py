@@ -287,7 +287,35 @@ def serve(request: MountRequest, notify: Notify) -> None:
         index.close()
 
 
-def open_upper(index: Index, layer: WritableLayer) -> UpperStore:
+def check_upper(request: MountRequest, repair: bool) -> list[str]:
+    """`strata fsck`: check an unmounted UPPER against its lower layers."""
+    from .core.fsck import UpperChecker
+    from .core.index import Index
+    from .core.stack import check_layer_dir, prepare_stack
+
+    assert request.writable is not None
+    writable = check_writable_layer(request.writable)
+    layers = [check_layer_dir(layer) for layer in request.layers]
+    index = Index(os.path.join(request.root, "index"))
+    try:
+        stack = prepare_stack(index, layers)
+        store = open_upper(index, writable, recover=False)
+
+        def allocate() -> int:
+            with index.write() as txn:
+                return index.allocate(txn, b"next_ino")
+
+        checker = UpperChecker(index, stack.root, store, allocate)
+        findings = checker.check(repair)
+    finally:
+        index.close()
+    return [
+        f"{finding.path}: {finding.problem}{' (repaired)' if finding.repaired else ''}"
+        for finding in findings
+    ]
+
+
+def open_upper(index: Index, layer: WritableLayer, *, recover: bool = True) -> UpperStore:
     """Claim UPPER for this process (one mount at a time) and tidy after a crash."""
     import fcntl
 
@@ -306,9 +334,10 @@ def open_upper(index: Index, layer: WritableLayer) -> UpperStore:
         probe_format(os.fsencode(layer.work), layer.xattrs, layer.whiteouts),
         index.store_id(),
     )
-    left = store.recover()
-    if left:
-        log.info("removed %d unfinished copies left by an earlier daemon", left)
+    if recover:
+        left = store.recover()
+        if left:
+            log.info("removed %d unfinished copies left by an earlier daemon", left)
     return store
 
 
