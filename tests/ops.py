@@ -8,7 +8,6 @@ forked child, so the kernel's permission checks take part.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import os
@@ -16,6 +15,8 @@ import random
 import stat
 from dataclasses import dataclass
 from typing import Any
+
+from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 USER = 1000
 NAMES = ["a", "b", "c", "d", "e", "new", "x" * 120]
@@ -26,15 +27,6 @@ KINDS = [
     "link", "rename", "rename_noreplace", "rename_exchange", "chmod", "chown", "utime",
     "setxattr", "removexattr", "stat", "listdir", "fsync",
 ]  # fmt: skip
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-]
 
 
 @dataclass(frozen=True)
@@ -208,10 +200,9 @@ def _run(root: str, op: Op) -> Any:
         os.link(path, other)
         return (_stat_view(os.lstat(path)), _stat_view(os.lstat(other)))
     if kind in ("rename", "rename_noreplace", "rename_exchange"):
-        flags = {"rename": 0, "rename_noreplace": 1, "rename_exchange": 2}[kind]
-        if _libc.renameat2(-100, os.fsencode(path), -100, os.fsencode(other), flags) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+        flags = {"rename": 0, "rename_noreplace": RENAME_NOREPLACE,
+                 "rename_exchange": RENAME_EXCHANGE}[kind]  # fmt: skip
+        renameat2(os.fsencode(path), os.fsencode(other), flags)
         return sorted(os.listdir(os.path.dirname(other) or root))
     if kind == "chmod":
         os.chmod(path, op.number, follow_symlinks=True)

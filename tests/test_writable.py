@@ -73,6 +73,14 @@ def _without_hardlink_data(tree: Snapshot, other: Snapshot) -> Snapshot:
     return replace(tree, nodes=nodes, hardlink_groups=set())
 
 
+def _differences_but_hardlinks(expected: Snapshot, actual: Snapshot) -> list[str]:
+    return differences(
+        _without_hardlink_data(expected, actual),
+        _without_hardlink_data(actual, expected),
+        times=False,
+    )
+
+
 def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
     layers = render(generate(seed), os.path.join(scratch, "layers"), for_kernel=True)
     before = snapshot(os.path.join(scratch, "layers"))
@@ -123,19 +131,9 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
     ) as kernel_reads_ours:
         # Without its own index overlayfs counts a copied-up file's links in
         # UPPER alone; strata links every visible name there, so the data agrees.
-        actual = snapshot(kernel_reads_ours)
-        found = differences(
-            _without_hardlink_data(expected, actual), _without_hardlink_data(actual, expected),
-            times=False,
-        )  # fmt: skip
-        assert found == []
+        assert _differences_but_hardlinks(expected, snapshot(kernel_reads_ours)) == []
     with strata_mount(
         store, layers, swapped, "--upper", kernel_upper, "--work", os.path.join(scratch, "w3")
     ) as we_read_kernel:
-        actual = snapshot(we_read_kernel)
-        found = differences(
-            _without_hardlink_data(expected, actual), _without_hardlink_data(actual, expected),
-            times=False,
-        )  # fmt: skip
-        assert found == []
+        assert _differences_but_hardlinks(expected, snapshot(we_read_kernel)) == []
     assert differences(before, snapshot(os.path.join(scratch, "layers"))) == []

@@ -69,13 +69,11 @@ class UpperChecker:
     def _walk(self, rel: bytes, lower_path: bytes | None, repair: bool) -> None:
         store = self.store
         listing = store.read_dir(rel)
-        for name in sorted(os.listdir(store.path(rel))):
-            if name.startswith(WHITEOUT_PREFIX) and not name.startswith(b".wh..wh."):
-                hidden = name[len(WHITEOUT_PREFIX) :]
-                if hidden in listing.entries:
-                    self._report(join(rel, name), "whiteout beside the name it hides", repair)
-                    if repair:
-                        os.unlink(store.path(join(rel, name)))
+        for hidden in sorted(listing.stale_markers):
+            marker = join(rel, WHITEOUT_PREFIX + hidden)
+            self._report(marker, "whiteout beside the name it hides", repair)
+            if repair:
+                os.unlink(store.path(marker))
         for name, st in sorted(listing.entries.items()):
             child = join(rel, name)
             path = store.path(child)

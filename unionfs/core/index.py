@@ -79,8 +79,12 @@ class Index:
 
     def store_id(self) -> bytes:
         """8 random bytes naming this index; upper files carry it with their st_ino."""
-        with self.env.begin(write=True) as txn:
+        with self.env.begin() as txn:
             found = txn.get(b"store_id", db=self.meta)
+        if found is not None:
+            return bytes(found)
+        with self.env.begin(write=True) as txn:
+            found = txn.get(b"store_id", db=self.meta)  # another process may have won
             if found is None:
                 found = os.urandom(8)
                 txn.put(b"store_id", found, db=self.meta)

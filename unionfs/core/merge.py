@@ -13,7 +13,7 @@ import lmdb
 
 from .index import ROOT_INO, Index, name_hash
 from .layer import is_opaque, read_layer_dir, read_xattrs, visible_xattrs
-from .records import Entry, unpack_group
+from .records import Entry, entry_from_stat, unpack_group
 
 
 class LayerMerger:
@@ -58,19 +58,11 @@ class LayerMerger:
         nlink: int | None = None,
         target: bytes = b"",
     ) -> Entry:
-        return Entry(
-            ino=ino,
-            mode=st.st_mode,
-            nlink=st.st_nlink if nlink is None else nlink,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            rdev=st.st_rdev,
-            size=st.st_size,
-            blocks=st.st_blocks,
-            atime_ns=st.st_atime_ns,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-            layer=self.number,
+        return entry_from_stat(
+            ino,
+            st,
+            self.number,
+            nlink=nlink,
             listing=listing,
             host_ino=st.st_ino,
             path=rel if stat.S_ISREG(st.st_mode) else b"",

@@ -7,6 +7,7 @@ full attributes of the entry, so one index read answers a lookup.
 
 from __future__ import annotations
 
+import os
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -51,6 +52,41 @@ class Entry:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+
+def entry_from_stat(
+    ino: int,
+    st: os.stat_result,
+    layer: int,
+    *,
+    nlink: int | None = None,
+    blocks: int | None = None,
+    listing: int = 0,
+    host_ino: int = 0,
+    path: bytes = b"",
+    target: bytes = b"",
+    xattrs: Xattrs = (),
+) -> Entry:
+    """The entry of a file found on disk; *nlink* and *blocks* override its stat."""
+    return Entry(
+        ino=ino,
+        mode=st.st_mode,
+        nlink=st.st_nlink if nlink is None else nlink,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        rdev=st.st_rdev,
+        size=st.st_size,
+        blocks=st.st_blocks if blocks is None else blocks,
+        atime_ns=st.st_atime_ns,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+        layer=layer,
+        listing=listing,
+        host_ino=host_ino,
+        path=path,
+        target=target,
+        xattrs=xattrs,
+    )
 
 
 def pack_entry(entry: Entry) -> bytes:

@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import StrataError
@@ -118,19 +119,16 @@ def probe_format(work: bytes, xattrs: str = "auto", whiteouts: str = "auto") -> 
     return UpperFormat(prefix, device)
 
 
-class _scratch:
-    def __init__(self, path: bytes) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        self._remove()
-
-    def __exit__(self, *exc: object) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
+@contextlib.contextmanager
+def _scratch(path: bytes) -> Iterator[None]:
+    """A probe file that is gone before and after."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    try:
+        yield
+    finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            os.unlink(path)
 
 
 @dataclass(slots=True)
@@ -140,6 +138,8 @@ class UpperDir:
     entries: dict[bytes, os.stat_result]
     whiteouts: set[bytes]
     opaque: bool
+    # `.wh.NAME` markers beside a real NAME (a crash between two steps).
+    stale_markers: set[bytes]
 
 
 class UpperStore:
@@ -228,8 +228,9 @@ class UpperStore:
                     whiteouts.add(name)
                 else:
                     entries[name] = st
-        whiteouts.difference_update(entries)  # a real entry beats a stale marker
-        return UpperDir(entries, whiteouts, opaque or self.is_opaque(rel))
+        stale = whiteouts & entries.keys()
+        whiteouts -= stale  # a real entry beats a stale marker
+        return UpperDir(entries, whiteouts, opaque or self.is_opaque(rel), stale)
 
     def is_opaque(self, rel: bytes) -> bool:
         path = self.path(rel)

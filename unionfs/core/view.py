@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .index import ROOT_INO, Index, name_hash
 from .layer import (
@@ -23,7 +23,7 @@ from .layer import (
     open_layer_root,
     read_xattrs,
 )
-from .records import Entry
+from .records import Entry, entry_from_stat
 from .upper import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -334,8 +334,6 @@ class UnionView:
     def attributes(self, node: Node) -> Entry:
         if not node.upper:
             assert node.lower is not None
-            if node.is_dir and node.subdirs is not None:
-                return replace(node.lower, nlink=2 + node.subdirs)
             return node.lower
         assert self.store is not None
         st = os.lstat(self._host(node))
@@ -344,24 +342,21 @@ class UnionView:
             nlink = self.store.link_count(node.ino) or nlink
         if node.is_dir:
             if node.subdirs is None:
-                node.subdirs = sum(1 for _, _, child in self._merged(node, 0) if child.is_dir)
+                node.subdirs = sum(
+                    1
+                    for _, _, up_st, lower in self._merged(node, 0)
+                    if (
+                        stat.S_ISDIR(up_st.st_mode) if up_st else lower is not None and lower.is_dir
+                    )
+                )
             nlink = 2 + node.subdirs
-        size, blocks = st.st_size, st.st_blocks
-        if node.metacopy and node.lower is not None:
-            blocks = node.lower.blocks
-        return Entry(
-            ino=node.ino,
-            mode=st.st_mode,
+        return entry_from_stat(
+            node.ino,
+            st,
+            UPPER_LAYER,
             nlink=nlink,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            rdev=st.st_rdev,
-            size=size,
-            blocks=blocks,
-            atime_ns=st.st_atime_ns,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-            layer=UPPER_LAYER,
+            # A metadata-only copy is sparse; its data still takes the lower blocks.
+            blocks=node.lower.blocks if node.metacopy and node.lower is not None else None,
             listing=node.lower.listing if node.lower is not None and node.is_dir else 0,
         )
 
@@ -408,13 +403,19 @@ class UnionView:
             yield DOT_OFFSET, b".", directory
         if offset < DOTDOT_OFFSET:
             yield DOTDOT_OFFSET, b"..", self.node(directory.parent)
-        for here, name, node in self._merged(directory, offset):
-            yield here, name, self._adopt(node, directory, name)
+        for here, name, up_st, lower in self._merged(directory, offset):
+            if up_st is None:
+                assert lower is not None
+                found = self._lower_node(directory, name, lower)
+            else:
+                found = self._upper_node(directory, name, up_st, lower)
+            yield here, name, self._adopt(found, directory, name)
 
     def _merged(
         self, directory: Node, offset: int
-    ) -> Generator[tuple[int, bytes, Node], None, None]:
-        """The merged entries of a directory in offset order (nodes not adopted)."""
+    ) -> Generator[tuple[int, bytes, os.stat_result | None, Entry | None], None, None]:
+        """The merged entries of a directory in offset order: for each name its
+        upper status (None if only the lower layers have it) and lower entry."""
         upper_entries: dict[int, list[tuple[bytes, os.stat_result]]] = {}
         whiteouts: set[bytes] = set()
         if self.store is not None and directory.upper:
@@ -439,12 +440,7 @@ class UnionView:
                     here = hashed << 8 | position
                     if here <= offset:
                         continue
-                    up_st, lower = names[name]
-                    if up_st is None:
-                        assert lower is not None
-                        yield here, name, self._lower_node(directory, name, lower)
-                    else:
-                        yield here, name, self._upper_node(directory, name, up_st, lower)
+                    yield here, name, *names[name]
 
     def _is_empty(self, directory: Node) -> bool:
         for _ in self._merged(directory, 0):
@@ -547,19 +543,33 @@ class UnionView:
         if existing is not None and stat.S_ISDIR(existing.st_mode):
             node.upper = True  # made meanwhile for another name of a hardlinked file
             return
-        temp = store.new_directory()
-        store.set_ino(temp, node.ino)
-        copy_link_metadata(
-            temp,
-            uid=lower.uid,
-            gid=lower.gid,
-            atime_ns=lower.atime_ns,
-            mtime_ns=lower.mtime_ns,
-            xattrs=lower.xattrs,
-            mode=lower.mode,
-        )
-        store.place(temp, self.rel(parent), node.name)
+        store.place(self._copy_directory(node.ino, lower), self.rel(parent), node.name)
         node.upper = True
+
+    def _copy_directory(self, ino: int, lower: Entry) -> bytes:
+        """A new directory in WORK with the metadata of a lower one, no contents."""
+        assert self.store is not None
+        temp = self.store.new_directory()
+        self.store.set_ino(temp, ino)
+        copy_link_metadata(
+            temp, uid=lower.uid, gid=lower.gid, atime_ns=lower.atime_ns,
+            mtime_ns=lower.mtime_ns, xattrs=lower.xattrs, mode=lower.mode,
+        )  # fmt: skip
+        return temp
+
+    def _copy_special(self, temp: bytes, ino: int, lower: Entry) -> None:
+        """Copy a lower symlink, fifo, socket or device to *temp*."""
+        assert self.store is not None
+        if stat.S_ISLNK(lower.mode):
+            os.symlink(lower.target, temp)
+        else:
+            os.mknod(temp, lower.mode, lower.rdev)
+        self.store.set_ino(temp, ino)
+        copy_link_metadata(
+            temp, uid=lower.uid, gid=lower.gid, atime_ns=lower.atime_ns,
+            mtime_ns=lower.mtime_ns, xattrs=lower.xattrs,
+            mode=None if stat.S_ISLNK(lower.mode) else lower.mode,
+        )  # fmt: skip
 
     def _copy_up(self, node: Node, *, data: bool) -> None:
         """Copy a file up; without *data* a regular file becomes a metacopy."""
@@ -569,7 +579,9 @@ class UnionView:
             return
         if node.upper:
             if data and node.metacopy:
-                self.copy_up_data_now(node)
+                job = self.prepare_copy(node)
+                self.fill(job)
+                self.finish_copy(job)
             return
         lower = node.lower
         assert lower is not None
@@ -581,7 +593,7 @@ class UnionView:
         temp = store.temp_path()
         if stat.S_ISREG(lower.mode):
             if data and lower.size:
-                self._fill(self.prepare_copy(node, temp))
+                self.fill(self.prepare_copy(node, temp))
             else:
                 fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
                 try:
@@ -593,20 +605,7 @@ class UnionView:
                     os.close(fd)
             node.metacopy = bool(lower.size) and not data
         else:
-            if stat.S_ISLNK(lower.mode):
-                os.symlink(lower.target, temp)
-            else:
-                os.mknod(temp, lower.mode, lower.rdev)
-            store.set_ino(temp, node.ino)
-            copy_link_metadata(
-                temp,
-                uid=lower.uid,
-                gid=lower.gid,
-                atime_ns=lower.atime_ns,
-                mtime_ns=lower.mtime_ns,
-                xattrs=lower.xattrs,
-                mode=None if stat.S_ISLNK(lower.mode) else lower.mode,
-            )
+            self._copy_special(temp, node.ino, lower)
         store.place(temp, self.rel(parent), node.name)
         node.upper = True
         node.version += 1
@@ -625,18 +624,9 @@ class UnionView:
         if not os.path.lexists(link):
             temp = store.temp_path()
             if stat.S_ISREG(lower.mode):
-                self._fill(self.prepare_copy(node, temp))
+                self.fill(self.prepare_copy(node, temp))
             else:
-                if stat.S_ISLNK(lower.mode):
-                    os.symlink(lower.target, temp)
-                else:
-                    os.mknod(temp, lower.mode, lower.rdev)
-                store.set_ino(temp, node.ino)
-                copy_link_metadata(
-                    temp, uid=lower.uid, gid=lower.gid, atime_ns=lower.atime_ns,
-                    mtime_ns=lower.mtime_ns, xattrs=lower.xattrs,
-                    mode=None if stat.S_ISLNK(lower.mode) else lower.mode,
-                )  # fmt: skip
+                self._copy_special(temp, node.ino, lower)
             os.rename(temp, link)
             store.set_link_count(node.ino, lower.nlink)
         node.upper = node.linked = True
@@ -670,13 +660,7 @@ class UnionView:
             if not entry.is_dir:
                 return
             if st is None:
-                temp = store.new_directory()
-                store.set_ino(temp, entry.ino)
-                copy_link_metadata(
-                    temp, uid=entry.uid, gid=entry.gid, atime_ns=entry.atime_ns,
-                    mtime_ns=entry.mtime_ns, xattrs=entry.xattrs, mode=entry.mode,
-                )  # fmt: skip
-                store.place(temp, rel, part)
+                store.place(self._copy_directory(entry.ino, entry), rel, part)
             elif (
                 not stat.S_ISDIR(st.st_mode)
                 or store.is_opaque(child)
@@ -744,9 +728,6 @@ class UnionView:
 
     def fill(self, job: CopyJob) -> None:
         """Copy the data of a job into its temporary file. Blocking, thread-safe."""
-        self._fill(job)
-
-    def _fill(self, job: CopyJob) -> None:
         assert self.store is not None
         source = self.open_lower(job.entry)
         try:
@@ -798,11 +779,6 @@ class UnionView:
             node.upper = True
         node.metacopy = False
         node.version += 1
-
-    def copy_up_data_now(self, node: Node) -> None:
-        job = self.prepare_copy(node)
-        self._fill(job)
-        self.finish_copy(job)
 
     # Changes ----------------------------------------------------------------
 
