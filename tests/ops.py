@@ -19,6 +19,9 @@ from typing import Any
 from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 USER = 1000
+# Never through a symlink: a layer may hold `passwd -> /etc/passwd`, and a
+# write through it would change the host.
+_NO_FOLLOW = os.O_NONBLOCK | os.O_NOFOLLOW
 NAMES = ["a", "b", "c", "d", "e", "new", "x" * 120]
 DATA = [b"", b"z", b"hello world\n", bytes(range(256)) * 40]
 KINDS = [
@@ -111,6 +114,15 @@ def _stat_view(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_mode, st.st_uid, st.st_gid, size, nlink)
 
 
+def _names(directory: str) -> list[str]:
+    """The names a directory lists that exist: overlayfs's readdir of a directory
+    found in one layer only also lists its whiteouts (README: deliberate
+    differences), which lstat then does not find."""
+    return sorted(
+        name for name in os.listdir(directory) if os.path.lexists(os.path.join(directory, name))
+    )
+
+
 def _digest(fd: int) -> str:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
@@ -128,7 +140,7 @@ def _run(root: str, op: Op) -> Any:
     other = os.path.join(root, op.other) if op.other else ""
     kind = op.kind
     if kind in ("create", "create_excl"):
-        flags = os.O_CREAT | os.O_WRONLY | os.O_NONBLOCK
+        flags = os.O_CREAT | os.O_WRONLY | _NO_FOLLOW
         flags |= os.O_EXCL if kind == "create_excl" else 0
         fd = os.open(path, flags, op.number)
         try:
@@ -137,40 +149,44 @@ def _run(root: str, op: Op) -> Any:
         finally:
             os.close(fd)
     if kind == "open_trunc":
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | _NO_FOLLOW)
         try:
             os.write(fd, op.data)
             return os.fstat(fd).st_size
         finally:
             os.close(fd)
     if kind == "write_at":
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDWR | _NO_FOLLOW)
         try:
             os.pwrite(fd, op.data or b"w", op.number)
             return (os.fstat(fd).st_size, _digest(fd))
         finally:
             os.close(fd)
     if kind == "append":
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | _NO_FOLLOW)
         try:
             os.write(fd, op.data or b"+")
             return os.fstat(fd).st_size
         finally:
             os.close(fd)
     if kind == "truncate":
-        os.truncate(path, op.number)
-        return os.stat(path).st_size
+        fd = os.open(path, os.O_WRONLY | _NO_FOLLOW)
+        try:
+            os.ftruncate(fd, op.number)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
     if kind == "read":
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
         try:
             return _digest(fd)
         finally:
             os.close(fd)
     if kind == "read_across_copy_up":
         # A descriptor opened before the copy-up must see the new data.
-        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        reader = os.open(path, os.O_RDONLY | _NO_FOLLOW)
         try:
-            writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            writer = os.open(path, os.O_WRONLY | _NO_FOLLOW)
             try:
                 os.pwrite(writer, b"NEW", 0)
             finally:
@@ -197,16 +213,18 @@ def _run(root: str, op: Op) -> Any:
         os.symlink(op.other, path)
         return os.readlink(path)
     if kind == "link":
-        os.link(path, other)
+        os.link(path, other, follow_symlinks=False)
         return (_stat_view(os.lstat(path)), _stat_view(os.lstat(other)))
     if kind in ("rename", "rename_noreplace", "rename_exchange"):
         flags = {"rename": 0, "rename_noreplace": RENAME_NOREPLACE,
                  "rename_exchange": RENAME_EXCHANGE}[kind]  # fmt: skip
         renameat2(os.fsencode(path), os.fsencode(other), flags)
-        return sorted(os.listdir(os.path.dirname(other) or root))
+        return _names(os.path.dirname(other) or root)
     if kind == "chmod":
-        os.chmod(path, op.number, follow_symlinks=True)
-        return _stat_view(os.stat(path))
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return "symlink"  # Linux cannot chmod a symlink, and the target is not ours
+        os.chmod(path, op.number)
+        return _stat_view(os.lstat(path))
     if kind == "chown":
         os.chown(path, op.number, op.number, follow_symlinks=False)
         return _stat_view(os.lstat(path))
@@ -223,9 +241,11 @@ def _run(root: str, op: Op) -> Any:
     if kind == "stat":
         return _stat_view(os.lstat(path))
     if kind == "listdir":
-        return sorted(os.listdir(path))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        os.close(fd)  # a symlink to a directory is not listed through
+        return _names(path)
     if kind == "fsync":
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
         try:
             os.fsync(fd)
             return "ok"

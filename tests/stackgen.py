@@ -115,7 +115,9 @@ def generate(seed: int, layers: int | None = None) -> list[Layer]:
                 if rng.random() < 0.2:
                     item.xattrs["user.dir"] = b"d"
             elif kind == "symlink":
-                item.target = rng.choice(["a", "../b", "/etc/passwd", "c/d", "L" * 150])
+                item.target = rng.choice(
+                    ["a", "../b", "/nonexistent/strata/passwd", "c/d", "L" * 150]
+                )
             elif kind == "hardlink":
                 files = [i for i in items if i.kind == "file"]
                 if not files:
