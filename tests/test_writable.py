@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata_mount
-from tests.ops import apply, choose, tree_paths
+from tests.ops import KINDS, Op, apply, choose, tree_paths
 from tests.stackgen import generate, render
 from tests.trees import Snapshot, differences, snapshot
 
@@ -24,31 +24,10 @@ OPERATIONS = 500
 CHECK_EVERY = 50
 
 
-# Seeds that find differences not fixed yet; strict, so a fix must remove them.
-KNOWN_DIFFERENCES = {
-    3: "an O_APPEND write after earlier changes lands at a different size than on overlayfs",
-    8: "strata reading overlayfs's UPPER differs in a file after hardlink changes",
-    15: "listing a directory after changes in it shows no entries",
-    17: "listing a directory after changes in it shows no entries",
-    18: "removexattr of a copied-up file reports ENODATA",
-}
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "seed" in metafunc.fixturenames:
         count = metafunc.config.getoption("--seeds") or DEFAULT_SEEDS
-        metafunc.parametrize(
-            "seed",
-            [
-                pytest.param(
-                    seed,
-                    marks=pytest.mark.xfail(reason=KNOWN_DIFFERENCES[seed], strict=True),
-                )
-                if seed in KNOWN_DIFFERENCES
-                else seed
-                for seed in range(count)
-            ],
-        )
+        metafunc.parametrize("seed", range(count))
 
 
 def _tree_differences(oracle: str, ours: str) -> list[str]:
@@ -56,7 +35,7 @@ def _tree_differences(oracle: str, ours: str) -> list[str]:
 
 
 def _without_hardlink_data(tree: Snapshot, other: Snapshot) -> Snapshot:
-    """The tree with the data and link counts of hardlinked files left out.
+    """The tree with only the kind of each hardlinked file left.
 
     overlayfs (index=on) finds the names of a hardlinked lower file that it
     never copied up through its own index of file handles in WORK/index,
@@ -65,7 +44,7 @@ def _without_hardlink_data(tree: Snapshot, other: Snapshot) -> Snapshot:
     linked = {path for t in (tree, other) for group in t.hardlink_groups for path in group}
     linked |= {path for t in (tree, other) for path, node in t.nodes.items() if node.nlink > 1}
     nodes = {
-        path: replace(node, content=None, size=None, nlink=0)
+        path: replace(node, content=None, size=None, nlink=0, mode=0, uid=0, gid=0, xattrs=())
         if node.kind != "d" and path in linked
         else node
         for path, node in tree.nodes.items()
@@ -127,7 +106,11 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
     # Each upper read by the other implementation shows the same tree.
     swapped = os.path.join(scratch, "swapped")
     with overlay_mount(
-        layers, swapped, options="redirect_dir=on", upper=upper, work=os.path.join(scratch, "w2")
+        layers,
+        swapped,
+        options="redirect_dir=on,metacopy=on",
+        upper=upper,
+        work=os.path.join(scratch, "w2"),
     ) as kernel_reads_ours:
         # Without its own index overlayfs counts a copied-up file's links in
         # UPPER alone; strata links every visible name there, so the data agrees.
@@ -137,3 +120,28 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
     ) as we_read_kernel:
         assert _differences_but_hardlinks(expected, snapshot(we_read_kernel)) == []
     assert differences(before, snapshot(os.path.join(scratch, "layers"))) == []
+    assert not os.path.lexists("/nonexistent"), "an operation followed a layer's symlink out"
+
+
+def test_operations_never_follow_a_symlink_out(scratch: str) -> None:
+    """Every kind of operation on `link -> outside file` leaves that file alone
+    (an earlier version wrote through a layer's `-> /etc/passwd`)."""
+    outside = os.path.join(scratch, "outside")
+    with open(outside, "wb") as handle:
+        handle.write(b"host data\n")
+    os.chmod(outside, 0o644)
+    before = os.lstat(outside)
+    tree = os.path.join(scratch, "tree")
+    os.makedirs(tree)
+    os.symlink(outside, os.path.join(tree, "link"))
+    for kind in KINDS:
+        for data in (b"", b"z"):
+            apply(tree, Op(kind, "link", "other", 3, data))
+    after = os.lstat(outside)
+    with open(outside, "rb") as handle:
+        assert handle.read() == b"host data\n"
+    assert (after.st_mode, after.st_size, after.st_mtime_ns) == (
+        before.st_mode,
+        before.st_size,
+        before.st_mtime_ns,
+    )

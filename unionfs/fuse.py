@@ -7,7 +7,6 @@ worker thread, so one large copy-up never stalls the other requests.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -161,10 +160,10 @@ class StrataOperations(pyfuse3.Operations):
                 job = self.view.prepare_copy(self.view.node(ino))
                 try:
                     await trio.to_thread.run_sync(self.view.fill, job)
-                    self.view.finish_copy(job)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(job.temp)  # only there if it was not placed
+                except BaseException:
+                    self.view.abandon_copy(job)
+                    raise
+                self.view.finish_copy(job)
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._copy_locks.pop(ino, None)

@@ -9,6 +9,7 @@ may still name it, and an inode number is never handed out twice.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -21,7 +22,6 @@ from .layer import (
     WHITEOUT_PREFIX,
     open_beneath,
     open_layer_root,
-    read_xattrs,
 )
 from .records import Entry, entry_from_stat
 from .upper import (
@@ -99,13 +99,14 @@ class Node:
 
 @dataclass(frozen=True, slots=True)
 class CopyJob:
-    """Data to copy from a lower file into a new file in WORK."""
+    """Data to copy from a lower file: into a new file in WORK (*temp*), or into
+    the metadata-only copy itself (*in_place*, an open descriptor), which keeps
+    its inode, so its upper hardlinks and metadata stay as they are."""
 
     ino: int
-    layer_fd: int
-    source: bytes
     entry: Entry
-    temp: bytes
+    temp: bytes = b""
+    in_place: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,19 +374,19 @@ class UnionView:
         return self.store.path(self._upper_name(node))
 
     def _upper_name(self, node: Node) -> bytes:
-        """A merged path at which UPPER holds this file."""
+        """A merged path at which UPPER holds this file: one of its live names,
+        its latest first (a name it lost may hold another file by now)."""
         assert self.store is not None
-        primary = self._rel_of(self.nodes[node.parent], node.name)
-        st = self.store.lstat(primary)
-        if st is not None and not stat.S_ISDIR(st.st_mode):
-            return primary
-        for parent_ino, name in list(node.names):
+        latest = (node.parent, node.name)
+        candidates = sorted(node.names, key=lambda item: item != latest)
+        for parent_ino, name in candidates:
             parent = self.nodes.get(parent_ino)
             if parent is None:
                 node.names.discard((parent_ino, name))
                 continue
             rel = self._rel_of(parent, name)
-            if self.store.lstat(rel) is not None:
+            st = self.store.lstat(rel)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
                 node.parent, node.name = parent_ino, name
                 return rel
         raise FsError(errno.ESTALE)
@@ -580,7 +581,11 @@ class UnionView:
         if node.upper:
             if data and node.metacopy:
                 job = self.prepare_copy(node)
-                self.fill(job)
+                try:
+                    self.fill(job)
+                except BaseException:
+                    self.abandon_copy(job)
+                    raise
                 self.finish_copy(job)
             return
         lower = node.lower
@@ -718,19 +723,22 @@ class UnionView:
         store = self._writable()
         lower = node.lower
         assert lower is not None
-        return CopyJob(
-            ino=node.ino,
-            layer_fd=self.layer_fds[lower.layer],
-            source=lower.path,
-            entry=lower,
-            temp=temp if temp is not None else store.temp_path(),
-        )
+        if node.upper and node.metacopy:
+            fd = os.open(self._host(node), os.O_WRONLY | os.O_CLOEXEC)
+            return CopyJob(node.ino, lower, in_place=fd)
+        return CopyJob(node.ino, lower, temp=temp if temp is not None else store.temp_path())
 
     def fill(self, job: CopyJob) -> None:
-        """Copy the data of a job into its temporary file. Blocking, thread-safe."""
+        """Copy the data of a job. Blocking, thread-safe."""
         assert self.store is not None
         source = self.open_lower(job.entry)
         try:
+            if job.in_place is not None:
+                # Until the metacopy mark goes (finish_copy), reads still come
+                # from the lower file, so a half-done copy is never seen.
+                copy_data(source, job.in_place, job.entry.size)
+                os.fdatasync(job.in_place)
+                return
             fd = os.open(job.temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
             try:
                 copy_data(source, fd, job.entry.size)
@@ -741,42 +749,30 @@ class UnionView:
         finally:
             os.close(source)
 
+    def abandon_copy(self, job: CopyJob) -> None:
+        """Release what a copy that failed half-way holds."""
+        if job.in_place is not None:
+            os.close(job.in_place)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(job.temp)
+
     def finish_copy(self, job: CopyJob) -> None:
-        """Put a filled copy in place (on the request thread, after fill)."""
+        """Make a filled copy the file's data (on the request thread, after fill)."""
         store = self._writable()
         node = self.nodes.get(job.ino)
-        if (
-            node is None
-            or (node.upper and not node.metacopy)
-            or (node.parent, node.name) not in node.names
-        ):
+        if job.in_place is not None:
+            os.close(job.in_place)
+            if node is not None and node.metacopy:
+                self._drop_metacopy(node)
+            return
+        if node is None or node.upper or (node.parent, node.name) not in node.names:
             os.unlink(job.temp)  # someone else finished first, or the name is gone
             return
-        if node.upper:
-            # A metacopy becomes a full copy in one rename; its metadata, which
-            # may have changed while the data was copied, goes along.
-            host = self._host(node)
-            st = os.lstat(host)
-            xattrs = tuple(
-                item for item in read_xattrs(host) if not item[0].startswith(HIDDEN_XATTR_PREFIXES)
-            )
-            fd = os.open(job.temp, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                for name in os.listxattr(fd):
-                    if not os.fsencode(name).startswith(HIDDEN_XATTR_PREFIXES):
-                        os.removexattr(fd, name)
-                copy_metadata(
-                    fd, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
-                    mtime_ns=st.st_mtime_ns, xattrs=xattrs,
-                )  # fmt: skip
-            finally:
-                os.close(fd)
-            os.rename(job.temp, host)
-        else:
-            parent = self.nodes[node.parent]
-            self._copy_up_dir(parent)
-            store.place(job.temp, self.rel(parent), node.name)
-            node.upper = True
+        parent = self.nodes[node.parent]
+        self._copy_up_dir(parent)
+        store.place(job.temp, self.rel(parent), node.name)
+        node.upper = True
         node.metacopy = False
         node.version += 1
 
@@ -918,8 +914,6 @@ class UnionView:
             store.remove(parent_rel, name)
         parent.subdirs = None
         node.names.discard((parent.ino, name))
-        if not node.is_dir and (node.parent, node.name) == (parent.ino, name) and node.names:
-            node.parent, node.name = next(iter(node.names))
 
     def rename(
         self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int
