@@ -19,7 +19,7 @@ from tests.ops import KINDS, Op, apply, choose, tree_paths
 from tests.stackgen import generate, render
 from tests.trees import Snapshot, differences, snapshot
 
-DEFAULT_SEEDS = 24
+DEFAULT_SEEDS = 70
 OPERATIONS = 500
 CHECK_EVERY = 50
 

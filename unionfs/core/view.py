@@ -20,6 +20,7 @@ from .index import ROOT_INO, Index, name_hash
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
     WHITEOUT_PREFIX,
+    is_whiteout_device,
     open_beneath,
     open_layer_root,
 )
@@ -666,6 +667,9 @@ class UnionView:
                 return
             if st is None:
                 store.place(self._copy_directory(entry.ino, entry), rel, part)
+                live = self.nodes.get(entry.ino)  # the kernel may know this directory
+                if live is not None:
+                    live.upper = True
             elif (
                 not stat.S_ISDIR(st.st_mode)
                 or store.is_opaque(child)
@@ -962,7 +966,14 @@ class UnionView:
             store.remove(new_parent_rel, new_name)  # empty, or whiteouts only
         leaves_lower = self._lower_child(old_parent, old_name) is not None
         wh_marker = store.path(join(new_parent_rel, WHITEOUT_PREFIX + new_name))
-        if leaves_lower and store.format.device_whiteouts:
+        dest = store.lstat(new_rel)
+        if node.is_dir and dest is not None and is_whiteout_device(dest):
+            # A directory cannot replace a device by rename: swap them, and the
+            # whiteout lands where the directory was, which is where one is due.
+            renameat2(store.path(old_rel), store.path(new_rel), RENAME_EXCHANGE)
+            if not leaves_lower:
+                os.unlink(store.path(old_rel))
+        elif leaves_lower and store.format.device_whiteouts:
             renameat2(store.path(old_rel), store.path(new_rel), RENAME_WHITEOUT)
         else:
             os.rename(store.path(old_rel), store.path(new_rel))
