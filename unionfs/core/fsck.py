@@ -40,13 +40,8 @@ class UpperChecker:
         self.findings.append(Finding(os.fsdecode(path) or "/", problem, repaired))
 
     def _lower_at(self, path: bytes) -> Entry | None:
-        entry: Entry | None = self.lower_root
         with self.index.read() as txn:
-            for part in filter(None, path.split(b"/")):
-                if entry is None or not entry.is_dir:
-                    return None
-                entry = self.index.lookup(txn, entry.listing, part)
-        return entry
+            return self.index.lookup_path(txn, self.lower_root, path)
 
     def check(self, repair: bool) -> list[Finding]:
         store = self.store

@@ -151,6 +151,17 @@ class Index:
                 return entry
         return None
 
+    def lookup_path(self, txn: lmdb.Transaction, root: Entry, path: bytes) -> Entry | None:
+        """Resolve a slash-separated *path* from the directory *root*."""
+        entry: Entry | None = root
+        for part in path.split(b"/"):
+            if not part:
+                continue
+            if entry is None or not entry.is_dir:
+                return None
+            entry = self.lookup(txn, entry.listing, part)
+        return entry
+
     def _raw(
         self, txn: lmdb.Transaction, listing: int, from_hash: int
     ) -> Iterator[tuple[int, bytes | memoryview]]:

@@ -222,15 +222,8 @@ class UnionView:
             return self.index.lookup(txn, parent.lower.listing, name)
 
     def _lower_at(self, path: bytes) -> Entry | None:
-        entry: Entry | None = self.lower_root
         with self.index.read() as txn:
-            for part in path.split(b"/"):
-                if not part:
-                    continue
-                if entry is None or not entry.is_dir:
-                    return None
-                entry = self.index.lookup(txn, entry.listing, part)
-        return entry
+            return self.index.lookup_path(txn, self.lower_root, path)
 
     def _resolve(self, parent: Node, name: bytes) -> Node | None:
         """What NAME in PARENT is, without counting a reference."""
