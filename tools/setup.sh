@@ -7,10 +7,14 @@ cd "$(dirname "$0")/.."
 
 # python3-dev, gcc, pkg-config and libfuse3-dev build pyfuse3; fuse3 brings
 # fusermount3 and /dev/fuse support; fuse-overlayfs is a benchmark peer.
+# The image tests run a real registry (docker-registry, with htpasswd and an
+# openssl-made CA) and build and check images with skopeo, umoci,
+# busybox-static and debootstrap.
 packages=(
   python3 python3-venv python3-dev gcc pkg-config
   fuse3 libfuse3-dev fuse-overlayfs
-  util-linux mount procps
+  util-linux mount procps ca-certificates
+  docker-registry skopeo umoci busybox-static debootstrap apache2-utils openssl zstd
 )
 missing=()
 for package in "${packages[@]}"; do

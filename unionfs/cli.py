@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import StrataError
+from .images_cli import add_image_verbs, mount_image, run_image_verb
 
 
 def default_root() -> str:
@@ -33,13 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
-    mount = verbs.add_parser("mount", help="mount a stack of layers on a directory")
+    mount = verbs.add_parser(
+        "mount",
+        help="mount an image of the store (IMAGE MOUNTPOINT) or layer directories (--layer)",
+        usage="strata mount IMAGE MOUNTPOINT [--name CONTAINER] | --layer DIR ... MOUNTPOINT",
+    )
     mount.add_argument(
         "--layer",
         action="append",
-        required=True,
         metavar="DIR",
         help="a layer directory; repeat, lowest layer first",
+    )
+    mount.add_argument(
+        "--name", metavar="CONTAINER", help="the container whose writable layer to use or make"
+    )
+    mount.add_argument(
+        "--read-only", action="store_true", help="mount an image without a container layer"
     )
     mount.add_argument(
         "--upper", metavar="DIR", help="writable layer (overlayfs upper format); changes land here"
@@ -60,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="whiteouts in UPPER: 0/0 character devices or .wh. files (rootless)",
     )
     mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
-    mount.add_argument("mountpoint")
+    mount.add_argument("targets", nargs="+", metavar="[IMAGE] MOUNTPOINT")
 
     fsck = verbs.add_parser("fsck", help="check a writable layer (not mounted) against its layers")
     fsck.add_argument("--layer", action="append", required=True, metavar="DIR")
@@ -72,24 +82,43 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint")
 
     verbs.add_parser("demo", help="mount the built-in sample image, list it, unmount")
+    add_image_verbs(verbs)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so
+    # `mount IMAGE --name C MOUNTPOINT` leaves MOUNTPOINT over: take it back.
+    if args.verb == "mount" and extra and not any(item.startswith("-") for item in extra):
+        args.targets.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     root = os.path.abspath(args.root or default_root())
     try:
-        if args.verb == "mount":
+        if args.verb == "mount" and not args.layer:
+            if len(args.targets) != 2:
+                parser.error("mount takes IMAGE MOUNTPOINT, or --layer DIR ... MOUNTPOINT")
+            if args.upper or args.work:
+                raise StrataError(
+                    "an image mount keeps its writable layer in the store: use --name"
+                )
+            mount_image(args, root)
+        elif args.verb == "mount":
             from .mount import MountRequest, WritableLayer, default_work_dir, mount
 
+            if len(args.targets) != 1:
+                parser.error("with --layer, mount takes only the MOUNTPOINT")
+            if args.name or args.read_only:
+                raise StrataError("--name and --read-only are for image mounts")
             writable = None
             if args.upper:
                 work = args.work or default_work_dir(args.upper)
                 writable = WritableLayer(args.upper, work, args.xattrs, args.whiteouts)
             elif args.work:
                 raise StrataError("--work needs --upper")
-            mount(MountRequest(root, args.layer, args.mountpoint, args.foreground, writable))
+            mount(MountRequest(root, args.layer, args.targets[0], args.foreground, writable))
         elif args.verb == "fsck":
             from .mount import MountRequest, WritableLayer, check_upper, default_work_dir
 
@@ -109,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .sample import run_demo
 
             run_demo(root)
+        else:
+            return run_image_verb(args, root)
     except StrataError as exc:
         print(f"strata: error: {exc}", file=sys.stderr)
         return 1

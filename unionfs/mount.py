@@ -50,6 +50,8 @@ class MountRequest:
     mountpoint: str
     foreground: bool = False
     writable: WritableLayer | None = None
+    # Identities of layers that never change (an image's DiffIDs): no fingerprint walk.
+    known_ids: Sequence[bytes] | None = None
 
 
 def default_work_dir(upper: str) -> str:
@@ -177,7 +179,9 @@ def mount(request: MountRequest) -> None:
         for layer in layers:
             if writable.upper == layer or layer.startswith(writable.upper + "/"):
                 raise StrataError(f"the upper directory must not hold the layer {layer}")
-    request = MountRequest(request.root, layers, mountpoint, request.foreground, writable)
+    request = MountRequest(
+        request.root, layers, mountpoint, request.foreground, writable, request.known_ids
+    )
     if request.foreground:
         _configure_logging()
         serve(request, notify=_print_progress)
@@ -264,7 +268,7 @@ def serve(request: MountRequest, notify: Notify) -> None:
 
     index = Index(os.path.join(request.root, "index"))
     try:
-        stack = prepare_stack(index, request.layers, progress=notify)
+        stack = prepare_stack(index, request.layers, progress=notify, known_ids=request.known_ids)
         if stack.merged_layers:
             rate = stack.merged_files / max(stack.seconds, 1e-6)
             notify(

@@ -22,6 +22,9 @@ from ..errors import StrataError
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+# Set by the image store on a directory a layer tar only implies (it lists
+# `a/b` but not `a/`): such a directory keeps the metadata of the layers below.
+IMPLICIT_XATTRS = (b"trusted.overlay.strata.implicit", b"user.overlay.strata.implicit")
 # Bookkeeping xattrs of overlayfs (and ours) are never shown to users.
 HIDDEN_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 
@@ -89,6 +92,10 @@ def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
 
 def visible_xattrs(xattrs: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(item for item in xattrs if not item[0].startswith(HIDDEN_XATTR_PREFIXES))
+
+
+def is_implicit(xattrs: tuple[tuple[bytes, bytes], ...]) -> bool:
+    return any(name in IMPLICIT_XATTRS and value == b"y" for name, value in xattrs)
 
 
 def is_opaque(xattrs: tuple[tuple[bytes, bytes], ...]) -> bool:

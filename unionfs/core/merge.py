@@ -6,13 +6,15 @@ every directory the layer does not touch keeps the listing of the chain below.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 
 import lmdb
 
+from ..errors import StrataError
 from .index import ROOT_INO, Index, name_hash
-from .layer import is_opaque, read_layer_dir, read_xattrs, visible_xattrs
+from .layer import is_implicit, is_opaque, read_layer_dir, read_xattrs, visible_xattrs
 from .records import Entry, entry_from_stat, unpack_group
 
 
@@ -40,6 +42,8 @@ class LayerMerger:
         self.index.set_counter(self.txn, b"next_ino", self.next_ino)
         for ino, paths in self.aliases.items():
             self.index.put_aliases(self.txn, ino, paths)
+        if base_root is not None and is_implicit(xattrs):
+            return dataclasses.replace(base_root, listing=listing, nlink=nlink)
         return self._entry(ROOT_INO, st, b"", xattrs, listing=listing, nlink=nlink)
 
     def _new_ino(self) -> int:
@@ -116,6 +120,15 @@ class LayerMerger:
             xattrs = read_xattrs(child_path)
             lower = take(name)
             if stat.S_ISDIR(st.st_mode):
+                implicit = is_implicit(xattrs)
+                if implicit and lower is not None and not lower.is_dir:
+                    # The tar put files beneath a name that is a symlink or a
+                    # file below: following it could lead anywhere.
+                    raise StrataError(
+                        f"layer {os.fsdecode(self.root)}: {os.fsdecode(child_rel)!r} is a"
+                        " directory only by implication, but a lower layer has a"
+                        f" {_kind(lower.mode)} there"
+                    )
                 child_opaque = is_opaque(xattrs)
                 lower_dir = (
                     lower if lower is not None and lower.is_dir and not child_opaque else None
@@ -123,7 +136,10 @@ class LayerMerger:
                 child_base = lower_dir.listing if lower_dir is not None else 0
                 listing, nlink = self._merge_dir(child_base, child_rel, child_opaque)
                 ino = lower_dir.ino if lower_dir is not None else self._new_ino()
-                entry = self._entry(ino, st, child_rel, xattrs, listing=listing, nlink=nlink)
+                if implicit and lower is not None:  # a directory, checked above
+                    entry = dataclasses.replace(lower, listing=listing, nlink=nlink)
+                else:
+                    entry = self._entry(ino, st, child_rel, xattrs, listing=listing, nlink=nlink)
                 subdirs += 1
             else:
                 if st.st_nlink > 1:
@@ -137,3 +153,11 @@ class LayerMerger:
                 entry = self._entry(ino, st, child_rel, xattrs, target=target)
             bucket(name).append((name, entry))
         return index.write_listing(txn, encoded, decoded, subdirs), 2 + subdirs
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "special file"

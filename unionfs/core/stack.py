@@ -76,15 +76,29 @@ def _fingerprints(paths: Sequence[bytes]) -> list[bytes]:
 
 
 def prepare_stack(
-    index: Index, layer_paths: Sequence[str], progress: Progress | None = None
+    index: Index,
+    layer_paths: Sequence[str],
+    progress: Progress | None = None,
+    known_ids: Sequence[bytes] | None = None,
 ) -> IndexedStack:
-    """Find or build the merged view of *layer_paths* (lowest layer first)."""
+    """Find or build the merged view of *layer_paths* (lowest layer first).
+
+    *known_ids* names layers that never change (an image store's, by DiffID),
+    which spares the walk that fingerprints a layer directory.
+    """
     if not layer_paths:
         raise StrataError("no layers given")
     started = time.monotonic()
     real = [os.fsencode(check_layer_dir(path)) for path in layer_paths]
-    digests = _fingerprints(real)
-    identities = [layer_identity(path, digest) for path, digest in zip(real, digests, strict=True)]
+    if known_ids is not None:
+        if len(known_ids) != len(real):
+            raise ValueError("one known id per layer")
+        identities = [layer_identity(b"known", known) for known in known_ids]
+    else:
+        digests = _fingerprints(real)
+        identities = [
+            layer_identity(path, digest) for path, digest in zip(real, digests, strict=True)
+        ]
     chains = chain_ids(identities)
     numbers: dict[int, str] = {}
     merged_layers = merged_files = 0

@@ -221,6 +221,10 @@ class UnionView:
         with self.index.read() as txn:
             return self.index.lookup(txn, parent.lower.listing, name)
 
+    def lower_entry(self, parent: Node, name: bytes) -> Entry | None:
+        """What the lower layers hold at NAME in PARENT's place (None: nothing, or hidden)."""
+        return self._lower_child(parent, name)
+
     def _lower_at(self, path: bytes) -> Entry | None:
         with self.index.read() as txn:
             return self.index.lookup_path(txn, self.lower_root, path)

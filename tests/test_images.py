@@ -1,0 +1,326 @@
+"""The image store end to end: images built with umoci, moved with skopeo
+through a real docker-registry, pulled, mounted, changed, committed, pushed
+and read back with skopeo and umoci."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from tests.images import build_busybox, run, umoci_rootfs
+from tests.mounts import force_unmount, strata
+from tests.registry import Registry, run_registry
+from tests.trees import Node, Snapshot, differences, snapshot
+from unionfs.mount import find_mount
+
+# Directories layer 3 only implies: umoci gives them the time it unpacked
+# them, strata keeps the lower layer's (or its own unpack time).
+IMPLIED = {b"usr", b"usr/share", b"var", b"var/cache"}
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[str]:
+    top = tempfile.mkdtemp(prefix="strata-images-")
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def busybox(session_dir: str) -> tuple[str, str]:
+    return build_busybox(f"{session_dir}/busybox")
+
+
+@pytest.fixture(scope="session")
+def busybox_reference(session_dir: str, busybox: tuple[str, str]) -> Snapshot:
+    return snapshot(umoci_rootfs(*busybox, f"{session_dir}/busybox-ref"))
+
+
+@pytest.fixture(scope="session")
+def registry(session_dir: str) -> Iterator[Registry]:
+    with run_registry(f"{session_dir}/registry") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def secure_registry(session_dir: str) -> Iterator[Registry]:
+    with run_registry(f"{session_dir}/secure-registry", tls=True, logins=True) as running:
+        yield running
+
+
+def skopeo_copy(source: str, dest: str, *flags: str) -> None:
+    run("skopeo", "copy", "--quiet", *flags, source, dest)
+
+
+def seed_registry(registry: Registry, busybox: tuple[str, str], repository: str) -> str:
+    layout, tag = busybox
+    image = f"{registry.host}/{repository}:latest"
+    skopeo_copy(f"oci:{layout}:{tag}", f"docker://{image}", *registry.skopeo_flags("dest"))
+    return image
+
+
+def without_times(tree: Snapshot, paths: set[bytes]) -> Snapshot:
+    nodes = {
+        rel: Node(**{**node.__dict__, "mtime_ns": 0}) if rel in paths else node
+        for rel, node in tree.nodes.items()
+    }
+    return Snapshot(nodes, tree.hardlink_groups, tree.listings, tree.phantoms)
+
+
+def images_without_implied_times(first: Snapshot, second: Snapshot) -> tuple[Snapshot, Snapshot]:
+    return without_times(first, IMPLIED), without_times(second, IMPLIED)
+
+
+def whole_seconds(tree: Snapshot) -> Snapshot:
+    """Layer tars keep whole seconds."""
+    nodes = {
+        rel: Node(**{**node.__dict__, "mtime_ns": node.mtime_ns // 10**9 * 10**9})
+        for rel, node in tree.nodes.items()
+    }
+    return Snapshot(nodes, tree.hardlink_groups, tree.listings, tree.phantoms)
+
+
+class Mounted:
+    """`strata mount` of an image, unmounted (exactly this mountpoint) after."""
+
+    def __init__(self, root: str, mountpoint: str, *args: str) -> None:
+        self.root, self.mountpoint, self.args = root, mountpoint, args
+
+    def __enter__(self) -> str:
+        os.makedirs(self.mountpoint, exist_ok=True)
+        strata(self.root, "mount", *self.args, self.mountpoint)
+        return self.mountpoint
+
+    def __exit__(self, *exc: object) -> None:
+        result = strata(self.root, "umount", self.mountpoint, check=False)
+        if result.returncode != 0 or find_mount(self.mountpoint) is not None:
+            force_unmount(self.mountpoint)
+
+
+def test_imported_oci_layout_mounts_as_umoci_unpacks_it(
+    scratch: str, busybox: tuple[str, str], busybox_reference: Snapshot
+) -> None:
+    layout, tag = busybox
+    store = f"{scratch}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    with Mounted(store, f"{scratch}/mnt", "--read-only", "busybox") as mnt:
+        mounted = snapshot(mnt)
+    assert (
+        differences(without_times(busybox_reference, IMPLIED), without_times(mounted, IMPLIED))
+        == []
+    )
+    # The features the image was built to hold are really there.
+    nodes = mounted.nodes
+    assert nodes[b"bin/su"].mode & 0o4000
+    assert nodes[b"tmp/fifo"].kind == "p" and nodes[b"dev/null"].kind == "c"
+    assert frozenset({b"bin/busybox", b"bin/ls", b"bin/cat"}) in mounted.hardlink_groups
+    assert (b"etc/motd" not in nodes) and (b"var/lib/data" not in nodes)
+    assert nodes[b"srv/swap"].kind == "d" and nodes[b"lib/was-dir"].kind == "l"
+    assert mounted.listings[b"opt/old"] == [b"fresh"]
+    assert ("user.origin", b"hand") in nodes[b"etc/xattr-file"].xattrs
+    assert nodes[b"var/cache/implied.txt"].uid == 1000
+
+
+def test_pull_from_registry_and_mount_by_short_name(
+    scratch: str, registry: Registry, busybox: tuple[str, str], busybox_reference: Snapshot
+) -> None:
+    image = seed_registry(registry, busybox, "pulled/busybox")
+    store = f"{scratch}/store"
+    digest = strata(store, "pull", image.removesuffix(":latest"), *registry.strata_flags()).stdout
+    listed = json.loads(strata(store, "images", "--json").stdout)
+    assert listed[0]["names"] == [image] and listed[0]["digest"] == digest.strip()
+    assert listed[0]["layers"] == 3
+    with Mounted(store, f"{scratch}/mnt", "busybox", "--name", "box") as mnt:
+        mounted = snapshot(mnt)
+    assert (
+        differences(without_times(busybox_reference, IMPLIED), without_times(mounted, IMPLIED))
+        == []
+    )
+    # A second pull finds every blob and layer already there.
+    layers_before = sorted(os.listdir(f"{store}/layers"))
+    strata(store, "pull", image, *registry.strata_flags())
+    assert sorted(os.listdir(f"{store}/layers")) == layers_before
+
+
+def test_tls_and_login_registry(
+    scratch: str, secure_registry: Registry, busybox: tuple[str, str]
+) -> None:
+    image = seed_registry(secure_registry, busybox, "secure/busybox")
+    store = f"{scratch}/store"
+    flags = secure_registry.strata_flags()
+    ca_flag = [flag for flag in flags if flag.startswith("--ca-cert")]
+
+    refused = strata(store, "pull", image, *ca_flag, check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and "wants a login" in refused.stderr
+    untrusted = strata(store, "pull", image, f"--creds=strata:{'s3cret-pass'}", check=False)
+    assert untrusted.returncode == 1 and "TLS failed" in untrusted.stderr
+    assert untrusted.stderr.count("\n") == 1
+    wrong = strata(store, "pull", image, *ca_flag, "--creds=strata:wrong", check=False)
+    assert wrong.returncode == 1 and "access denied" in wrong.stderr
+    assert json.loads(strata(store, "images", "--json").stdout) == []
+
+    strata(store, "pull", image, *flags)
+    pushed = f"{secure_registry.host}/secure/copy:v2"
+    strata(store, "push", image, pushed, *flags, "--chunk-size=64K")
+    inspect = ["skopeo", "inspect", f"--cert-dir={os.path.dirname(secure_registry.ca_cert or '')}",
+               "--creds=strata:s3cret-pass"]  # fmt: skip
+    ours = json.loads(run(*inspect, f"docker://{pushed}"))
+    theirs = json.loads(run(*inspect, f"docker://{image}"))
+    assert ours["Layers"] == theirs["Layers"] and ours["Digest"] == theirs["Digest"]
+
+
+def change_container(mnt: str) -> None:
+    """Every kind of change a container makes."""
+    with open(f"{mnt}/etc/passwd", "a") as handle:  # lower file changed
+        handle.write("added:x:1001:1001::/:/bin/sh\n")
+    with open(f"{mnt}/home/user/notes", "w") as handle:  # new file in a lower dir
+        handle.write("notes\n")
+    os.chmod(f"{mnt}/etc/shadow", 0o600)  # metadata only
+    os.unlink(f"{mnt}/bin/echo")  # deletion
+    shutil.rmtree(f"{mnt}/srv/swap")  # directory deletion
+    os.rename(f"{mnt}/opt/old", f"{mnt}/opt/renamed")  # directory rename
+    os.makedirs(f"{mnt}/new/deep/dir")
+    with open(f"{mnt}/new/deep/dir/file", "w") as handle:
+        handle.write("deep\n")
+    os.symlink("../etc/passwd", f"{mnt}/new/link")
+    os.link(f"{mnt}/new/deep/dir/file", f"{mnt}/new/hard")
+    os.mkfifo(f"{mnt}/new/fifo")
+    os.setxattr(f"{mnt}/new/deep/dir/file", "user.tag", b"v")
+    shutil.rmtree(f"{mnt}/usr/share")  # replaced by a file of the same name
+    with open(f"{mnt}/usr/share", "w") as handle:
+        handle.write("was a directory\n")
+
+
+def test_commit_push_pull_round_trip(
+    scratch: str, registry: Registry, busybox: tuple[str, str]
+) -> None:
+    image = seed_registry(registry, busybox, "trip/busybox")
+    store, fresh = f"{scratch}/store", f"{scratch}/fresh"
+    strata(store, "pull", image, *registry.strata_flags())
+    with Mounted(store, f"{scratch}/mnt", "busybox", "--name", "work") as mnt:
+        change_container(mnt)
+        changed = whole_seconds(snapshot(mnt))
+        lines = strata(store, "diff", mnt).stdout.splitlines()
+        strata(store, "commit", mnt, "mybox:v2")
+    assert "D /bin/echo" in lines and "A /opt/renamed" in lines and "D /opt/old" in lines
+    assert "C /etc/passwd" in lines and "A /new/deep/dir/file" in lines
+    pushed = f"{registry.host}/trip/mybox:v2"
+    strata(store, "push", "mybox:v2", pushed, *registry.strata_flags())
+    strata(fresh, "pull", pushed, *registry.strata_flags())
+    with Mounted(fresh, f"{scratch}/mnt2", "--read-only", "mybox:v2") as mnt:
+        assert differences(changed, snapshot(mnt)) == []
+    # Real tools read what strata pushed.
+    copied = f"{scratch}/copied"
+    skopeo_copy(f"docker://{pushed}", f"oci:{copied}:v2", *registry.skopeo_flags("src"))
+    rootfs = umoci_rootfs(copied, "v2", f"{scratch}/unpacked")
+    assert (
+        differences(without_times(changed, IMPLIED), without_times(snapshot(rootfs), IMPLIED)) == []
+    )
+
+
+def test_same_changes_and_timestamp_give_the_same_digest(
+    scratch: str, busybox: tuple[str, str]
+) -> None:
+    layout, tag = busybox
+    store = f"{scratch}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    digests = []
+    for name in ("one", "two"):
+        with Mounted(store, f"{scratch}/{name}", "busybox", "--name", name) as mnt:
+            change_container(mnt)
+        out = strata(store, "commit", name, f"box:{name}", "--timestamp", "2024-01-02T03:04:05Z")
+        digests.append(out.stdout.strip())
+    assert digests[0] == digests[1]
+    config = json.loads(strata(store, "inspect", "box:one").stdout)["config"]
+    assert config["created"] == "2024-01-02T03:04:05Z"
+    assert config["history"][-1]["created_by"] == "strata commit"
+
+
+def test_diff_lists_exactly_the_changes(scratch: str, busybox: tuple[str, str]) -> None:
+    layout, tag = busybox
+    store = f"{scratch}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    with Mounted(store, f"{scratch}/mnt", "busybox", "--name", "c") as mnt:
+        os.unlink(f"{mnt}/bin/sh")
+        with open(f"{mnt}/etc/new", "w") as handle:
+            handle.write("x")
+        os.rename(f"{mnt}/opt/old", f"{mnt}/opt/moved")
+    assert strata(store, "diff", "c").stdout.splitlines() == [
+        "C /bin",
+        "D /bin/sh",
+        "C /etc",
+        "A /etc/new",
+        "C /opt",
+        "A /opt/moved",
+        "A /opt/moved/fresh",
+        "D /opt/old",
+    ]
+
+
+def test_container_layer_outlives_unmount_until_rm(scratch: str, busybox: tuple[str, str]) -> None:
+    layout, tag = busybox
+    store = f"{scratch}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    with Mounted(store, f"{scratch}/mnt", "busybox", "--name", "keep") as mnt:
+        with open(f"{mnt}/kept", "w") as handle:
+            handle.write("still here\n")
+        busy = strata(store, "rm", "keep", check=False)
+        assert busy.returncode == 1 and "mounted" in busy.stderr
+    with (
+        Mounted(store, f"{scratch}/mnt", "busybox", "--name", "keep") as mnt,
+        open(f"{mnt}/kept") as handle,
+    ):
+        assert handle.read() == "still here\n"
+    used = strata(store, "rmi", "busybox", check=False)
+    assert used.returncode == 1 and "keep" in used.stderr
+    strata(store, "rm", "keep")
+    assert "keep" not in strata(store, "ps").stdout
+    strata(store, "rmi", "busybox")
+    assert os.listdir(f"{store}/layers") == [] and os.listdir(f"{store}/blobs/sha256") == []
+
+
+def test_docker_archive_export_and_import(scratch: str, busybox: tuple[str, str]) -> None:
+    layout, tag = busybox
+    store, other = f"{scratch}/store", f"{scratch}/other"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    archive = f"{scratch}/busybox.tar"
+    strata(store, "export", "busybox", f"docker-archive:{archive}")
+    # skopeo reads it as `docker load` would.
+    inspected = json.loads(run("skopeo", "inspect", f"docker-archive:{archive}"))
+    assert len(inspected["Layers"]) == 3
+    strata(other, "import", f"docker-archive:{archive}")
+    oci_copy = f"{scratch}/oci-copy"
+    strata(store, "export", "busybox", f"oci:{oci_copy}:exported")
+    with (
+        Mounted(store, f"{scratch}/a", "--read-only", "busybox") as first,
+        Mounted(other, f"{scratch}/b", "--read-only", "busybox") as second,
+    ):
+        assert differences(snapshot(first), snapshot(second)) == []
+    assert run("umoci", "ls", "--layout", oci_copy).split() == ["exported"]
+
+
+def test_store_lists_inspects_and_prunes(scratch: str, busybox: tuple[str, str]) -> None:
+    layout, tag = busybox
+    store = f"{scratch}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "a/busybox:one")
+    strata(store, "import", f"oci:{layout}:{tag}", "b/busybox:two")
+    layers = os.listdir(f"{store}/layers")
+    assert len(layers) == 3  # shared by both names, unpacked once
+    ambiguous = strata(store, "inspect", "busybox:one", check=False)
+    assert ambiguous.returncode == 0
+    info = json.loads(ambiguous.stdout)
+    assert sorted(info["names"]) == ["a/busybox:one", "b/busybox:two"]
+    assert strata(store, "inspect", info["id"][7:19]).returncode == 0
+    strata(store, "rmi", "a/busybox:one")
+    assert len(os.listdir(f"{store}/layers")) == 3  # still named b/busybox:two
+    os.makedirs(f"{store}/tmp/layer-leftover")
+    assert "1 leftovers" in strata(store, "prune").stdout
+    missing = strata(store, "mount", "nothing:here", f"{scratch}", check=False)
+    assert missing.returncode == 1 and missing.stderr.startswith("strata: error: no image")

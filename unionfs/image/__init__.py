@@ -1,0 +1,1 @@
+"""Images: the store, OCI layouts, docker archives, the registry client, layer tars."""

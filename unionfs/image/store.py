@@ -1,0 +1,655 @@
+"""The image store: content-addressed blobs, unpacked layers, names, containers.
+
+    ROOT/blobs/sha256/HEX      manifests, configs and layer blobs, verified on write
+    ROOT/layers/HEX            each layer unpacked once, by DiffID, shared read-only
+    ROOT/refs.json             image names (`repo:tag`) -> manifest digest
+    ROOT/containers/NAME/      a container: container.json, upper/, work/
+    ROOT/index                 the merged-view index (cached by ChainID)
+    ROOT/tmp                   partial downloads (resumed) and unfinished unpacks
+
+Commands that add or read hold ROOT/store.lock shared; those that delete
+(rmi, rm, prune) hold it exclusive, so nothing is pruned from under a pull.
+Small metadata updates (refs, container records) go through ROOT/refs.lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import xxhash
+
+from ..errors import StrataError
+from .layertar import DEFAULT_LAYER_LIMIT, unpack_layer
+from .reference import Reference, check_digest, parse_reference
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = OCI_LAYER + "+gzip"
+OCI_LAYER_ZSTD = OCI_LAYER + "+zstd"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+LAYER_TYPES = (
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    DOCKER_LAYER,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+)
+_CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CHUNK = 1 << 20
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI ChainIDs of a layer list, lowest first."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        chains.append(diff_id if not chains else sha256_digest(f"{chains[-1]} {diff_id}".encode()))
+    return chains
+
+
+def layer_known_id(diff_id: str) -> bytes:
+    """The core's identity of a store layer: its content never changes."""
+    return xxhash.xxh3_128_digest(b"oci-layer\0" + diff_id.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+    @classmethod
+    def parse(cls, raw: Any, what: str) -> Descriptor:
+        try:
+            descriptor = cls(
+                str(raw["mediaType"]), check_digest(str(raw["digest"])), int(raw["size"])
+            )
+        except (KeyError, TypeError, ValueError, StrataError) as exc:
+            raise StrataError(f"{what}: bad descriptor ({exc})") from None
+        if descriptor.size < 0:
+            raise StrataError(f"{what}: negative size in descriptor")
+        return descriptor
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    digest: str  # of the manifest
+    manifest: dict[str, Any]
+    media_type: str
+    config_descriptor: Descriptor
+    config: dict[str, Any]
+    layers: list[Descriptor]
+    diff_ids: list[str]
+
+    @property
+    def id(self) -> str:
+        return self.config_descriptor.digest
+
+    @property
+    def size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+
+def parse_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeError) as exc:
+        raise StrataError(f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise StrataError(f"{what} is not a JSON object")
+    return value
+
+
+def parse_manifest(data: bytes, digest: str) -> tuple[str, Descriptor, list[Descriptor]]:
+    """(media type, config, layers) of an image manifest."""
+    manifest = parse_json(data, f"manifest {digest}")
+    media_type = manifest.get("mediaType") or OCI_MANIFEST
+    if media_type in INDEX_TYPES:
+        raise StrataError(f"manifest {digest} is an index, not an image manifest")
+    if media_type not in MANIFEST_TYPES or manifest.get("schemaVersion") != 2:
+        raise StrataError(f"manifest {digest}: unsupported manifest type {media_type!r}")
+    config = Descriptor.parse(manifest.get("config"), f"manifest {digest} config")
+    raw_layers = manifest.get("layers")
+    if not isinstance(raw_layers, list):
+        raise StrataError(f"manifest {digest} lists no layers")
+    layers = [Descriptor.parse(layer, f"manifest {digest} layer") for layer in raw_layers]
+    for layer in layers:
+        if layer.media_type not in LAYER_TYPES:
+            raise StrataError(f"manifest {digest}: unsupported layer type {layer.media_type!r}")
+    return media_type, config, layers
+
+
+def parse_config(data: bytes, digest: str, layers: int) -> tuple[dict[str, Any], list[str]]:
+    config = parse_json(data, f"image config {digest}")
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(item, str) for item in diff_ids):
+        raise StrataError(f"image config {digest} has no rootfs.diff_ids")
+    for item in diff_ids:
+        check_digest(item)
+    if len(diff_ids) != layers:
+        raise StrataError(
+            f"image config {digest} lists {len(diff_ids)} diff_ids for {layers} layers"
+        )
+    return config, diff_ids
+
+
+def choose_platform(index: dict[str, Any], platform: str, what: str) -> Descriptor:
+    """The manifest of *platform* (`os/arch[/variant]`) in an OCI index or Docker list."""
+    want = platform.split("/")
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list) or not manifests:
+        raise StrataError(f"{what}: the index lists no manifests")
+    offered = []
+    for raw in manifests:
+        entry = raw.get("platform") or {}
+        have = [entry.get("os", ""), entry.get("architecture", "")]
+        if entry.get("variant"):
+            have.append(entry["variant"])
+        offered.append("/".join(have))
+        if have[:2] == want[:2] and (len(want) < 3 or have[2:3] == want[2:3]):
+            return Descriptor.parse(raw, what)
+    raise StrataError(f"{what} has no image for {platform} (it has {', '.join(offered)})")
+
+
+class BlobWriter:
+    """A blob being written into tmp; kept only if its digest is what was asked."""
+
+    def __init__(self, store: Store, expected: str | None, resume: bool) -> None:
+        self.store = store
+        self.expected = expected
+        self.digest = hashlib.sha256()
+        if expected is not None and resume:
+            self.path = store.partial_path(expected)
+            mode = "ab" if os.path.exists(self.path) else "wb"
+        else:
+            self.path = os.path.join(store.tmp, f"blob-{os.getpid()}-{secrets.token_hex(6)}")
+            mode = "wb"
+        self.file: IO[bytes] = open(self.path, mode)  # noqa: SIM115 - closed in commit/abort
+        if mode == "ab":
+            with open(self.path, "rb") as done:
+                while chunk := done.read(CHUNK):
+                    self.digest.update(chunk)
+        self.size = self.file.tell()
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        digest = "sha256:" + self.digest.hexdigest()
+        if self.expected is not None and digest != self.expected:
+            os.unlink(self.path)
+            raise StrataError(f"blob {self.expected}: content has digest {digest}; nothing kept")
+        os.replace(self.path, self.store.blob_path(digest))
+        return digest
+
+    def abort(self, keep: bool = False) -> None:
+        """Drop the partial blob, or keep it for a later resume."""
+        self.file.close()
+        if not keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+class Store:
+    def __init__(self, root: str, *, layer_limit: int = DEFAULT_LAYER_LIMIT) -> None:
+        self.root = os.path.abspath(root)
+        self.blobs = os.path.join(self.root, "blobs", "sha256")
+        self.layers_dir = os.path.join(self.root, "layers")
+        self.containers_dir = os.path.join(self.root, "containers")
+        self.tmp = os.path.join(self.root, "tmp")
+        self.locks = os.path.join(self.root, "locks")
+        self.index_path = os.path.join(self.root, "index")
+        self.layer_limit = layer_limit
+        try:
+            for path in (self.blobs, self.layers_dir, self.containers_dir, self.tmp, self.locks):
+                os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StrataError(f"cannot use store {self.root}: {exc.strerror}") from None
+
+    # Locks --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, mode: int, wait: float = 120.0) -> Iterator[None]:
+        fd = os.open(os.path.join(self.root, name), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StrataError(
+                            f"store {self.root} is busy (another strata command holds {name})"
+                        ) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+    def shared(self) -> contextlib.AbstractContextManager[None]:
+        return self._flock("store.lock", fcntl.LOCK_SH)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return self._flock("store.lock", fcntl.LOCK_EX)
+
+    def _records(self) -> contextlib.AbstractContextManager[None]:
+        return self._flock("refs.lock", fcntl.LOCK_EX)
+
+    # Blobs --------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> str:
+        return os.path.join(self.blobs, check_digest(digest)[len("sha256:") :])
+
+    def partial_path(self, digest: str) -> str:
+        return os.path.join(self.tmp, check_digest(digest)[len("sha256:") :] + ".partial")
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.exists(self.blob_path(digest))
+
+    def read_blob(self, digest: str) -> bytes:
+        try:
+            with open(self.blob_path(digest), "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise StrataError(f"blob {digest} is not in the store") from None
+
+    def blob_writer(self, expected: str | None = None, *, resume: bool = False) -> BlobWriter:
+        return BlobWriter(self, expected, resume)
+
+    def put_blob(self, data: bytes, expected: str | None = None) -> str:
+        digest = sha256_digest(data)
+        if expected is not None and digest != expected:
+            raise StrataError(f"blob {expected}: content has digest {digest}; nothing kept")
+        if not self.has_blob(digest):
+            writer = self.blob_writer()
+            writer.write(data)
+            writer.commit()
+        return digest
+
+    def copy_blob_in(self, source: IO[bytes], expected: str) -> str:
+        """Copy a blob from an open file, verifying it (no-op if already stored)."""
+        if self.has_blob(expected):
+            return expected
+        writer = self.blob_writer(expected)
+        try:
+            while chunk := source.read(CHUNK):
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit()
+
+    # Layers -------------------------------------------------------------------
+
+    def layer_path(self, diff_id: str) -> str:
+        return os.path.join(self.layers_dir, check_digest(diff_id)[len("sha256:") :])
+
+    def unpack(self, layer: Descriptor, diff_id: str) -> str:
+        """The directory of layer *diff_id*, unpacked from its blob if not yet."""
+        target = self.layer_path(diff_id)
+        if os.path.isdir(target):
+            return target
+        hex_id = diff_id[len("sha256:") :]
+        with self._flock(f"locks/{hex_id}", fcntl.LOCK_EX, wait=3600):
+            if os.path.isdir(target):  # another command unpacked it meanwhile
+                return target
+            work = os.path.join(self.tmp, f"layer-{hex_id}")
+            if os.path.lexists(work):  # left by an interrupted unpack
+                shutil.rmtree(work)
+            os.mkdir(work, 0o755)
+            label = f"layer {layer.digest}"
+            try:
+                with open(self.blob_path(layer.digest), "rb") as blob:
+                    result = unpack_layer(blob, work, limit=self.layer_limit, label=label)
+                if result.diff_id != diff_id:
+                    raise StrataError(
+                        f"{label}: its content has DiffID {result.diff_id},"
+                        f" the image config says {diff_id}"
+                    )
+                os.rename(work, target)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+        return target
+
+    # Images -------------------------------------------------------------------
+
+    def _refs_path(self) -> str:
+        return os.path.join(self.root, "refs.json")
+
+    def refs(self) -> dict[str, str]:
+        try:
+            with open(self._refs_path(), "rb") as handle:
+                data = json.load(handle)
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise StrataError(f"store {self.root}: refs.json is damaged ({exc})") from None
+        return {str(name): str(digest) for name, digest in data.items()}
+
+    def _write_json(self, path: str, value: Any) -> None:
+        temp = f"{path}.{os.getpid()}.tmp"
+        with open(temp, "w") as handle:
+            json.dump(value, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+
+    def load_image(self, digest: str) -> Image:
+        data = self.read_blob(digest)
+        media_type, config_descriptor, layers = parse_manifest(data, digest)
+        config_data = self.read_blob(config_descriptor.digest)
+        config, diff_ids = parse_config(config_data, config_descriptor.digest, len(layers))
+        return Image(
+            digest, json.loads(data), media_type, config_descriptor, config, layers, diff_ids
+        )
+
+    def add_image(
+        self, manifest: bytes, names: list[str], progress: Callable[[str], None] | None = None
+    ) -> Image:
+        """Record an image whose blobs are all stored: unpack and index its layers
+        (refusing layers that do not stack safely), then name it."""
+        digest = self.put_blob(manifest)
+        image = self.load_image(digest)
+        for layer in image.layers:
+            if not self.has_blob(layer.digest):
+                raise StrataError(f"layer {layer.digest} is not in the store")
+        paths = self.unpack_all(image, progress)
+        self.index_layers(paths, image.diff_ids)
+        if names:
+            with self._records():
+                refs = self.refs()
+                for name in names:
+                    refs[name] = digest
+                self._write_json(self._refs_path(), refs)
+        return image
+
+    def unpack_all(self, image: Image, progress: Callable[[str], None] | None = None) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(pair: tuple[Descriptor, str]) -> str:
+            path = self.unpack(*pair)
+            if progress is not None:
+                progress(f"unpacked {pair[0].digest[7:19]}")
+            return path
+
+        pairs = list(zip(image.layers, image.diff_ids, strict=True))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return list(pool.map(one, pairs))
+
+    def index_layers(self, paths: list[str], diff_ids: list[str]) -> None:
+        """Index the stack now (cached by chain); a bad combination is refused here."""
+        if not paths:
+            return
+        from ..core.index import Index
+        from ..core.stack import prepare_stack
+
+        index = Index(self.index_path)
+        try:
+            prepare_stack(index, paths, known_ids=[layer_known_id(item) for item in diff_ids])
+        finally:
+            index.close()
+
+    def resolve(self, text: str) -> tuple[str, Image]:
+        """The image a user means: a full name, a short one (`busybox` for
+        `127.0.0.1:5000/busybox:latest` when only one matches), or an id prefix."""
+        refs = self.refs()
+        if text.startswith("sha256:") or re.fullmatch(r"[0-9a-f]{6,64}", text):
+            hex_part = text.removeprefix("sha256:")
+            found = {
+                digest
+                for digest in set(refs.values())
+                if self.load_image(digest).id[7:].startswith(hex_part)
+                or digest[7:].startswith(hex_part)
+            }
+            if len(found) == 1:
+                digest = found.pop()
+                return digest, self.load_image(digest)
+            if len(found) > 1:
+                raise StrataError(f"image id {text} is ambiguous")
+        reference = parse_reference(text)
+        if reference.digest:
+            if reference.digest in refs.values():
+                return reference.digest, self.load_image(reference.digest)
+            raise StrataError(f"no image {text} in the store")
+        name = reference.name
+        if name in refs:
+            return name, self.load_image(refs[name])
+        suffix = "/" + name
+        matches = sorted(known for known in refs if known.endswith(suffix))
+        if len(matches) == 1:
+            return matches[0], self.load_image(refs[matches[0]])
+        if matches:
+            raise StrataError(f"{text} is ambiguous: {', '.join(matches)}")
+        raise StrataError(f"no image {text} in the store (see `strata images`)")
+
+    def images(self) -> list[tuple[list[str], Image]]:
+        by_digest: dict[str, list[str]] = {}
+        for name, digest in sorted(self.refs().items()):
+            by_digest.setdefault(digest, []).append(name)
+        return [(names, self.load_image(digest)) for digest, names in by_digest.items()]
+
+    def untag(self, name: str) -> str:
+        with self._records():
+            refs = self.refs()
+            digest = refs.pop(name)
+            self._write_json(self._refs_path(), refs)
+        return digest
+
+    # Where blobs live remotely, so a push can mount them across repositories.
+
+    def _sources_path(self) -> str:
+        return os.path.join(self.root, "sources.json")
+
+    def _load_sources(self) -> dict[str, list[str]]:
+        try:
+            with open(self._sources_path()) as handle:
+                data = json.load(handle)
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {str(key): [str(item) for item in value] for key, value in data.items()}
+
+    def note_source(self, digest: str, registry: str, repository: str) -> None:
+        with self._records():
+            sources = self._load_sources()
+            known = sources.setdefault(digest, [])
+            entry = f"{registry}/{repository}"
+            if entry not in known:
+                known.append(entry)
+                self._write_json(self._sources_path(), sources)
+
+    def sources(self, digest: str, registry: str) -> list[str]:
+        """Repositories of *registry* known to hold blob *digest*."""
+        prefix = registry + "/"
+        return [
+            item[len(prefix) :]
+            for item in self._load_sources().get(digest, [])
+            if item.startswith(prefix)
+        ]
+
+    # Containers ---------------------------------------------------------------
+
+    def container_dir(self, name: str) -> str:
+        if not _CONTAINER_NAME.match(name):
+            raise StrataError(f"bad container name {name!r} (letters, digits, _ . -)")
+        return os.path.join(self.containers_dir, name)
+
+    def container(self, name: str) -> dict[str, Any]:
+        path = os.path.join(self.container_dir(name), "container.json")
+        try:
+            with open(path) as handle:
+                record: dict[str, Any] = json.load(handle)
+        except FileNotFoundError:
+            raise StrataError(f"no container {name} in the store") from None
+        except ValueError as exc:
+            raise StrataError(f"container {name}: damaged record ({exc})") from None
+        return record
+
+    def containers(self) -> list[dict[str, Any]]:
+        found = []
+        for name in sorted(os.listdir(self.containers_dir)):
+            with contextlib.suppress(StrataError):
+                found.append(self.container(name))
+        return found
+
+    def create_container(self, name: str | None, image_name: str, image: Image) -> dict[str, Any]:
+        if name is None:
+            base = re.sub(r"[^A-Za-z0-9_.-]", "-", image_name.rsplit("/", 1)[-1].split(":")[0])
+            name = f"{base}-{secrets.token_hex(3)}"
+        directory = self.container_dir(name)
+        with self._records():
+            if os.path.exists(directory):
+                raise StrataError(f"container {name} already exists")
+            os.mkdir(directory, 0o700)
+            upper = os.path.join(directory, "upper")
+            os.mkdir(upper, 0o755)
+            os.mkdir(os.path.join(directory, "work"), 0o700)
+            self._inherit_root(image, upper)
+            record = {
+                "name": name,
+                "image": image_name,
+                "manifest": image.digest,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "mountpoint": "",
+            }
+            self._write_json(os.path.join(directory, "container.json"), record)
+        return record
+
+    def _inherit_root(self, image: Image, upper: str) -> None:
+        """Give UPPER's root the image root's owner, mode and times: the
+        container's `/` then looks as the image's does."""
+        from ..core.layer import is_implicit, read_xattrs
+
+        for diff_id in reversed(image.diff_ids):
+            layer = self.layer_path(diff_id)
+            if not os.path.isdir(layer) or is_implicit(read_xattrs(os.fsencode(layer))):
+                continue
+            st = os.stat(layer)
+            os.chown(upper, st.st_uid, st.st_gid)
+            os.chmod(upper, stat.S_IMODE(st.st_mode))
+            os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return
+
+    def update_container(self, name: str, **changes: Any) -> None:
+        with self._records():
+            record = self.container(name)
+            record.update(changes)
+            self._write_json(os.path.join(self.container_dir(name), "container.json"), record)
+
+    def container_in_use(self, name: str) -> bool:
+        """Whether a strata daemon has the container's layer mounted (it holds the lock)."""
+        lock = os.path.join(self.container_dir(name), "work", "strata-lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def remove_container(self, name: str) -> None:
+        directory = self.container_dir(name)
+        self.container(name)
+        if self.container_in_use(name):
+            raise StrataError(f"container {name} is mounted; unmount it first")
+        with self._records():
+            trash = os.path.join(self.tmp, f"removed-{name}-{secrets.token_hex(4)}")
+            os.rename(directory, trash)  # gone at once; the tree is deleted after
+        shutil.rmtree(trash)
+
+    # Garbage ------------------------------------------------------------------
+
+    def prune(self, *, leftovers: bool = True) -> tuple[int, int, int]:
+        """Remove blobs and layers no name or container uses, and (with
+        *leftovers*) what interrupted commands left in tmp; returns the three
+        counts. Call with the store exclusive."""
+        keep_blobs: set[str] = set()
+        keep_layers: set[str] = set()
+        digests = set(self.refs().values())
+        digests.update(record["manifest"] for record in self.containers())
+        for digest in digests:
+            try:
+                image = self.load_image(digest)
+            except StrataError:
+                continue
+            keep_blobs.update({digest, image.id, *(layer.digest for layer in image.layers)})
+            keep_layers.update(image.diff_ids)
+        blobs = layers = left = 0
+        for name in os.listdir(self.blobs):
+            if "sha256:" + name not in keep_blobs:
+                os.unlink(os.path.join(self.blobs, name))
+                blobs += 1
+        for name in os.listdir(self.layers_dir):
+            if "sha256:" + name not in keep_layers:
+                shutil.rmtree(os.path.join(self.layers_dir, name))
+                layers += 1
+        for name in os.listdir(self.locks):
+            if "sha256:" + name not in keep_layers:
+                os.unlink(os.path.join(self.locks, name))
+        for name in os.listdir(self.tmp) if leftovers else ():
+            path = os.path.join(self.tmp, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            left += 1
+        return blobs, layers, left
+
+
+def open_store(root: str, layer_limit: int | None = None) -> Store:
+    limit = layer_limit
+    if limit is None:
+        env = os.environ.get("STRATA_MAX_LAYER_SIZE")
+        try:
+            limit = int(env) if env else DEFAULT_LAYER_LIMIT
+        except ValueError:
+            raise StrataError(f"STRATA_MAX_LAYER_SIZE={env!r} is not a number of bytes") from None
+    try:
+        return Store(root, layer_limit=limit)
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            raise StrataError(f"cannot use store {root}: permission denied") from None
+        raise
+
+
+__all__ = ["Image", "Reference", "Store", "open_store"]
