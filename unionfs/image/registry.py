@@ -22,6 +22,7 @@ from typing import IO, Any
 from urllib.parse import urlencode, urljoin
 
 import requests
+import urllib3
 
 from ..errors import StrataError
 from .reference import Reference
@@ -335,7 +336,10 @@ class RegistryClient:
                             f" {_registry_message(response)}"
                         )
                     try:
-                        for chunk in response.iter_content(1 << 20):
+                        # read1 hands over what has arrived, so a connection that
+                        # breaks keeps every byte before the break for the resume.
+                        raw = response.raw
+                        while chunk := raw.read1(1 << 20):
                             writer.write(chunk)
                             progress.advance(len(chunk))
                             if writer.size > blob.size:
@@ -346,6 +350,8 @@ class RegistryClient:
                     except (
                         requests.exceptions.ChunkedEncodingError,
                         requests.exceptions.ConnectionError,
+                        urllib3.exceptions.HTTPError,
+                        OSError,
                     ):
                         pass  # resumed below from what arrived
                 if writer.size < blob.size:

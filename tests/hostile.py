@@ -1,0 +1,228 @@
+"""Material for the hostile-input tests: hand-made OCI layouts whose layers
+break the rules, and a proxy that makes a real registry misbehave."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import os
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import requests
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+Entry = Callable[[tarfile.TarFile], None]
+
+
+def file_entry(name: str, data: bytes = b"data\n", **extra: object) -> Entry:
+    def add(archive: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 1_600_000_000
+        for key, value in extra.items():
+            setattr(info, key, value)
+        archive.addfile(info, io.BytesIO(data))
+
+    return add
+
+
+def special_entry(name: str, kind: bytes, linkname: str = "", **extra: object) -> Entry:
+    def add(archive: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.mtime = kind, linkname, 1_600_000_000
+        info.mode = 0o755
+        for key, value in extra.items():
+            setattr(info, key, value)
+        archive.addfile(info)
+
+    return add
+
+
+def layer_tar(*entries: Entry) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for entry in entries:
+            entry(archive)
+    return buffer.getvalue()
+
+
+@dataclass
+class LayoutLayer:
+    tar: bytes
+    blob: bytes | None = None  # what is stored (default: gzip of tar)
+    diff_id: str | None = None  # what the config claims (default: the truth)
+    stored_as: bytes | None = None  # content put under the blob's digest (a mismatch)
+
+    def compressed(self) -> bytes:
+        return self.blob if self.blob is not None else gzip.compress(self.tar, mtime=0)
+
+
+@dataclass
+class Layout:
+    path: str
+    tag: str = "v1"
+    layers: list[LayoutLayer] = field(default_factory=list)
+
+
+def write_layout(path: str, layers: list[LayoutLayer], tag: str = "v1") -> str:
+    blobs = f"{path}/blobs/sha256"
+    os.makedirs(blobs, exist_ok=True)
+
+    def put(data: bytes, stored: bytes | None = None) -> str:
+        digest = digest_of(data)
+        with open(f"{blobs}/{digest[7:]}", "wb") as handle:
+            handle.write(stored if stored is not None else data)
+        return digest
+
+    descriptors = []
+    diff_ids = []
+    for layer in layers:
+        blob = layer.compressed()
+        descriptors.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": put(blob, layer.stored_as),
+                "size": len(blob),
+            }
+        )
+        diff_ids.append(layer.diff_id or digest_of(layer.tar))
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "config": {},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": put(config),
+                "size": len(config),
+            },
+            "layers": descriptors,
+        }
+    ).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": put(manifest),
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
+    with open(f"{path}/index.json", "w") as handle:
+        json.dump(index, handle)
+    with open(f"{path}/oci-layout", "w") as handle:
+        handle.write('{"imageLayoutVersion":"1.0.0"}')
+    return f"oci:{path}:{tag}"
+
+
+# A misbehaving registry ----------------------------------------------------------
+
+
+@dataclass
+class Misbehaviour:
+    cut_blobs: int = 0  # how many blob replies to cut off halfway
+    corrupt_blobs: bool = False  # flip a byte in every blob
+    manifest_errors: int = 0  # how many manifest requests answer 503
+    wrong_digest_header: bool = False
+    manifest_body: bytes | None = None  # replace every manifest with this
+    seen_ranges: list[str] = field(default_factory=list)
+    requests: int = 0
+
+
+@contextlib.contextmanager
+def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
+    """An HTTP proxy for the registry at *upstream* (plain http) that follows *plan*."""
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.forward()
+
+        def do_HEAD(self) -> None:
+            self.forward()
+
+        def forward(self) -> None:
+            with lock:
+                plan.requests += 1
+            headers = {
+                key: value
+                for key, value in self.headers.items()
+                if key.lower() in ("accept", "range", "authorization")
+            }
+            if "Range" in self.headers:
+                plan.seen_ranges.append(self.headers["Range"])
+            is_manifest = "/manifests/" in self.path
+            is_blob = "/blobs/" in self.path and self.command == "GET"
+            if is_manifest:
+                with lock:
+                    failing = plan.manifest_errors > 0
+                    plan.manifest_errors -= failing
+                if failing:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+            reply = requests.request(
+                self.command, f"http://{upstream}{self.path}", headers=headers, timeout=30
+            )
+            body = reply.content
+            if is_manifest and plan.manifest_body is not None:
+                body = plan.manifest_body
+            if is_blob and plan.corrupt_blobs and body:
+                body = body[:-1] + bytes([body[-1] ^ 0xFF])
+            self.send_response(reply.status_code)
+            for key, value in reply.headers.items():
+                if key.lower() in ("content-type", "docker-content-digest", "content-range"):
+                    if key.lower() == "docker-content-digest":
+                        if is_manifest and plan.manifest_body is not None:
+                            continue  # a registry that sends junk sends no digest either
+                        if plan.wrong_digest_header:
+                            value = "sha256:" + "0" * 64
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            with lock:
+                cutting = is_blob and plan.cut_blobs > 0 and len(body) > 1
+                plan.cut_blobs -= cutting
+            if cutting:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
