@@ -62,44 +62,37 @@ class LayoutLayer:
     blob: bytes | None = None  # what is stored (default: gzip of tar)
     diff_id: str | None = None  # what the config claims (default: the truth)
     stored_as: bytes | None = None  # content put under the blob's digest (a mismatch)
+    media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip"
 
     def compressed(self) -> bytes:
         return self.blob if self.blob is not None else gzip.compress(self.tar, mtime=0)
 
 
-@dataclass
-class Layout:
-    path: str
-    tag: str = "v1"
-    layers: list[LayoutLayer] = field(default_factory=list)
+def _put(blobs: str, data: bytes, stored: bytes | None = None) -> str:
+    digest = digest_of(data)
+    with open(f"{blobs}/{digest[7:]}", "wb") as handle:
+        handle.write(stored if stored is not None else data)
+    return digest
 
 
-def write_layout(path: str, layers: list[LayoutLayer], tag: str = "v1") -> str:
-    blobs = f"{path}/blobs/sha256"
-    os.makedirs(blobs, exist_ok=True)
-
-    def put(data: bytes, stored: bytes | None = None) -> str:
-        digest = digest_of(data)
-        with open(f"{blobs}/{digest[7:]}", "wb") as handle:
-            handle.write(stored if stored is not None else data)
-        return digest
-
+def _image(
+    blobs: str, layers: list[LayoutLayer], platform: str = "linux/amd64"
+) -> dict[str, object]:
+    """Store an image's blobs; return its manifest descriptor."""
     descriptors = []
     diff_ids = []
     for layer in layers:
         blob = layer.compressed()
         descriptors.append(
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": put(blob, layer.stored_as),
-                "size": len(blob),
-            }
-        )
+            {"mediaType": layer.media_type, "digest": _put(blobs, blob, layer.stored_as),
+             "size": len(blob)}
+        )  # fmt: skip
         diff_ids.append(layer.diff_id or digest_of(layer.tar))
+    os_name, architecture = platform.split("/")[:2]
     config = json.dumps(
         {
-            "architecture": "amd64",
-            "os": "linux",
+            "architecture": architecture,
+            "os": os_name,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
             "config": {},
         }
@@ -110,28 +103,57 @@ def write_layout(path: str, layers: list[LayoutLayer], tag: str = "v1") -> str:
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {
                 "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": put(config),
+                "digest": _put(blobs, config),
                 "size": len(config),
             },
             "layers": descriptors,
         }
     ).encode()
+    return {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": _put(blobs, manifest),
+        "size": len(manifest),
+        "platform": {"os": os_name, "architecture": architecture},
+    }
+
+
+def _finish_layout(path: str, descriptor: dict[str, object], tag: str) -> str:
     index = {
         "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": put(manifest),
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
+        "manifests": [{**descriptor, "annotations": {"org.opencontainers.image.ref.name": tag}}],
     }
     with open(f"{path}/index.json", "w") as handle:
         json.dump(index, handle)
     with open(f"{path}/oci-layout", "w") as handle:
         handle.write('{"imageLayoutVersion":"1.0.0"}')
     return f"oci:{path}:{tag}"
+
+
+def write_layout(path: str, layers: list[LayoutLayer], tag: str = "v1") -> str:
+    """An OCI layout holding one image; returns its `oci:PATH:TAG` name."""
+    blobs = f"{path}/blobs/sha256"
+    os.makedirs(blobs, exist_ok=True)
+    return _finish_layout(path, _image(blobs, layers), tag)
+
+
+def write_multi_platform(path: str, images: dict[str, list[LayoutLayer]], tag: str = "v1") -> str:
+    """An OCI layout whose TAG is an image index with one image per platform."""
+    blobs = f"{path}/blobs/sha256"
+    os.makedirs(blobs, exist_ok=True)
+    manifests = [_image(blobs, layers, platform) for platform, layers in images.items()]
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        }
+    ).encode()
+    descriptor = {
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": _put(blobs, index),
+        "size": len(index),
+    }
+    return _finish_layout(path, descriptor, tag)
 
 
 # A misbehaving registry ----------------------------------------------------------

@@ -120,3 +120,36 @@ def umoci_rootfs(layout: str, tag: str, target: str) -> str:
     """What umoci unpacks for the image: the reference tree."""
     run("umoci", "unpack", "--image", f"{layout}:{tag}", target)
     return f"{target}/rootfs"
+
+
+DEBIAN_MIRROR = os.environ.get("STRATA_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def build_debian(top: str) -> tuple[str, str]:
+    """A minbase Debian 12 image made by debootstrap, packed by umoci as one
+    layer, plus a second layer that removes and changes files as an update
+    would; returns (layout, tag)."""
+    rootfs_source = f"{top}/debootstrap"
+    result = subprocess.run(
+        ["debootstrap", "--variant=minbase", "bookworm", rootfs_source, DEBIAN_MIRROR],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+        raise AssertionError("debootstrap failed: " + " | ".join(tail))
+    layout, tag, bundle = f"{top}/layout", "bookworm", f"{top}/bundle"
+    run("umoci", "init", "--layout", layout)
+    run("umoci", "new", "--image", f"{layout}:{tag}")
+    run("umoci", "unpack", "--image", f"{layout}:{tag}", bundle)
+    os.rmdir(f"{bundle}/rootfs")
+    os.rename(rootfs_source, f"{bundle}/rootfs")
+    run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:{tag}", bundle)
+    rootfs = f"{bundle}/rootfs"
+    shutil.rmtree(f"{rootfs}/usr/share/doc")
+    shutil.rmtree(f"{rootfs}/var/cache/apt")
+    os.makedirs(f"{rootfs}/var/cache/apt")
+    _write(f"{rootfs}/etc/motd", "updated\n")
+    run("umoci", "repack", "--image", f"{layout}:{tag}", bundle)
+    shutil.rmtree(bundle)
+    return layout, tag

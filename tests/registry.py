@@ -3,11 +3,16 @@ with TLS (a CA made here with openssl) and htpasswd logins."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.server
+import json
 import os
 import socket
 import subprocess
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,8 +81,82 @@ def make_tls(directory: str) -> tuple[str, str, str]:
     return ca, cert, key
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 @contextlib.contextmanager
-def run_registry(top: str, *, tls: bool = False, logins: bool = False) -> Iterator[Registry]:
+def token_service(top: str) -> Iterator[tuple[str, str]]:
+    """A bearer-token service as docker-registry's `auth: token` expects: it
+    checks the Basic login and signs an RS256 JWT (openssl) granting what was
+    asked. Yields (realm URL, certificate the registry trusts)."""
+    os.makedirs(top, exist_ok=True)
+    key, cert = f"{top}/token.key", f"{top}/token.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+         "-out", cert, "-days", "2", "-subj", "/CN=strata token issuer"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    der = subprocess.run(
+        ["openssl", "x509", "-in", cert, "-outform", "DER"], check=True, capture_output=True
+    ).stdout
+    login = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.headers.get("Authorization") != login:
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+            access = []
+            for scope in query.get("scope", []):
+                kind, name, actions = scope.split(":")
+                access.append({"type": kind, "name": name, "actions": actions.split(",")})
+            now = int(time.time())
+            header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+            claims = {
+                "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": now + 300,
+                "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(), "access": access,
+            }  # fmt: skip
+            signing_input = (
+                _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+            )
+            signature = subprocess.run(
+                ["openssl", "dgst", "-sha256", "-sign", key],
+                input=signing_input.encode(), check=True, capture_output=True,
+            ).stdout  # fmt: skip
+            token = signing_input + "." + _b64url(signature)
+            body = json.dumps({"token": token, "expires_in": 300}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/token", cert
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+TOKEN_SERVICE = "strata-test-registry"
+TOKEN_ISSUER = "strata-test-issuer"
+
+
+@contextlib.contextmanager
+def run_registry(
+    top: str, *, tls: bool = False, logins: bool = False, tokens: bool = False
+) -> Iterator[Registry]:
     os.makedirs(top, exist_ok=True)
     port = free_port()
     lines = [
@@ -105,6 +184,11 @@ def run_registry(top: str, *, tls: bool = False, logins: bool = False) -> Iterat
         with open(f"{top}/htpasswd", "w") as handle:
             handle.write(htpasswd)
         lines += ["auth:", "  htpasswd:", "    realm: strata-test", f"    path: {top}/htpasswd"]
+    services = contextlib.ExitStack()
+    if tokens:
+        realm, token_cert = services.enter_context(token_service(f"{top}/tokens"))
+        lines += ["auth:", "  token:", f"    realm: {realm}", f"    service: {TOKEN_SERVICE}",
+                  f"    issuer: {TOKEN_ISSUER}", f"    rootcertbundle: {token_cert}"]  # fmt: skip
     config = f"{top}/config.yml"
     with open(config, "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -112,7 +196,7 @@ def run_registry(top: str, *, tls: bool = False, logins: bool = False) -> Iterat
     process = subprocess.Popen(
         ["docker-registry", "serve", config], stdout=log, stderr=subprocess.STDOUT
     )
-    registry = Registry(f"127.0.0.1:{port}", ca, logins)
+    registry = Registry(f"127.0.0.1:{port}", ca, logins or tokens)
     try:
         url = f"{'https' if tls else 'http'}://{registry.host}/v2/"
         deadline = time.monotonic() + 30
@@ -136,3 +220,4 @@ def run_registry(top: str, *, tls: bool = False, logins: bool = False) -> Iterat
             process.kill()
             process.wait()
         log.close()
+        services.close()

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 
-from tests.images import build_busybox, run, umoci_rootfs
-from tests.mounts import force_unmount, strata
+from tests.images import build_busybox, build_debian, run, umoci_rootfs
+from tests.mounts import STRATA, force_unmount, strata
 from tests.registry import Registry, run_registry
 from tests.trees import Node, Snapshot, differences, snapshot
 from unionfs.mount import find_mount
@@ -324,3 +325,110 @@ def test_store_lists_inspects_and_prunes(scratch: str, busybox: tuple[str, str])
     assert "1 leftovers" in strata(store, "prune").stdout
     missing = strata(store, "mount", "nothing:here", f"{scratch}", check=False)
     assert missing.returncode == 1 and missing.stderr.startswith("strata: error: no image")
+
+
+@pytest.fixture(scope="session")
+def debian(session_dir: str) -> tuple[str, str]:
+    return build_debian(f"{session_dir}/debian")
+
+
+def test_debian_image_mounts_as_umoci_unpacks_it(
+    scratch: str, registry: Registry, debian: tuple[str, str]
+) -> None:
+    layout, tag = debian
+    image = f"{registry.host}/debian:bookworm"
+    skopeo_copy(f"oci:{layout}:{tag}", f"docker://{image}", *registry.skopeo_flags("dest"))
+    reference = snapshot(umoci_rootfs(layout, tag, f"{scratch}/ref"))
+    store = f"{scratch}/store"
+    strata(store, "pull", image, *registry.strata_flags())
+    with Mounted(store, f"{scratch}/mnt", "debian:bookworm", "--name", "deb") as mnt:
+        assert differences(reference, snapshot(mnt)) == []
+        # The image works as a root filesystem.
+        out = subprocess.run(
+            ["chroot", mnt, "/usr/bin/dpkg-query", "-W", "-f=${Package}\n", "dpkg"],
+            capture_output=True,
+            text=True,
+        )
+        assert out.stdout == "dpkg\n", out.stderr
+        assert not os.path.exists(f"{mnt}/usr/share/doc")
+
+
+def test_bearer_token_registry(scratch: str, busybox: tuple[str, str]) -> None:
+    """docker-registry with `auth: token`: strata follows the Bearer challenge
+    to the token service, with the login, for pull and for push."""
+    with run_registry(f"{scratch}/registry", tokens=True) as tokens:
+        image = seed_registry(tokens, busybox, "tokens/busybox")
+        store = f"{scratch}/store"
+        anonymous = strata(store, "pull", image, "--tls-verify=false", check=False)
+        assert anonymous.returncode == 1 and "token service refused" in anonymous.stderr
+        strata(store, "pull", image, *tokens.strata_flags())
+        pushed = f"{tokens.host}/tokens/again:v1"
+        summary = strata(store, "push", image, pushed, *tokens.strata_flags()).stderr
+        # The blobs were pulled from tokens/busybox: the registry links them over.
+        assert "0 uploaded, 4 mounted from another repository" in summary
+        out = run("skopeo", "inspect", "--tls-verify=false", "--creds=strata:s3cret-pass",
+                  f"docker://{pushed}")  # fmt: skip
+        assert len(json.loads(out)["Layers"]) == 3
+
+
+def test_layer_compressions_and_platform_choice(scratch: str, registry: Registry) -> None:
+    """gzip, zstd and plain layers; an index with two platforms, imported and
+    pulled (OCI index through the registry, and a Docker v2 manifest list)."""
+    import zstandard
+
+    from tests.hostile import LayoutLayer, file_entry, layer_tar, write_multi_platform
+
+    plain = layer_tar(file_entry("etc/plain", b"plain\n"))
+    zstd = layer_tar(file_entry("etc/zstd", b"zstd\n"))
+    amd64 = [
+        LayoutLayer(layer_tar(file_entry("etc/arch", b"amd64\n"))),
+        LayoutLayer(plain, blob=plain, media_type="application/vnd.oci.image.layer.v1.tar"),
+        LayoutLayer(
+            zstd,
+            blob=zstandard.ZstdCompressor().compress(zstd),
+            media_type="application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+    ]
+    arm64 = [LayoutLayer(layer_tar(file_entry("etc/arch", b"arm64\n")))]
+    layout = write_multi_platform(f"{scratch}/multi", {"linux/amd64": amd64, "linux/arm64": arm64})
+    store = f"{scratch}/store"
+    strata(store, "import", layout, "multi:amd")
+    strata(store, "import", layout, "multi:arm", "--platform", "linux/arm64")
+    missing = strata(store, "import", layout, "multi:s390", "--platform=linux/s390x", check=False)
+    assert missing.returncode == 1 and "linux/amd64, linux/arm64" in missing.stderr
+    with Mounted(store, f"{scratch}/amd", "--read-only", "multi:amd") as mnt:
+        for name, text in (("arch", "amd64\n"), ("plain", "plain\n"), ("zstd", "zstd\n")):
+            with open(f"{mnt}/etc/{name}") as handle:
+                assert handle.read() == text
+    # Through the registry: skopeo copies the whole index, or converts to Docker v2.
+    skopeo_copy(layout, f"docker://{registry.host}/multi/oci:v1", "--all",
+                *registry.skopeo_flags("dest"))  # fmt: skip
+    pulled = f"{scratch}/pulled"
+    strata(pulled, "pull", f"{registry.host}/multi/oci:v1", "--platform=linux/arm64",
+           *registry.strata_flags())  # fmt: skip
+    with (
+        Mounted(pulled, f"{scratch}/arm", "--read-only", "multi/oci:v1") as mnt,
+        open(f"{mnt}/etc/arch") as handle,
+    ):
+        assert handle.read() == "arm64\n"
+    # Docker v2 has no zstd: the arm64 image (gzip) goes over as schema 2.
+    skopeo_copy(layout, f"docker://{registry.host}/multi/docker:v1", "--format=v2s2",
+                "--override-arch=arm64", *registry.skopeo_flags("dest"))  # fmt: skip
+    strata(pulled, "pull", f"{registry.host}/multi/docker:v1", *registry.strata_flags())
+    info = json.loads(strata(pulled, "inspect", "multi/docker:v1").stdout)
+    assert info["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def test_concurrent_pulls_share_one_unpack(
+    scratch: str, registry: Registry, busybox: tuple[str, str]
+) -> None:
+    image = seed_registry(registry, busybox, "together/busybox")
+    store = f"{scratch}/store"
+    command = [*STRATA, "--root", store, "pull", image, *registry.strata_flags()]
+    pulls = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for process in pulls:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+    assert len(os.listdir(f"{store}/layers")) == 3
+    assert [name for name in os.listdir(f"{store}/tmp")] == []
+    assert len(json.loads(strata(store, "images", "--json").stdout)) == 1

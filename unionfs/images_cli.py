@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .errors import StrataError
@@ -127,6 +128,16 @@ def _registry_options(args: argparse.Namespace, host: str) -> Any:
     return options
 
 
+def _report(quiet: bool) -> Callable[[str], None]:
+    """What push did, on stderr (as skopeo tells which blobs it skipped) unless -q."""
+
+    def report(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr)
+
+    return report
+
+
 def _note(message: str) -> None:
     if sys.stderr.isatty():
         print(message, file=sys.stderr)
@@ -178,11 +189,12 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
         from .image.reference import parse_reference
         from .image.registry import push
 
+        report = _report(args.quiet)
         with store.shared():
             name, image = store.resolve(args.image)
             reference = parse_reference(args.destination or name, remote=True)
             digest = push(
-                store, image, reference, _registry_options(args, reference.registry), _note
+                store, image, reference, _registry_options(args, reference.registry), report
             )
         print(digest)
     elif verb == "import":

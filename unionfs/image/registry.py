@@ -234,9 +234,10 @@ class RegistryClient:
         if scheme != "bearer" or "realm" not in params:
             raise StrataError(f"{self.host}: unsupported authentication {scheme or 'challenge'!r}")
         query = {"service": params.get("service", "")}
-        wanted = [scope] if scope else []
-        if params.get("scope") and params["scope"] not in wanted:
-            wanted.append(params["scope"])
+        wanted = scope.split()  # one scope parameter each, as the spec's token API wants
+        for item in params.get("scope", "").split():
+            if item not in wanted:
+                wanted.append(item)
         query_items = [(k, v) for k, v in query.items() if v] + [("scope", s) for s in wanted]
         realm = params["realm"]
         headers = {"Authorization": self.credentials} if self.credentials else {}
