@@ -180,6 +180,12 @@ def test_bad_paths_and_names_are_one_line_errors(scratch: str) -> None:
     with open(f"{scratch}/layout/index.json", "w") as handle:
         handle.write("{not json")
     refused(store, "import", f"oci:{scratch}/layout", expect="not valid JSON")
+    good = write_layout(f"{scratch}/good", [GOOD])
+    strata(store, "import", good, "good")
+    with open(f"{scratch}/a-file", "w") as handle:
+        handle.write("x")
+    refused(store, "export", "good", f"oci:{scratch}/a-file/sub", expect="Not a directory")
+    refused(store, "export", "good", f"docker-archive:{scratch}/nodir/x.tar", expect="No such")
 
 
 @pytest.fixture(scope="module")

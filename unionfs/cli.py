@@ -143,6 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StrataError as exc:
         print(f"strata: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A path the user gave that cannot be used (full disk, no permission,
+        # a file where a directory should be): one line, as for any mistake.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"strata: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
