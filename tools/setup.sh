@@ -15,6 +15,7 @@ packages=(
   fuse3 libfuse3-dev fuse-overlayfs
   util-linux mount procps ca-certificates
   docker-registry skopeo umoci busybox-static debootstrap apache2-utils openssl zstd
+  runc crun bubblewrap podman
 )
 missing=()
 for package in "${packages[@]}"; do
@@ -37,3 +38,9 @@ if [[ ! -x .venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+
+# `mount -t fuse.strata` (fstab) runs mount.fuse3, which finds `strata` only on
+# the system PATH; the same holds for tools given `strata-overlayfs` by name.
+for command in strata strata-overlayfs; do
+  ln -sfn "$PWD/.venv/bin/$command" "/usr/local/bin/$command"
+done

@@ -22,6 +22,38 @@ def default_root() -> str:
     return os.path.join(data, "strata")
 
 
+def _is_mount_helper_call(arguments: list[str]) -> bool:
+    """mount.fuse3 runs `strata SOURCE MOUNTPOINT -o OPTIONS` for `-t fuse.strata`."""
+    return (
+        len(arguments) >= 2
+        and not arguments[0].startswith("-")
+        and arguments[0] not in VERBS
+        and any(item == "-o" or item.startswith("-o") for item in arguments[1:])
+    )
+
+
+VERBS = frozenset(
+    [
+        "mount",
+        "umount",
+        "fsck",
+        "demo",
+        "pull",
+        "push",
+        "import",
+        "export",
+        "images",
+        "inspect",
+        "rmi",
+        "ps",
+        "rm",
+        "prune",
+        "diff",
+        "commit",
+    ]
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strata", description="A union filesystem for layered container images."
@@ -50,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--read-only", action="store_true", help="mount an image without a container layer"
+    )
+    mount.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="HOSTDIR:/PATH[:ro]",
+        help="bind a host directory at PATH inside the mount (bypasses the container layer)",
     )
     mount.add_argument(
         "--upper", metavar="DIR", help="writable layer (overlayfs upper format); changes land here"
@@ -87,8 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if _is_mount_helper_call(arguments):
+        from .overlayfs_cli import run
+
+        return run(arguments)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(arguments)
     # argparse stops filling a positional list at the first option, so
     # `mount IMAGE --name C MOUNTPOINT` leaves MOUNTPOINT over: take it back.
     if args.verb == "mount" and extra and not any(item.startswith("-") for item in extra):
@@ -118,7 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 writable = WritableLayer(args.upper, work, args.xattrs, args.whiteouts)
             elif args.work:
                 raise StrataError("--work needs --upper")
-            mount(MountRequest(root, args.layer, args.targets[0], args.foreground, writable))
+            from .volumes import parse_volume
+
+            volumes = [parse_volume(text) for text in args.volume]
+            mount(
+                MountRequest(
+                    root, args.layer, args.targets[0], args.foreground, writable, volumes=volumes
+                )
+            )
         elif args.verb == "fsck":
             from .mount import MountRequest, WritableLayer, check_upper, default_work_dir
 

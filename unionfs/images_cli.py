@@ -306,8 +306,10 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
     """`strata mount IMAGE MOUNTPOINT [--name C]`: the image's layers under the
     container's writable layer, made on first use and kept until `strata rm`."""
     from .mount import MountRequest, WritableLayer, check_mountpoint, mount
+    from .volumes import parse_volume
 
     image_text, mountpoint = args.targets
+    volumes = [parse_volume(text) for text in args.volume]
     store = open_store(root)
     check_mountpoint(mountpoint)
     # The store lock is held while choosing, never across the mount: the
@@ -335,7 +337,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         elif args.name:
             raise StrataError("--read-only mounts no container; leave out --name")
     if record is None:
-        mount(MountRequest(root, paths, mountpoint, args.foreground, None, known))
+        mount(MountRequest(root, paths, mountpoint, args.foreground, None, known, volumes=volumes))
         return
     directory = store.container_dir(record["name"])
     writable = WritableLayer(
@@ -349,10 +351,10 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         print(record["name"], flush=True)
     if args.foreground:
         store.update_container(record["name"], mountpoint=real)
-        mount(MountRequest(root, paths, mountpoint, True, writable, known))
+        mount(MountRequest(root, paths, mountpoint, True, writable, known, volumes=volumes))
         return
     try:
-        mount(MountRequest(root, paths, mountpoint, False, writable, known))
+        mount(MountRequest(root, paths, mountpoint, False, writable, known, volumes=volumes))
     except BaseException:
         if created:
             store.remove_container(record["name"])

@@ -26,6 +26,7 @@ from .errors import StrataError
 if TYPE_CHECKING:
     from .core.index import Index
     from .core.upper import UpperStore
+    from .volumes import Volume
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class MountRequest:
     writable: WritableLayer | None = None
     # Identities of layers that never change (an image's DiffIDs): no fingerprint walk.
     known_ids: Sequence[bytes] | None = None
+    # Mount read-only even with a writable layer (overlay's `ro` with an upperdir).
+    read_only: bool = False
+    volumes: Sequence[Volume] = ()
 
 
 def default_work_dir(upper: str) -> str:
@@ -180,13 +184,30 @@ def mount(request: MountRequest) -> None:
             if writable.upper == layer or layer.startswith(writable.upper + "/"):
                 raise StrataError(f"the upper directory must not hold the layer {layer}")
     request = MountRequest(
-        request.root, layers, mountpoint, request.foreground, writable, request.known_ids
+        request.root,
+        layers,
+        mountpoint,
+        request.foreground,
+        writable,
+        request.known_ids,
+        request.read_only,
+        request.volumes,
     )
     if request.foreground:
+        if request.volumes:
+            raise StrataError("--volume needs a background mount (leave out -f)")
         _configure_logging()
         serve(request, notify=_print_progress)
         return
     _mount_in_background(request)
+    if request.volumes:
+        from .volumes import attach
+
+        try:
+            attach(mountpoint, list(request.volumes), pid_file(mountpoint))
+        except BaseException:
+            unmount(mountpoint)
+            raise
 
 
 def _print_progress(message: str) -> None:
@@ -280,7 +301,11 @@ def serve(request: MountRequest, notify: Notify) -> None:
         view = UnionView(index, stack.root, stack.layers, store)
         operations = StrataOperations(view)
         try:
-            pyfuse3.init(operations, request.mountpoint, fuse_options(read_only=store is None))
+            pyfuse3.init(
+                operations,
+                request.mountpoint,
+                fuse_options(read_only=store is None or request.read_only),
+            )
         except RuntimeError as exc:
             raise StrataError(f"cannot mount on {request.mountpoint}: {exc}") from exc
         try:
@@ -395,6 +420,9 @@ def unmount(mountpoint: str, *, timeout: float = 30.0) -> None:
     if mounted is None or mounted.fstype != FSTYPE:
         raise StrataError(f"{real} is not a strata mount")
     pid = _read_pid(pid_file(real))
+    from .volumes import detach
+
+    detach(pid_file(real))  # the volume binds first: they sit on this mount
     command = ["umount", real] if os.geteuid() == 0 else ["fusermount3", "-u", real]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:

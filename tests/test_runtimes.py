@@ -1,0 +1,307 @@
+"""strata under other tools: the fuse-overlayfs command line, mount.fuse3 and
+fstab, volumes, and real runtimes (chroot, bubblewrap, runc, crun) using a
+strata mount as their root filesystem."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.images import build_busybox, build_debian, run
+from tests.mounts import force_unmount, overlay_mount, strata
+from tests.test_images import Mounted
+from tests.trees import differences, snapshot
+from unionfs.mount import find_mount
+
+OVERLAYFS_CLI = [sys.executable, "-c", "from unionfs.overlayfs_cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("runtimes"))
+
+
+@pytest.fixture(scope="module")
+def busybox_store(module_dir: str) -> str:
+    layout, tag = build_busybox(f"{module_dir}/busybox")
+    store = f"{module_dir}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    return store
+
+
+def make_layers(top: str) -> tuple[str, str]:
+    lower, top_layer = f"{top}/l1", f"{top}/l2"
+    os.makedirs(f"{lower}/a/deep")
+    os.makedirs(f"{top_layer}/a")
+    for path, text in ((f"{lower}/a/f", "one\n"), (f"{lower}/a/deep/x", "x\n"),
+                       (f"{top_layer}/a/g", "two\n"), (f"{lower}/gone", "gone\n")):  # fmt: skip
+        with open(path, "w") as handle:
+            handle.write(text)
+    os.mknod(f"{top_layer}/gone", 0o600 | 0o020000, 0)  # an overlay whiteout
+    return lower, top_layer
+
+
+def unmount(mountpoint: str) -> None:
+    result = strata(os.path.dirname(mountpoint) + "/root", "umount", mountpoint, check=False)
+    if result.returncode != 0 or find_mount(mountpoint) is not None:
+        force_unmount(mountpoint)
+
+
+def test_strata_overlayfs_is_a_drop_in(scratch: str) -> None:
+    lower, top = make_layers(scratch)
+    env = {**os.environ, "STRATA_ROOT": f"{scratch}/root"}
+    for name in ("u", "w", "mp", "ku", "kw", "kmp"):
+        os.makedirs(f"{scratch}/{name}")
+    options = f"lowerdir={top}:{lower},upperdir={scratch}/u,workdir={scratch}/w"
+    refused = subprocess.run(
+        [*OVERLAYFS_CLI, "-o", options + ",uidmapping=0:1000:1", f"{scratch}/mp"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "uidmapping is not supported" in refused.stderr
+    result = subprocess.run(
+        [*OVERLAYFS_CLI, "-o", options + ",fsync=0,noacl", f"{scratch}/mp"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "strata-overlayfs: warning: option fsync is ignored:"
+        " copy-ups are always made durable before they show (as fsync=1)\n"
+    )
+    try:
+        kernel_options = f"upperdir={scratch}/ku,workdir={scratch}/kw"
+        with overlay_mount([lower, top], f"{scratch}/kmp", options=kernel_options):
+            assert (
+                differences(snapshot(f"{scratch}/kmp"), snapshot(f"{scratch}/mp"), times=False)
+                == []
+            )
+        with open(f"{scratch}/mp/a/new", "w") as handle:
+            handle.write("new\n")
+        assert os.path.exists(f"{scratch}/u/a/new")
+    finally:
+        unmount(f"{scratch}/mp")
+
+
+def test_mount_type_fuse_strata_and_fstab(scratch: str) -> None:
+    """`mount -t fuse.strata` goes through mount.fuse3, which runs `strata
+    SOURCE MOUNTPOINT -o OPTIONS` from the system PATH (tools/setup.sh links it)."""
+    lower, top = make_layers(scratch)
+    os.makedirs(f"{scratch}/mp")
+    env = {**os.environ, "STRATA_ROOT": f"{scratch}/root"}
+    options = f"lowerdir={top}:{lower},upperdir={scratch}/u,workdir={scratch}/w"
+    os.makedirs(f"{scratch}/u")
+    os.makedirs(f"{scratch}/w")
+    mount_command = ["mount", "-t", "fuse.strata", "overlay", f"{scratch}/mp", "-o", options]
+    result = subprocess.run(mount_command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert sorted(os.listdir(f"{scratch}/mp/a")) == ["deep", "f", "g"]
+        assert not os.path.exists(f"{scratch}/mp/gone")
+        assert find_mount(f"{scratch}/mp") is not None
+    finally:
+        unmount(f"{scratch}/mp")
+    with open(f"{scratch}/fstab", "w") as handle:
+        handle.write(f"overlay {scratch}/mp fuse.strata {options},noauto 0 0\n")
+    fstab_command = ["mount", "-T", f"{scratch}/fstab", f"{scratch}/mp"]
+    result = subprocess.run(fstab_command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    try:
+        with open(f"{scratch}/mp/a/g") as handle:
+            assert handle.read() == "two\n"
+    finally:
+        unmount(f"{scratch}/mp")
+
+
+def test_volumes_bypass_the_container_layer(scratch: str, busybox_store: str) -> None:
+    data, config = f"{scratch}/data", f"{scratch}/config"
+    os.makedirs(data)
+    os.makedirs(config)
+    with open(f"{config}/settings", "w") as handle:
+        handle.write("setting\n")
+    store = busybox_store
+    name = f"vol-{os.path.basename(scratch)}"
+    try:
+        volumes = ["--volume", f"{data}:/srv/data", "-v", f"{config}:/etc/app:ro"]
+        with Mounted(store, f"{scratch}/mnt", "busybox", "--name", name, *volumes) as mnt:
+            with open(f"{mnt}/srv/data/written", "w") as handle:
+                handle.write("kept\n")
+            with open(f"{mnt}/etc/app/settings") as handle:
+                assert handle.read() == "setting\n"
+            with pytest.raises(OSError) as refused:
+                open(f"{mnt}/etc/app/new", "w").close()
+            assert refused.value.errno == 30  # EROFS
+            diff = strata(store, "diff", name).stdout.splitlines()
+        assert "A /srv/data/written" not in diff
+        upper = f"{store}/containers/{name}/upper"
+        assert not os.path.exists(f"{upper}/srv/data/written")
+        with open(f"{data}/written") as handle:  # outlives the mount
+            assert handle.read() == "kept\n"
+        escape = strata(store, "mount", "busybox", "--name", name, "-v", f"{data}:/lib/was-dir/x",
+                        f"{scratch}/mnt", check=False)  # fmt: skip
+        assert escape.returncode == 1 and "is a symlink" in escape.stderr
+        assert find_mount(f"{scratch}/mnt") is None
+    finally:
+        strata(store, "rm", name, check=False)
+
+
+# Real runtimes --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def debian_store(module_dir: str) -> str:
+    layout, tag = build_debian(f"{module_dir}/debian")
+    store = f"{module_dir}/debian-store"
+    strata(store, "import", f"oci:{layout}:{tag}", "debian")
+    return store
+
+
+def make_deb(top: str) -> str:
+    """A local package: installs /usr/share/strata-probe/hello."""
+    root = f"{top}/pkg"
+    os.makedirs(f"{root}/DEBIAN")
+    os.makedirs(f"{root}/usr/share/strata-probe")
+    with open(f"{root}/DEBIAN/control", "w") as handle:
+        handle.write(
+            "Package: strata-probe\nVersion: 1.0\nArchitecture: all\n"
+            "Maintainer: strata tests <tests@strata.invalid>\nDescription: probe\n"
+        )
+    with open(f"{root}/usr/share/strata-probe/hello", "w") as handle:
+        handle.write("installed\n")
+    run("dpkg-deb", "--build", "--root-owner-group", root, f"{top}/strata-probe.deb")
+    return f"{top}/strata-probe.deb"
+
+
+def container_checks(mnt: str) -> None:
+    """What a container does to its root: devices, fifos, sockets, locks,
+    MAP_SHARED writes, setuid and file capabilities."""
+    os.mknod(f"{mnt}/dev/zero2", 0o666 | 0o020000, os.makedev(1, 5))
+    with open(f"{mnt}/dev/zero2", "rb") as handle:
+        assert handle.read(4) == b"\0\0\0\0"
+    os.mkfifo(f"{mnt}/tmp/pipe")
+    assert os.path.exists(f"{mnt}/tmp/pipe")
+    with socket.socket(socket.AF_UNIX) as server, socket.socket(socket.AF_UNIX) as client:
+        server.bind(f"{mnt}/tmp/sock")
+        server.listen(1)
+        client.connect(f"{mnt}/tmp/sock")
+        peer, _ = server.accept()
+        with peer:
+            client.sendall(b"ping")
+            assert peer.recv(4) == b"ping"
+    with open(f"{mnt}/etc/hostname", "a") as first, open(f"{mnt}/etc/hostname", "a") as second:
+        fcntl.flock(first, fcntl.LOCK_EX)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(first, fcntl.LOCK_UN)
+        fcntl.lockf(second, fcntl.LOCK_EX)
+    # A lower file written through a shared mapping after its copy-up.
+    with open(f"{mnt}/etc/debian_version", "r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        with mmap.mmap(handle.fileno(), size, mmap.MAP_SHARED) as mapping:
+            mapping[:4] = b"MMAP"
+            mapping.flush()
+    with open(f"{mnt}/etc/debian_version", "rb") as handle:
+        assert handle.read(4) == b"MMAP"
+    # setuid: `id` made setuid root, run as uid 1000.
+    shutil.copy2(f"{mnt}/usr/bin/id", f"{mnt}/usr/local/bin/suid-id")
+    os.chmod(f"{mnt}/usr/local/bin/suid-id", 0o4755)
+    out = run("chroot", "--userspec=1000:1000", mnt, "/usr/local/bin/suid-id")
+    assert "euid=0" in out, out
+    # File capabilities survive the copy-up a chmod makes.
+    capability = bytes.fromhex("0100000200040000000000000000000000000000")  # cap_net_bind_service
+    os.setxattr(f"{mnt}/usr/bin/dpkg", "security.capability", capability)
+    os.chmod(f"{mnt}/usr/bin/dpkg", 0o755)
+    assert os.getxattr(f"{mnt}/usr/bin/dpkg", "security.capability") == capability
+
+
+def test_chroot_and_dpkg_in_a_debian_container(scratch: str, debian_store: str) -> None:
+    deb = make_deb(scratch)
+    name = f"deb-{os.path.basename(scratch)}"
+    try:
+        with Mounted(debian_store, f"{scratch}/mnt", "debian", "--name", name) as mnt:
+            # Dynamically linked programs run: exec, mmap of shared libraries.
+            assert "sources.list.d" in run("chroot", mnt, "/bin/ls", "/etc/apt")
+            shutil.copy(deb, f"{mnt}/tmp/strata-probe.deb")
+            run("chroot", mnt, "/usr/bin/dpkg", "-i", "/tmp/strata-probe.deb")
+            container_checks(mnt)
+        with Mounted(debian_store, f"{scratch}/mnt", "debian", "--name", name) as mnt:
+            status = run("chroot", mnt, "/usr/bin/dpkg-query", "-W", "-f=${Status}", "strata-probe")
+            assert status == "install ok installed"
+            with open(f"{mnt}/usr/share/strata-probe/hello") as handle:
+                assert handle.read() == "installed\n"
+            assert os.getxattr(f"{mnt}/usr/bin/dpkg", "security.capability")
+        upper = f"{debian_store}/containers/{name}/upper"
+        assert os.path.exists(f"{upper}/usr/share/strata-probe/hello")
+    finally:
+        strata(debian_store, "rm", name, check=False)
+
+
+def test_bubblewrap_runs_a_program_on_the_mount(scratch: str, busybox_store: str) -> None:
+    name = f"bwrap-{os.path.basename(scratch)}"
+    try:
+        with Mounted(busybox_store, f"{scratch}/mnt", "busybox", "--name", name) as mnt:
+            script = "echo from-bwrap > /tmp/out; cat /tmp/out; cat /etc/passwd"
+            out = run("bwrap", "--bind", mnt, "/", "--dev", "/dev", "--proc", "/proc",
+                      "/bin/sh", "-c", script)  # fmt: skip
+            assert out.startswith("from-bwrap\nroot:x:0:0")
+        assert os.path.exists(f"{busybox_store}/containers/{name}/upper/tmp/out")
+    finally:
+        strata(busybox_store, "rm", name, check=False)
+
+
+def oci_bundle(top: str, rootfs: str, args: list[str]) -> str:
+    bundle = f"{top}/bundle"
+    os.makedirs(bundle)
+    run("runc", "spec", "--bundle", bundle)
+    with open(f"{bundle}/config.json") as handle:
+        config = json.load(handle)
+    config["root"] = {"path": rootfs, "readonly": False}
+    config["process"]["terminal"] = False
+    config["process"]["args"] = args
+    # No network namespace setup and no cgroup limits are needed for the probe.
+    with open(f"{bundle}/config.json", "w") as handle:
+        json.dump(config, handle)
+    return bundle
+
+
+def _cgroup_hybrid() -> bool:
+    """cgroup v1 controllers with an empty v2 tree at /sys/fs/cgroup/unified."""
+    return os.path.isdir("/sys/fs/cgroup/unified") and find_mount("/sys/fs/cgroup") is not None
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_oci_runtime_uses_the_mount_as_rootfs(
+    scratch: str, busybox_store: str, runtime: str
+) -> None:
+    name = f"{runtime}-{os.path.basename(scratch)}"
+    # crun's documented flag for a sandbox without CAP_SYS_RESOURCE and cgroups.
+    flags = {"runc": [], "crun": ["--cgroup-manager=disabled"]}[runtime]
+    wrapper: list[str] = []
+    if runtime == "crun" and _cgroup_hybrid():
+        # crun refuses hybrid cgroups ("drop all controllers from cgroupv2"):
+        # give it a private mount namespace where /sys/fs/cgroup is cgroup2 only.
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"', "crun"]  # fmt: skip
+    try:
+        with Mounted(busybox_store, f"{scratch}/mnt", "busybox", "--name", name) as mnt:
+            script = "echo ran > /tmp/ran; cat /tmp/ran"
+            bundle = oci_bundle(scratch, mnt, ["/bin/sh", "-c", script])
+            command = [runtime, *flags, "--root", f"{scratch}/state", "run", "--bundle", bundle,
+                       name]  # fmt: skip
+            result = subprocess.run(
+                [*wrapper, *command], capture_output=True, text=True, timeout=120
+            )
+            assert result.returncode == 0, f"{runtime} failed: {result.stderr.strip()}"
+            assert result.stdout == "ran\n"
+        assert os.path.exists(f"{busybox_store}/containers/{name}/upper/tmp/ran")
+    finally:
+        subprocess.run([runtime, *flags, "--root", f"{scratch}/state", "delete", "--force", name],
+                       capture_output=True)  # fmt: skip
+        strata(busybox_store, "rm", name, check=False)

@@ -1,0 +1,219 @@
+"""`strata-overlayfs`: fuse-overlayfs's command line, served by strata.
+
+    strata-overlayfs [-f] [--debug] -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W][,...] DIR
+
+so tools that run fuse-overlayfs (containers-storage's mount_program,
+scripts, fstab through mount.fuse3) can run strata instead. lowerdir is in
+overlay's order, top layer first. Every option is either honoured, ignored
+with a warning that says what differs, or refused; none silently changes
+behaviour. The table is OPTIONS; the README prints it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import StrataError
+
+SUPPORTED, IGNORED, REFUSED = "supported", "ignored with a warning", "refused"
+
+# fuse-overlayfs's options (its man page, then those its source also takes),
+# and the generic mount options mount.fuse3 passes on.
+OPTIONS: dict[str, tuple[str, str]] = {
+    "lowerdir": (SUPPORTED, "the lower layers, top first; `\\:` escapes a colon in a path"),
+    "upperdir": (SUPPORTED, "the writable layer, in overlayfs's upper format"),
+    "workdir": (SUPPORTED, "on the upper directory's filesystem"),
+    "uidmapping": (REFUSED, "strata does not remap ids; mount in the user namespace instead"),
+    "gidmapping": (REFUSED, "as uidmapping"),
+    "squash_to_root": (REFUSED, "strata shows the layers' real owners"),
+    "squash_to_uid": (REFUSED, "as squash_to_root"),
+    "squash_to_gid": (REFUSED, "as squash_to_root"),
+    "static_nlink": (IGNORED, "directories keep their true link count"),
+    "noacl": (SUPPORTED, "strata never enforces POSIX ACLs: the kernel checks mode bits"),
+    "fsync": (IGNORED, "copy-ups are always made durable before they show (as fsync=1)"),
+    "volatile": (IGNORED, "fsync is never skipped"),
+    "fast_ino": (IGNORED, "inode numbers always come from strata's index"),
+    "writeback": (IGNORED, "strata never enables the writeback cache"),
+    "noxattrs": (IGNORED, "extended attributes stay available"),
+    "xattr_permissions": (IGNORED, "xattrs are checked by the kernel as on any filesystem"),
+    "plugins": (REFUSED, "strata has no layer plugins"),
+    "threaded": (IGNORED, "strata serves requests on trio, blocking work in threads"),
+    "redirect_dir": (IGNORED, "directory renames always use redirects"),
+    "timeout": (IGNORED, "strata sets its own cache timeouts (long: lower layers never change)"),
+    "debug": (SUPPORTED, "serve in the foreground, logging every request"),
+    "ro": (SUPPORTED, "read-only even with an upper directory"),
+    "rw": (SUPPORTED, "the default"),
+    "allow_other": (SUPPORTED, "always on as root, as fuse-overlayfs does"),
+    "allow_root": (IGNORED, "as root strata uses allow_other; otherwise only the owner"),
+    "default_permissions": (SUPPORTED, "always on: the kernel checks permissions"),
+    "dev": (SUPPORTED, "always on as root"),
+    "suid": (SUPPORTED, "always on as root"),
+    "exec": (SUPPORTED, "the default"),
+    "noatime": (SUPPORTED, "always on"),
+    "relatime": (IGNORED, "strata always mounts noatime"),
+    "nodev": (REFUSED, "strata cannot mount nodev yet"),
+    "nosuid": (REFUSED, "strata cannot mount nosuid yet"),
+    "noexec": (REFUSED, "strata cannot mount noexec yet"),
+    "context": (IGNORED, "no SELinux labels"),
+    "fscontext": (IGNORED, "no SELinux labels"),
+    "defcontext": (IGNORED, "no SELinux labels"),
+    "rootcontext": (IGNORED, "no SELinux labels"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayRequest:
+    lower_top_first: list[str]
+    upper: str | None
+    work: str | None
+    mountpoint: str
+    foreground: bool
+    read_only: bool
+    warnings: list[str]
+
+
+def split_options(text: str) -> list[tuple[str, str | None]]:
+    """`a=b,c` into [(a, b), (c, None)]; a backslash escapes a comma."""
+    items: list[tuple[str, str | None]] = []
+    current = ""
+    escaped = False
+    for char in text + ",":
+        if escaped:
+            current += "\\" + char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            if current:
+                key, sep, value = current.partition("=")
+                items.append((key, value if sep else None))
+            current = ""
+        else:
+            current += char
+    return items
+
+
+def split_lowerdir(value: str) -> list[str]:
+    parts: list[str] = []
+    current = ""
+    escaped = False
+    for char in value:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [part for part in parts if part]
+
+
+def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
+    options: list[tuple[str, str | None]] = []
+    positional: list[str] = []
+    foreground = False
+    arguments = list(argv)
+    while arguments:
+        item = arguments.pop(0)
+        if item == "-o":
+            if not arguments:
+                raise StrataError("-o needs options")
+            options += split_options(arguments.pop(0))
+        elif item.startswith("-o"):
+            options += split_options(item[2:])
+        elif item in ("-f", "--foreground"):
+            foreground = True
+        elif item in ("-d", "--debug"):
+            options.append(("debug", None))
+        elif item.startswith("-"):
+            raise StrataError(f"unknown flag {item}")
+        else:
+            positional.append(item)
+    if not positional:
+        raise StrataError("no mountpoint given")
+    # mount.fuse3 passes SOURCE MOUNTPOINT; fuse-overlayfs takes MOUNTPOINT.
+    mountpoint = positional[-1]
+    lower: list[str] = []
+    upper = work = None
+    read_only = False
+    warnings: list[str] = []
+    for key, value in options:
+        verdict, reason = OPTIONS.get(key, (IGNORED, "strata does not know this option"))
+        if verdict == REFUSED:
+            raise StrataError(f"option {key} is not supported: {reason}")
+        if verdict == IGNORED:
+            warnings.append(f"option {key} is ignored: {reason}")
+            continue
+        if key in ("lowerdir", "upperdir", "workdir") and not value:
+            raise StrataError(f"option {key} needs a value")
+        if key == "lowerdir":
+            lower = split_lowerdir(value or "")
+        elif key == "upperdir":
+            upper = value
+        elif key == "workdir":
+            work = value
+        elif key == "ro":
+            read_only = True
+        elif key == "rw":
+            read_only = False
+        elif key == "debug":
+            foreground = True
+    if not lower:
+        raise StrataError("lowerdir= is required")
+    if (upper is None) != (work is None):
+        raise StrataError("upperdir and workdir go together")
+    return OverlayRequest(lower, upper, work, mountpoint, foreground, read_only, warnings)
+
+
+def run(argv: Sequence[str]) -> int:
+    from .cli import default_root
+    from .mount import MountRequest, WritableLayer, mount
+
+    try:
+        request = parse_arguments(argv)
+        for warning in request.warnings:
+            print(f"strata-overlayfs: warning: {warning}", file=sys.stderr)
+        writable = None
+        if request.upper is not None:
+            assert request.work is not None
+            writable = WritableLayer(request.upper, request.work)
+        layers = list(reversed(request.lower_top_first))  # strata takes the lowest first
+        root = os.path.abspath(default_root())
+        mount(
+            MountRequest(
+                root,
+                layers,
+                request.mountpoint,
+                request.foreground,
+                writable,
+                read_only=request.read_only,
+            )
+        )
+    except StrataError as exc:
+        print(f"strata-overlayfs: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"strata-overlayfs: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+def options_table() -> str:
+    """The README's table of fuse-overlayfs options."""
+    lines = ["| option | strata | why |", "|---|---|---|"]
+    for key, (verdict, reason) in OPTIONS.items():
+        lines.append(f"| `{key}` | {verdict} | {reason} |")
+    return "\n".join(lines)
