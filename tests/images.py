@@ -98,6 +98,7 @@ def build_busybox(top: str) -> tuple[str, str]:
     os.mkfifo(f"{rootfs}/tmp/fifo", 0o644)
     os.makedirs(f"{rootfs}/dev")
     os.mknod(f"{rootfs}/dev/null", 0o666 | 0o020000, os.makedev(1, 3))
+    os.chmod(f"{rootfs}/dev/null", 0o666)  # mknod's mode went through the umask
     run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:{tag}", bundle)
     # Layer 2: deletions (files and a directory) and type changes.
     os.unlink(f"{rootfs}/etc/motd")

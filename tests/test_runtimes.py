@@ -12,11 +12,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
+from tests.hostile import LayoutLayer, file_entry, layer_tar, special_entry, write_layout
 from tests.images import build_busybox, build_debian, run
 from tests.mounts import force_unmount, overlay_mount, strata
+from tests.registry import run_registry
 from tests.test_images import Mounted
 from tests.trees import differences, snapshot
 from unionfs.mount import find_mount
@@ -305,3 +308,58 @@ def test_oci_runtime_uses_the_mount_as_rootfs(
         subprocess.run([runtime, *flags, "--root", f"{scratch}/state", "delete", "--force", name],
                        capture_output=True)  # fmt: skip
         strata(busybox_store, "rm", name, check=False)
+
+
+def small_image(top: str) -> str:
+    """Two layers of busybox-static (podman's own unpacker is stricter than
+    the OCI spec about umoci's whiteouts beneath a replaced directory)."""
+    busybox = open("/bin/busybox", "rb").read()  # noqa: SIM115 - read at once
+    links = [special_entry(f"bin/{name}", tarfile.SYMTYPE, "busybox") for name in ("sh", "cat")]
+    first = layer_tar(
+        special_entry("bin/", tarfile.DIRTYPE),
+        file_entry("bin/busybox", busybox, mode=0o755),
+        *links,
+        file_entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+        file_entry("etc/old", b"old\n"),
+        special_entry("tmp/", tarfile.DIRTYPE, mode=0o1777),
+    )
+    second = layer_tar(file_entry("etc/.wh.old", b""), file_entry("etc/new", b"new\n"))
+    return write_layout(f"{top}/small", [LayoutLayer(first), LayoutLayer(second)])
+
+
+def test_podman_with_strata_as_mount_program(scratch: str) -> None:
+    """containers-storage's overlay driver runs strata-overlayfs for every
+    mount: podman pulls from a local registry, runs a container (runc), and
+    commits it; the committed image runs too."""
+    mount_program = os.path.join(os.path.dirname(sys.executable), "strata-overlayfs")
+    env = {**os.environ, "STRATA_ROOT": f"{scratch}/strata"}
+    podman = ["podman", "--root", f"{scratch}/root", "--runroot", f"{scratch}/runroot",
+              "--storage-driver", "overlay",
+              "--storage-opt", f"overlay.mount_program={mount_program}",
+              "--cgroup-manager=cgroupfs", "--events-backend=file",
+              "--runtime", "runc"]  # fmt: skip
+    # The sandbox's limits, as the podman documentation spells them.
+    limits = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--network", "none"]
+
+    def call(*args: str) -> str:
+        result = subprocess.run([*podman, *args], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"podman {args[0]} failed: {result.stderr.strip()}"
+        return result.stdout
+
+    with run_registry(f"{scratch}/registry") as registry:
+        image = f"{registry.host}/small:latest"
+        run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", small_image(scratch),
+            f"docker://{image}")  # fmt: skip
+        try:
+            call("pull", "--quiet", "--tls-verify=false", image)
+            script = "echo written > /tmp/x; cat /tmp/x /etc/new; head -1 /proc/mounts"
+            out = call("run", "--name", "box", *limits, image, "/bin/sh", "-c", script)
+            lines = out.splitlines()
+            assert lines[:2] == ["written", "new"]
+            assert lines[2].split()[2] == "fuse.strata", lines[2]
+            call("commit", "--quiet", "box", "localhost/committed:v1")
+            again = call("run", "--rm", *limits, "localhost/committed:v1", "/bin/cat", "/tmp/x")
+            assert again == "written\n"
+        finally:
+            subprocess.run([*podman, "rm", "--all", "--force"], env=env, capture_output=True)
+            subprocess.run([*podman, "rmi", "--all", "--force"], env=env, capture_output=True)

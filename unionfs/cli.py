@@ -16,7 +16,7 @@ def default_root() -> str:
     env = os.environ.get("STRATA_ROOT")
     if env:
         return env
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and os.access("/var/lib", os.W_OK):  # not root of a user namespace
         return "/var/lib/strata"
     data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(data, "strata")

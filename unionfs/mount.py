@@ -146,7 +146,8 @@ def check_fuse_device() -> None:
 
 
 def runtime_dir() -> str:
-    if os.geteuid() == 0:
+    # Root of a user namespace is uid 0 but cannot write /run.
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
         return "/run/strata"
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/strata-{os.geteuid()}"
     return os.path.join(base, "strata")

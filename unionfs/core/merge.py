@@ -13,6 +13,7 @@ import stat
 import lmdb
 
 from ..errors import StrataError
+from . import overrides
 from .index import ROOT_INO, Index, name_hash
 from .layer import is_implicit, is_opaque, read_layer_dir, read_xattrs, visible_xattrs
 from .records import Entry, entry_from_stat, unpack_group
@@ -62,7 +63,7 @@ class LayerMerger:
         nlink: int | None = None,
         target: bytes = b"",
     ) -> Entry:
-        return entry_from_stat(
+        entry = entry_from_stat(
             ino,
             st,
             self.number,
@@ -73,6 +74,8 @@ class LayerMerger:
             target=target,
             xattrs=visible_xattrs(xattrs),
         )
+        override = overrides.from_xattrs(xattrs)
+        return entry if override is None else override.apply(entry)
 
     def _merge_dir(self, base: int, rel: bytes, opaque: bool) -> tuple[int, int]:
         """Merge this layer's directory *rel* onto listing *base*; return (listing, nlink).

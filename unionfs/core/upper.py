@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import StrataError
+from . import overrides
 from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device
 
 TRUSTED_PREFIX = b"trusted.overlay."
@@ -258,8 +259,14 @@ class UpperStore:
         return ino if store == self.store_id else None
 
     def set_ino(self, path: bytes, ino: int) -> None:
-        os.setxattr(path, _xattr_name(self.ino_xattr), _INO.pack(self.store_id, ino),
-                    follow_symlinks=False)  # fmt: skip
+        try:
+            os.setxattr(path, _xattr_name(self.ino_xattr), _INO.pack(self.store_id, ino),
+                        follow_symlinks=False)  # fmt: skip
+        except PermissionError:
+            # user.* xattrs cannot sit on symlinks, fifos, sockets or devices:
+            # in a rootless UPPER those get a new number at each remount.
+            if self.format.prefix == TRUSTED_PREFIX:
+                raise
 
     def set_ino_fd(self, fd: int, ino: int) -> None:
         os.setxattr(fd, _xattr_name(self.ino_xattr), _INO.pack(self.store_id, ino))
@@ -396,8 +403,9 @@ def copy_metadata(
     mtime_ns: int,
     xattrs: tuple[tuple[bytes, bytes], ...],
 ) -> None:
-    """Owner first (chown clears setuid and capabilities), then mode, xattrs, times."""
-    os.fchown(fd, uid, gid)
+    """Owner first (chown clears setuid and capabilities), then mode, xattrs, times.
+    Rootless, an owner that cannot be set goes into the stat override."""
+    overrides.set_owner(fd, mode, uid, gid)
     os.fchmod(fd, stat.S_IMODE(mode))
     for name, value in xattrs:
         os.setxattr(fd, _xattr_name(name), value)
@@ -415,7 +423,7 @@ def copy_link_metadata(
     mode: int | None = None,
 ) -> None:
     """Like copy_metadata for a path that may be a symlink or special file."""
-    os.chown(path, uid, gid, follow_symlinks=False)
+    overrides.set_owner(path, stat.S_IFLNK if mode is None else mode, uid, gid)
     if mode is not None:
         os.chmod(path, stat.S_IMODE(mode))
     for name, value in xattrs:

@@ -16,6 +16,7 @@ import stat
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
+from . import overrides
 from .index import ROOT_INO, Index, name_hash
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
@@ -29,6 +30,7 @@ from .upper import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
+    USER_PREFIX,
     UpperStore,
     copy_data,
     copy_link_metadata,
@@ -128,6 +130,8 @@ class UnionView:
         self.layer_paths = layers
         self.layer_fds = {number: open_layer_root(path) for number, path in layers.items()}
         self.store = upper
+        # A rootless UPPER (user.overlay.* markers) may hold stat overrides.
+        self.rootless = upper is not None and upper.format.prefix == USER_PREFIX
         self.lower_root = root
         top = Node(ROOT_INO, root.mode, ROOT_INO, b"")
         top.lookups = 1  # the kernel never forgets the root
@@ -288,9 +292,14 @@ class UnionView:
             node = Node(ino, st.st_mode, parent.ino, name)
             node.lower, node.lower_path, node.opaque = lower, lower_path, opaque
         else:
-            same_kind = lower is not None and stat.S_IFMT(lower.mode) == stat.S_IFMT(st.st_mode)
+            mode = st.st_mode
+            if self.rootless and stat.S_ISREG(mode):
+                override = overrides.read(path)  # a device kept as a plain file
+                if override is not None:
+                    mode = override.mode
+            same_kind = lower is not None and stat.S_IFMT(lower.mode) == stat.S_IFMT(mode)
             ino = self._upper_ino(path, lower.ino if lower is not None and same_kind else None)
-            node = Node(ino, st.st_mode, parent.ino, name)
+            node = Node(ino, mode, parent.ino, name)
             node.linked = self._is_linked(ino)
             if stat.S_ISREG(st.st_mode) and self.store.is_metacopy(rel):
                 node.metacopy = True
@@ -349,7 +358,7 @@ class UnionView:
                     )
                 )
             nlink = 2 + node.subdirs
-        return entry_from_stat(
+        entry = entry_from_stat(
             node.ino,
             st,
             UPPER_LAYER,
@@ -358,6 +367,11 @@ class UnionView:
             blocks=node.lower.blocks if node.metacopy and node.lower is not None else None,
             listing=node.lower.listing if node.lower is not None and node.is_dir else 0,
         )
+        if self.rootless:
+            override = overrides.read(self._host(node))
+            if override is not None:
+                entry = override.apply(entry)
+        return entry
 
     def getattr(self, ino: int) -> Entry:
         return self.attributes(self.node(ino))
@@ -559,16 +573,21 @@ class UnionView:
     def _copy_special(self, temp: bytes, ino: int, lower: Entry) -> None:
         """Copy a lower symlink, fifo, socket or device to *temp*."""
         assert self.store is not None
+        placeholder = None
         if stat.S_ISLNK(lower.mode):
             os.symlink(lower.target, temp)
         else:
-            os.mknod(temp, lower.mode, lower.rdev)
+            placeholder = overrides.make_node(temp, lower.mode, lower.rdev)
         self.store.set_ino(temp, ino)
         copy_link_metadata(
             temp, uid=lower.uid, gid=lower.gid, atime_ns=lower.atime_ns,
             mtime_ns=lower.mtime_ns, xattrs=lower.xattrs,
             mode=None if stat.S_ISLNK(lower.mode) else lower.mode,
         )  # fmt: skip
+        if placeholder is not None:  # rootless: a file standing for the device
+            overrides.write(
+                temp, overrides.StatOverride(lower.mode, lower.uid, lower.gid, lower.rdev)
+            )
 
     def _copy_up(self, node: Node, *, data: bool) -> None:
         """Copy a file up; without *data* a regular file becomes a metacopy."""
@@ -786,6 +805,7 @@ class UnionView:
         caller: Caller,
         make: Callable[[bytes], int | None],
         mode: int,
+        rdev: int = 0,
     ) -> tuple[Node, int | None]:
         """Create NAME in PARENT: built complete in WORK, then moved in place."""
         store = self._writable()
@@ -806,7 +826,12 @@ class UnionView:
         ino = self._allocate_ino()
         try:
             store.set_ino(temp, ino)
-            os.chown(temp, caller.uid, gid, follow_symlinks=False)
+            placeholder = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            placeholder = placeholder and stat.S_ISREG(os.lstat(temp).st_mode)
+            if placeholder:  # rootless: a plain file stands for the device
+                overrides.write(temp, overrides.StatOverride(mode, caller.uid, gid, rdev))
+            else:
+                overrides.set_owner(temp, mode, caller.uid, gid)
             if not stat.S_ISLNK(mode):
                 os.chmod(temp, stat.S_IMODE(mode))
             lower = self._lower_child(parent, name)
@@ -818,7 +843,8 @@ class UnionView:
                 os.close(fd)
             raise
         parent.subdirs = None
-        node = Node(ino, os.lstat(store.path(join(parent_rel, name))).st_mode, parent.ino, name)
+        shown = mode if placeholder else os.lstat(store.path(join(parent_rel, name))).st_mode
+        node = Node(ino, shown, parent.ino, name)
         node.upper = True
         node.opaque = stat.S_ISDIR(mode) and lower is not None
         if stat.S_ISDIR(mode):
@@ -850,9 +876,9 @@ class UnionView:
         parent = self._directory(parent_ino)
 
         def make(temp: bytes) -> None:
-            os.mknod(temp, (mode & ~0o7777) | 0o600, rdev)
+            overrides.make_node(temp, (mode & ~0o7777) | 0o600, rdev)
 
-        return self._new_object(parent, name, caller, make, mode)[0]
+        return self._new_object(parent, name, caller, make, mode, rdev)[0]
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, caller: Caller) -> Node:
         parent = self._directory(parent_ino)
@@ -1059,10 +1085,18 @@ class UnionView:
             self._copy_up(node, data=False)
         path = self._host(node)
         if uid is not None or gid is not None:
-            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid,
-                     follow_symlinks=False)  # fmt: skip
+            shown = self.attributes(node)
+            overrides.set_owner(
+                path,
+                shown.mode,
+                shown.uid if uid is None else uid,
+                shown.gid if gid is None else gid,
+                shown.rdev,
+            )
         if mode is not None and not stat.S_ISLNK(node.mode):
             os.chmod(path, stat.S_IMODE(mode))
+            if self.rootless:
+                overrides.update_mode(path, stat.S_IMODE(mode))
         if size is not None:
             if fd is not None:
                 os.ftruncate(fd, size)

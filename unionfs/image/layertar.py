@@ -26,6 +26,7 @@ from typing import IO, BinaryIO
 
 import zstandard
 
+from ..core import overrides
 from ..core.layer import HIDDEN_XATTR_PREFIXES, IMPLICIT_XATTRS, OPAQUE_MARKER, WHITEOUT_PREFIX
 from ..errors import StrataError
 
@@ -42,8 +43,21 @@ class LayerRefused(StrataError):
     """A layer that is broken or hostile."""
 
 
-def implicit_xattr() -> str:
-    return os.fsdecode(IMPLICIT_XATTRS[0] if os.geteuid() == 0 else IMPLICIT_XATTRS[1])
+def _mark_implicit(path: str) -> None:
+    """trusted.* where allowed (root), else user.* (rootless)."""
+    try:
+        os.setxattr(path, os.fsdecode(IMPLICIT_XATTRS[0]), b"y")
+    except PermissionError:
+        os.setxattr(path, os.fsdecode(IMPLICIT_XATTRS[1]), b"y")
+
+
+_TAR_KINDS = {
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
 
 
 # Streams ------------------------------------------------------------------------
@@ -165,6 +179,8 @@ class _Unpacker:
         self.implicit: set[str] = {""}
         self.dir_times: dict[str, float] = {}
         self.entries = 0
+        # Rootless: devices kept as plain files, by path, with their numbers.
+        self.devices: dict[str, int] = {}
 
     def path(self, rel: str) -> str:
         return os.path.join(self.target, rel) if rel else self.target
@@ -290,10 +306,9 @@ class _Unpacker:
                     f"entry {member.name!r} is a 0/0 character device, which reads as a whiteout"
                 )
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            try:
-                os.mknod(path, kind | 0o600, os.makedev(member.devmajor, member.devminor))
-            except PermissionError:
-                raise self.refuse(f"cannot create device {member.name!r} without root") from None
+            rdev = os.makedev(member.devmajor, member.devminor)
+            if overrides.make_node(path, kind | 0o600, rdev) is not None:
+                self.devices[rel] = rdev  # rootless: a plain file stands for it
         elif member.isfifo():
             os.mkfifo(path, 0o600)
         else:
@@ -305,11 +320,13 @@ class _Unpacker:
     def metadata(self, rel: str, member: tarfile.TarInfo) -> None:
         path = self.path(rel)
         link = member.issym()
-        try:
-            os.chown(path, member.uid, member.gid, follow_symlinks=False)
-        except PermissionError:
-            if os.geteuid() == 0:
-                raise
+        mode = _TAR_KINDS.get(member.type, stat.S_IFREG) | (member.mode & 0o7777)
+        rdev = self.devices.get(rel)
+        if rdev is not None:
+            overrides.write(path, overrides.StatOverride(mode, member.uid, member.gid, rdev))
+        else:
+            # Rootless, an owner that cannot be set is kept in the stat override.
+            overrides.set_owner(path, mode, member.uid, member.gid)
         if not link:  # chmod after chown: chown clears setuid bits
             os.chmod(path, member.mode & 0o7777, follow_symlinks=False)
         for key, value in member.pax_headers.items():
@@ -333,9 +350,8 @@ class _Unpacker:
                     raise
 
     def finish(self) -> list[str]:
-        name = implicit_xattr()
         for rel in sorted(self.implicit):
-            os.setxattr(self.path(rel), name, b"y")
+            _mark_implicit(self.path(rel))
         # Directory times last, deepest first: filling a directory moves its mtime.
         for rel in sorted(self.dir_times, key=lambda item: item.count("/"), reverse=True):
             os.utime(self.path(rel), ns=(_ns(self.dir_times[rel]),) * 2)
