@@ -363,3 +363,36 @@ def test_podman_with_strata_as_mount_program(scratch: str) -> None:
         finally:
             subprocess.run([*podman, "rm", "--all", "--force"], env=env, capture_output=True)
             subprocess.run([*podman, "rmi", "--all", "--force"], env=env, capture_output=True)
+
+
+def test_readme_lists_every_fuse_overlayfs_option() -> None:
+    """The README's option table is the one strata-overlayfs enforces."""
+    from unionfs.overlayfs_cli import options_table
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as handle:
+        assert options_table() in handle.read()
+
+
+def test_overlayfs_options_parse_as_fuse_overlayfs_writes_them() -> None:
+    from unionfs.errors import StrataError
+    from unionfs.overlayfs_cli import parse_arguments
+
+    request = parse_arguments(
+        ["-o", r"lowerdir=/a\:b:/c,upperdir=/u", "-o", "workdir=/w,ro,made_up", "-f", "/mnt"]
+    )
+    assert request.lower_top_first == ["/a:b", "/c"]
+    assert (request.upper, request.work, request.mountpoint) == ("/u", "/w", "/mnt")
+    assert request.read_only and request.foreground
+    assert request.warnings == ["option made_up is ignored: strata does not know this option"]
+    # mount.fuse3's form: SOURCE MOUNTPOINT -o OPTIONS (dev,suid added by it).
+    helper = parse_arguments(["overlay", "/mnt", "-o", "lowerdir=/l,dev,suid"])
+    assert helper.mountpoint == "/mnt" and helper.upper is None and helper.warnings == []
+    for bad, message in (
+        (["-o", "upperdir=/u", "/mnt"], "lowerdir= is required"),
+        (["-o", "lowerdir=/l,upperdir=/u", "/mnt"], "go together"),
+        (["-o", "lowerdir=/l,squash_to_root", "/mnt"], "squash_to_root is not supported"),
+        (["-o", "lowerdir=/l"], "no mountpoint"),
+    ):
+        with pytest.raises(StrataError, match=message):
+            parse_arguments(bad)
