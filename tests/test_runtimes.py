@@ -4,6 +4,7 @@ strata mount as their root filesystem."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import mmap
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -50,6 +52,16 @@ def make_layers(top: str) -> tuple[str, str]:
             handle.write(text)
     os.mknod(f"{top_layer}/gone", 0o600 | 0o020000, 0)  # an overlay whiteout
     return lower, top_layer
+
+
+@contextlib.contextmanager
+def named_container(store: str, scratch: str, prefix: str) -> Iterator[str]:
+    """A container name for this test; the container and its layer go after."""
+    name = f"{prefix}-{os.path.basename(scratch)}"
+    try:
+        yield name
+    finally:
+        strata(store, "rm", name, check=False)
 
 
 def unmount(mountpoint: str) -> None:
@@ -130,8 +142,7 @@ def test_volumes_bypass_the_container_layer(scratch: str, busybox_store: str) ->
     with open(f"{config}/settings", "w") as handle:
         handle.write("setting\n")
     store = busybox_store
-    name = f"vol-{os.path.basename(scratch)}"
-    try:
+    with named_container(store, scratch, "vol") as name:
         volumes = ["--volume", f"{data}:/srv/data", "-v", f"{config}:/etc/app:ro"]
         with Mounted(store, f"{scratch}/mnt", "busybox", "--name", name, *volumes) as mnt:
             with open(f"{mnt}/srv/data/written", "w") as handle:
@@ -151,8 +162,6 @@ def test_volumes_bypass_the_container_layer(scratch: str, busybox_store: str) ->
                         f"{scratch}/mnt", check=False)  # fmt: skip
         assert escape.returncode == 1 and "is a symlink" in escape.stderr
         assert find_mount(f"{scratch}/mnt") is None
-    finally:
-        strata(store, "rm", name, check=False)
 
 
 # Real runtimes --------------------------------------------------------------------
@@ -226,8 +235,7 @@ def container_checks(mnt: str) -> None:
 
 def test_chroot_and_dpkg_in_a_debian_container(scratch: str, debian_store: str) -> None:
     deb = make_deb(scratch)
-    name = f"deb-{os.path.basename(scratch)}"
-    try:
+    with named_container(debian_store, scratch, "deb") as name:
         with Mounted(debian_store, f"{scratch}/mnt", "debian", "--name", name) as mnt:
             # Dynamically linked programs run: exec, mmap of shared libraries.
             assert "sources.list.d" in run("chroot", mnt, "/bin/ls", "/etc/apt")
@@ -242,21 +250,16 @@ def test_chroot_and_dpkg_in_a_debian_container(scratch: str, debian_store: str) 
             assert os.getxattr(f"{mnt}/usr/bin/dpkg", "security.capability")
         upper = f"{debian_store}/containers/{name}/upper"
         assert os.path.exists(f"{upper}/usr/share/strata-probe/hello")
-    finally:
-        strata(debian_store, "rm", name, check=False)
 
 
 def test_bubblewrap_runs_a_program_on_the_mount(scratch: str, busybox_store: str) -> None:
-    name = f"bwrap-{os.path.basename(scratch)}"
-    try:
+    with named_container(busybox_store, scratch, "bwrap") as name:
         with Mounted(busybox_store, f"{scratch}/mnt", "busybox", "--name", name) as mnt:
             script = "echo from-bwrap > /tmp/out; cat /tmp/out; cat /etc/passwd"
             out = run("bwrap", "--bind", mnt, "/", "--dev", "/dev", "--proc", "/proc",
                       "/bin/sh", "-c", script)  # fmt: skip
             assert out.startswith("from-bwrap\nroot:x:0:0")
         assert os.path.exists(f"{busybox_store}/containers/{name}/upper/tmp/out")
-    finally:
-        strata(busybox_store, "rm", name, check=False)
 
 
 def oci_bundle(top: str, rootfs: str, args: list[str]) -> str:
@@ -283,7 +286,6 @@ def _cgroup_hybrid() -> bool:
 def test_oci_runtime_uses_the_mount_as_rootfs(
     scratch: str, busybox_store: str, runtime: str
 ) -> None:
-    name = f"{runtime}-{os.path.basename(scratch)}"
     # crun's documented flag for a sandbox without CAP_SYS_RESOURCE and cgroups.
     flags = {"runc": [], "crun": ["--cgroup-manager=disabled"]}[runtime]
     wrapper: list[str] = []
@@ -292,22 +294,22 @@ def test_oci_runtime_uses_the_mount_as_rootfs(
         # give it a private mount namespace where /sys/fs/cgroup is cgroup2 only.
         wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"', "crun"]  # fmt: skip
-    try:
-        with Mounted(busybox_store, f"{scratch}/mnt", "busybox", "--name", name) as mnt:
-            script = "echo ran > /tmp/ran; cat /tmp/ran"
-            bundle = oci_bundle(scratch, mnt, ["/bin/sh", "-c", script])
-            command = [runtime, *flags, "--root", f"{scratch}/state", "run", "--bundle", bundle,
-                       name]  # fmt: skip
-            result = subprocess.run(
-                [*wrapper, *command], capture_output=True, text=True, timeout=120
-            )
-            assert result.returncode == 0, f"{runtime} failed: {result.stderr.strip()}"
-            assert result.stdout == "ran\n"
-        assert os.path.exists(f"{busybox_store}/containers/{name}/upper/tmp/ran")
-    finally:
-        subprocess.run([runtime, *flags, "--root", f"{scratch}/state", "delete", "--force", name],
-                       capture_output=True)  # fmt: skip
-        strata(busybox_store, "rm", name, check=False)
+    with named_container(busybox_store, scratch, runtime) as name:
+        try:
+            with Mounted(busybox_store, f"{scratch}/mnt", "busybox", "--name", name) as mnt:
+                script = "echo ran > /tmp/ran; cat /tmp/ran"
+                bundle = oci_bundle(scratch, mnt, ["/bin/sh", "-c", script])
+                command = [runtime, *flags, "--root", f"{scratch}/state", "run", "--bundle",
+                           bundle, name]  # fmt: skip
+                result = subprocess.run(
+                    [*wrapper, *command], capture_output=True, text=True, timeout=120
+                )
+                assert result.returncode == 0, f"{runtime} failed: {result.stderr.strip()}"
+                assert result.stdout == "ran\n"
+            assert os.path.exists(f"{busybox_store}/containers/{name}/upper/tmp/ran")
+        finally:
+            subprocess.run([runtime, *flags, "--root", f"{scratch}/state", "delete", "--force",
+                            name], capture_output=True)  # fmt: skip
 
 
 def small_image(top: str) -> str:
@@ -396,3 +398,60 @@ def test_overlayfs_options_parse_as_fuse_overlayfs_writes_them() -> None:
     ):
         with pytest.raises(StrataError, match=message):
             parse_arguments(bad)
+
+
+def test_podman_run_rootfs_on_a_mount(scratch: str, busybox_store: str) -> None:
+    podman = ["podman", "--root", f"{scratch}/root", "--runroot", f"{scratch}/runroot",
+              "--cgroup-manager=cgroupfs", "--events-backend=file",
+              "--runtime", "runc"]  # fmt: skip
+    with named_container(busybox_store, scratch, "rootfs") as name:
+        with Mounted(busybox_store, f"{scratch}/mnt", "busybox", "--name", name) as mnt:
+            result = subprocess.run(
+                [*podman, "run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
+                 "--ulimit", "nproc=4096:4096", "--rootfs", mnt,
+                 "/bin/sh", "-c", "echo via-rootfs > /tmp/podman; cat /tmp/podman"],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert result.returncode == 0, f"podman failed: {result.stderr.strip()}"
+            assert result.stdout == "via-rootfs\n"
+        assert os.path.exists(f"{busybox_store}/containers/{name}/upper/tmp/podman")
+
+
+def test_other_users_are_checked_as_the_kernel_would(scratch: str, busybox_store: str) -> None:
+    """As root the mount is allow_other with default_permissions: uid 1000
+    reads what the modes let it and nothing else."""
+
+    def as_user(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
+                               *command], capture_output=True, text=True)  # fmt: skip
+
+    os.chmod(scratch, 0o711)
+    with (
+        named_container(busybox_store, scratch, "perm") as name,
+        Mounted(busybox_store, f"{scratch}/mnt", "busybox", "--name", name) as mnt,
+    ):
+        os.chmod(mnt, 0o755)
+        assert as_user("cat", f"{mnt}/etc/passwd").returncode == 0
+        denied = as_user("cat", f"{mnt}/etc/shadow")  # 0640 root:42
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        refused = as_user("touch", f"{mnt}/etc/new")
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr
+        assert as_user("touch", f"{mnt}/home/user/mine").returncode == 0  # 1000's dir
+        assert os.stat(f"{mnt}/home/user/mine").st_uid == 1000
+        assert as_user("touch", f"{mnt}/tmp/sticky").returncode == 0  # 1777
+
+
+def test_apt_get_in_a_debian_container(scratch: str, debian_store: str) -> None:
+    """apt-get update and install inside the container, when the mirror answers."""
+    with named_container(debian_store, scratch, "apt") as name:
+        with Mounted(debian_store, f"{scratch}/mnt", "debian", "--name", name) as mnt:
+            shutil.copy("/etc/resolv.conf", f"{mnt}/etc/resolv.conf")
+            update = subprocess.run(["chroot", mnt, "apt-get", "update"],
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+            if update.returncode != 0 or "Err:" in update.stdout:
+                said = (update.stdout + update.stderr).strip().splitlines()[-3:]
+                pytest.skip(f"the Debian mirror cannot be reached: {' | '.join(said)}")
+            run("chroot", mnt, "apt-get", "install", "-y", "--no-install-recommends", "hello")
+            assert run("chroot", mnt, "/usr/bin/hello").startswith("Hello, world!")
+        with Mounted(debian_store, f"{scratch}/mnt", "debian", "--name", name) as mnt:
+            assert run("chroot", mnt, "/usr/bin/hello").startswith("Hello, world!")

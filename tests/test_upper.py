@@ -88,3 +88,54 @@ def test_many_processes_write_at_once(scratch: str) -> None:
         for me in range(writers):
             with open(f"{mount}/own-{me}") as handle:
                 assert handle.read().splitlines() == [f"{me} {i}" for i in range(rounds)]
+
+
+def _open_unlinked(mount: str) -> list[tuple[int, int, int]]:
+    """fstat, write and ftruncate files whose names are gone: (size, nlink, mode) seen."""
+    seen = []
+    with open(f"{mount}/lower-file", "r+b") as handle:  # a lower file, copied up
+        os.unlink(f"{mount}/lower-file")
+        handle.seek(0, os.SEEK_END)
+        handle.write(b" and more")
+        handle.flush()
+        st = os.fstat(handle.fileno())
+        seen.append((st.st_size, st.st_nlink, st.st_mode))
+        os.ftruncate(handle.fileno(), 3)
+        st = os.fstat(handle.fileno())
+        seen.append((st.st_size, st.st_nlink, st.st_mode))
+    with open(f"{mount}/new-file", "wb") as handle:  # made in the container
+        handle.write(b"fresh")
+        handle.flush()
+        os.rename(f"{mount}/other", f"{mount}/new-file-gone")
+        os.unlink(f"{mount}/new-file")
+        st = os.fstat(handle.fileno())
+        seen.append((st.st_size, st.st_nlink, st.st_mode))
+    return seen
+
+
+def test_open_files_keep_working_after_unlink(scratch: str) -> None:
+    """apt writes, unlinks and then fstats its files: strata answered ESTALE
+    once every name of a copied-up file was gone. Same as the kernel now."""
+    from tests.mounts import WRITABLE_OVERLAY, overlay_mount
+
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/lower-file", "lower data")
+    write(f"{lower}/other", "other")
+    results = []
+    for system in ("overlayfs", "strata"):
+        upper, work = (
+            os.path.join(scratch, f"{system}-upper"),
+            os.path.join(scratch, f"{system}-work"),
+        )
+        os.makedirs(upper)
+        mount = os.path.join(scratch, f"{system}-mnt")
+        if system == "strata":
+            with strata_mount(os.path.join(scratch, "store"), [lower], mount,
+                              "--upper", upper, "--work", work):  # fmt: skip
+                results.append(_open_unlinked(mount))
+        else:
+            with overlay_mount([lower], mount, options=WRITABLE_OVERLAY, upper=upper, work=work):
+                results.append(_open_unlinked(mount))
+    kernel, ours = results
+    assert ours == kernel
+    assert [size for size, _, _ in ours] == [19, 3, 5] and {n for _, n, _ in ours} == {0}

@@ -116,7 +116,15 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attributes(self.view.getattr(inode))
+        try:
+            return self._attributes(self.view.getattr(inode))
+        except FsError as exc:
+            # A file unlinked while open has no name left in UPPER: its open
+            # descriptor still answers (fstat after unlink).
+            handle = next((h for h in self.handles.values() if h.ino == inode), None)
+            if exc.errno != errno.ESTALE or handle is None:
+                raise
+            return self._attributes(self.view.attributes_of_open(inode, handle.fd))
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:

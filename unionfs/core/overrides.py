@@ -111,7 +111,7 @@ def make_node(path: bytes | str, mode: int, rdev: int) -> StatOverride | None:
     return StatOverride(mode, os.geteuid(), os.getegid(), rdev)
 
 
-def update_mode(target: bytes, mode: int) -> None:
+def update_mode(target: bytes | int, mode: int) -> None:
     """After a chmod: an override's mode must follow (it is what is shown)."""
     override = read(target)
     if override is not None:

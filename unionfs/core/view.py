@@ -376,6 +376,16 @@ class UnionView:
     def getattr(self, ino: int) -> Entry:
         return self.attributes(self.node(ino))
 
+    def attributes_of_open(self, ino: int, fd: int) -> Entry:
+        """Attributes of a file whose every name is gone, from a descriptor
+        still open on it: fstat after unlink works, as on any filesystem."""
+        entry = entry_from_stat(ino, os.fstat(fd), UPPER_LAYER)
+        if self.rootless:
+            override = overrides.read(fd)
+            if override is not None:
+                entry = override.apply(entry)
+        return entry
+
     def _host(self, node: Node) -> bytes:
         """The path of the node's upper copy."""
         assert self.store is not None and node.upper
@@ -1083,7 +1093,12 @@ class UnionView:
                 self._copy_up(node, data=True)
         else:
             self._copy_up(node, data=False)
-        path = self._host(node)
+        try:
+            path: bytes | int = self._host(node)
+        except FsError as exc:
+            if exc.errno != errno.ESTALE or fd is None:
+                raise
+            path = fd  # unlinked while open: change it through the descriptor
         if uid is not None or gid is not None:
             shown = self.attributes(node)
             overrides.set_owner(
@@ -1103,15 +1118,17 @@ class UnionView:
             else:
                 os.truncate(path, size)
         if atime_ns is not None or mtime_ns is not None:
-            st = os.lstat(path)
-            os.utime(
-                path,
-                ns=(
-                    st.st_atime_ns if atime_ns is None else atime_ns,
-                    st.st_mtime_ns if mtime_ns is None else mtime_ns,
-                ),
-                follow_symlinks=False,
+            st = os.stat(path) if isinstance(path, int) else os.lstat(path)
+            times = (
+                st.st_atime_ns if atime_ns is None else atime_ns,
+                st.st_mtime_ns if mtime_ns is None else mtime_ns,
             )
+            if isinstance(path, int):
+                os.utime(path, ns=times)
+            else:
+                os.utime(path, ns=times, follow_symlinks=False)
+        if isinstance(path, int):
+            return self.attributes_of_open(ino, path)
         return self.attributes(node)
 
     def _drop_metacopy(self, node: Node) -> None:
