@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
 import stat
 import tarfile
 import zlib
@@ -224,8 +225,6 @@ class _Unpacker:
             return
         path = self.path(rel)
         if kind:
-            import shutil
-
             shutil.rmtree(path)
             prefix = rel + "/"
             for name in [name for name in self.kinds if name.startswith(prefix)]:
