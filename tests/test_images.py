@@ -422,13 +422,17 @@ def test_layer_compressions_and_platform_choice(scratch: str, registry: Registry
 def test_concurrent_pulls_share_one_unpack(
     scratch: str, registry: Registry, busybox: tuple[str, str]
 ) -> None:
+    """Pulls of one image into one store at once: each blob is downloaded
+    under its own lock (two once wrote the same partial file) and each layer
+    unpacked once."""
     image = seed_registry(registry, busybox, "together/busybox")
-    store = f"{scratch}/store"
-    command = [*STRATA, "--root", store, "pull", image, *registry.strata_flags()]
-    pulls = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    for process in pulls:
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err
-    assert len(os.listdir(f"{store}/layers")) == 3
-    assert [name for name in os.listdir(f"{store}/tmp")] == []
-    assert len(json.loads(strata(store, "images", "--json").stdout)) == 1
+    for round_number in range(3):
+        store = f"{scratch}/store-{round_number}"
+        command = [*STRATA, "--root", store, "pull", image, *registry.strata_flags()]
+        pulls = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for process in pulls:
+            _, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err
+        assert len(os.listdir(f"{store}/layers")) == 3
+        assert os.listdir(f"{store}/tmp") == []
+        assert len(json.loads(strata(store, "images", "--json").stdout)) == 1

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TypeVar
 from urllib.parse import urlencode, urljoin
 
 import requests
@@ -36,11 +36,14 @@ from .store import (
     Image,
     Store,
     choose_platform,
+    parse_config,
     parse_json,
     parse_manifest,
     sha256_digest,
 )
 
+T = TypeVar("T")
+R = TypeVar("R")
 MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST))
 MANIFEST_LIMIT = 4 << 20
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
@@ -309,6 +312,15 @@ class RegistryClient:
         if store.has_blob(blob.digest):
             progress.advance(blob.size, finished=True)
             return
+        with store.blob_lock(blob.digest):
+            if store.has_blob(blob.digest):  # another pull brought it meanwhile
+                progress.advance(blob.size, finished=True)
+                return
+            self._download(store, repository, blob, progress)
+
+    def _download(
+        self, store: Store, repository: str, blob: Descriptor, progress: ProgressLine
+    ) -> None:
         scope = f"repository:{repository}:pull"
         writer = store.blob_writer(blob.digest, resume=True)
         progress.advance(writer.size)
@@ -515,9 +527,9 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def _parallel(jobs: int, work: Callable[[Descriptor], Any], blobs: list[Descriptor]) -> list[Any]:
+def _parallel(jobs: int, work: Callable[[T], R], items: list[T]) -> list[R]:
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(work, blobs))
+        return list(pool.map(work, items))
 
 
 def pull(
@@ -538,11 +550,16 @@ def pull(
     for blob in blobs:
         progress.add(blob.size)
     try:
-        _parallel(
-            options.jobs,
-            lambda blob: client.fetch_blob(store, reference.repository, blob, progress),
-            blobs,
-        )
+        # The config first: its DiffIDs let each layer unpack as soon as its
+        # blob is complete, while the others still download.
+        client.fetch_blob(store, reference.repository, config, progress)
+        _, diff_ids = parse_config(store.read_blob(config.digest), config.digest, len(layers))
+
+        def fetch_and_unpack(pair: tuple[Descriptor, str]) -> None:
+            client.fetch_blob(store, reference.repository, pair[0], progress)
+            store.unpack(*pair)
+
+        _parallel(options.jobs, fetch_and_unpack, list(zip(layers, diff_ids, strict=True)))
     finally:
         progress.close()
     for blob in blobs:

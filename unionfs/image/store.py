@@ -287,6 +287,10 @@ class Store:
         except FileNotFoundError:
             raise StrataError(f"blob {digest} is not in the store") from None
 
+    def blob_lock(self, digest: str) -> contextlib.AbstractContextManager[None]:
+        """Held while a blob downloads: two pulls never write one partial file."""
+        return self._flock(f"locks/blob-{check_digest(digest)[7:]}", fcntl.LOCK_EX, wait=3600)
+
     def blob_writer(self, expected: str | None = None, *, resume: bool = False) -> BlobWriter:
         return BlobWriter(self, expected, resume)
 
