@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # fusermount3 and /dev/fuse support; fuse-overlayfs is a benchmark peer.
 # The image tests run a real registry (docker-registry, with htpasswd and an
 # openssl-made CA) and build and check images with skopeo, umoci,
-# busybox-static and debootstrap.
+# busybox-static and debootstrap; the runtime tests run containers on strata
+# mounts with runc, crun, bubblewrap and podman.
 packages=(
   python3 python3-venv python3-dev gcc pkg-config
   fuse3 libfuse3-dev fuse-overlayfs
