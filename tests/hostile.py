@@ -167,7 +167,6 @@ class Misbehaviour:
     wrong_digest_header: bool = False
     manifest_body: bytes | None = None  # replace every manifest with this
     seen_ranges: list[str] = field(default_factory=list)
-    requests: int = 0
 
 
 @contextlib.contextmanager
@@ -188,8 +187,6 @@ def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
             self.forward()
 
         def forward(self) -> None:
-            with lock:
-                plan.requests += 1
             headers = {
                 key: value
                 for key, value in self.headers.items()

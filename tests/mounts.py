@@ -44,6 +44,13 @@ def force_unmount(mountpoint: str) -> None:
         subprocess.run(["umount", "-l", mountpoint], capture_output=True)
 
 
+def unmount(root: str, mountpoint: str) -> None:
+    """`strata umount`; the last resort if the mount is still there after it."""
+    result = strata(root, "umount", mountpoint, check=False)
+    if result.returncode != 0 or find_mount(mountpoint) is not None:
+        force_unmount(mountpoint)
+
+
 @contextlib.contextmanager
 def strata_mount(root: str, layers: Sequence[str], mountpoint: str, *options: str) -> Iterator[str]:
     """Mount *layers* (lowest first) with `strata mount`; unmount after."""
@@ -53,9 +60,7 @@ def strata_mount(root: str, layers: Sequence[str], mountpoint: str, *options: st
     try:
         yield mountpoint
     finally:
-        result = strata(root, "umount", mountpoint, check=False)
-        if result.returncode != 0 or find_mount(mountpoint) is not None:
-            force_unmount(mountpoint)
+        unmount(root, mountpoint)
 
 
 # What makes the kernel's directory renames and hardlinks behave as strata's do.

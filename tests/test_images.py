@@ -14,10 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.images import build_busybox, build_debian, run, umoci_rootfs
-from tests.mounts import STRATA, force_unmount, strata
+from tests.mounts import STRATA, strata, unmount
 from tests.registry import Registry, run_registry
 from tests.trees import Node, Snapshot, differences, snapshot
-from unionfs.mount import find_mount
 
 # Directories layer 3 only implies: umoci gives them the time it unpacked
 # them, strata keeps the lower layer's (or its own unpack time).
@@ -99,9 +98,7 @@ class Mounted:
         return self.mountpoint
 
     def __exit__(self, *exc: object) -> None:
-        result = strata(self.root, "umount", self.mountpoint, check=False)
-        if result.returncode != 0 or find_mount(self.mountpoint) is not None:
-            force_unmount(self.mountpoint)
+        unmount(self.root, self.mountpoint)
 
 
 def test_imported_oci_layout_mounts_as_umoci_unpacks_it(

@@ -20,7 +20,7 @@ import pytest
 
 from tests.hostile import LayoutLayer, file_entry, layer_tar, special_entry, write_layout
 from tests.images import build_busybox, build_debian, run
-from tests.mounts import force_unmount, overlay_mount, strata
+from tests.mounts import overlay_mount, strata, unmount
 from tests.registry import run_registry
 from tests.test_images import Mounted
 from tests.trees import differences, snapshot
@@ -64,12 +64,6 @@ def named_container(store: str, scratch: str, prefix: str) -> Iterator[str]:
         strata(store, "rm", name, check=False)
 
 
-def unmount(mountpoint: str) -> None:
-    result = strata(os.path.dirname(mountpoint) + "/root", "umount", mountpoint, check=False)
-    if result.returncode != 0 or find_mount(mountpoint) is not None:
-        force_unmount(mountpoint)
-
-
 def test_strata_overlayfs_is_a_drop_in(scratch: str) -> None:
     lower, top = make_layers(scratch)
     env = {**os.environ, "STRATA_ROOT": f"{scratch}/root"}
@@ -102,7 +96,7 @@ def test_strata_overlayfs_is_a_drop_in(scratch: str) -> None:
             handle.write("new\n")
         assert os.path.exists(f"{scratch}/u/a/new")
     finally:
-        unmount(f"{scratch}/mp")
+        unmount(f"{scratch}/root", f"{scratch}/mp")
 
 
 def test_mount_type_fuse_strata_and_fstab(scratch: str) -> None:
@@ -122,7 +116,7 @@ def test_mount_type_fuse_strata_and_fstab(scratch: str) -> None:
         assert not os.path.exists(f"{scratch}/mp/gone")
         assert find_mount(f"{scratch}/mp") is not None
     finally:
-        unmount(f"{scratch}/mp")
+        unmount(f"{scratch}/root", f"{scratch}/mp")
     with open(f"{scratch}/fstab", "w") as handle:
         handle.write(f"overlay {scratch}/mp fuse.strata {options},noauto 0 0\n")
     fstab_command = ["mount", "-T", f"{scratch}/fstab", f"{scratch}/mp"]
@@ -132,7 +126,7 @@ def test_mount_type_fuse_strata_and_fstab(scratch: str) -> None:
         with open(f"{scratch}/mp/a/g") as handle:
             assert handle.read() == "two\n"
     finally:
-        unmount(f"{scratch}/mp")
+        unmount(f"{scratch}/root", f"{scratch}/mp")
 
 
 def test_volumes_bypass_the_container_layer(scratch: str, busybox_store: str) -> None:

@@ -22,36 +22,19 @@ def default_root() -> str:
     return os.path.join(data, "strata")
 
 
-def _is_mount_helper_call(arguments: list[str]) -> bool:
+def _is_mount_helper_call(arguments: list[str], parser: argparse.ArgumentParser) -> bool:
     """mount.fuse3 runs `strata SOURCE MOUNTPOINT -o OPTIONS` for `-t fuse.strata`."""
+    verbs = next(
+        action.choices
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
     return (
         len(arguments) >= 2
         and not arguments[0].startswith("-")
-        and arguments[0] not in VERBS
-        and any(item == "-o" or item.startswith("-o") for item in arguments[1:])
+        and arguments[0] not in verbs
+        and any(item.startswith("-o") for item in arguments[1:])
     )
-
-
-VERBS = frozenset(
-    [
-        "mount",
-        "umount",
-        "fsck",
-        "demo",
-        "pull",
-        "push",
-        "import",
-        "export",
-        "images",
-        "inspect",
-        "rmi",
-        "ps",
-        "rm",
-        "prune",
-        "diff",
-        "commit",
-    ]
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if _is_mount_helper_call(arguments):
+    parser = build_parser()
+    if _is_mount_helper_call(arguments, parser):
         from .overlayfs_cli import run
 
         return run(arguments)
-    parser = build_parser()
     args, extra = parser.parse_known_args(arguments)
     # argparse stops filling a positional list at the first option, so
     # `mount IMAGE --name C MOUNTPOINT` leaves MOUNTPOINT over: take it back.

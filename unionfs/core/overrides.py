@@ -21,6 +21,8 @@ from .records import Entry
 
 # A rootless writer can only set user.* xattrs; trusted.* is read too.
 STAT_XATTRS = (b"user.overlay.strata.stat", b"trusted.overlay.strata.stat")
+# What a rootless UPPER can hold: read on getattr, so one lookup, not two.
+USER_STAT_XATTR = STAT_XATTRS[:1]
 _NOT_PERMITTED = (errno.EPERM, errno.EINVAL)  # EINVAL: an id the namespace does not map
 
 
@@ -55,9 +57,9 @@ def from_xattrs(xattrs: tuple[tuple[bytes, bytes], ...]) -> StatOverride | None:
     return None
 
 
-def read(target: bytes | int) -> StatOverride | None:
+def read(target: bytes | int, names: tuple[bytes, ...] = STAT_XATTRS) -> StatOverride | None:
     """The override of a path (not following symlinks) or an open file."""
-    for name in STAT_XATTRS:
+    for name in names:
         try:
             if isinstance(target, int):
                 value = os.getxattr(target, os.fsdecode(name))

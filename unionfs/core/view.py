@@ -294,7 +294,8 @@ class UnionView:
         else:
             mode = st.st_mode
             if self.rootless and stat.S_ISREG(mode):
-                override = overrides.read(path)  # a device kept as a plain file
+                # A device a rootless store keeps as a plain file.
+                override = overrides.read(path, overrides.USER_STAT_XATTR)
                 if override is not None:
                     mode = override.mode
             same_kind = lower is not None and stat.S_IFMT(lower.mode) == stat.S_IFMT(mode)
@@ -368,7 +369,7 @@ class UnionView:
             listing=node.lower.listing if node.lower is not None and node.is_dir else 0,
         )
         if self.rootless:
-            override = overrides.read(self._host(node))
+            override = overrides.read(self._host(node), overrides.USER_STAT_XATTR)
             if override is not None:
                 entry = override.apply(entry)
         return entry
@@ -381,7 +382,7 @@ class UnionView:
         still open on it: fstat after unlink works, as on any filesystem."""
         entry = entry_from_stat(ino, os.fstat(fd), UPPER_LAYER)
         if self.rootless:
-            override = overrides.read(fd)
+            override = overrides.read(fd, overrides.USER_STAT_XATTR)
             if override is not None:
                 entry = override.apply(entry)
         return entry

@@ -130,8 +130,9 @@ def export_oci(store: Store, image: Image, location: Location, name: str) -> Non
     if not os.path.exists(layout):
         with open(layout, "wb") as handle:
             handle.write(OCI_LAYOUT)
+    manifest = Descriptor(image.media_type, image.digest, len(store.read_blob(image.digest)))
     for descriptor in (
-        Descriptor(image.media_type, image.digest, len(store.read_blob(image.digest))),
+        manifest,
         image.config_descriptor,
         *image.layers,
     ):
@@ -150,8 +151,7 @@ def export_oci(store: Store, image: Image, location: Location, name: str) -> Non
         for raw in index.get("manifests", [])
         if (raw.get("annotations") or {}).get(REF_ANNOTATION) != tag
     ]
-    entry = Descriptor(image.media_type, image.digest, len(store.read_blob(image.digest)))
-    kept.append({**entry.to_json(), "annotations": {REF_ANNOTATION: tag}})
+    kept.append({**manifest.to_json(), "annotations": {REF_ANNOTATION: tag}})
     index["manifests"] = kept
     temp = f"{index_path}.tmp"
     with open(temp, "wb") as handle:

@@ -21,7 +21,7 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO
 
@@ -84,11 +84,6 @@ class HashingReader(io.RawIOBase):
         if self.size > self.limit:
             raise LayerRefused(f"{self.label}: larger than the limit of {self.limit} bytes")
         return data
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def drain(self) -> None:
         while self.read(CHUNK):
@@ -410,7 +405,7 @@ class LayerWriter:
         self,
         info: tarfile.TarInfo,
         data: IO[bytes] | None = None,
-        xattrs: Iterator[tuple[bytes, bytes]] | list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+        xattrs: Iterable[tuple[bytes, bytes]] = (),
     ) -> None:
         info.uname = info.gname = ""
         headers = dict(info.pax_headers)

@@ -562,8 +562,7 @@ def pull(
         _parallel(options.jobs, fetch_and_unpack, list(zip(layers, diff_ids, strict=True)))
     finally:
         progress.close()
-    for blob in blobs:
-        store.note_source(blob.digest, reference.registry, reference.repository)
+    store.note_sources([blob.digest for blob in blobs], reference.registry, reference.repository)
     name = reference.name if not reference.digest else f"{reference.repo}@{digest}"
     image = store.add_image(data, [name], note)
     return image
@@ -592,8 +591,7 @@ def push(
         outcomes = _parallel(options.jobs, one, blobs)
     finally:
         progress.close()
-    for blob in blobs:
-        store.note_source(blob.digest, reference.registry, reference.repository)
+    store.note_sources([blob.digest for blob in blobs], reference.registry, reference.repository)
     counts = {kind: outcomes.count(kind) for kind in ("uploaded", "mounted", "exists")}
     note(
         f"blobs: {counts['uploaded']} uploaded, {counts['mounted']} mounted from another"

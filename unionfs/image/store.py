@@ -488,13 +488,18 @@ class Store:
             return {}
         return {str(key): [str(item) for item in value] for key, value in data.items()}
 
-    def note_source(self, digest: str, registry: str, repository: str) -> None:
+    def note_sources(self, digests: list[str], registry: str, repository: str) -> None:
+        """Record that *repository* of *registry* holds these blobs (one write)."""
+        entry = f"{registry}/{repository}"
         with self._records():
             sources = self._load_sources()
-            known = sources.setdefault(digest, [])
-            entry = f"{registry}/{repository}"
-            if entry not in known:
-                known.append(entry)
+            added = False
+            for digest in digests:
+                known = sources.setdefault(digest, [])
+                if entry not in known:
+                    known.append(entry)
+                    added = True
+            if added:
                 self._write_json(self._sources_path(), sources)
 
     def sources(self, digest: str, registry: str) -> list[str]:
