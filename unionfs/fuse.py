@@ -7,6 +7,7 @@ worker thread, so one large copy-up never stalls the other requests.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -20,6 +21,7 @@ import trio
 from .core.records import Entry
 from .core.upper import RENAME_EXCHANGE
 from .core.view import Caller, FsError, Node, UnionView
+from .errors import shorten
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +34,30 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def _fuse_errors(handler: F) -> F:
-    """Turn core and OS errors into FUSE replies with the same errno."""
+    """Turn core and OS errors into FUSE replies with the same errno.
+
+    Anything else is a bug in strata: that one request fails with EIO and the
+    traceback is logged with the operation and the path, but the daemon keeps
+    serving, since every process and container on the mount depends on it.
+    """
 
     @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: StrataOperations, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await handler(*args, **kwargs)
+            return await handler(self, *args, **kwargs)
         except FsError as exc:
             if exc.errno == errno.ESTALE:
                 log.error("%s", exc.args[1])
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception(
+                "%s%s failed; answered EIO", handler.__name__, self.describe_request(args)
+            )
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     return cast(F, wrapper)
 
@@ -88,6 +102,25 @@ class StrataOperations(pyfuse3.Operations):
         attrs.st_ctime_ns = entry.ctime_ns
         return attrs
 
+    def describe_request(self, args: tuple[Any, ...]) -> str:
+        """The paths a failed request was about, for its log line: each inode
+        (or open file) it names, joined with the name that follows a directory."""
+        paths: list[str] = []
+        for position, arg in enumerate(args):
+            if not isinstance(arg, int) or position not in (0, 2):
+                continue  # inodes come first and third (rename, link); the rest are data
+            handle = self.handles.get(arg) if arg not in self.view.nodes else None
+            node = self.view.nodes.get(arg if handle is None else handle.ino)
+            if node is None:
+                continue
+            with contextlib.suppress(Exception):  # the view may be what broke
+                path = "/" + os.fsdecode(self.view.rel(node))
+                name = args[position + 1] if position + 1 < len(args) else None
+                if node.is_dir and isinstance(name, bytes):
+                    path = os.path.join(path, os.fsdecode(name))
+                paths.append(shorten(path, 120))
+        return "".join(" " + path for path in paths)
+
     def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         return self._attributes(self.view.attributes(node))
 
@@ -111,8 +144,12 @@ class StrataOperations(pyfuse3.Operations):
         return self._node_attributes(node)
 
     async def forget(self, inode_list: Any) -> None:
-        for ino, count in inode_list:
-            self.view.forget(ino, count)
+        # forget has no reply to carry an error: a bug here is logged, never raised.
+        try:
+            for ino, count in inode_list:
+                self.view.forget(ino, count)
+        except Exception:
+            log.exception("forget failed")
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -233,6 +270,7 @@ class StrataOperations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         return None
 
+    @_fuse_errors
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if handle is not None:

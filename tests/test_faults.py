@@ -1,0 +1,111 @@
+"""A bug in one request must cost that request, never the mount.
+
+The daemon runs with a fault injected into one core operation (the real mount
+code, started in a child Python that patches the core before serving): the
+faulty request gets EIO, the traceback is logged once with the operation and
+path, and every request after it is served as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.layers import write
+from tests.mounts import force_unmount, strata
+from unionfs.mount import find_mount
+
+_DAEMON = """
+import sys
+import unionfs.core.view as view
+from unionfs.mount import MountRequest, WritableLayer, mount
+
+root, lower, upper, work, mountpoint = sys.argv[1:6]
+
+original_setxattr = view.UnionView.setxattr
+def setxattr(self, ino, name, value):
+    if name == b"user.fault":
+        raise RuntimeError("injected fault")
+    return original_setxattr(self, ino, name, value)
+view.UnionView.setxattr = setxattr
+
+original_copy = view.copy_data
+def copy_data(source, target, size):
+    original_copy(source, target, size // 2)
+    raise AssertionError("injected fault half-way through a copy-up")
+view.copy_data = copy_data
+
+mount(MountRequest(root, [lower], mountpoint, foreground=True,
+                   writable=WritableLayer(upper, work)))
+"""
+
+
+def _wait_for_mount(mountpoint: str, daemon: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while find_mount(mountpoint) is None:
+        assert daemon.poll() is None, "the daemon exited before mounting"
+        assert time.monotonic() < deadline, "the mount did not appear"
+        time.sleep(0.05)
+
+
+def _eio(call: object, *args: object) -> None:
+    with pytest.raises(OSError) as caught:
+        call(*args)  # type: ignore[operator]
+    assert caught.value.errno == errno.EIO
+
+
+def test_a_failing_request_answers_eio_and_the_mount_keeps_serving(scratch: str) -> None:
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/dir/file", "lower data")
+    write(f"{lower}/dir/big", b"0123456789" * 100_000)
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper)
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    os.makedirs(mount)
+    log_path = os.path.join(scratch, "daemon.log")
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-c", _DAEMON, root, lower, upper, work, mount],
+            stdout=log,
+            stderr=log,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+    try:
+        _wait_for_mount(mount, daemon)
+        _eio(os.setxattr, f"{mount}/dir/file", "user.fault", b"x")
+        # A fault half-way through a data copy-up: the copy is abandoned.
+        _eio(os.open, f"{mount}/dir/big", os.O_WRONLY)
+        # Everything after the faults is served.
+        with open(f"{mount}/dir/file") as handle:
+            assert handle.read() == "lower data"
+        with open(f"{mount}/dir/big", "rb") as handle:
+            assert handle.read() == b"0123456789" * 100_000
+        os.setxattr(f"{mount}/dir/file", "user.fine", b"y")
+        assert os.getxattr(f"{mount}/dir/file", "user.fine") == b"y"
+        write(f"{mount}/dir/new", "new data")
+        os.rename(f"{mount}/dir/new", f"{mount}/renamed")
+        assert sorted(os.listdir(mount)) == ["dir", "renamed"]
+        assert sorted(os.listdir(f"{mount}/dir")) == ["big", "file"]
+    finally:
+        # umount(8), not `strata umount`: that waits for the daemon's pid to
+        # go, and a child of this test stays a zombie until it is waited for.
+        subprocess.run(["umount", mount], capture_output=True)
+        if find_mount(mount) is not None:
+            force_unmount(mount)
+        daemon.wait(timeout=60)
+    assert daemon.returncode == 0
+    with open(log_path) as log:
+        text = log.read()
+    assert text.count("setxattr /dir/file failed; answered EIO") == 1, text
+    assert text.count("RuntimeError: injected fault") == 1, text
+    assert text.count("open /dir/big failed; answered EIO") == 1, text
+    assert text.count("AssertionError: injected fault half-way") == 1, text
+    # Nothing half-done is left: the abandoned copy is gone, fsck is clean.
+    assert os.listdir(os.path.join(work, "strata-tmp")) == []
+    result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
