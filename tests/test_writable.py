@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata_mount
+from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata, strata_mount
 from tests.ops import KINDS, Op, apply, choose, tree_paths
 from tests.stackgen import generate, render
 from tests.trees import Snapshot, differences, snapshot
@@ -103,6 +103,10 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
     ):
         assert _tree_differences(oracle, ours) == [], "after remounting both"
         expected = snapshot(oracle)
+    # An UPPER only strata wrote checks clean after a clean unmount.
+    checked = strata(store, "fsck", *(f"--layer={layer}" for layer in layers), *ours_args,
+                     check=False)  # fmt: skip
+    assert checked.returncode == 0, f"seed {seed}: {checked.stdout}{checked.stderr}"
     # Each upper read by the other implementation shows the same tree.
     swapped = os.path.join(scratch, "swapped")
     with overlay_mount(

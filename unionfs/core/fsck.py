@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .index import Index
 from .layer import WHITEOUT_PREFIX, is_whiteout_device
 from .records import Entry
-from .upper import UpperStore, join
+from .upper import UpperStore, join, redirect_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +52,10 @@ class UpperChecker:
                 store.recover()
         self._walk(b"", b"", repair)
         if os.path.isdir(store.links):
-            for name in sorted(os.listdir(store.links)):
-                path = os.path.join(store.links, name)
-                st = os.lstat(path)
-                if st.st_nlink == 1:
-                    self._report(join(b"WORK/strata-links", name), "copy no name uses", repair)
-                    if repair:
-                        os.unlink(path)
+            for name, ino in store.unused_links():
+                self._report(join(b"WORK/strata-links", name), "copy no name uses", repair)
+                if repair:
+                    store.drop_link(ino)
         return self.findings
 
     def _walk(self, rel: bytes, lower_path: bytes | None, repair: bool) -> None:
@@ -76,9 +73,7 @@ class UpperChecker:
             if stat.S_ISDIR(st.st_mode):
                 redirect = store.redirect(child)
                 if redirect is not None:
-                    target = redirect.strip(b"/") if redirect.startswith(b"/") else (
-                        join(lower_path or b"", redirect)
-                    )  # fmt: skip
+                    target = redirect_target(lower_path, redirect)
                     found = self._lower_at(target)
                     if found is None or not found.is_dir:
                         self._report(child, "redirect to a missing lower directory", repair)
@@ -96,6 +91,9 @@ class UpperChecker:
                 continue
             self._check_ino(child, path, st, repair)
             if stat.S_ISREG(st.st_mode) and store.is_metacopy(child):
+                redirect = store.redirect(child)
+                if redirect is not None:
+                    child_lower = redirect_target(lower_path, redirect)
                 lower = self._lower_at(child_lower) if child_lower is not None else None
                 if lower is None or not stat.S_ISREG(lower.mode):
                     # The data is lost; keeping the file shows what is left.

@@ -132,6 +132,14 @@ def _scratch(path: bytes) -> Iterator[None]:
             os.unlink(path)
 
 
+@dataclass(frozen=True, slots=True)
+class LinkCounts:
+    """The counts kept on the shared copy of a hardlinked lower file."""
+
+    shown: int  # st_nlink of the merged view (the lower count, changed by links and unlinks)
+    names: int | None  # the names that use the copy; at 0 it is removed
+
+
 @dataclass(slots=True)
 class UpperDir:
     """One directory of UPPER: its entries and its markers."""
@@ -177,18 +185,47 @@ class UpperStore:
                     os.unlink(path)
         os.makedirs(self.tmp, mode=0o700, exist_ok=True)
         os.makedirs(self.links, mode=0o700, exist_ok=True)
+        for _, ino in self.unused_links():  # a daemon killed before it removed them
+            self.drop_link(ino)
         return found
 
     def link_path(self, ino: int) -> bytes:
         return b"%s/%x" % (self.links, ino)
 
-    def link_count(self, ino: int) -> int | None:
+    def link_counts(self, ino: int) -> LinkCounts | None:
         raw = get_xattr(self.link_path(ino), self.nlink_xattr)
-        return int(raw) if raw else None
+        if not raw:
+            return None
+        shown, _, names = raw.partition(b" ")
+        return LinkCounts(int(shown), int(names) if names else None)
 
-    def set_link_count(self, ino: int, count: int) -> None:
-        os.setxattr(self.link_path(ino), _xattr_name(self.nlink_xattr), b"%d" % count,
+    def set_link_counts(self, ino: int, counts: LinkCounts) -> None:
+        value = b"%d %d" % (counts.shown, counts.names or 0)
+        os.setxattr(self.link_path(ino), _xattr_name(self.nlink_xattr), value,
                     follow_symlinks=False)  # fmt: skip
+
+    def drop_link(self, ino: int) -> None:
+        """Remove a shared copy no name uses any more (open files keep their data)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.link_path(ino))
+
+    def unused_links(self) -> list[tuple[bytes, int]]:
+        """Shared copies no name uses: (name in WORK/strata-links, inode number).
+        An UPPER from before names were counted: a copy with no upper link left."""
+        unused = []
+        for name in sorted(os.listdir(self.links)):
+            try:
+                ino = int(name, 16)
+            except ValueError:
+                continue
+            counts = self.link_counts(ino)
+            if counts is not None and counts.names is not None:
+                if counts.names > 0:
+                    continue
+            elif os.lstat(self.link_path(ino)).st_nlink > 1:
+                continue
+            unused.append((name, ino))
+        return unused
 
     def path(self, rel: bytes) -> bytes:
         return self.root + b"/" + rel if rel else self.root
@@ -240,7 +277,9 @@ class UpperStore:
         return os.path.lexists(path + b"/" + OPAQUE_MARKER)
 
     def redirect(self, rel: bytes) -> bytes | None:
-        path = self.path(rel)
+        return self.redirect_of(self.path(rel))
+
+    def redirect_of(self, path: bytes) -> bytes | None:
         for name in self.redirect_xattrs:
             value = get_xattr(path, name)
             if value:
@@ -339,6 +378,14 @@ class UpperStore:
 
 def join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
+
+
+def redirect_target(parent_lower: bytes | None, redirect: bytes) -> bytes:
+    """The lower path a redirect names: absolute from the lower root, or
+    relative to the parent's lower directory."""
+    if redirect.startswith(b"/"):
+        return redirect.strip(b"/")
+    return join(parent_lower or b"", redirect)
 
 
 # Copying data --------------------------------------------------------------

@@ -31,11 +31,13 @@ from .upper import (
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     USER_PREFIX,
+    LinkCounts,
     UpperStore,
     copy_data,
     copy_link_metadata,
     copy_metadata,
     join,
+    redirect_target,
     renameat2,
 )
 
@@ -215,6 +217,8 @@ class UnionView:
                 known.parent, known.name = parent.ino, name
         if found.upper and not known.upper:  # a lower hardlink met its copy
             known.upper, known.metacopy, known.version = True, found.metacopy, known.version + 1
+        if known.metacopy and known.lower is None and found.lower is not None:
+            known.lower = found.lower
         return known
 
     # Resolving names --------------------------------------------------------
@@ -278,11 +282,7 @@ class UnionView:
             redirect = self.store.redirect(rel)
             lower_path: bytes | None = None
             if redirect is not None:
-                lower_path = (
-                    redirect.strip(b"/")
-                    if redirect.startswith(b"/")
-                    else join(parent.lower_path or b"", redirect)
-                )
+                lower_path = redirect_target(parent.lower_path, redirect)
                 lower = self._lower_at(lower_path)
             elif lower is not None and parent.lower_path is not None:
                 lower_path = join(parent.lower_path, name)
@@ -298,11 +298,18 @@ class UnionView:
                 override = overrides.read(path, overrides.USER_STAT_XATTR)
                 if override is not None:
                     mode = override.mode
+            metacopy = stat.S_ISREG(st.st_mode) and self.store.is_metacopy(rel)
+            if metacopy:
+                # A metadata-only copy reached by another name (a hardlink)
+                # finds its data where its redirect says, as in overlayfs.
+                redirect = self.store.redirect(rel)
+                if redirect is not None:
+                    lower = self._lower_at(redirect_target(parent.lower_path, redirect))
             same_kind = lower is not None and stat.S_IFMT(lower.mode) == stat.S_IFMT(mode)
             ino = self._upper_ino(path, lower.ino if lower is not None and same_kind else None)
             node = Node(ino, mode, parent.ino, name)
             node.linked = self._is_linked(ino)
-            if stat.S_ISREG(st.st_mode) and self.store.is_metacopy(rel):
+            if metacopy:
                 node.metacopy = True
                 node.lower = lower if lower is not None and same_kind else None
         node.upper = True
@@ -348,7 +355,8 @@ class UnionView:
         st = os.lstat(self._host(node))
         nlink = st.st_nlink
         if node.linked:
-            nlink = self.store.link_count(node.ino) or nlink
+            counts = self.store.link_counts(node.ino)
+            nlink = counts.shown if counts is not None and counts.shown else nlink
         if node.is_dir:
             if node.subdirs is None:
                 node.subdirs = sum(
@@ -393,7 +401,10 @@ class UnionView:
         if node.is_dir:
             return self.store.path(self.rel(node))
         if node.linked:
-            return self.store.link_path(node.ino)
+            link = self.store.link_path(node.ino)
+            if not os.path.lexists(link):
+                raise FsError(errno.ESTALE)  # its last name went; open files keep the data
+            return link
         return self.store.path(self._upper_name(node))
 
     def _upper_name(self, node: Node) -> bytes:
@@ -661,12 +672,21 @@ class UnionView:
             else:
                 self._copy_special(temp, node.ino, lower)
             os.rename(temp, link)
-            store.set_link_count(node.ino, lower.nlink)
+        with self.index.read() as txn:
+            aliases = self.index.aliases_of(txn, node.ino)
+            # The names the merged view shows: a lower layer may hide some of
+            # the layer's links, which st_nlink still counts.
+            names = sum(
+                1
+                for path in aliases
+                if (found := self.index.lookup_path(txn, self.lower_root, path)) is not None
+                and found.ino == node.ino
+            )
+        if store.link_counts(node.ino) is None:
+            store.set_link_counts(node.ino, LinkCounts(lower.nlink, max(names, 1)))
         node.upper = node.linked = True
         node.metacopy = False
         node.version += 1
-        with self.index.read() as txn:
-            aliases = self.index.aliases_of(txn, node.ino)
         for path in aliases:
             self._link_alias(node.ino, path)
 
@@ -721,11 +741,18 @@ class UnionView:
             self._copy_up_group(node)
 
     def _count_link(self, node: Node, change: int) -> None:
-        if node.linked:
-            assert self.store is not None
-            count = self.store.link_count(node.ino)
-            if count is not None:
-                self.store.set_link_count(node.ino, max(count + change, 0))
+        """Count a name more or less of a shared copy; the last name takes it."""
+        if not node.linked:
+            return
+        assert self.store is not None
+        counts = self.store.link_counts(node.ino)
+        if counts is None:
+            return
+        names = None if counts.names is None else max(counts.names + change, 0)
+        if names == 0:
+            self.store.drop_link(node.ino)
+            return
+        self.store.set_link_counts(node.ino, LinkCounts(max(counts.shown + change, 0), names))
 
     def _finish_temp(self, fd: int, ino: int, lower: Entry) -> None:
         """Give a new file in WORK its inode number and the metadata of *lower*."""
@@ -908,15 +935,43 @@ class UnionView:
         if self._resolve(parent, name) is not None:
             raise FsError(errno.EEXIST)
         self._copy_up(node, data=False)
+        if node.metacopy:
+            self._pin_lower_data(node)
         self._copy_up_dir(parent)
         temp = store.temp_path()
-        os.link(self._host(node), temp)
-        store.place(temp, self.rel(parent), name)
+        # Counted first: a crash in between leaves one name too many, which
+        # keeps a shared copy, never one too few, which would drop it.
         self._count_link(node, +1)
+        try:
+            os.link(self._host(node), temp)
+            store.place(temp, self.rel(parent), name)
+        except BaseException:
+            self._count_link(node, -1)
+            raise
         parent.subdirs = None
         node.names.add((parent.ino, name))
         self.remember(node)
         return node
+
+    def _pin_lower_data(self, node: Node) -> None:
+        """Record where a metadata-only copy's data lives, as an absolute
+        redirect (overlayfs does the same before it links one): the new name's
+        directory need not lead to that lower file."""
+        assert self.store is not None and node.lower is not None
+        host = self._host(node)
+        if self.store.redirect_of(host) is not None:
+            return
+        parent = self.nodes.get(node.parent)
+        if parent is not None and parent.lower_path is not None:
+            lower_path = join(parent.lower_path, node.name)
+        else:
+            lower_path = node.lower.path
+        found = self._lower_at(lower_path)
+        if found is None or found.ino != node.lower.ino:
+            # No path names the data: copy it, so nothing depends on a path.
+            self._copy_up(node, data=True)
+            return
+        self.store.set_marker(host, b"redirect", b"/" + lower_path)
 
     def unlink(self, parent_ino: int, name: bytes) -> None:
         parent = self._directory(parent_ino)
@@ -1135,7 +1190,9 @@ class UnionView:
     def _drop_metacopy(self, node: Node) -> None:
         if node.metacopy:
             assert self.store is not None
-            self.store.clear_markers(self._host(node), self.store.metacopy_xattrs)
+            host = self._host(node)
+            self.store.clear_markers(host, self.store.metacopy_xattrs)
+            self.store.clear_markers(host, self.store.redirect_xattrs)
             node.metacopy = False
             node.version += 1
 
