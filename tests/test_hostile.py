@@ -273,3 +273,25 @@ def test_unreachable_registry_is_one_line(scratch: str) -> None:
         "--retries=0",
         expect="cannot reach the registry",
     )
+
+
+def test_long_names_and_paths_are_shortened_in_error_lines(scratch: str) -> None:
+    """A 256-byte name or a 4,000-byte path keeps its start and end; no error
+    line passes 200 characters."""
+    store = f"{scratch}/store"
+    long_name = "n" * 250 + "-tail"
+    long_path = scratch + "".join(f"/{index:03d}" + "p" * 196 for index in range(20))
+    cases = [
+        (["mount", "--layer", f"{scratch}/{long_name}", f"{scratch}/mnt"], "-tail"),
+        (["mount", "--layer", scratch, long_path], long_path[-20:]),
+        (["import", f"oci:{long_path}"], "not an OCI image layout"),
+        (["rm", long_name], "-tail"),
+    ]
+    os.makedirs(f"{scratch}/mnt")
+    for args, expect in cases:
+        result = strata(store, *args, check=False)
+        assert result.returncode == 1
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("strata: error: "), result.stderr
+        assert len(lines[0]) <= 200 and "..." in lines[0], lines[0]
+        assert expect in lines[0], lines[0]

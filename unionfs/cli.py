@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import StrataError
+from .errors import StrataError, error_line
 from .images_cli import add_image_verbs, mount_image, run_image_verb
 
 
@@ -176,13 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             return run_image_verb(args, root)
     except StrataError as exc:
-        print(f"strata: error: {exc}", file=sys.stderr)
+        print(error_line("strata", exc), file=sys.stderr)
         return 1
     except OSError as exc:
         # A path the user gave that cannot be used (full disk, no permission,
         # a file where a directory should be): one line, as for any mistake.
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"strata: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(error_line("strata", f"{exc.strerror or exc}{where}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

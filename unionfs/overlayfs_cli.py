@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import StrataError
+from .errors import StrataError, error_line
 
 SUPPORTED, IGNORED, REFUSED = "supported", "ignored with a warning", "refused"
 
@@ -197,10 +197,10 @@ def run(argv: Sequence[str]) -> int:
             )
         )
     except StrataError as exc:
-        print(f"strata-overlayfs: error: {exc}", file=sys.stderr)
+        print(error_line("strata-overlayfs", exc), file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"strata-overlayfs: error: {exc.strerror or exc}", file=sys.stderr)
+        print(error_line("strata-overlayfs", exc.strerror or exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
