@@ -244,3 +244,32 @@ def test_relative_paths_work_for_a_background_mount(scratch: str) -> None:
         subprocess.run([*command, "umount", "mnt"], cwd=scratch, check=False)
     assert find_mount(os.path.join(scratch, "mnt")) is None
     assert os.path.isdir(os.path.join(scratch, "store", "index"))
+
+
+def test_pid_files_go_to_tmpdir_when_nothing_else_is_writable(scratch: str) -> None:
+    """A user with no /run and no XDG_RUNTIME_DIR: $TMPDIR, as `mount --help` says."""
+    os.chmod(scratch, 0o755)  # the user must reach its TMPDIR
+    tmpdir = os.path.join(scratch, "tmp")
+    os.makedirs(tmpdir)
+    os.chown(tmpdir, 1000, 1000)
+    probe = "from unionfs.mount import runtime_dir; print(runtime_dir())"
+    env = {"PATH": os.environ["PATH"], "TMPDIR": tmpdir, "XDG_RUNTIME_DIR": "/nonexistent"}
+
+    def as_user() -> None:
+        os.setgroups([])
+        os.setresgid(1000, 1000, 1000)
+        os.setresuid(1000, 1000, 1000)
+
+    found = subprocess.run(
+        [*STRATA[:1], "-c", probe], env=env, preexec_fn=as_user, capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True,
+    )  # fmt: skip
+    assert found.stdout.strip() == os.path.join(tmpdir, "strata-1000")
+    env["TMPDIR"] = os.path.join(scratch, "missing")
+    found = subprocess.run(
+        [*STRATA[:1], "-c", probe], env=env, preexec_fn=as_user, capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True,
+    )  # fmt: skip
+    assert found.stdout.strip() == "/tmp/strata-1000"
+    helped = subprocess.run([*STRATA, "mount", "--help"], capture_output=True, text=True)
+    assert "$TMPDIR/strata-UID" in " ".join(helped.stdout.split())

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import StrataError, error_line
 from .images_cli import add_image_verbs, mount_image, run_image_verb
+from .mount import RUNTIME_DIR_HELP
 
 
 def default_root() -> str:
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mount",
         help="mount an image of the store (IMAGE MOUNTPOINT) or layer directories (--layer)",
         usage="strata mount IMAGE MOUNTPOINT [--name CONTAINER] | --layer DIR ... MOUNTPOINT",
+        epilog=RUNTIME_DIR_HELP,
     )
     mount.add_argument(
         "--layer",

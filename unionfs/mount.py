@@ -145,12 +145,24 @@ def check_fuse_device() -> None:
         raise StrataError(f"no permission to use {FUSE_DEVICE}")
 
 
+RUNTIME_DIR_HELP = (
+    "pid files of mounts live in /run/strata (root), else $XDG_RUNTIME_DIR/strata,"
+    " else $TMPDIR/strata-UID (TMPDIR defaults to /tmp)"
+)
+
+
 def runtime_dir() -> str:
+    """Where pid files live (RUNTIME_DIR_HELP): the first writable of the three."""
     # Root of a user namespace is uid 0 but cannot write /run.
     if os.geteuid() == 0 and os.access("/run", os.W_OK):
         return "/run/strata"
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/strata-{os.geteuid()}"
-    return os.path.join(base, "strata")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
+        return os.path.join(xdg, "strata")
+    tmp = os.environ.get("TMPDIR")
+    if not (tmp and os.path.isdir(tmp) and os.access(tmp, os.W_OK)):
+        tmp = "/tmp"
+    return os.path.join(tmp, f"strata-{os.geteuid()}")
 
 
 def pid_file(mountpoint: str) -> str:
