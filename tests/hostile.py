@@ -63,6 +63,7 @@ class LayoutLayer:
     diff_id: str | None = None  # what the config claims (default: the truth)
     stored_as: bytes | None = None  # content put under the blob's digest (a mismatch)
     media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip"
+    size_error: int = 0  # added to the size the descriptor gives (a mismatch)
 
     def compressed(self) -> bytes:
         return self.blob if self.blob is not None else gzip.compress(self.tar, mtime=0)
@@ -85,7 +86,7 @@ def _image(
         blob = layer.compressed()
         descriptors.append(
             {"mediaType": layer.media_type, "digest": _put(blobs, blob, layer.stored_as),
-             "size": len(blob)}
+             "size": len(blob) + layer.size_error}
         )  # fmt: skip
         diff_ids.append(layer.diff_id or digest_of(layer.tar))
     os_name, architecture = platform.split("/")[:2]

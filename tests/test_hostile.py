@@ -66,6 +66,8 @@ def layer_cases(scratch: str) -> dict[str, tuple[list[LayoutLayer], str]]:
     good_gzip = gzip.compress(layer_tar(file_entry("a", b"x" * 200_000)), mtime=0)
     corrupt = bytearray(good_gzip)
     corrupt[len(corrupt) // 2] ^= 0xFF
+    flipped = bytearray(gzip.compress(layer_tar(file_entry("a")), mtime=0))
+    flipped[len(flipped) // 2] ^= 0xFF
     return {
         "absolute": ([LayoutLayer(tar_of(file_entry(f"{outside}/abs")))], "absolute path"),
         "dotdot": ([LayoutLayer(tar_of(file_entry("../../../../escape")))], "'..'"),
@@ -125,8 +127,17 @@ def layer_cases(scratch: str) -> dict[str, tuple[list[LayoutLayer], str]]:
             [LayoutLayer(tar_of(file_entry("a")), diff_id="sha256:" + "1" * 64)],
             "the image config says",
         ),
+        "blob larger than its descriptor": (
+            [LayoutLayer(tar_of(file_entry("a")), size_error=-1)],
+            "the descriptor says",
+        ),
+        "blob smaller than its descriptor": (
+            [LayoutLayer(tar_of(file_entry("a")), size_error=+7)],
+            "the descriptor says",
+        ),
         "blob digest mismatch": (
-            [LayoutLayer(tar_of(file_entry("a")), stored_as=gzip.compress(b"other", mtime=0))],
+            # The same length as the true blob, so only the digest tells them apart.
+            [LayoutLayer(tar_of(file_entry("a")), stored_as=bytes(flipped))],
             "content has digest",
         ),
     }
@@ -149,6 +160,8 @@ CASES = [
     "too large",
     "diff_id mismatch",
     "blob digest mismatch",
+    "blob larger than its descriptor",
+    "blob smaller than its descriptor",
 ]
 
 
@@ -160,6 +173,26 @@ def test_hostile_layer_is_refused(scratch: str, case: str) -> None:
     store = f"{scratch}/store"
     before = outside_tree(scratch)
     refused(store, "import", layout, "bad", "--max-layer-size=1M", expect=message)
+    assert outside_tree(scratch) == before
+    assert_store_usable(scratch, store)
+
+
+def test_manifest_that_does_not_match_its_digest_is_refused(scratch: str) -> None:
+    """The manifest a tag of index.json names is verified like every blob."""
+    os.makedirs(f"{scratch}/outside")
+    layout = write_layout(f"{scratch}/layout", [GOOD])
+    with open(f"{scratch}/layout/index.json") as handle:
+        digest = json.load(handle)["manifests"][0]["digest"]
+    blob = f"{scratch}/layout/blobs/sha256/{digest[len('sha256:') :]}"
+    with open(blob, "rb") as handle:
+        original = handle.read()
+    changed = original.replace(b"config.v1+json", b"config.v1+jsoN")  # same size
+    assert changed != original
+    with open(blob, "wb") as handle:
+        handle.write(changed)
+    store = f"{scratch}/store"
+    before = outside_tree(scratch)
+    refused(store, "import", layout, "bad", expect="content has digest")
     assert outside_tree(scratch) == before
     assert_store_usable(scratch, store)
 

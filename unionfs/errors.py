@@ -7,7 +7,7 @@ import re
 # An error line a person can read at once: long names and paths in it are
 # shortened in the middle, where they say least.
 LINE_LIMIT = 200
-_WORD_LIMIT = 60
+_WORD_LIMIT = 80  # a sha256 digest (71) stays whole
 _LONG_WORD = re.compile(rf"\S{{{_WORD_LIMIT + 1},}}")
 
 

@@ -70,7 +70,7 @@ def _layout_blob(root: str, digest: str) -> str:
 def _copy_layout_blob(store: Store, root: str, descriptor: Descriptor) -> None:
     try:
         with open(_layout_blob(root, descriptor.digest), "rb") as source:
-            store.copy_blob_in(source, descriptor.digest)
+            store.copy_blob_in(source, descriptor.digest, descriptor.size)
     except FileNotFoundError:
         raise StrataError(f"oci:{root}: blob {descriptor.digest} is missing") from None
 

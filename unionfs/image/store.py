@@ -182,9 +182,12 @@ def choose_platform(index: dict[str, Any], platform: str, what: str) -> Descript
 class BlobWriter:
     """A blob being written into tmp; kept only if its digest is what was asked."""
 
-    def __init__(self, store: Store, expected: str | None, resume: bool) -> None:
+    def __init__(
+        self, store: Store, expected: str | None, resume: bool, size: int | None = None
+    ) -> None:
         self.store = store
         self.expected = expected
+        self.expected_size = size  # a descriptor's size: content of another length is invalid
         self.digest = hashlib.sha256()
         if expected is not None and resume:
             self.path = store.partial_path(expected)
@@ -199,15 +202,30 @@ class BlobWriter:
                     self.digest.update(chunk)
         self.size = self.file.tell()
 
+    def _size_error(self) -> StrataError:
+        found = f"{self.size} bytes"
+        if self.expected_size is not None and self.size > self.expected_size:
+            found = f"more than {self.expected_size} bytes"  # stopped reading there
+        return StrataError(
+            f"blob {self.expected}: content is {found}, the descriptor says"
+            f" {self.expected_size}; nothing kept"
+        )
+
     def write(self, data: bytes) -> None:
         self.file.write(data)
         self.digest.update(data)
         self.size += len(data)
+        if self.expected_size is not None and self.size > self.expected_size:
+            self.abort()  # no need to read the rest of something invalid
+            raise self._size_error()
 
     def commit(self) -> str:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        if self.expected_size is not None and self.size != self.expected_size:
+            os.unlink(self.path)
+            raise self._size_error()
         digest = "sha256:" + self.digest.hexdigest()
         if self.expected is not None and digest != self.expected:
             os.unlink(self.path)
@@ -291,8 +309,10 @@ class Store:
         """Held while a blob downloads: two pulls never write one partial file."""
         return self._flock(f"locks/blob-{check_digest(digest)[7:]}", fcntl.LOCK_EX, wait=3600)
 
-    def blob_writer(self, expected: str | None = None, *, resume: bool = False) -> BlobWriter:
-        return BlobWriter(self, expected, resume)
+    def blob_writer(
+        self, expected: str | None = None, *, resume: bool = False, size: int | None = None
+    ) -> BlobWriter:
+        return BlobWriter(self, expected, resume, size)
 
     def put_blob(self, data: bytes, expected: str | None = None) -> str:
         digest = sha256_digest(data)
@@ -304,11 +324,17 @@ class Store:
             writer.commit()
         return digest
 
-    def copy_blob_in(self, source: IO[bytes], expected: str) -> str:
-        """Copy a blob from an open file, verifying it (no-op if already stored)."""
+    def copy_blob_in(self, source: IO[bytes], expected: str, size: int | None = None) -> str:
+        """Copy a blob from an open file, verifying its digest and the *size* its
+        descriptor gives (no copy if already stored)."""
         if self.has_blob(expected):
+            stored = os.path.getsize(self.blob_path(expected))
+            if size is not None and stored != size:
+                raise StrataError(
+                    f"blob {expected}: content is {stored} bytes, the descriptor says {size}"
+                )
             return expected
-        writer = self.blob_writer(expected)
+        writer = self.blob_writer(expected, size=size)
         try:
             while chunk := source.read(CHUNK):
                 writer.write(chunk)
