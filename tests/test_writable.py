@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import replace
 
 import pytest
@@ -30,8 +31,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("seed", range(count))
 
 
-def _tree_differences(oracle: str, ours: str) -> list[str]:
-    return differences(snapshot(oracle), snapshot(ours), times=False)
+def _tree_differences(oracle: str, ours: str, since: int) -> list[str]:
+    """Differences, mtimes included but those an operation set to when it ran
+    (between *since* and now, with a margin for the kernel's coarse clock)."""
+    window = (since - 2_000_000_000, time.time_ns() + 2_000_000_000)
+    return differences(snapshot(oracle), snapshot(ours), changed_between=window)
 
 
 def _without_hardlink_data(tree: Snapshot, other: Snapshot) -> Snapshot:
@@ -72,6 +76,7 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
     ours_args = ("--upper", upper, "--work", work)
     rng = random.Random(seed)
     log: list[str] = []
+    since = time.time_ns()
     with (
         overlay_mount(
             layers, overlay_point, options=WRITABLE_OVERLAY, upper=kernel_upper, work=kernel_work
@@ -93,7 +98,7 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
                 + "\n".join(log[-15:])
             )
             if step % CHECK_EVERY == 0:
-                found = _tree_differences(oracle, ours)
+                found = _tree_differences(oracle, ours, since)
                 assert found == [], f"seed {seed} after step {step}:\n" + "\n".join(log[-15:])
     with (
         overlay_mount(
@@ -101,7 +106,7 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
         ) as oracle,
         strata_mount(store, layers, strata_point, *ours_args) as ours,
     ):
-        assert _tree_differences(oracle, ours) == [], "after remounting both"
+        assert _tree_differences(oracle, ours, since) == [], "after remounting both"
         expected = snapshot(oracle)
     # An UPPER only strata wrote checks clean after a clean unmount.
     checked = strata(store, "fsck", *(f"--layer={layer}" for layer in layers), *ours_args,

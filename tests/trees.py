@@ -121,12 +121,21 @@ def snapshot(top: str) -> Snapshot:
     return Snapshot(nodes, groups, listings, phantoms)
 
 
-def differences(expected: Snapshot, actual: Snapshot, *, times: bool = True) -> list[str]:
+def differences(
+    expected: Snapshot,
+    actual: Snapshot,
+    *,
+    times: bool = True,
+    changed_between: tuple[int, int] | None = None,
+) -> list[str]:
     """What differs between the oracle's tree and ours, one line per finding.
 
     overlayfs reports st_nlink 1 for a directory merged from several layers; we
     report the true count (2 + subdirectories), checked against the listing.
     Without *times*, mtimes are left out (two mounts changed at different moments).
+    With *changed_between* (ns), only the mtimes the oracle shows inside that
+    window are left out: those an operation set to the time it ran. Every other
+    time (a lower entry's, one set by utimensat) must be the same.
     """
     found: list[str] = []
     for rel in sorted(set(expected.nodes) | set(actual.nodes)):
@@ -134,7 +143,10 @@ def differences(expected: Snapshot, actual: Snapshot, *, times: bool = True) -> 
         if want is None or got is None:
             found.append(f"{rel!r}: only in {'ours' if want is None else 'oracle'}")
             continue
-        if not times:
+        ran_then = changed_between is not None and (
+            changed_between[0] <= want.mtime_ns <= changed_between[1]
+        )
+        if not times or ran_then:
             want = Node(**{**want.__dict__, "mtime_ns": 0})
             got = Node(**{**got.__dict__, "mtime_ns": 0})
         if want.kind == "d" and got.kind == "d" and want.nlink == 1 != got.nlink:

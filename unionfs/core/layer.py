@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import StrataError
+from .paths import PATH_MAX
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -47,25 +48,63 @@ def fingerprint(root: bytes) -> bytes:
 
     The ctime of an inode moves on any change to its data or metadata, and the
     names cover renames, so a layer edited after indexing gets a new digest.
+    Walked by directory descriptors, so a layer deeper than PATH_MAX is read whole.
     """
     digest = xxhash.xxh3_128()
     digest.update(_status(os.lstat(root), b""))
-    pending = [root]
-    while pending:
-        path = pending.pop()
-        with os.scandir(path) as listing:
+
+    def enter(rel: bytes, fd: int) -> list[bytes]:
+        """Digest a directory's entries; return its subdirectories, last first."""
+        with os.scandir(fd) as listing:
             items = sorted(listing, key=lambda item: item.name)
-        digest.update(b"\0D" + path)
+        digest.update(b"\0D" + root + (b"/" + rel if rel else b""))
+        subdirs = []
         for item in items:
+            name = os.fsencode(item.name)
             st = item.stat(follow_symlinks=False)
-            digest.update(_status(st, item.name))
+            digest.update(_status(st, name))
             if stat.S_ISDIR(st.st_mode):
-                pending.append(item.path)
+                subdirs.append(name)
+        return subdirs[::-1]
+
+    # Depth first with one descriptor per level open: a directory of many
+    # subdirectories costs no more descriptors than a chain.
+    top = os.open(root, _DIR_FLAGS)
+    chain = [(b"", top, enter(b"", top))]
+    try:
+        while chain:
+            rel, fd, subdirs = chain[-1]
+            if not subdirs:
+                os.close(fd)
+                chain.pop()
+                continue
+            name = subdirs.pop(0)
+            child_rel = rel + b"/" + name if rel else name
+            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            chain.append((child_rel, child, []))
+            chain[-1] = (child_rel, child, enter(child_rel, child))
+    finally:
+        for _, fd, _ in chain:
+            os.close(fd)
     return digest.digest()
 
 
 def layer_identity(root: bytes, digest: bytes) -> bytes:
     return xxhash.xxh3_128_digest(root + b"\0" + digest)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_layer_dir(name: bytes, dir_fd: int | None = None) -> int:
+    """A descriptor to list a layer directory, never through a symlink."""
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def at(dir_fd: int, name: bytes) -> bytes:
+    """A short path to NAME in the directory open as *dir_fd*, for the calls
+    (xattrs) that have no *at form."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
 def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
@@ -111,13 +150,14 @@ class LayerDir:
     entries: list[tuple[bytes, os.stat_result]]
 
 
-def read_layer_dir(path: bytes) -> LayerDir:
+def read_layer_dir(fd: int) -> LayerDir:
+    """The entries and markers of the layer directory open as *fd*."""
     opaque = False
     whiteouts: set[bytes] = set()
     entries: list[tuple[bytes, os.stat_result]] = []
-    with os.scandir(path) as listing:
+    with os.scandir(fd) as listing:
         for item in listing:
-            name = item.name
+            name = os.fsencode(item.name)
             if name.startswith(WHITEOUT_PREFIX):
                 if name == OPAQUE_MARKER:
                     opaque = True
@@ -157,7 +197,7 @@ def open_beneath(dir_fd: int, relpath: bytes, flags: int = os.O_RDONLY) -> int:
     """
     global _openat2_works
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
-    if _openat2_works:
+    if _openat2_works and len(relpath) < PATH_MAX:  # deeper: a component at a time
         how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
         fd = _libc.syscall(
             _SYS_OPENAT2,

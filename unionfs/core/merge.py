@@ -15,7 +15,15 @@ import lmdb
 from ..errors import StrataError
 from . import overrides
 from .index import ROOT_INO, Index, name_hash
-from .layer import is_implicit, is_opaque, read_layer_dir, read_xattrs, visible_xattrs
+from .layer import (
+    at,
+    is_implicit,
+    is_opaque,
+    open_layer_dir,
+    read_layer_dir,
+    read_xattrs,
+    visible_xattrs,
+)
 from .records import Entry, entry_from_stat, unpack_group
 
 
@@ -39,7 +47,11 @@ class LayerMerger:
         xattrs = read_xattrs(self.root)
         # overlayfs ignores an opaque mark on a layer's root; so do we.
         base = base_root.listing if base_root is not None else 0
-        listing, nlink = self._merge_dir(base, b"", False)
+        fd = open_layer_dir(self.root)
+        try:
+            listing, nlink = self._merge_dir(base, b"", False, fd)
+        finally:
+            os.close(fd)
         self.index.set_counter(self.txn, b"next_ino", self.next_ino)
         for ino, paths in self.aliases.items():
             self.index.put_aliases(self.txn, ino, paths)
@@ -77,14 +89,15 @@ class LayerMerger:
         override = overrides.from_xattrs(xattrs)
         return entry if override is None else override.apply(entry)
 
-    def _merge_dir(self, base: int, rel: bytes, opaque: bool) -> tuple[int, int]:
-        """Merge this layer's directory *rel* onto listing *base*; return (listing, nlink).
+    def _merge_dir(self, base: int, rel: bytes, opaque: bool, fd: int) -> tuple[int, int]:
+        """Merge this layer's directory *rel* (open as *fd*) onto listing *base*;
+        return (listing, nlink).
 
         Buckets of the base listing this layer does not touch are copied still
         encoded; only the names the layer adds, replaces or whites out are decoded.
+        Directories are reached by descriptor, so any depth is read.
         """
-        path = self.root + b"/" + rel if rel else self.root
-        layer_dir = read_layer_dir(path)
+        layer_dir = read_layer_dir(fd)
         if layer_dir.opaque:
             opaque = True
         index, txn = self.index, self.txn
@@ -119,8 +132,7 @@ class LayerMerger:
         for name, st in layer_dir.entries:
             self.files += 1
             child_rel = rel + b"/" + name if rel else name
-            child_path = path + b"/" + name
-            xattrs = read_xattrs(child_path)
+            xattrs = read_xattrs(at(fd, name))
             lower = take(name)
             if stat.S_ISDIR(st.st_mode):
                 implicit = is_implicit(xattrs)
@@ -137,7 +149,11 @@ class LayerMerger:
                     lower if lower is not None and lower.is_dir and not child_opaque else None
                 )
                 child_base = lower_dir.listing if lower_dir is not None else 0
-                listing, nlink = self._merge_dir(child_base, child_rel, child_opaque)
+                child_fd = open_layer_dir(name, fd)
+                try:
+                    listing, nlink = self._merge_dir(child_base, child_rel, child_opaque, child_fd)
+                finally:
+                    os.close(child_fd)
                 ino = lower_dir.ino if lower_dir is not None else self._new_ino()
                 if implicit and lower is not None:  # a directory, checked above
                     entry = dataclasses.replace(lower, listing=listing, nlink=nlink)
@@ -152,7 +168,7 @@ class LayerMerger:
                     self.aliases.setdefault(ino, []).append(child_rel)
                 else:
                     ino = self._new_ino()
-                target = os.readlink(child_path) if stat.S_ISLNK(st.st_mode) else b""
+                target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
                 entry = self._entry(ino, st, child_rel, xattrs, target=target)
             bucket(name).append((name, entry))
         return index.write_listing(txn, encoded, decoded, subdirs), 2 + subdirs

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from ..errors import StrataError
 from . import overrides
 from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device
+from .paths import DeepPaths
 
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
@@ -169,6 +170,10 @@ class UpperStore:
         self.opaque_xattrs = tuple(prefix + b"opaque" for prefix in PRIVATE_PREFIXES)
         self.redirect_xattrs = tuple(prefix + b"redirect" for prefix in PRIVATE_PREFIXES)
         self.metacopy_xattrs = tuple(prefix + b"metacopy" for prefix in PRIVATE_PREFIXES)
+        self.deep = DeepPaths(self.root)
+
+    def close(self) -> None:
+        self.deep.close()
 
     # Setup ------------------------------------------------------------------
 
@@ -228,7 +233,12 @@ class UpperStore:
         return unused
 
     def path(self, rel: bytes) -> bytes:
-        return self.root + b"/" + rel if rel else self.root
+        """A host path of UPPER's *rel* that one system call takes, at any depth."""
+        return self.deep.path(rel)
+
+    def forget_directories(self) -> None:
+        """Directories of UPPER moved or went (see DeepPaths.forget)."""
+        self.deep.forget()
 
     def temp_path(self) -> bytes:
         self._serial += 1
@@ -252,20 +262,25 @@ class UpperStore:
         entries: dict[bytes, os.stat_result] = {}
         whiteouts: set[bytes] = set()
         opaque = False
-        with os.scandir(self.path(rel)) as listing:
-            for item in listing:
-                name = item.name
-                if name.startswith(WHITEOUT_PREFIX):
-                    if name == OPAQUE_MARKER:
-                        opaque = True
-                    elif not name.startswith(b".wh..wh."):
-                        whiteouts.add(name[len(WHITEOUT_PREFIX) :])
-                    continue
-                st = item.stat(follow_symlinks=False)
-                if is_whiteout_device(st):
-                    whiteouts.add(name)
-                else:
-                    entries[name] = st
+        # By descriptor: each entry's stat is relative to it, at any depth.
+        fd = os.open(self.path(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with os.scandir(fd) as listing:  # names as str: scandir of a descriptor
+                for item in listing:
+                    name = os.fsencode(item.name)
+                    if name.startswith(WHITEOUT_PREFIX):
+                        if name == OPAQUE_MARKER:
+                            opaque = True
+                        elif not name.startswith(b".wh..wh."):
+                            whiteouts.add(name[len(WHITEOUT_PREFIX) :])
+                        continue
+                    st = item.stat(follow_symlinks=False)
+                    if is_whiteout_device(st):
+                        whiteouts.add(name)
+                    else:
+                        entries[name] = st
+        finally:
+            os.close(fd)
         stale = whiteouts & entries.keys()
         whiteouts -= stale  # a real entry beats a stale marker
         return UpperDir(entries, whiteouts, opaque or self.is_opaque(rel), stale)
@@ -274,7 +289,7 @@ class UpperStore:
         path = self.path(rel)
         if any(get_xattr(path, name) == b"y" for name in self.opaque_xattrs):
             return True
-        return os.path.lexists(path + b"/" + OPAQUE_MARKER)
+        return os.path.lexists(self.path(join(rel, OPAQUE_MARKER)))
 
     def redirect(self, rel: bytes) -> bytes | None:
         return self.redirect_of(self.path(rel))
@@ -323,6 +338,17 @@ class UpperStore:
 
     # Changing ---------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def times_kept(self, rel: bytes) -> Iterator[None]:
+        """A copy-up is invisible in its directory's times: overlayfs, too,
+        restores the upper parent's atime and mtime after placing a copy."""
+        path = self.path(rel)
+        st = os.lstat(path)
+        try:
+            yield
+        finally:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
     def place(self, temp: bytes, parent_rel: bytes, name: bytes) -> None:
         """Move a complete new object from WORK to NAME, replacing a whiteout."""
         target = self.path(join(parent_rel, name))
@@ -336,9 +362,17 @@ class UpperStore:
                 os.rename(temp, target)
             return
         renameat2(temp, target, RENAME_NOREPLACE)
+        self.remove_marker(parent_rel, name)
+
+    def remove_marker(self, parent_rel: bytes, name: bytes) -> None:
+        """Drop a `.wh.NAME` file marker if there is one. For a name of more
+        than NAME_MAX - 4 bytes there cannot be: ENAMETOOLONG means none."""
         marker = self.path(join(parent_rel, WHITEOUT_PREFIX + name))
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(marker)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
+                raise
 
     def make_whiteout(self, parent_rel: bytes, name: bytes) -> None:
         """Hide the lower layers' NAME; whatever UPPER has at NAME is removed."""
@@ -349,6 +383,7 @@ class UpperStore:
             os.mknod(temp, stat.S_IFCHR | 0o000, 0)
             if existing is not None and stat.S_ISDIR(existing.st_mode):
                 renameat2(temp, target, RENAME_EXCHANGE)
+                self.forget_directories()
                 shutil.rmtree(temp)
             else:
                 os.rename(temp, target)  # atomic: the old entry or the whiteout
@@ -366,6 +401,7 @@ class UpperStore:
         if stat.S_ISDIR(st.st_mode):
             temp = self.temp_path()
             os.rename(target, temp)
+            self.forget_directories()
             shutil.rmtree(temp)
         else:
             os.unlink(target)

@@ -152,6 +152,8 @@ class UnionView:
         for fd in self.layer_fds.values():
             os.close(fd)
         self.layer_fds.clear()
+        if self.store is not None:
+            self.store.close()
         self.nodes.clear()
 
     # Inode numbers ----------------------------------------------------------
@@ -578,7 +580,9 @@ class UnionView:
         if existing is not None and stat.S_ISDIR(existing.st_mode):
             node.upper = True  # made meanwhile for another name of a hardlinked file
             return
-        store.place(self._copy_directory(node.ino, lower), self.rel(parent), node.name)
+        parent_rel = self.rel(parent)
+        with store.times_kept(parent_rel):
+            store.place(self._copy_directory(node.ino, lower), parent_rel, node.name)
         node.upper = True
 
     def _copy_directory(self, ino: int, lower: Entry) -> bytes:
@@ -650,7 +654,9 @@ class UnionView:
             node.metacopy = bool(lower.size) and not data
         else:
             self._copy_special(temp, node.ino, lower)
-        store.place(temp, self.rel(parent), node.name)
+        parent_rel = self.rel(parent)
+        with store.times_kept(parent_rel):
+            store.place(temp, parent_rel, node.name)
         node.upper = True
         node.version += 1
 
@@ -708,12 +714,14 @@ class UnionView:
                 return
             if depth == len(parts) - 1:
                 if st is None and entry.ino == ino:
-                    os.link(store.link_path(ino), store.path(child))
+                    with store.times_kept(rel):
+                        os.link(store.link_path(ino), store.path(child))
                 return
             if not entry.is_dir:
                 return
             if st is None:
-                store.place(self._copy_directory(entry.ino, entry), rel, part)
+                with store.times_kept(rel):
+                    store.place(self._copy_directory(entry.ino, entry), rel, part)
                 live = self.nodes.get(entry.ino)  # the kernel may know this directory
                 if live is not None:
                     live.upper = True
@@ -732,7 +740,9 @@ class UnionView:
             self._copy_up_dir(parent)
             temp = store.temp_path()
             os.link(store.link_path(node.ino), temp)
-            store.place(temp, self.rel(parent), name)
+            parent_rel = self.rel(parent)
+            with store.times_kept(parent_rel):
+                store.place(temp, parent_rel, name)
 
     def _index_group(self, node: Node) -> None:
         """Before a name of a hardlinked lower file goes, copy the file up so
@@ -793,8 +803,11 @@ class UnionView:
         try:
             if job.in_place is not None:
                 # Until the metacopy mark goes (finish_copy), reads still come
-                # from the lower file, so a half-done copy is never seen.
+                # from the lower file, so a half-done copy is never seen. The
+                # copy keeps the times the metadata-only copy shows.
+                before = os.fstat(job.in_place)
                 copy_data(source, job.in_place, job.entry.size)
+                os.utime(job.in_place, ns=(before.st_atime_ns, before.st_mtime_ns))
                 os.fdatasync(job.in_place)
                 return
             fd = os.open(job.temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
@@ -829,7 +842,9 @@ class UnionView:
             return
         parent = self.nodes[node.parent]
         self._copy_up_dir(parent)
-        store.place(job.temp, self.rel(parent), node.name)
+        parent_rel = self.rel(parent)
+        with store.times_kept(parent_rel):
+            store.place(job.temp, parent_rel, node.name)
         node.upper = True
         node.metacopy = False
         node.version += 1
@@ -1054,7 +1069,6 @@ class UnionView:
         if target is not None and store.lstat(new_rel) is not None and target.is_dir:
             store.remove(new_parent_rel, new_name)  # empty, or whiteouts only
         leaves_lower = self._lower_child(old_parent, old_name) is not None
-        wh_marker = store.path(join(new_parent_rel, WHITEOUT_PREFIX + new_name))
         dest = store.lstat(new_rel)
         if node.is_dir and dest is not None and is_whiteout_device(dest):
             # A directory cannot replace a device by rename: swap them, and the
@@ -1068,8 +1082,9 @@ class UnionView:
             os.rename(store.path(old_rel), store.path(new_rel))
             if leaves_lower:
                 store.make_whiteout(self.rel(old_parent), old_name)
-        if os.path.lexists(wh_marker):
-            os.unlink(wh_marker)
+        store.remove_marker(new_parent_rel, new_name)
+        if node.is_dir or (target is not None and target.is_dir):
+            store.forget_directories()
         old_parent.subdirs = new_parent.subdirs = None
         if target is not None and target is not node:
             target.names.discard((new_parent.ino, new_name))
@@ -1120,6 +1135,8 @@ class UnionView:
         self._fit_at(node, self._lower_child(new_parent, new_name), store.path(old_rel))
         self._fit_at(target, self._lower_child(old_parent, old_name), store.path(new_rel))
         renameat2(store.path(old_rel), store.path(new_rel), RENAME_EXCHANGE)
+        if node.is_dir or target.is_dir:
+            store.forget_directories()
         old_parent.subdirs = new_parent.subdirs = None
         self._moved(node, old_parent, old_name, new_parent, new_name)
         self._moved(target, new_parent, new_name, old_parent, old_name)

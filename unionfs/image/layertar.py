@@ -29,6 +29,7 @@ import zstandard
 
 from ..core import overrides
 from ..core.layer import HIDDEN_XATTR_PREFIXES, IMPLICIT_XATTRS, OPAQUE_MARKER, WHITEOUT_PREFIX
+from ..core.paths import DeepPaths
 from ..errors import StrataError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -177,9 +178,10 @@ class _Unpacker:
         self.entries = 0
         # Rootless: devices kept as plain files, by path, with their numbers.
         self.devices: dict[str, int] = {}
+        self.deep = DeepPaths(os.fsencode(target))  # entries deeper than PATH_MAX
 
     def path(self, rel: str) -> str:
-        return os.path.join(self.target, rel) if rel else self.target
+        return os.fsdecode(self.deep.path(os.fsencode(rel)))
 
     def refuse(self, message: str) -> LayerRefused:
         return LayerRefused(f"{self.label}: {message}")
@@ -221,6 +223,7 @@ class _Unpacker:
         path = self.path(rel)
         if kind:
             shutil.rmtree(path)
+            self.deep.forget()
             prefix = rel + "/"
             for name in [name for name in self.kinds if name.startswith(prefix)]:
                 del self.kinds[name]
@@ -356,19 +359,22 @@ def unpack_layer(blob: BinaryIO, target: str, *, limit: int, label: str) -> Unpa
     """Unpack the layer blob *blob* (any compression) into the empty dir *target*."""
     unpacker = _Unpacker(target, label)
     try:
-        stream = HashingReader(decompressed(blob), limit, label)
-        with tarfile.open(
-            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
-        ) as tar:
-            for member in tar:
-                unpacker.add(tar, member)
-        stream.drain()  # the DiffID covers the end-of-archive blocks too
-    except _STREAM_ERRORS as exc:
-        reason = str(exc) or type(exc).__name__
-        raise LayerRefused(f"{label}: corrupt or truncated layer data ({reason})") from None
-    except OSError as exc:
-        raise StrataError(f"{label}: cannot unpack: {exc.strerror} ({exc.filename})") from None
-    implicit = unpacker.finish()
+        try:
+            stream = HashingReader(decompressed(blob), limit, label)
+            with tarfile.open(
+                fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
+            ) as tar:
+                for member in tar:
+                    unpacker.add(tar, member)
+            stream.drain()  # the DiffID covers the end-of-archive blocks too
+        except _STREAM_ERRORS as exc:
+            reason = str(exc) or type(exc).__name__
+            raise LayerRefused(f"{label}: corrupt or truncated layer data ({reason})") from None
+        except OSError as exc:
+            raise StrataError(f"{label}: cannot unpack: {exc.strerror} ({exc.filename})") from None
+        implicit = unpacker.finish()
+    finally:
+        unpacker.deep.close()
     return Unpacked("sha256:" + stream.digest.hexdigest(), stream.size, unpacker.entries, implicit)
 
 

@@ -1,0 +1,66 @@
+"""Times a copy-up must not change, checked against the kernel's overlayfs."""
+
+from __future__ import annotations
+
+import os
+
+from tests.layers import write
+from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata_mount
+
+OLD = 1_500_000_000_123_456_789  # 2017: far from any time an operation sets
+SET = 1_700_000_000_987_654_321
+
+
+def _lower(scratch: str) -> str:
+    lower = os.path.join(scratch, "lower")
+    for path in ("dir/meta", "dir/data", "dir/attr", "dir/sub/deep", "moved/file"):
+        write(f"{lower}/{path}", path)
+    for top, dirs, files in os.walk(lower, topdown=False):
+        for name in dirs + files:
+            os.utime(os.path.join(top, name), ns=(OLD, OLD))
+    os.utime(lower, ns=(OLD, OLD))
+    return lower
+
+
+def _copy_ups(mount: str) -> None:
+    """Copy-ups of every kind, none of which changes a directory."""
+    os.chmod(f"{mount}/dir/meta", 0o600)  # metadata only
+    with open(f"{mount}/dir/data", "r+b") as handle:  # data, written in place
+        handle.write(b"D")
+    os.setxattr(f"{mount}/dir/attr", "user.tag", b"v")
+    os.chmod(f"{mount}/dir/sub/deep", 0o640)  # two directories copied up on the way
+    # chmod (metadata-only copy), a time set, then a rename (data copied up):
+    # the time set is the one that stays.
+    os.chmod(f"{mount}/moved/file", 0o600)
+    os.utime(f"{mount}/moved/file", ns=(SET, SET))
+    os.rename(f"{mount}/moved/file", f"{mount}/moved/renamed")
+
+
+def _times(mount: str) -> dict[str, int]:
+    paths = ["dir", "dir/sub", "dir/meta", "dir/attr", "dir/sub/deep", "moved/renamed"]
+    return {path: os.lstat(f"{mount}/{path}").st_mtime_ns for path in paths}
+
+
+def test_copy_up_changes_no_time(scratch: str) -> None:
+    lower = _lower(scratch)
+    results = {}
+    for system in ("overlayfs", "strata"):
+        upper, work = os.path.join(scratch, f"{system}-upper"), os.path.join(scratch, f"{system}-w")
+        os.makedirs(upper)
+        mount = os.path.join(scratch, f"{system}-mnt")
+        if system == "overlayfs":
+            with overlay_mount([lower], mount, options=WRITABLE_OVERLAY, upper=upper, work=work):
+                _copy_ups(mount)
+            with overlay_mount([lower], mount, options=WRITABLE_OVERLAY, upper=upper, work=work):
+                results[system] = _times(mount)
+        else:
+            store = os.path.join(scratch, "store")
+            with strata_mount(store, [lower], mount, "--upper", upper, "--work", work):
+                _copy_ups(mount)
+                live = _times(mount)
+            with strata_mount(store, [lower], mount, "--upper", upper, "--work", work):
+                results[system] = _times(mount)
+            assert live == results[system]
+    expected = {path: OLD for path in results["strata"]} | {"moved/renamed": SET}
+    assert results["overlayfs"] == expected
+    assert results["strata"] == expected
