@@ -137,6 +137,14 @@ def is_implicit(xattrs: tuple[tuple[bytes, bytes], ...]) -> bool:
     return any(name in IMPLICIT_XATTRS and value == b"y" for name, value in xattrs)
 
 
+def overlay_value(xattrs: tuple[tuple[bytes, bytes], ...], what: bytes) -> bytes | None:
+    """An overlayfs marker (opaque, redirect, metacopy) in either namespace."""
+    for name, value in xattrs:
+        if name in (b"trusted.overlay." + what, b"user.overlay." + what):
+            return value
+    return None
+
+
 def is_opaque(xattrs: tuple[tuple[bytes, bytes], ...]) -> bool:
     return any(name in OPAQUE_XATTRS and value == b"y" for name, value in xattrs)
 

@@ -20,11 +20,13 @@ from .layer import (
     is_implicit,
     is_opaque,
     open_layer_dir,
+    overlay_value,
     read_layer_dir,
     read_xattrs,
     visible_xattrs,
 )
 from .records import Entry, entry_from_stat, unpack_group
+from .upper import join, redirect_target
 
 
 class LayerMerger:
@@ -41,15 +43,24 @@ class LayerMerger:
         self.aliases: dict[int, list[bytes]] = {}
         self.files = 0
         self.next_ino = index.counter(txn, b"next_ino")
+        self.base_root: Entry | None = None  # the root of the layers below
+
+    def _below(self, path: bytes) -> Entry | None:
+        """What the layers below show at *path* (from their root)."""
+        if self.base_root is None:
+            return None
+        return self.index.lookup_path(self.txn, self.base_root, path)
 
     def merge(self, base_root: Entry | None) -> Entry:
         st = os.lstat(self.root)
         xattrs = read_xattrs(self.root)
         # overlayfs ignores an opaque mark on a layer's root; so do we.
         base = base_root.listing if base_root is not None else 0
+        self.base_root = base_root
         fd = open_layer_dir(self.root)
         try:
-            listing, nlink = self._merge_dir(base, b"", False, fd)
+            lower_path = b"" if base_root is not None else None
+            listing, nlink = self._merge_dir(base, b"", False, fd, lower_path)
         finally:
             os.close(fd)
         self.index.set_counter(self.txn, b"next_ino", self.next_ino)
@@ -89,13 +100,41 @@ class LayerMerger:
         override = overrides.from_xattrs(xattrs)
         return entry if override is None else override.apply(entry)
 
-    def _merge_dir(self, base: int, rel: bytes, opaque: bool, fd: int) -> tuple[int, int]:
-        """Merge this layer's directory *rel* (open as *fd*) onto listing *base*;
-        return (listing, nlink).
+    def _with_lower_data(
+        self,
+        entry: Entry,
+        xattrs: tuple[tuple[bytes, bytes], ...],
+        lower: Entry | None,
+        lower_path: bytes | None,
+    ) -> Entry:
+        """A metadata-only copy: its own attributes, the data of the lower file
+        it was copied from (named by its redirect, else the one it replaced)."""
+        redirect = overlay_value(xattrs, b"redirect")
+        data = self._below(redirect_target(lower_path, redirect)) if redirect else lower
+        if data is None or not stat.S_ISREG(data.mode):
+            return entry  # the data is gone: the sparse copy is all there is
+        return dataclasses.replace(
+            entry,
+            size=data.size,
+            blocks=data.blocks,
+            layer=data.layer,
+            path=data.path,
+            host_ino=data.host_ino,
+            ctime_ns=data.ctime_ns,
+        )
+
+    def _merge_dir(
+        self, base: int, rel: bytes, opaque: bool, fd: int, lower_path: bytes | None
+    ) -> tuple[int, int]:
+        """Merge this layer's directory *rel* (open as *fd*) onto listing *base*,
+        which the layers below show at *lower_path*; return (listing, nlink).
 
         Buckets of the base listing this layer does not touch are copied still
         encoded; only the names the layer adds, replaces or whites out are decoded.
-        Directories are reached by descriptor, so any depth is read.
+        Directories are reached by descriptor, so any depth is read. A layer
+        that was an overlayfs UPPER is read as the kernel reads it: a directory
+        with a redirect merges the lower directory it names, a metadata-only
+        copy takes its data from the lower file (at its redirect, else below it).
         """
         layer_dir = read_layer_dir(fd)
         if layer_dir.opaque:
@@ -145,13 +184,25 @@ class LayerMerger:
                         f" {_kind(lower.mode)} there"
                     )
                 child_opaque = is_opaque(xattrs)
-                lower_dir = (
-                    lower if lower is not None and lower.is_dir and not child_opaque else None
-                )
+                redirect = overlay_value(xattrs, b"redirect")
+                child_lower: bytes | None = None
+                if child_opaque:
+                    lower_dir = None
+                elif redirect:  # a directory renamed in an UPPER
+                    child_lower = redirect_target(lower_path, redirect)
+                    lower_dir = self._below(child_lower)
+                else:
+                    lower_dir = lower
+                    if lower_path is not None:
+                        child_lower = join(lower_path, name)
+                if lower_dir is None or not lower_dir.is_dir:
+                    lower_dir, child_lower = None, None
                 child_base = lower_dir.listing if lower_dir is not None else 0
                 child_fd = open_layer_dir(name, fd)
                 try:
-                    listing, nlink = self._merge_dir(child_base, child_rel, child_opaque, child_fd)
+                    listing, nlink = self._merge_dir(
+                        child_base, child_rel, child_opaque, child_fd, child_lower
+                    )
                 finally:
                     os.close(child_fd)
                 ino = lower_dir.ino if lower_dir is not None else self._new_ino()
@@ -170,6 +221,8 @@ class LayerMerger:
                     ino = self._new_ino()
                 target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
                 entry = self._entry(ino, st, child_rel, xattrs, target=target)
+                if stat.S_ISREG(st.st_mode) and overlay_value(xattrs, b"metacopy") is not None:
+                    entry = self._with_lower_data(entry, xattrs, lower, lower_path)
             bucket(name).append((name, entry))
         return index.write_listing(txn, encoded, decoded, subdirs), 2 + subdirs
 
