@@ -16,6 +16,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module with DEFAULT_SEEDS runs its `seed` tests on that many seeds (or --seeds)."""
+    default = getattr(metafunc.module, "DEFAULT_SEEDS", None)
+    if default is not None and "seed" in metafunc.fixturenames:
+        count = metafunc.config.getoption("--seeds") or default
+        metafunc.parametrize("seed", range(count))
+
+
 def _mounts_under(top: str) -> list[str]:
     found = []
     with open("/proc/self/mountinfo") as table:

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from unionfs.mount import find_mount
 
@@ -97,3 +97,36 @@ def overlay_mount(
             time.sleep(0.1)
         else:
             force_unmount(mountpoint)
+
+
+@contextlib.contextmanager
+def writable_mount(system: str, scratch: str, layers: Sequence[str]) -> Iterator[str]:
+    """A writable mount of *layers* by "strata" or "overlayfs", with an UPPER of
+    its own under *scratch* (the same one each time, so a second call remounts)."""
+    upper, work = os.path.join(scratch, f"{system}-upper"), os.path.join(scratch, f"{system}-w")
+    os.makedirs(upper, exist_ok=True)
+    mountpoint = os.path.join(scratch, f"{system}-mnt")
+    if system == "overlayfs":
+        with overlay_mount(layers, mountpoint, options=WRITABLE_OVERLAY, upper=upper, work=work):
+            yield mountpoint
+    else:
+        store = os.path.join(scratch, "store")
+        with strata_mount(store, layers, mountpoint, "--upper", upper, "--work", work):
+            yield mountpoint
+
+
+def on_both(
+    scratch: str,
+    layers: Sequence[str],
+    change: Callable[[str], object],
+    look: Callable[[str], object],
+) -> dict[str, tuple[object, object, object]]:
+    """Run *change* on a writable overlayfs and on strata over *layers*, then
+    *look*; *look* again after a remount. By system: (change's result, look, look again)."""
+    seen: dict[str, tuple[object, object, object]] = {}
+    for system in ("overlayfs", "strata"):
+        with writable_mount(system, scratch, layers) as mountpoint:
+            changed, looked = change(mountpoint), look(mountpoint)
+        with writable_mount(system, scratch, layers) as mountpoint:
+            seen[system] = (changed, looked, look(mountpoint))
+    return seen

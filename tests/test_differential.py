@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from tests.mounts import overlay_mount, strata_mount
 from tests.stackgen import generate, render
 from tests.trees import differences, snapshot
 
 DEFAULT_SEEDS = 30
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "seed" in metafunc.fixturenames:
-        count = metafunc.config.getoption("--seeds") or DEFAULT_SEEDS
-        metafunc.parametrize("seed", range(count))
 
 
 def test_random_stack_matches_overlayfs(scratch: str, seed: int) -> None:

@@ -25,7 +25,7 @@ from tests.layers import write
 from tests.mounts import force_unmount, strata, strata_mount
 from unionfs.mount import find_mount, pid_file
 
-SEEDS = 20
+DEFAULT_SEEDS = 20  # the clean-remount workloads; --seeds changes it
 CRASH_SEEDS = 10
 OPERATIONS = 150
 
@@ -252,12 +252,18 @@ def _fsck(store: str, lower: str, upper: str, work: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("seed", range(SEEDS))
-def test_random_workload_survives_a_clean_remount(scratch: str, seed: int) -> None:
-    lower, upper, work = (os.path.join(scratch, name) for name in ("lower", "upper", "work"))
-    model = _lower(lower)
+def _places(scratch: str) -> tuple[str, str, str, str, str]:
+    """lower, upper, work, store and mountpoint of a test, UPPER made."""
+    lower, upper, work, store, mount = (
+        os.path.join(scratch, name) for name in ("lower", "upper", "work", "store", "mnt")
+    )
     os.makedirs(upper)
-    store, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    return lower, upper, work, store, mount
+
+
+def test_random_workload_survives_a_clean_remount(scratch: str, seed: int) -> None:
+    lower, upper, work, store, mount = _places(scratch)
+    model = _lower(lower)
     args = ("--upper", upper, "--work", work)
     rng = random.Random(seed)
     with strata_mount(store, [lower], mount, *args):
@@ -272,12 +278,10 @@ def test_random_workload_survives_a_clean_remount(scratch: str, seed: int) -> No
 def test_two_steps_that_lost_a_file(scratch: str) -> None:
     """A lower directory renamed, then a lower file under it hardlinked: the
     metadata-only copy lost its data at the remount."""
-    lower, upper, work = (os.path.join(scratch, name) for name in ("lower", "upper", "work"))
+    lower, upper, work, store, mount = _places(scratch)
     write(f"{lower}/a/b/c/f5", "five")
     os.makedirs(f"{lower}/d/e")
     os.makedirs(f"{lower}/big")
-    os.makedirs(upper)
-    store, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
     args = ("--upper", upper, "--work", work)
     with strata_mount(store, [lower], mount, *args):
         os.rename(f"{mount}/a/b", f"{mount}/d/e/R6")
@@ -290,11 +294,9 @@ def test_two_steps_that_lost_a_file(scratch: str) -> None:
 
 
 def test_the_last_name_takes_the_shared_copy(scratch: str) -> None:
-    lower, upper, work = (os.path.join(scratch, name) for name in ("lower", "upper", "work"))
+    lower, upper, work, store, mount = _places(scratch)
     write(f"{lower}/x/one", "linked")
     os.link(f"{lower}/x/one", f"{lower}/two")
-    os.makedirs(upper)
-    store, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
     args = ("--upper", upper, "--work", work)
     with strata_mount(store, [lower], mount, *args):
         os.rename(f"{mount}/x", f"{mount}/y")
@@ -325,15 +327,13 @@ def _crash_workload(
         states.append({"finished": True})  # one more operation done before the kill
 
 
-@pytest.mark.parametrize("seed", range(CRASH_SEEDS))
-def test_sigkill_at_a_random_moment_loses_no_finished_file(scratch: str, seed: int) -> None:
-    lower, upper, work = (os.path.join(scratch, name) for name in ("lower", "upper", "work"))
+@pytest.mark.parametrize("crash_seed", range(CRASH_SEEDS))
+def test_sigkill_at_a_random_moment_loses_no_finished_file(scratch: str, crash_seed: int) -> None:
+    lower, upper, work, store, mount = _places(scratch)
     model = _lower(lower)
-    os.makedirs(upper)
-    store, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
     os.makedirs(mount)
     mount_args = ("mount", "--layer", lower, "--upper", upper, "--work", work, mount)
-    rng = random.Random(seed)
+    rng = random.Random(crash_seed)
     strata(store, *mount_args)
     states: list[dict[str, object]] = []
     try:
@@ -341,7 +341,7 @@ def test_sigkill_at_a_random_moment_loses_no_finished_file(scratch: str, seed: i
             pid = int(handle.read())
         worker = threading.Thread(target=_crash_workload, args=(rng, model, mount, states))
         worker.start()
-        time.sleep(random.Random(seed + 1000).uniform(0.2, 1.5))
+        time.sleep(random.Random(crash_seed + 1000).uniform(0.2, 1.5))
         os.kill(pid, signal.SIGKILL)
         worker.join(timeout=60)
         assert not worker.is_alive(), "a request hung after the daemon died"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.layers import write
-from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata_mount
+from tests.mounts import on_both
 
 CHAIN = [bytes([ord("a") + index]) * 255 for index in range(17)]  # 17 x 256 > PATH_MAX
 DEPTH = 15  # 15 directories + a 255-byte name: 4095 bytes, the longest merged path
@@ -145,26 +145,11 @@ def _after_remount(mount: str) -> dict[str, Any]:
 
 
 def test_long_names_and_paths_match_overlayfs(scratch: str) -> None:
-    lower = _lower(scratch)
-    results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    for system in ("overlayfs", "strata"):
-        upper, work = os.path.join(scratch, f"{system}-upper"), os.path.join(scratch, f"{system}-w")
-        os.makedirs(upper)
-        mount = os.path.join(scratch, f"{system}-mnt")
-        if system == "overlayfs":
-            with overlay_mount([lower], mount, options=WRITABLE_OVERLAY, upper=upper, work=work):
-                live = _run(mount)
-            with overlay_mount([lower], mount, options=WRITABLE_OVERLAY, upper=upper, work=work):
-                results[system] = (live, _after_remount(mount))
-        else:
-            store = os.path.join(scratch, "store")
-            with strata_mount(store, [lower], mount, "--upper", upper, "--work", work):
-                live = _run(mount)
-            with strata_mount(store, [lower], mount, "--upper", upper, "--work", work):
-                results[system] = (live, _after_remount(mount))
-    kernel, ours = results["overlayfs"], results["strata"]
-    assert kernel[0]["beyond PATH_MAX"] == b"beyond PATH_MAX"
-    assert all(not isinstance(result, str) for _, result in kernel[0]["deep"]), kernel[0]["deep"]
+    seen = on_both(scratch, [_lower(scratch)], _run, _after_remount)
+    kernel, ours = seen["overlayfs"], seen["strata"]
+    live = kernel[0]
+    assert isinstance(live, dict) and live["beyond PATH_MAX"] == b"beyond PATH_MAX"
+    assert all(not isinstance(result, str) for _, result in live["deep"]), live["deep"]
     assert ours == kernel
 
 

@@ -15,14 +15,12 @@ import random
 import time
 from dataclasses import replace
 
-import pytest
-
 from tests.mounts import overlay_mount, strata_mount
 from tests.ops import Op, apply, tree_paths
 from tests.stackgen import generate, render
 from tests.trees import Snapshot, differences, snapshot
 
-SEEDS = 10
+DEFAULT_SEEDS = 10
 ROUNDS = 4
 STEPS = 40
 KERNEL_OPTIONS = "redirect_dir=on,index=on,metacopy=on"
@@ -101,7 +99,6 @@ def _compare(oracle: str, mine: str, since: int) -> list[str]:
     return differences(expected, actual, changed_between=window)
 
 
-@pytest.mark.parametrize("seed", range(SEEDS))
 def test_uppers_rotated_into_the_lower_stack_match_overlayfs(scratch: str, seed: int) -> None:
     stack = generate(seed)
     theirs = render(stack, os.path.join(scratch, "k-layers"), for_kernel=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from tests.layers import write
-from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata_mount
+from tests.mounts import on_both
 
 OLD = 1_500_000_000_123_456_789  # 2017: far from any time an operation sets
 SET = 1_700_000_000_987_654_321
@@ -36,31 +36,17 @@ def _copy_ups(mount: str) -> None:
     os.rename(f"{mount}/moved/file", f"{mount}/moved/renamed")
 
 
+def _times_paths() -> list[str]:
+    return ["dir", "dir/sub", "dir/meta", "dir/attr", "dir/sub/deep", "moved/renamed"]
+
+
 def _times(mount: str) -> dict[str, int]:
-    paths = ["dir", "dir/sub", "dir/meta", "dir/attr", "dir/sub/deep", "moved/renamed"]
-    return {path: os.lstat(f"{mount}/{path}").st_mtime_ns for path in paths}
+    return {path: os.lstat(f"{mount}/{path}").st_mtime_ns for path in _times_paths()}
 
 
 def test_copy_up_changes_no_time(scratch: str) -> None:
-    lower = _lower(scratch)
-    results = {}
-    for system in ("overlayfs", "strata"):
-        upper, work = os.path.join(scratch, f"{system}-upper"), os.path.join(scratch, f"{system}-w")
-        os.makedirs(upper)
-        mount = os.path.join(scratch, f"{system}-mnt")
-        if system == "overlayfs":
-            with overlay_mount([lower], mount, options=WRITABLE_OVERLAY, upper=upper, work=work):
-                _copy_ups(mount)
-            with overlay_mount([lower], mount, options=WRITABLE_OVERLAY, upper=upper, work=work):
-                results[system] = _times(mount)
-        else:
-            store = os.path.join(scratch, "store")
-            with strata_mount(store, [lower], mount, "--upper", upper, "--work", work):
-                _copy_ups(mount)
-                live = _times(mount)
-            with strata_mount(store, [lower], mount, "--upper", upper, "--work", work):
-                results[system] = _times(mount)
-            assert live == results[system]
-    expected = {path: OLD for path in results["strata"]} | {"moved/renamed": SET}
-    assert results["overlayfs"] == expected
-    assert results["strata"] == expected
+    seen = on_both(scratch, [_lower(scratch)], _copy_ups, _times)
+    expected = {path: OLD for path in _times_paths()} | {"moved/renamed": SET}
+    for system, (_, live, remounted) in seen.items():
+        assert live == expected, system
+        assert remounted == expected, system

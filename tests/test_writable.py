@@ -13,8 +13,6 @@ import random
 import time
 from dataclasses import replace
 
-import pytest
-
 from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata, strata_mount
 from tests.ops import KINDS, Op, apply, choose, tree_paths
 from tests.stackgen import generate, render
@@ -23,12 +21,6 @@ from tests.trees import Snapshot, differences, snapshot
 DEFAULT_SEEDS = 70
 OPERATIONS = 500
 CHECK_EVERY = 50
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "seed" in metafunc.fixturenames:
-        count = metafunc.config.getoption("--seeds") or DEFAULT_SEEDS
-        metafunc.parametrize("seed", range(count))
 
 
 def _tree_differences(oracle: str, ours: str, since: int) -> list[str]:
