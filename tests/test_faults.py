@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.layers import write
-from tests.mounts import force_unmount, strata
+from tests.mounts import force_unmount, strata, strata_mount
 from unionfs.mount import find_mount
 
 _DAEMON = """
@@ -109,3 +109,27 @@ def test_a_failing_request_answers_eio_and_the_mount_keeps_serving(scratch: str)
     assert os.listdir(os.path.join(work, "strata-tmp")) == []
     result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_metadata_only_copy_without_its_data_fails_alone(scratch: str) -> None:
+    """An UPPER's metadata-only copy whose lower file is gone (the layer it
+    came from is no longer in the stack): renaming it tripped an assertion
+    that took the daemon down; now that file answers EIO and nothing else
+    changes."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/dir/kept", "kept")
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    orphan = write(f"{upper}/dir/orphan")
+    os.truncate(orphan, 4096)  # sparse, as a metadata-only copy is
+    os.setxattr(orphan, "trusted.overlay.metacopy", b"")
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+        assert os.stat(f"{mount}/dir/orphan").st_size == 4096
+        _eio(os.rename, f"{mount}/dir/orphan", f"{mount}/dir/moved")
+        _eio(open, f"{mount}/dir/orphan", "rb")
+        assert sorted(os.listdir(f"{mount}/dir")) == ["kept", "orphan"]
+        os.rename(f"{mount}/dir/kept", f"{mount}/dir/still")
+        with open(f"{mount}/dir/still") as handle:
+            assert handle.read() == "kept"
+    result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
+    assert "dir/orphan: metadata-only copy whose lower data is gone" in result.stdout

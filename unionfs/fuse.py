@@ -46,7 +46,7 @@ def _fuse_errors(handler: F) -> F:
         try:
             return await handler(self, *args, **kwargs)
         except FsError as exc:
-            if exc.errno == errno.ESTALE:
+            if exc.errno in (errno.ESTALE, errno.EIO):  # trouble worth a line in the log
                 log.error("%s", exc.args[1])
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:

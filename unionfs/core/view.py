@@ -790,7 +790,12 @@ class UnionView:
     def prepare_copy(self, node: Node, temp: bytes | None = None) -> CopyJob:
         store = self._writable()
         lower = node.lower
-        assert lower is not None
+        if lower is None:
+            # An UPPER (or a layer that was one) whose metadata-only copy lost
+            # the lower file it took its data from: nothing to copy (fsck says so).
+            raise FsError(
+                errno.EIO, f"{os.fsdecode(self.rel(node))}: metadata-only copy whose data is gone"
+            )
         if node.upper and node.metacopy:
             fd = os.open(self._host(node), os.O_WRONLY | os.O_CLOEXEC)
             return CopyJob(node.ino, lower, in_place=fd)
