@@ -94,7 +94,9 @@ class Node:
         self.opaque = False
         self.metacopy = False
         self.version = 0  # moves when the data changes place (copy-up)
-        self.subdirs: int | None = None  # directories: cached count for st_nlink
+        # Directories: the subdirectory count st_nlink shows, counted by the
+        # first getattr and kept by every change after, so none lists again.
+        self.subdirs: int | None = None
         self.linked = False  # a hardlinked lower file whose shared copy is in WORK
 
     @property
@@ -900,7 +902,7 @@ class UnionView:
             if fd is not None:
                 os.close(fd)
             raise
-        parent.subdirs = None
+        _count_subdir(parent, +1 if stat.S_ISDIR(mode) else 0)
         shown = mode if placeholder else os.lstat(store.path(join(parent_rel, name))).st_mode
         node = Node(ino, shown, parent.ino, name)
         node.upper = True
@@ -968,7 +970,6 @@ class UnionView:
         except BaseException:
             self._count_link(node, -1)
             raise
-        parent.subdirs = None
         node.names.add((parent.ino, name))
         self.remember(node)
         return node
@@ -1025,7 +1026,7 @@ class UnionView:
             store.make_whiteout(parent_rel, name)
         elif upper_here:
             store.remove(parent_rel, name)
-        parent.subdirs = None
+        _count_subdir(parent, -1 if node.is_dir else 0)
         node.names.discard((parent.ino, name))
 
     def rename(
@@ -1090,7 +1091,8 @@ class UnionView:
         store.remove_marker(new_parent_rel, new_name)
         if node.is_dir or (target is not None and target.is_dir):
             store.forget_directories()
-        old_parent.subdirs = new_parent.subdirs = None
+        _count_subdir(old_parent, -node.is_dir)
+        _count_subdir(new_parent, node.is_dir - (target is not None and target.is_dir))
         if target is not None and target is not node:
             target.names.discard((new_parent.ino, new_name))
             self._count_link(target, -1)
@@ -1142,7 +1144,8 @@ class UnionView:
         renameat2(store.path(old_rel), store.path(new_rel), RENAME_EXCHANGE)
         if node.is_dir or target.is_dir:
             store.forget_directories()
-        old_parent.subdirs = new_parent.subdirs = None
+        _count_subdir(old_parent, target.is_dir - node.is_dir)
+        _count_subdir(new_parent, node.is_dir - target.is_dir)
         self._moved(node, old_parent, old_name, new_parent, new_name)
         self._moved(target, new_parent, new_name, old_parent, old_name)
 
@@ -1266,3 +1269,9 @@ def _merge_by_hash(
         yield hashed, group
     for hashed in upper_hashes[position:]:
         yield hashed, []
+
+
+def _count_subdir(directory: Node, change: int) -> None:
+    """A change made *change* subdirectories more (or fewer) in *directory*."""
+    if directory.subdirs is not None:
+        directory.subdirs += change
