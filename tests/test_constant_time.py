@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import ClassVar
 
 import pytest
 
@@ -23,14 +24,18 @@ ROOT = Caller(0, 0)
 
 
 class CountingStore(UpperStore):
-    """UPPER with a count of the listings read of its directory `d`."""
+    """UPPER with the directories it listed, in order."""
 
-    listings = 0
+    listed: ClassVar[list[bytes]] = []
 
     def read_dir(self, rel: bytes) -> UpperDir:
-        if rel == b"d":  # not the directories made inside it (rmdir checks those)
-            CountingStore.listings += 1
+        CountingStore.listed.append(rel)
         return super().read_dir(rel)
+
+
+def _listings(of: bytes) -> int:
+    """How often the directory *of* was listed (rmdir lists the one it removes)."""
+    return CountingStore.listed.count(of)
 
 
 def _view(scratch: str, lower_entries: int) -> tuple[UnionView, Index]:
@@ -48,10 +53,11 @@ def _view(scratch: str, lower_entries: int) -> tuple[UnionView, Index]:
     return UnionView(index, stack.root, stack.layers, store), index
 
 
-def _changes(view: UnionView, directory: int, rounds: int) -> int:
+def _changes(view: UnionView, directory: int, rounds: int, whiteouts: bool = True) -> int:
     """Create, mkdir, rename, link, unlink and rmdir *rounds* times, with the
-    parent's getattr after each as the kernel sends it; the listings read."""
-    before = CountingStore.listings
+    parent's getattr after each as the kernel sends it; its listings read."""
+    rel = view.rel(view.node(directory))
+    before = _listings(rel)
     for number in range(rounds):
         name = b"new%d" % number
         node, fd = view.create(directory, name, 0o644, os.O_WRONLY, ROOT)
@@ -68,9 +74,10 @@ def _changes(view: UnionView, directory: int, rounds: int) -> int:
         view.getattr(directory)
         view.rmdir(directory, name + b".moved")
         view.getattr(directory)
-        view.unlink(directory, b"lower%d" % number)  # a whiteout of a lower file
-        view.getattr(directory)
-    return CountingStore.listings - before
+        if whiteouts:
+            view.unlink(directory, b"lower%d" % number)  # a whiteout of a lower file
+            view.getattr(directory)
+    return _listings(rel) - before
 
 
 @pytest.mark.parametrize("size", [100, 3000])
@@ -80,15 +87,31 @@ def test_changes_never_list_the_directory_again(scratch: str, size: int) -> None
         directory = view.lookup(ROOT_INO, b"d")
         assert directory is not None
         view.mkdir(directory.ino, b"first", 0o755, ROOT)  # the directory is in UPPER now
-        first = CountingStore.listings
+        first = _listings(b"d")
         nlink = view.getattr(directory.ino).nlink
-        assert CountingStore.listings - first == 1  # its first st_nlink lists it once
+        assert _listings(b"d") - first == 1  # its first st_nlink lists it once
         assert nlink == 2 + 2  # sub and first
         assert _changes(view, directory.ino, 50) == 0
         # The count kept through the changes is the one a fresh listing gives.
         view.nodes[directory.ino].subdirs = None
         assert view.getattr(directory.ino).nlink == nlink
         assert stat.S_ISDIR(view.getattr(directory.ino).mode)
+    finally:
+        view.close()
+        index.close()
+
+
+def test_a_directory_of_upper_alone_is_never_listed_for_its_link_count(scratch: str) -> None:
+    """Its count is the host directory's, as overlayfs reports it."""
+    view, index = _view(scratch, 10)
+    try:
+        made = view.mkdir(ROOT_INO, b"made", 0o755, ROOT)
+        for number in range(5):
+            view.mkdir(made.ino, b"sub%d" % number, 0o755, ROOT)
+        assert view.getattr(made.ino).nlink == 2 + 5
+        assert _changes(view, made.ino, 20, whiteouts=False) == 0
+        assert view.getattr(made.ino).nlink == 2 + 5
+        assert _listings(b"made") == 0
     finally:
         view.close()
         index.close()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 # An error line a person can read at once: long names and paths in it are
 # shortened in the middle, where they say least.
 LINE_LIMIT = 200
-_WORD_LIMIT = 80  # a sha256 digest (71) stays whole
-_LONG_WORD = re.compile(rf"\S{{{_WORD_LIMIT + 1},}}")
+_WORD_LIMIT = 80  # a sha256 digest (71) stays whole where the line has room
+_WORD_FLOOR = 24  # what is left of a long word at the least
 
 
 class StrataError(Exception):
@@ -23,8 +24,22 @@ def shorten(text: str, limit: int) -> str:
     return text[: (keep + 1) // 2] + "..." + text[len(text) - keep // 2 :]
 
 
+def _shorten_found(limit: int, found: re.Match[str]) -> str:
+    return shorten(found.group(), limit)
+
+
 def error_line(program: str, message: object) -> str:
-    """`PROGRAM: error: MESSAGE` on one line of at most LINE_LIMIT characters."""
+    """`PROGRAM: error: MESSAGE` on one line of at most LINE_LIMIT characters.
+
+    Long names, paths and digests give way first, each shortened in its middle
+    (the longest furthest), so the words that say what went wrong stay whole.
+    """
     text = re.sub(r"\s*[\r\n]+\s*", " ", str(message).strip())
-    text = _LONG_WORD.sub(lambda found: shorten(found.group(), _WORD_LIMIT), text)
-    return shorten(f"{program}: error: {text}", LINE_LIMIT)
+    line = f"{program}: error: {text}"
+    limit = _WORD_LIMIT
+    while limit >= _WORD_FLOOR:
+        line = re.sub(rf"\S{{{limit + 1},}}", functools.partial(_shorten_found, limit), line)
+        if len(line) <= LINE_LIMIT:
+            return line
+        limit -= 8
+    return shorten(line, LINE_LIMIT)

@@ -361,7 +361,7 @@ class UnionView:
         if node.linked:
             counts = self.store.link_counts(node.ino)
             nlink = counts.shown if counts is not None and counts.shown else nlink
-        if node.is_dir:
+        if node.is_dir and node.lower is not None:  # merged with a lower directory
             if node.subdirs is None:
                 node.subdirs = sum(
                     1
