@@ -268,7 +268,9 @@ class StrataOperations(pyfuse3.Operations):
         await trio.to_thread.run_sync(sync, handle.fd)
 
     async def flush(self, fh: int) -> None:
-        return None
+        # Nothing is buffered here, so close(2) has nothing to wait for: ENOSYS
+        # tells the kernel never to send flush again (one request less per close).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
