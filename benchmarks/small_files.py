@@ -6,6 +6,8 @@ For each system, on the same lower layer with a fresh upper directory:
            grow with the directory)
   unlink   unlink of those N files (files/s)
   rm -rf   removal of 5,000 lower files in 50 directories (s)
+  read     every byte of 5,000 lower files of 4-32 KiB, caches dropped first
+           (cold), then again in the same mount (warm) (s)
 
 Systems run in rotated order each round; medians of the rounds, and the
 ratio of strata's cost to fuse-overlayfs's (> 1: strata is slower).
@@ -22,7 +24,7 @@ import subprocess
 import tempfile
 import time
 
-from peers import SYSTEMS, available, mounted
+from peers import SYSTEMS, available, drop_caches, mounted
 
 DATA = b"x" * 4096
 
@@ -30,9 +32,22 @@ DATA = b"x" * 4096
 def _build_lower(top: str) -> None:
     for directory in range(50):
         os.makedirs(os.path.join(top, "tree", f"d{directory}"))
+        os.makedirs(os.path.join(top, "read", f"d{directory}"))
         for index in range(100):
             with open(os.path.join(top, "tree", f"d{directory}", f"f{index}"), "wb") as handle:
                 handle.write(b"lower")
+            with open(os.path.join(top, "read", f"d{directory}", f"f{index}"), "wb") as handle:
+                handle.write(os.urandom(4096 * (1 + index % 8)))
+
+
+def _read_all(top: str) -> float:
+    started = time.perf_counter()
+    for where, _, names in os.walk(top):
+        for name in names:
+            with open(os.path.join(where, name), "rb") as handle:
+                while handle.read(1 << 20):
+                    pass
+    return time.perf_counter() - started
 
 
 def _round(system: str, lower: str, scratch: str, files: int) -> dict[str, float]:
@@ -61,6 +76,9 @@ def _round(system: str, lower: str, scratch: str, files: int) -> dict[str, float
         started = time.perf_counter()
         subprocess.run(["rm", "-rf", os.path.join(point, "tree")], check=True)
         out["rm -rf 5,000 lower files (s)"] = time.perf_counter() - started
+        drop_caches()
+        out["read 5,000 lower files, cold (s)"] = _read_all(os.path.join(point, "read"))
+        out["read them again, warm (s)"] = _read_all(os.path.join(point, "read"))
     shutil.rmtree(scratch)
     return out
 

@@ -230,7 +230,13 @@ class StrataOperations(pyfuse3.Operations):
                 await self._copy_data_up(inode)
             fd = self.view.open_for_write(inode, truncate)
         else:
-            fd = await trio.to_thread.run_sync(self.view.open_data, inode)
+            cached = self.view.open_cached(inode)
+            # An open that may wait for the disk goes to a worker thread.
+            fd = (
+                cached
+                if cached is not None
+                else await trio.to_thread.run_sync(self.view.open_data, inode)
+            )
         return pyfuse3.FileInfo(fh=self._add_handle(inode, fd, write), keep_cache=True)
 
     @_fuse_errors

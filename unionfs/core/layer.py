@@ -185,6 +185,7 @@ def read_layer_dir(fd: int) -> LayerDir:
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
+_RESOLVE_CACHED = 0x20
 _SYS_OPENAT2 = 437  # same number on every architecture (unified syscall table)
 
 
@@ -197,16 +198,25 @@ _libc.syscall.restype = ctypes.c_long
 _openat2_works = True
 
 
-def open_beneath(dir_fd: int, relpath: bytes, flags: int = os.O_RDONLY) -> int:
+def open_beneath(
+    dir_fd: int, relpath: bytes, flags: int = os.O_RDONLY, *, cached_only: bool = False
+) -> int:
     """Open *relpath* under *dir_fd* without following any symlink on the way.
 
     A layer may hold `etc -> /`; resolving a merged path through it must never
     reach the host, so every component must be a real directory of the layer.
+    With *cached_only* the open never waits for the disk: BlockingIOError
+    unless every component is in the kernel's dentry cache (RESOLVE_CACHED).
     """
     global _openat2_works
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    resolve = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+    if cached_only:
+        if not _openat2_works or len(relpath) >= PATH_MAX:
+            raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
+        resolve |= _RESOLVE_CACHED
     if _openat2_works and len(relpath) < PATH_MAX:  # deeper: a component at a time
-        how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+        how = _OpenHow(flags, 0, resolve)
         fd = _libc.syscall(
             _SYS_OPENAT2,
             ctypes.c_int(dir_fd),
@@ -217,9 +227,13 @@ def open_beneath(dir_fd: int, relpath: bytes, flags: int = os.O_RDONLY) -> int:
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
+        if cached_only and err in (errno.EAGAIN, errno.EINVAL):  # EINVAL: before Linux 5.12
+            raise BlockingIOError(errno.EAGAIN, "not in the dentry cache", relpath)
         if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
             raise OSError(err, os.strerror(err), relpath)
         _openat2_works = False
+        if cached_only:
+            raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
     return _open_by_components(dir_fd, relpath, flags)
 
 

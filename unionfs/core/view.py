@@ -497,10 +497,14 @@ class UnionView:
         assert node.lower is not None
         return node.lower.target
 
-    def open_lower(self, entry: Entry) -> int:
-        """Open the layer file holding a lower entry's data (read-only). Blocking."""
+    def open_lower(self, entry: Entry, *, cached_only: bool = False) -> int:
+        """Open the layer file holding a lower entry's data (read-only). Blocking,
+        unless *cached_only*: then BlockingIOError where it would wait for the disk."""
+        layer_fd = self.layer_fds[entry.layer]
         try:
-            fd = open_beneath(self.layer_fds[entry.layer], entry.path, os.O_RDONLY)
+            fd = open_beneath(layer_fd, entry.path, os.O_RDONLY, cached_only=cached_only)
+        except BlockingIOError:
+            raise
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO) from exc
         st = os.fstat(fd)
@@ -510,6 +514,18 @@ class UnionView:
             # serve data that does not match the indexed attributes.
             raise FsError(errno.ESTALE, f"layer changed under the mount: {entry.path!r}")
         return fd
+
+    def open_cached(self, ino: int) -> int | None:
+        """A descriptor to read a lower file's data, if opening it cannot wait
+        for the disk (its path is in the dentry cache); else None. Warm walks
+        open many files, and a worker thread costs more than such an open."""
+        node = self.node(ino)
+        if node.upper or node.lower is None or not stat.S_ISREG(node.mode):
+            return None
+        try:
+            return self.open_lower(node.lower, cached_only=True)
+        except BlockingIOError:
+            return None
 
     def open_data(self, ino: int, write: bool = False) -> int:
         """A host descriptor for the node's current data. Blocking.
