@@ -357,3 +357,28 @@ def test_sigkill_at_a_random_moment_loses_no_finished_file(scratch: str, crash_s
         _mismatch(candidates[0], seen)
     )
     _fsck(store, lower, upper, work)
+
+
+def test_a_shared_copy_from_before_names_were_counted_is_kept(scratch: str) -> None:
+    """An UPPER written before the names count (its copy holds only the shown
+    count): a link or unlink must not record 0 names, which would drop a copy
+    names still use."""
+    lower, upper, work, store, mount = _places(scratch)
+    write(f"{lower}/x/one", "linked")
+    os.link(f"{lower}/x/one", f"{lower}/two")
+    args = ("--upper", upper, "--work", work)
+    with strata_mount(store, [lower], mount, *args):
+        os.chmod(f"{mount}/x/one", 0o600)  # copied up once for both names
+    links = os.path.join(work, "strata-links")
+    (copy,) = os.listdir(links)
+    os.setxattr(os.path.join(links, copy), "trusted.overlay.strata.nlink", b"2")
+    with strata_mount(store, [lower], mount, *args):
+        os.link(f"{mount}/two", f"{mount}/three")
+    assert os.listdir(links) == [copy]
+    _fsck(store, lower, upper, work)
+    with strata_mount(store, [lower], mount, *args):
+        assert os.listdir(links) == [copy]
+        inos = {os.stat(f"{mount}/{path}").st_ino for path in ("x/one", "two", "three")}
+        assert len(inos) == 1
+        with open(f"{mount}/three") as handle:
+            assert handle.read() == "linked"

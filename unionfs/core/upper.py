@@ -190,7 +190,9 @@ class UpperStore:
                     os.unlink(path)
         os.makedirs(self.tmp, mode=0o700, exist_ok=True)
         os.makedirs(self.links, mode=0o700, exist_ok=True)
-        for _, ino in self.unused_links():  # a daemon killed before it removed them
+        # Copies a killed daemon did not remove. Only counted ones: an uncounted
+        # copy may serve a name through a renamed directory (fsck reports it).
+        for _, ino in self.unused_links(uncounted=False):
             self.drop_link(ino)
         return found
 
@@ -205,7 +207,12 @@ class UpperStore:
         return LinkCounts(int(shown), int(names) if names else None)
 
     def set_link_counts(self, ino: int, counts: LinkCounts) -> None:
-        value = b"%d %d" % (counts.shown, counts.names or 0)
+        # A copy made before names were counted stays uncounted: writing 0
+        # for it would read as "no name uses it" and drop it.
+        if counts.names is None:
+            value = b"%d" % counts.shown
+        else:
+            value = b"%d %d" % (counts.shown, counts.names)
         os.setxattr(self.link_path(ino), _xattr_name(self.nlink_xattr), value,
                     follow_symlinks=False)  # fmt: skip
 
@@ -214,9 +221,10 @@ class UpperStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.link_path(ino))
 
-    def unused_links(self) -> list[tuple[bytes, int]]:
+    def unused_links(self, *, uncounted: bool = True) -> list[tuple[bytes, int]]:
         """Shared copies no name uses: (name in WORK/strata-links, inode number).
-        An UPPER from before names were counted: a copy with no upper link left."""
+        With *uncounted*, also copies from before names were counted that have
+        no upper link left."""
         unused = []
         for name in sorted(os.listdir(self.links)):
             try:
@@ -224,12 +232,11 @@ class UpperStore:
             except ValueError:
                 continue
             counts = self.link_counts(ino)
-            if counts is not None and counts.names is not None:
-                if counts.names > 0:
-                    continue
-            elif os.lstat(self.link_path(ino)).st_nlink > 1:
-                continue
-            unused.append((name, ino))
+            names = None if counts is None else counts.names
+            if names == 0 or (
+                names is None and uncounted and os.lstat(self.link_path(ino)).st_nlink == 1
+            ):
+                unused.append((name, ino))
         return unused
 
     def path(self, rel: bytes) -> bytes:
