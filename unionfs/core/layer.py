@@ -81,8 +81,11 @@ def fingerprint(root: bytes) -> bytes:
             name = subdirs.pop(0)
             child_rel = rel + b"/" + name if rel else name
             child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            chain.append((child_rel, child, []))
-            chain[-1] = (child_rel, child, enter(child_rel, child))
+            try:
+                chain.append((child_rel, child, enter(child_rel, child)))
+            except BaseException:
+                os.close(child)
+                raise
     finally:
         for _, fd, _ in chain:
             os.close(fd)
@@ -99,12 +102,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 def open_layer_dir(name: bytes, dir_fd: int | None = None) -> int:
     """A descriptor to list a layer directory, never through a symlink."""
     return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-
-
-def at(dir_fd: int, name: bytes) -> bytes:
-    """A short path to NAME in the directory open as *dir_fd*, for the calls
-    (xattrs) that have no *at form."""
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
 def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:

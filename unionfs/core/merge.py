@@ -16,7 +16,6 @@ from ..errors import StrataError
 from . import overrides
 from .index import ROOT_INO, Index, name_hash
 from .layer import (
-    at,
     is_implicit,
     is_opaque,
     open_layer_dir,
@@ -25,6 +24,7 @@ from .layer import (
     read_xattrs,
     visible_xattrs,
 )
+from .paths import fd_path
 from .records import Entry, entry_from_stat, unpack_group
 from .upper import join, redirect_target
 
@@ -171,7 +171,7 @@ class LayerMerger:
         for name, st in layer_dir.entries:
             self.files += 1
             child_rel = rel + b"/" + name if rel else name
-            xattrs = read_xattrs(at(fd, name))
+            xattrs = read_xattrs(fd_path(fd, name))
             lower = take(name)
             if stat.S_ISDIR(st.st_mode):
                 implicit = is_implicit(xattrs)

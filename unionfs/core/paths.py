@@ -34,6 +34,11 @@ def open_directory(top: bytes, rel: bytes) -> int:
     return fd
 
 
+def fd_path(dir_fd: int, name: bytes) -> bytes:
+    """A short path to NAME in the directory open as *dir_fd*."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+
 class DeepPaths:
     """Paths under *top* that one system call accepts, whatever the depth."""
 
@@ -51,7 +56,7 @@ class DeepPaths:
         fd = self._dirs.get(parent)
         if fd is None:
             fd = self._dirs[parent] = open_directory(self.top, parent)
-        return b"/proc/self/fd/%d/%s" % (fd, name)
+        return fd_path(fd, name)
 
     def forget(self) -> None:
         """Directories moved or went: drop the descriptors that reach them by
@@ -63,5 +68,7 @@ class DeepPaths:
         self._dirs.clear()
 
     def close(self) -> None:
-        self.forget()
-        self.forget()
+        for fd in [*self._retired, *self._dirs.values()]:
+            os.close(fd)
+        self._retired = []
+        self._dirs.clear()

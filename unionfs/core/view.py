@@ -698,16 +698,16 @@ class UnionView:
             os.rename(temp, link)
         with self.index.read() as txn:
             aliases = self.index.aliases_of(txn, node.ino)
-            # The names the merged view shows: a lower layer may hide some of
-            # the layer's links, which st_nlink still counts.
-            names = sum(
-                1
-                for path in aliases
-                if (found := self.index.lookup_path(txn, self.lower_root, path)) is not None
-                and found.ino == node.ino
-            )
-        if store.link_counts(node.ino) is None:
-            store.set_link_counts(node.ino, LinkCounts(lower.nlink, max(names, 1)))
+            if store.link_counts(node.ino) is None:
+                # The names the merged view shows: a lower layer may hide some
+                # of the layer's links, which st_nlink still counts.
+                names = sum(
+                    1
+                    for path in aliases
+                    if (found := self.index.lookup_path(txn, self.lower_root, path)) is not None
+                    and found.ino == node.ino
+                )
+                store.set_link_counts(node.ino, LinkCounts(lower.nlink, max(names, 1)))
         node.upper = node.linked = True
         node.metacopy = False
         node.version += 1
@@ -999,12 +999,11 @@ class UnionView:
         if self.store.redirect_of(host) is not None:
             return
         parent = self.nodes.get(node.parent)
+        lower_path = None
         if parent is not None and parent.lower_path is not None:
             lower_path = join(parent.lower_path, node.name)
-        else:
-            lower_path = node.lower.path
-        found = self._lower_at(lower_path)
-        if found is None or found.ino != node.lower.ino:
+        found = self._lower_at(lower_path) if lower_path is not None else None
+        if lower_path is None or found is None or found.ino != node.lower.ino:
             # No path names the data: copy it, so nothing depends on a path.
             self._copy_up(node, data=True)
             return
