@@ -13,7 +13,8 @@ import random
 import time
 from dataclasses import replace
 
-from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata, strata_mount
+from tests.layers import write
+from tests.mounts import WRITABLE_OVERLAY, on_both, overlay_mount, strata, strata_mount
 from tests.ops import KINDS, Op, apply, choose, tree_paths
 from tests.stackgen import generate, render
 from tests.trees import Snapshot, differences, snapshot
@@ -21,6 +22,8 @@ from tests.trees import Snapshot, differences, snapshot
 DEFAULT_SEEDS = 70
 OPERATIONS = 500
 CHECK_EVERY = 50
+# A file capability (cap_net_bind_service, effective), as setcap writes it.
+CAPABILITY = bytes.fromhex("0100000200040000000000000000000000000000")
 
 
 def _tree_differences(oracle: str, ours: str, since: int) -> list[str]:
@@ -91,7 +94,9 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
             )
             if step % CHECK_EVERY == 0:
                 found = _tree_differences(oracle, ours, since)
-                assert found == [], f"seed {seed} after step {step}:\n" + "\n".join(log[-15:])
+                assert found == [], f"seed {seed} after step {step}:\n" + "\n".join(
+                    [*log[-15:], "differences:", *found]
+                )
     with (
         overlay_mount(
             layers, overlay_point, options=WRITABLE_OVERLAY, upper=kernel_upper, work=kernel_work
@@ -146,3 +151,37 @@ def test_operations_never_follow_a_symlink_out(scratch: str) -> None:
         before.st_size,
         before.st_mtime_ns,
     )
+
+
+def test_a_file_capability_survives_the_data_copy_of_a_metadata_only_copy(scratch: str) -> None:
+    """chmod or link makes a metadata-only copy; a rename then copies its data
+    in place, and the host kernel strips security.capability from any file
+    written to: strata puts it back, and the file shows what overlayfs shows."""
+    lower = os.path.join(scratch, "lower")
+    os.makedirs(f"{lower}/d")
+    for name in ("chmodded", "linked", "written"):
+        path = write(f"{lower}/c/{name}", "x" * 300)
+        os.setxattr(path, "security.capability", CAPABILITY)
+        os.setxattr(path, "user.kept", b"yes")
+
+    def change(mount: str) -> None:
+        os.chmod(f"{mount}/c/chmodded", 0o700)
+        os.rename(f"{mount}/c/chmodded", f"{mount}/d/chmodded")
+        os.link(f"{mount}/c/linked", f"{mount}/d/link")
+        os.rename(f"{mount}/c/linked", f"{mount}/d/linked")
+        with open(f"{mount}/c/written", "r+") as handle:
+            handle.write("y")  # a write strips it, on overlayfs as on any filesystem
+
+    def look(mount: str) -> dict[str, list[str]]:
+        names = ("d/chmodded", "d/linked", "d/link", "c/written")
+        return {name: sorted(os.listxattr(f"{mount}/{name}")) for name in names}
+
+    seen = on_both(scratch, [lower], change, look)
+    assert seen["strata"] == seen["overlayfs"]
+    _, looked, _ = seen["strata"]
+    assert looked == {
+        "d/chmodded": ["security.capability", "user.kept"],
+        "d/linked": ["security.capability", "user.kept"],
+        "d/link": ["security.capability", "user.kept"],
+        "c/written": ["user.kept"],
+    }

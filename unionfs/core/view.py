@@ -827,9 +827,16 @@ class UnionView:
             if job.in_place is not None:
                 # Until the metacopy mark goes (finish_copy), reads still come
                 # from the lower file, so a half-done copy is never seen. The
-                # copy keeps the times the metadata-only copy shows.
+                # copy keeps the times the metadata-only copy shows, and what
+                # the host kernel strips from a file written to: its file
+                # capability, and set-id bits when strata lacks CAP_FSETID.
                 before = os.fstat(job.in_place)
+                capability = _file_capability(job.in_place)
                 copy_data(source, job.in_place, job.entry.size)
+                if capability is not None:
+                    os.setxattr(job.in_place, CAPABILITY_XATTR, capability)
+                if os.fstat(job.in_place).st_mode != before.st_mode:
+                    os.fchmod(job.in_place, stat.S_IMODE(before.st_mode))
                 os.utime(job.in_place, ns=(before.st_atime_ns, before.st_mtime_ns))
                 os.fdatasync(job.in_place)
                 return
@@ -1284,6 +1291,18 @@ def _merge_by_hash(
         yield hashed, group
     for hashed in upper_hashes[position:]:
         yield hashed, []
+
+
+CAPABILITY_XATTR = "security.capability"
+
+
+def _file_capability(fd: int) -> bytes | None:
+    try:
+        return os.getxattr(fd, CAPABILITY_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
 
 
 def _count_subdir(directory: Node, change: int) -> None:
