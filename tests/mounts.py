@@ -63,6 +63,52 @@ def strata_mount(root: str, layers: Sequence[str], mountpoint: str, *options: st
         unmount(root, mountpoint)
 
 
+_PATCHED_DAEMON = """
+import sys
+from unionfs.mount import MountRequest, WritableLayer, mount
+
+root, lower, upper, work, mountpoint, patch = sys.argv[1:7]
+exec(patch)
+mount(MountRequest(root, [lower], mountpoint, foreground=True,
+                   writable=WritableLayer(upper, work)))
+"""
+
+
+@contextlib.contextmanager
+def patched_mount(
+    scratch: str, lower: str, patch: str, log_path: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A writable strata mount of *lower* served by a child Python that runs
+    *patch* (source that wraps or breaks part of strata) before the real mount
+    code; its output goes to *log_path*. Yields the mountpoint and the daemon,
+    which has exited when the block ends."""
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper, exist_ok=True)
+    root, mountpoint = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    os.makedirs(mountpoint, exist_ok=True)
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-c", _PATCHED_DAEMON, root, lower, upper, work, mountpoint, patch],
+            stdout=log,
+            stderr=log,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while find_mount(mountpoint) is None:
+            assert daemon.poll() is None, "the daemon exited before mounting"
+            assert time.monotonic() < deadline, "the mount did not appear"
+            time.sleep(0.05)
+        yield mountpoint, daemon
+    finally:
+        # umount(8), not `strata umount`: that waits for the daemon's pid to
+        # go, and a child of this test stays a zombie until it is waited for.
+        subprocess.run(["umount", mountpoint], capture_output=True)
+        if find_mount(mountpoint) is not None:
+            force_unmount(mountpoint)
+        daemon.wait(timeout=60)
+
+
 # What makes the kernel's directory renames and hardlinks behave as strata's do.
 WRITABLE_OVERLAY = "redirect_dir=on,index=on"
 

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
 from tests.layers import write
-from tests.mounts import force_unmount, strata, strata_mount
-from unionfs.mount import find_mount
+from tests.mounts import patched_mount, strata, strata_mount
 
-_DAEMON = """
-import sys
+_FAULTS = """
 import unionfs.core.view as view
-from unionfs.mount import MountRequest, WritableLayer, mount
-
-root, lower, upper, work, mountpoint = sys.argv[1:6]
 
 original_setxattr = view.UnionView.setxattr
 def setxattr(self, ino, name, value):
@@ -39,18 +31,7 @@ def copy_data(source, target, size):
     original_copy(source, target, size // 2)
     raise AssertionError("injected fault half-way through a copy-up")
 view.copy_data = copy_data
-
-mount(MountRequest(root, [lower], mountpoint, foreground=True,
-                   writable=WritableLayer(upper, work)))
 """
-
-
-def _wait_for_mount(mountpoint: str, daemon: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while find_mount(mountpoint) is None:
-        assert daemon.poll() is None, "the daemon exited before mounting"
-        assert time.monotonic() < deadline, "the mount did not appear"
-        time.sleep(0.05)
 
 
 def _eio(call: object, *args: object) -> None:
@@ -64,19 +45,8 @@ def test_a_failing_request_answers_eio_and_the_mount_keeps_serving(scratch: str)
     write(f"{lower}/dir/file", "lower data")
     write(f"{lower}/dir/big", b"0123456789" * 100_000)
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
-    os.makedirs(upper)
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
-    os.makedirs(mount)
-    log_path = os.path.join(scratch, "daemon.log")
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-c", _DAEMON, root, lower, upper, work, mount],
-            stdout=log,
-            stderr=log,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        )
-    try:
-        _wait_for_mount(mount, daemon)
+    root, log_path = os.path.join(scratch, "store"), os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _FAULTS, log_path) as (mount, daemon):
         _eio(os.setxattr, f"{mount}/dir/file", "user.fault", b"x")
         # A fault half-way through a data copy-up: the copy is abandoned.
         _eio(os.open, f"{mount}/dir/big", os.O_WRONLY)
@@ -91,13 +61,6 @@ def test_a_failing_request_answers_eio_and_the_mount_keeps_serving(scratch: str)
         os.rename(f"{mount}/dir/new", f"{mount}/renamed")
         assert sorted(os.listdir(mount)) == ["dir", "renamed"]
         assert sorted(os.listdir(f"{mount}/dir")) == ["big", "file"]
-    finally:
-        # umount(8), not `strata umount`: that waits for the daemon's pid to
-        # go, and a child of this test stays a zombie until it is waited for.
-        subprocess.run(["umount", mount], capture_output=True)
-        if find_mount(mount) is not None:
-            force_unmount(mount)
-        daemon.wait(timeout=60)
     assert daemon.returncode == 0
     with open(log_path) as log:
         text = log.read()

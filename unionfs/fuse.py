@@ -32,6 +32,11 @@ CACHE_TIMEOUT = 24 * 3600.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+# Whether pyfuse3 hands readdir the directory's inode when opendir is not
+# implemented (tools/pyfuse3-no-opendir.patch, which tools/setup.sh applies);
+# without it, directories are opened as before, and listed from strata each time.
+OPENDIR_OPTIONAL: bool = getattr(pyfuse3, "OPENDIR_OPTIONAL", False)
+
 
 def _fuse_errors(handler: F) -> F:
     """Turn core and OS errors into FUSE replies with the same errno.
@@ -167,10 +172,15 @@ class StrataOperations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return self.view.readlink(inode)
 
-    @_fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if not self.view.node(inode).is_dir:
-            raise FsError(errno.ENOTDIR)
+        # ENOSYS: the kernel stops sending opendir and releasedir, and keeps
+        # every listing it has read until the directory changes (each change
+        # of a directory's entries passes through the mount, and the kernel
+        # drops its cached listing on each). A second walk then costs no
+        # request at all. With the patch tools/setup.sh applies to pyfuse3,
+        # readdir gets the directory's inode as its handle.
+        if OPENDIR_OPTIONAL:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return inode
 
     @_fuse_errors
