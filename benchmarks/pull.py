@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peers import drop_caches
+from drivers import drop_caches
 
 from tests.images import build_debian
 from tests.registry import run_registry

@@ -6,14 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # python3-dev, gcc, pkg-config, libfuse3-dev and patch build pyfuse3; fuse3 brings
-# fusermount3 and /dev/fuse support; fuse-overlayfs is a benchmark peer.
+# fusermount3 and /dev/fuse support; fuse-overlayfs and unionfs-fuse are
+# benchmark peers.
 # The image tests run a real registry (docker-registry, with htpasswd and an
 # openssl-made CA) and build and check images with skopeo, umoci,
 # busybox-static and debootstrap; the runtime tests run containers on strata
 # mounts with runc, crun, bubblewrap and podman.
 packages=(
   python3 python3-venv python3-dev gcc pkg-config patch
-  fuse3 libfuse3-dev fuse-overlayfs
+  fuse3 libfuse3-dev fuse-overlayfs unionfs-fuse
   util-linux mount procps ca-certificates
   docker-registry skopeo umoci busybox-static debootstrap apache2-utils openssl zstd
   runc crun bubblewrap podman
@@ -52,7 +53,7 @@ if [[ ! -x .venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   tar -xzf "$sdist" -C "$build"
   patch --quiet --directory "$build/pyfuse3-$pyfuse3_version" -p1 < "$pyfuse3_patch"
   "${pip[@]}" install "$build/pyfuse3-$pyfuse3_version"
-  "${pip[@]}" install -e '.[dev]'
+  "${pip[@]}" install -e '.[dev,bench]'
   echo "$want" > "$stamp"
 fi
 

@@ -107,8 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint")
 
     verbs.add_parser("demo", help="mount the built-in sample image, list it, unmount")
+    verbs.add_parser(
+        "bench",
+        help="benchmark strata beside its peers (strata bench --help)",
+        add_help=False,
+        prefix_chars="\0",  # every argument goes to the suite's own parser
+    ).add_argument("suite_args", nargs=argparse.REMAINDER)
     add_image_verbs(verbs)
     return parser
+
+
+def run_bench(arguments: list[str]) -> int:
+    """`strata bench`: the suite in the checkout's benchmarks/ directory."""
+    suite = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "benchmarks", "suite.py")  # fmt: skip
+    if not os.path.exists(suite):
+        print(error_line("strata", f"bench runs from a source checkout: {suite} is missing"),
+              file=sys.stderr)  # fmt: skip
+        return 1
+    sys.path.insert(0, os.path.dirname(suite))
+    import suite as bench_suite
+
+    return int(bench_suite.main(arguments))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .overlayfs_cli import run
 
         return run(arguments)
+    if arguments[:1] == ["bench"]:
+        return run_bench(arguments[1:])
     args, extra = parser.parse_known_args(arguments)
     # argparse stops filling a positional list at the first option, so
     # `mount IMAGE --name C MOUNTPOINT` leaves MOUNTPOINT over: take it back.

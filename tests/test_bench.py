@@ -1,0 +1,52 @@
+"""`strata bench --quick` runs every workload on every driver of this machine
+and writes what it promises: all samples in JSON, the table, the plots.
+
+This keeps the suite working; it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+from drivers import DRIVERS, missing
+from workloads import WORKLOADS
+
+
+def test_the_quick_suite_writes_every_workload_for_every_driver(scratch: str) -> None:
+    out = os.path.join(scratch, "results")
+    result = subprocess.run(
+        [sys.executable, "-m", "unionfs", "bench", "--quick", "--out", out],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "results.json")) as handle:
+        results = json.load(handle)
+    runnable = [driver for driver in DRIVERS if missing(driver) is None]
+    assert results["arguments"]["drivers"] == runnable
+    assert "strata" in runnable and "overlay" in runnable
+    skipped = [driver for driver in DRIVERS if driver not in runnable]
+    assert len(results["notes"]) >= len(skipped)
+    assert results["machine"]["kernel"] == os.uname().release
+    assert list(results["workloads"]) == [workload.id for workload in WORKLOADS]
+    for workload_id, workload in results["workloads"].items():
+        assert workload["samples"], workload_id
+        for metric, by_driver in workload["samples"].items():
+            expected = [d for d in runnable if not (workload_id == "W7" and d == "native")]
+            if "memory" in metric:  # only daemons have a resident size
+                expected = [d for d in expected if d not in ("overlay", "native")]
+            assert sorted(by_driver) == sorted(expected), (workload_id, metric)
+            for driver, samples in by_driver.items():
+                assert len(samples) == 1 and samples[0] > 0, (workload_id, metric, driver)
+    with open(os.path.join(out, "results.md")) as handle:
+        table = handle.read()
+    assert "| metric | " + " | ".join(runnable) + " | strata / overlay |" in table
+    for workload in WORKLOADS:
+        assert f"### {workload.id} {workload.title}" in table
+    for plot in ("lookup-depth.png", "copy-up.png", "small-files.png"):
+        with open(os.path.join(out, plot), "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n", plot
