@@ -87,6 +87,8 @@ class StrataOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._copy_locks: dict[int, trio.Lock] = {}
+        # Where copy-ups that finish after their request run (mount.py sets it).
+        self.background: trio.Nursery | None = None
 
     def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -236,9 +238,16 @@ class StrataOperations(pyfuse3.Operations):
         if (write or truncate) and not self.view.writable:
             raise FsError(errno.EROFS)
         if write or truncate:
-            if not truncate:
+            # A large lower file is copied chunk by chunk: the writes copy what
+            # they touch, a background task the rest.
+            chunked = not truncate and self.view.start_partial(inode)
+            if not truncate and not chunked:
                 await self._copy_data_up(inode)
             fd = self.view.open_for_write(inode, truncate)
+            if chunked and self.background is not None:
+                self.background.start_soon(self._fill_in_background, inode)
+        elif self.view.partial(inode) is not None:
+            fd = self.view.open_data(inode, write=True)  # reads go through the partial copy
         else:
             cached = self.view.open_cached(inode)
             # An open that may wait for the disk goes to a worker thread.
@@ -269,13 +278,44 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        fd = await self._current_fd(self.handles[fh])
+        handle = self.handles[fh]
+        partial = self.view.partial(handle.ino)
+        if partial is not None:
+            data = await trio.to_thread.run_sync(partial.read, off, size)
+            if data is not None:
+                return data
+        fd = await self._current_fd(handle)
         return await trio.to_thread.run_sync(os.pread, fd, size, off)
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles[fh]
+        partial = self.view.partial(handle.ino)
+        if partial is not None:
+            written = await trio.to_thread.run_sync(partial.write, off, buf)
+            if written is not None:
+                return written
         return await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off)
+
+    async def _fill_in_background(self, ino: int) -> None:
+        """Copy a partial copy's remaining chunks, one per worker-thread call,
+        so requests interleave; then make it a whole file. Cancelled at
+        unmount, where the mount fills what is left."""
+        try:
+            partial = self.view.partial(ino)
+            while partial is not None and await trio.to_thread.run_sync(partial.fill_next):
+                pass
+            await self._copy_data_up(ino)
+        except FsError as exc:
+            if exc.errno not in (errno.ESTALE, errno.ENOENT):  # else: unlinked meanwhile
+                log.error("copy-up of inode %d in the background failed: %s", ino, exc)
+        except OSError:
+            log.exception("copy-up of inode %d in the background failed", ino)
+
+    async def _whole(self, ino: int | None) -> None:
+        """Finish a partial copy before a change that needs the whole data."""
+        if ino is not None and self.view.partial(ino) is not None:
+            await self._copy_data_up(ino)
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -347,6 +387,7 @@ class StrataOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        await self._whole(inode)
         return self._node_attributes(self.view.link(inode, new_parent_inode, new_name))
 
     @_fuse_errors

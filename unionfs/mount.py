@@ -26,6 +26,7 @@ from .errors import StrataError
 if TYPE_CHECKING:
     from .core.index import Index
     from .core.upper import UpperStore
+    from .fuse import StrataOperations
     from .volumes import Volume
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,10 @@ def serve(request: MountRequest, notify: Notify) -> None:
         except RuntimeError as exc:
             raise StrataError(f"cannot mount on {request.mountpoint}: {exc}") from exc
         try:
-            _serve_mounted(request, notify)
+            _serve_mounted(request, notify, operations)
+            # Copy-ups still partial are filled now: after an unmount UPPER
+            # holds whole files, for fsck, commit and overlayfs.
+            view.complete_partials()
         finally:
             view.close()
     finally:
@@ -383,7 +387,7 @@ def open_upper(index: Index, layer: WritableLayer, *, recover: bool = True) -> U
     return store
 
 
-def _serve_mounted(request: MountRequest, notify: Notify) -> None:
+def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOperations) -> None:
     """Run the request loop of an initialised pyfuse3 session; always close it."""
     import pyfuse3
     import trio
@@ -411,6 +415,7 @@ def _serve_mounted(request: MountRequest, notify: Notify) -> None:
                             terminated = True
                             pyfuse3.terminate()
 
+                operations.background = nursery
                 nursery.start_soon(fuse_loop)
                 nursery.start_soon(signals)
                 # A request through the kernel proves the mount serves.

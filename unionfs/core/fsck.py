@@ -98,6 +98,10 @@ class UpperChecker:
                 if lower is None or not stat.S_ISREG(lower.mode):
                     # The data is lost; keeping the file shows what is left.
                     self._report(child, "metadata-only copy whose lower data is gone", False)
+                elif store.chunk_map(path) is not None:
+                    # A daemon stopped while it copied the file chunk by chunk:
+                    # the next mount reads it right and fills the rest.
+                    self._report(child, "copy-up in progress; mount it once to finish", False)
 
     def _check_ino(self, rel: bytes, path: bytes, st: os.stat_result, repair: bool) -> None:
         ino = self.store.stored_ino(path)

@@ -167,6 +167,8 @@ class UpperStore:
         self.store_id = store_id
         self._serial = 0
         self.ino_xattr = fmt.name(b"strata.ino")
+        # The chunk map of a copy-up in progress (core/chunks.py).
+        self.chunks_xattr = fmt.name(b"strata.chunks")
         self.opaque_xattrs = tuple(prefix + b"opaque" for prefix in PRIVATE_PREFIXES)
         self.redirect_xattrs = tuple(prefix + b"redirect" for prefix in PRIVATE_PREFIXES)
         self.metacopy_xattrs = tuple(prefix + b"metacopy" for prefix in PRIVATE_PREFIXES)
@@ -331,6 +333,12 @@ class UpperStore:
 
     def set_ino_fd(self, fd: int, ino: int) -> None:
         os.setxattr(fd, _xattr_name(self.ino_xattr), _INO.pack(self.store_id, ino))
+
+    def chunk_map(self, path: bytes) -> bytes | None:
+        return get_xattr(path, self.chunks_xattr)
+
+    def set_chunk_map(self, fd: int, raw: bytes) -> None:
+        os.setxattr(fd, _xattr_name(self.chunks_xattr), raw)
 
     def set_marker(self, path: bytes, what: bytes, value: bytes) -> None:
         os.setxattr(path, _xattr_name(self.format.name(what)), value, follow_symlinks=False)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from . import overrides
+from .chunks import CAPABILITY_XATTR, CHUNKED_MIN, PartialCopy, file_capability
 from .index import ROOT_INO, Index, name_hash
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
@@ -76,6 +77,7 @@ class Node:
         "names",
         "opaque",
         "parent",
+        "partial",
         "subdirs",
         "upper",
         "version",
@@ -98,6 +100,7 @@ class Node:
         # first getattr and kept by every change after, so none lists again.
         self.subdirs: int | None = None
         self.linked = False  # a hardlinked lower file whose shared copy is in WORK
+        self.partial: PartialCopy | None = None  # a metacopy being filled chunk by chunk
 
     @property
     def is_dir(self) -> bool:
@@ -114,6 +117,7 @@ class CopyJob:
     entry: Entry
     temp: bytes = b""
     in_place: int | None = None
+    partial: PartialCopy | None = None  # fill only the chunks it lacks
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +204,7 @@ class UnionView:
         if node is None or ino == ROOT_INO:
             return
         node.lookups -= count
-        if node.lookups <= 0:
+        if node.lookups <= 0 and node.partial is None:  # a partial copy stays until filled
             del self.nodes[ino]
 
     def remember(self, node: Node) -> None:
@@ -316,6 +320,8 @@ class UnionView:
             if metacopy:
                 node.metacopy = True
                 node.lower = lower if lower is not None and same_kind else None
+                if node.lower is not None:
+                    node.partial = self._resume_partial(path, node.lower)
         node.upper = True
         return node
 
@@ -535,7 +541,9 @@ class UnionView:
         node = self.node(ino)
         if not stat.S_ISREG(node.mode):
             raise FsError(errno.EINVAL)
-        if node.upper and not node.metacopy:
+        if node.partial is not None and not write:
+            self._copy_up(node, data=True)  # a reader outside the mount wants whole data
+        if node.upper and (not node.metacopy or node.partial is not None):
             return os.open(self._host(node), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
         if write:
             raise FsError(errno.EIO, "write to a file that is not copied up")
@@ -796,6 +804,76 @@ class UnionView:
             xattrs=lower.xattrs,
         )
 
+    def start_partial(self, ino: int) -> bool:
+        """Make a large lower file writable without copying its data: a
+        metadata-only copy whose chunks are copied as writes touch them (and
+        by fill, in the background). False where the whole file is copied."""
+        store = self._writable()
+        node = self.node(ino)
+        lower = node.lower
+        if (
+            node.partial is not None
+            or lower is None
+            or not stat.S_ISREG(node.mode)
+            or lower.size < CHUNKED_MIN
+            or lower.nlink > 1
+            or node.linked
+            or (node.upper and not node.metacopy)
+        ):
+            return node.partial is not None
+        self._copy_up(node, data=False)
+        lower_fd = self.open_lower(lower)
+        try:
+            upper_fd = os.open(self._host(node), os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            os.close(lower_fd)
+            raise
+        raw = PartialCopy.empty_map(lower.size)
+        store.set_chunk_map(upper_fd, raw)
+        node.partial = self._partial(lower_fd, upper_fd, lower.size, raw)
+        return True
+
+    def _partial(self, lower_fd: int, upper_fd: int, size: int, raw: bytes) -> PartialCopy:
+        store = self._writable()
+        decoded = PartialCopy.decode(raw)
+        assert decoded is not None
+        chunk, _, present = decoded
+        return PartialCopy(lower_fd, upper_fd, size, present,
+                           lambda value: store.set_chunk_map(upper_fd, value), chunk)  # fmt: skip
+
+    def _resume_partial(self, path: bytes, lower: Entry) -> PartialCopy | None:
+        """The chunk map of a metadata-only copy a stopped daemon was filling."""
+        if self.store is None:
+            return None
+        raw = self.store.chunk_map(path)
+        if raw is None:
+            return None
+        decoded = PartialCopy.decode(raw)
+        if decoded is None or decoded[1] != lower.size:
+            return None
+        lower_fd = self.open_lower(lower)
+        try:
+            upper_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            os.close(lower_fd)
+            raise
+        return self._partial(lower_fd, upper_fd, lower.size, raw)
+
+    def partial(self, ino: int) -> PartialCopy | None:
+        node = self.nodes.get(ino)
+        return node.partial if node is not None else None
+
+    def complete_partials(self) -> None:
+        """Fill every partial copy (at unmount: UPPER then holds whole files)."""
+        for node in list(self.nodes.values()):
+            if node.partial is None:
+                continue
+            try:
+                self._copy_up(node, data=True)
+            except FsError:  # no name left (unlinked while open): nothing to keep
+                node.partial.close()
+                node.partial = None
+
     def needs_data_copy(self, ino: int) -> bool:
         """Whether writing to *ino* must first copy data up (a slow step)."""
         node = self.node(ino)
@@ -816,7 +894,7 @@ class UnionView:
             )
         if node.upper and node.metacopy:
             fd = os.open(self._host(node), os.O_WRONLY | os.O_CLOEXEC)
-            return CopyJob(node.ino, lower, in_place=fd)
+            return CopyJob(node.ino, lower, in_place=fd, partial=node.partial)
         return CopyJob(node.ino, lower, temp=temp if temp is not None else store.temp_path())
 
     def fill(self, job: CopyJob) -> None:
@@ -824,6 +902,12 @@ class UnionView:
         assert self.store is not None
         source = self.open_lower(job.entry)
         try:
+            if job.partial is not None:
+                # Only the chunks it lacks, each keeping what a write changes.
+                while job.partial.fill_next():
+                    pass
+                os.fdatasync(job.in_place if job.in_place is not None else job.partial.upper_fd)
+                return
             if job.in_place is not None:
                 # Until the metacopy mark goes (finish_copy), reads still come
                 # from the lower file, so a half-done copy is never seen. The
@@ -831,7 +915,7 @@ class UnionView:
                 # the host kernel strips from a file written to: its file
                 # capability, and set-id bits when strata lacks CAP_FSETID.
                 before = os.fstat(job.in_place)
-                capability = _file_capability(job.in_place)
+                capability = file_capability(job.in_place)
                 copy_data(source, job.in_place, job.entry.size)
                 if capability is not None:
                     os.setxattr(job.in_place, CAPABILITY_XATTR, capability)
@@ -864,6 +948,10 @@ class UnionView:
         node = self.nodes.get(job.ino)
         if job.in_place is not None:
             os.close(job.in_place)
+            if job.partial is not None and (
+                node is None or node.partial is not job.partial or not job.partial.complete
+            ):
+                return  # dropped (truncated, or the name is gone) before it was filled
             if node is not None and node.metacopy:
                 self._drop_metacopy(node)
             return
@@ -979,6 +1067,8 @@ class UnionView:
             raise FsError(errno.EPERM)
         if self._resolve(parent, name) is not None:
             raise FsError(errno.EEXIST)
+        if node.partial is not None:
+            self._copy_up(node, data=True)  # a second name needs whole data
         self._copy_up(node, data=False)
         if node.metacopy:
             self._pin_lower_data(node)
@@ -1238,6 +1328,10 @@ class UnionView:
         if node.metacopy:
             assert self.store is not None
             host = self._host(node)
+            if node.partial is not None:
+                node.partial.close()
+                node.partial = None
+                self.store.clear_markers(host, (self.store.chunks_xattr,))
             self.store.clear_markers(host, self.store.metacopy_xattrs)
             self.store.clear_markers(host, self.store.redirect_xattrs)
             node.metacopy = False
@@ -1250,7 +1344,7 @@ class UnionView:
             self._copy_up(node, data=False)
             self._drop_metacopy(node)
             os.truncate(self._host(node), 0)
-        else:
+        elif node.partial is None:
             self._copy_up(node, data=True)
         fd = self.open_data(ino, write=True)
         if truncate:
@@ -1291,18 +1385,6 @@ def _merge_by_hash(
         yield hashed, group
     for hashed in upper_hashes[position:]:
         yield hashed, []
-
-
-CAPABILITY_XATTR = "security.capability"
-
-
-def _file_capability(fd: int) -> bytes | None:
-    try:
-        return os.getxattr(fd, CAPABILITY_XATTR)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            return None
-        raise
 
 
 def _count_subdir(directory: Node, change: int) -> None:

@@ -1,0 +1,239 @@
+"""Copy-up chunk by chunk: a write into a large lower file copies the chunks
+it touches, reads take each chunk from where its data is, and the file is
+whole after the fill, after a remount and after a daemon is killed.
+
+The core is driven directly where work is counted (chunks copied, blocks
+allocated); mounted tests compare with the kernel's overlayfs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import signal
+import threading
+
+from tests.layers import write
+from tests.mounts import force_unmount, on_both, patched_mount, strata, strata_mount
+from unionfs.core.chunks import CHUNK, CHUNKED_MIN
+from unionfs.core.index import ROOT_INO, Index
+from unionfs.core.stack import prepare_stack
+from unionfs.core.upper import UpperStore, probe_format
+from unionfs.core.view import UnionView
+from unionfs.mount import find_mount
+
+SIZE = CHUNKED_MIN * 4  # 16 chunks
+
+
+def _lower_data() -> bytes:
+    return bytes(range(256)) * (SIZE // 256)
+
+
+def _lower(scratch: str) -> str:
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/big", _lower_data())
+    write(f"{lower}/dir/small", "small")
+    return lower
+
+
+def _view(scratch: str, lower: str) -> UnionView:
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper, exist_ok=True)
+    os.makedirs(work, exist_ok=True)
+    index = Index(os.path.join(scratch, "index"))
+    stack = prepare_stack(index, [lower])
+    store = UpperStore(upper, work, probe_format(os.fsencode(work)), index.store_id())
+    store.recover()
+    return UnionView(index, stack.root, stack.layers, store)
+
+
+def test_a_write_copies_only_the_chunks_it_touches(scratch: str) -> None:
+    lower = _lower(scratch)
+    view = _view(scratch, lower)
+    node = view.lookup(ROOT_INO, b"big")
+    assert node is not None
+    assert view.start_partial(node.ino)
+    partial = view.partial(node.ino)
+    assert partial is not None
+    expected = bytearray(_lower_data())
+    # Straddling two chunks: both are copied, no other.
+    offset = 5 * CHUNK - 100
+    assert partial.write(offset, b"W" * 200) == 200
+    expected[offset : offset + 200] = b"W" * 200
+    assert partial.copied == 2
+    upper = os.path.join(scratch, "upper", "big")
+    assert os.stat(upper).st_blocks * 512 <= 2 * CHUNK + 65536
+    assert partial.read(0, SIZE) == bytes(expected)
+    # The same chunks again: nothing more is copied.
+    assert partial.write(offset + 10, b"X") == 1
+    expected[offset + 10] = ord("X")
+    assert partial.copied == 2
+    # The fill copies the rest, and the metadata-only marks go.
+    job = view.prepare_copy(node)
+    view.fill(job)
+    view.finish_copy(job)
+    assert partial.copied == SIZE // CHUNK
+    assert view.partial(node.ino) is None and not node.metacopy
+    with open(upper, "rb") as handle:
+        assert handle.read() == bytes(expected)
+    assert not [name for name in os.listxattr(upper) if "chunks" in name or "metacopy" in name]
+
+
+def test_a_stopped_copy_is_read_right_and_finished_by_the_next_view(scratch: str) -> None:
+    lower = _lower(scratch)
+    view = _view(scratch, lower)
+    node = view.lookup(ROOT_INO, b"big")
+    assert node is not None and view.start_partial(node.ino)
+    partial = view.partial(node.ino)
+    assert partial is not None
+    expected = bytearray(_lower_data())
+    partial.write(3 * CHUNK, b"kept")
+    expected[3 * CHUNK : 3 * CHUNK + 4] = b"kept"
+    partial.close()  # as a killed daemon leaves it: nothing else filled
+    view.index.close()
+
+    again = _view(scratch, lower)
+    node = again.lookup(ROOT_INO, b"big")
+    assert node is not None and node.metacopy
+    resumed = again.partial(node.ino)
+    assert resumed is not None and resumed.read(0, SIZE) == bytes(expected)
+    again.complete_partials()
+    assert again.partial(node.ino) is None
+    with open(os.path.join(scratch, "upper", "big"), "rb") as handle:
+        assert handle.read() == bytes(expected)
+
+
+def test_truncating_drops_the_partial_copy(scratch: str) -> None:
+    lower = _lower(scratch)
+    view = _view(scratch, lower)
+    node = view.lookup(ROOT_INO, b"big")
+    assert node is not None and view.start_partial(node.ino)
+    partial = view.partial(node.ino)
+    assert partial is not None
+    partial.write(0, b"x")
+    view.setattr(node.ino, size=0)
+    assert view.partial(node.ino) is None and partial.closed
+    assert not partial.fill_next()  # a fill still running copies nothing more
+    assert os.stat(os.path.join(scratch, "upper", "big")).st_size == 0
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def test_large_files_change_as_on_overlayfs(scratch: str) -> None:
+    """Writes, O_APPEND, mmap, a reader opened before the copy, truncation up
+    and down, rename and link of files whose copy is partial."""
+    lower = os.path.join(scratch, "lower")
+    for name in ("written", "appended", "mapped", "grown", "shrunk", "moved", "linked"):
+        write(f"{lower}/{name}", _lower_data())
+
+    def change(mount: str) -> dict[str, object]:
+        seen: dict[str, object] = {}
+        reader = os.open(f"{mount}/written", os.O_RDONLY)
+        try:
+            fd = os.open(f"{mount}/written", os.O_WRONLY)
+            os.pwrite(fd, b"first", 7 * CHUNK + 3)
+            os.pwrite(fd, b"last", SIZE - 2)  # past the end: the file grows by 2
+            os.close(fd)
+            seen["reader"] = os.pread(reader, 16, 7 * CHUNK)
+        finally:
+            os.close(reader)
+        with open(f"{mount}/appended", "ab") as handle:
+            handle.write(b"appended")
+        with open(f"{mount}/mapped", "r+b") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0)
+            mapped[CHUNK : CHUNK + 6] = b"mapped"
+            mapped.flush()
+            mapped.close()
+        for name, size in (("grown", SIZE + CHUNK + 5), ("shrunk", 2 * CHUNK + 7)):
+            with open(f"{mount}/{name}", "r+b") as handle:
+                handle.write(b"head")
+                handle.truncate(size)
+        with open(f"{mount}/moved", "r+b") as handle:
+            handle.seek(9 * CHUNK)
+            handle.write(b"before the move")
+            os.rename(f"{mount}/moved", f"{mount}/dir-moved")
+            handle.write(b" and after")
+        with open(f"{mount}/linked", "r+b") as handle:
+            handle.write(b"before the link")
+            os.link(f"{mount}/linked", f"{mount}/link2")
+        return seen
+
+    def look(mount: str) -> dict[str, tuple[int, str]]:
+        return {
+            name: (os.stat(f"{mount}/{name}").st_size, _digest(f"{mount}/{name}"))
+            for name in sorted(os.listdir(mount))
+        }
+
+    seen = on_both(scratch, [lower], change, look)
+    assert seen["strata"] == seen["overlayfs"]
+    # And UPPER holds whole files after the unmount: overlayfs reads them the same.
+    upper = os.path.join(scratch, "strata-upper")
+    for name in os.listdir(upper):
+        assert not [x for x in os.listxattr(f"{upper}/{name}") if "chunks" in x], name
+
+
+_NO_BACKGROUND_FILL = """
+import unionfs.fuse as fuse
+
+async def no_fill(self, ino):
+    return None
+fuse.StrataOperations._fill_in_background = no_fill
+"""
+
+
+def test_a_killed_daemon_leaves_a_file_the_next_mount_reads_whole(scratch: str) -> None:
+    lower = _lower(scratch)
+    expected = bytearray(_lower_data())
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _NO_BACKGROUND_FILL, log_path) as (mount, daemon):
+        with open(f"{mount}/big", "r+b") as handle:
+            handle.seek(6 * CHUNK)
+            handle.write(b"survives the kill")
+        expected[6 * CHUNK : 6 * CHUNK + 17] = b"survives the kill"
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=60)
+        force_unmount(mount)
+    assert find_mount(mount) is None
+    root = os.path.join(scratch, "store")
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    found = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
+    assert "big: copy-up in progress; mount it once to finish" in found.stdout, found.stdout
+    with (
+        strata_mount(root, [lower], mount, "--upper", upper, "--work", work),
+        open(f"{mount}/big", "rb") as handle,
+    ):
+        assert handle.read() == bytes(expected)
+    with open(f"{upper}/big", "rb") as handle:
+        assert handle.read() == bytes(expected)
+    result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
+    assert result.returncode == 0, result.stdout
+
+
+def test_concurrent_writers_and_the_fill_lose_nothing(scratch: str) -> None:
+    lower = _lower(scratch)
+    view = _view(scratch, lower)
+    node = view.lookup(ROOT_INO, b"big")
+    assert node is not None and view.start_partial(node.ino)
+    partial = view.partial(node.ino)
+    assert partial is not None
+    expected = bytearray(_lower_data())
+    writes = [(index * CHUNK + index * 7, bytes([65 + index]) * 300) for index in range(16)]
+    for offset, data in writes:
+        expected[offset : offset + len(data)] = data
+
+    def writer(part: list[tuple[int, bytes]]) -> None:
+        for offset, data in part:
+            partial.write(offset, data)
+
+    threads = [threading.Thread(target=writer, args=(writes[n::2],)) for n in range(2)]
+    filler = threading.Thread(target=lambda: [None for _ in iter(partial.fill_next, False)])
+    for thread in (*threads, filler):
+        thread.start()
+    for thread in (*threads, filler):
+        thread.join()
+    assert partial.read(0, SIZE) == bytes(expected)
+    assert partial.copied == SIZE // CHUNK  # each chunk once
