@@ -1,13 +1,16 @@
 """The systems a benchmark compares: strata and its peers on the same layers.
 
-strata, overlay (the kernel's overlayfs), fuse-overlayfs, unionfs-fuse, and
-native (no union: the layers copied into one plain directory, the floor).
+strata, overlay (the kernel's overlayfs), fuse-overlayfs, unionfs-fuse,
+native (no union: the layers copied into one plain directory, the floor), and
+passthrough (a minimal pyfuse3 filesystem over one layer: the floor of a
+Python FUSE daemon, benchmarks/passthrough.py).
 A peer missing on the machine is skipped with a note, never an error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import subprocess
@@ -23,9 +26,11 @@ if REPO not in sys.path:
 from unionfs.mount import find_mount, pid_file  # noqa: E402
 
 STRATA = [sys.executable, "-m", "unionfs"]
-DRIVERS = ("strata", "overlay", "fuse-overlayfs", "unionfs-fuse", "native")
+_libc = ctypes.CDLL(None, use_errno=True)
+DRIVERS = ("strata", "overlay", "fuse-overlayfs", "unionfs-fuse", "native", "passthrough")
 # What every ratio is taken against, when it ran.
-PEERS = ("overlay", "fuse-overlayfs", "unionfs-fuse", "native")
+PEERS = ("overlay", "fuse-overlayfs", "unionfs-fuse", "native", "passthrough")
+PASSTHROUGH = os.path.join(REPO, "benchmarks", "passthrough.py")
 
 
 def missing(driver: str) -> str | None:
@@ -65,6 +70,15 @@ class Mounted:
     path: str
     seconds: float
     pid: int | None
+
+    def cpu_seconds(self) -> float:
+        """The daemon's CPU time so far, all its threads (and those ended), to
+        the nanosecond: its process CPU clock."""
+        assert self.pid is not None
+        clock = ctypes.c_int()
+        if _libc.clock_getcpuclockid(self.pid, ctypes.byref(clock)) != 0:
+            raise OSError(f"no CPU clock for process {self.pid}")
+        return time.clock_gettime(clock.value)
 
     def rss_mib(self) -> float | None:
         if self.pid is None:
@@ -141,6 +155,11 @@ def mounted(
             fuse_options += f",upperdir={upper},workdir={work}"
         daemon = subprocess.Popen(["fuse-overlayfs", "-f", "-o", fuse_options, mountpoint],
                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        _wait_for(mountpoint, daemon)
+    elif driver == "passthrough":
+        if len(layers) != 1 or writable:
+            raise ValueError("passthrough serves one layer, read-only")
+        daemon = subprocess.Popen([sys.executable, PASSTHROUGH, layers[0], mountpoint])
         _wait_for(mountpoint, daemon)
     elif driver == "unionfs-fuse":
         branches = [f"{layer}=RO" for layer in lowers]

@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for number in range(rounds):
                 order = drivers[number % len(drivers) :] + drivers[: number % len(drivers)]
                 for driver in order:
+                    if driver not in workload.drivers:
+                        continue
                     scratch = os.path.join(top, f"{workload.id}-{driver}-{number}")
                     os.makedirs(scratch)
                     print(f"  round {number + 1}/{rounds}: {driver}", file=sys.stderr)
@@ -172,8 +174,6 @@ def ratio(metric: str, strata: list[float], peer: list[float]) -> float:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    drivers: list[str] = results["arguments"]["drivers"]
-    peers = [peer for peer in PEERS if peer in drivers and "strata" in drivers]
     machine = results["machine"]
     lines = [
         f"strata bench, {results['started']}; {machine['cpus']} x {machine['cpu']}, "
@@ -185,6 +185,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"- {note}" for note in results["notes"]]
     for workload_id, workload in results["workloads"].items():
         lines += ["", f"### {workload_id} {workload['title']}", ""]
+        ran = {driver for by_driver in workload["samples"].values() for driver in by_driver}
+        drivers = [driver for driver in results["arguments"]["drivers"] if driver in ran]
+        peers = [peer for peer in PEERS if peer in ran and "strata" in ran]
         header = ["metric", *drivers, *(f"strata / {peer}" for peer in peers)]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|---" + "|---:" * (len(header) - 1) + "|")

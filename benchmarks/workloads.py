@@ -8,6 +8,7 @@ memory.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -29,6 +30,9 @@ class Workload:
     title: str
     build: Callable[[str, bool], Any]  # (directory, quick) -> fixture
     run: Callable[[str, Any, str, bool], Metrics]  # (driver, fixture, scratch, quick) -> metrics
+    # The drivers it is for: all but the passthrough, which serves one layer
+    # read-only and is the floor only for the daemon's CPU per request.
+    drivers: tuple[str, ...] = ("strata", "overlay", "fuse-overlayfs", "unionfs-fuse", "native")
 
 
 def _write(path: str, data: bytes) -> None:
@@ -285,16 +289,25 @@ def run_copyup(driver: str, layers: list[str], scratch: str, quick: bool) -> Met
         out[f"chmod of a {sizes[-1]:,} MiB lower file (ms)"] = (
             time.perf_counter() - started
         ) * 1000
-    # Lookups of new names from another process while the largest file copies up.
-    with mounted(driver, layers, os.path.join(scratch, "mnt2"), os.path.join(scratch, "again"),
-                 writable=True) as mount:  # fmt: skip
+    # Lookups of new names from another process while the largest file copies
+    # up: from the first write until its upper copy holds all the data (strata
+    # copies in the background after the write returns; the peers within it).
+    again = os.path.join(scratch, "again")
+    with mounted(driver, layers, os.path.join(scratch, "mnt2"), again, writable=True) as mount:
         done = os.path.join(scratch, "copy-done")
         probe = subprocess.Popen([sys.executable, "-c", _PROBE, mount.path, done],
                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
         time.sleep(0.2)
-        fd = os.open(os.path.join(mount.path, f"f{sizes[-1]}"), os.O_WRONLY)
+        name = f"f{sizes[-1]}"
+        fd = os.open(os.path.join(mount.path, name), os.O_WRONLY)
         os.pwrite(fd, b"w", 0)
         os.close(fd)
+        copy = os.path.join(again, "upper", name)
+        deadline = time.monotonic() + 600
+        while driver != "native" and time.monotonic() < deadline:
+            if os.path.exists(copy) and os.stat(copy).st_blocks * 512 >= sizes[-1] * MIB:
+                break
+            time.sleep(0.01)
         open(done, "w").close()
         _, p99 = probe.communicate(timeout=600)[0].split()
         out[f"lookup of a new name during that copy-up of {sizes[-1]:,} MiB, p99 (ms)"] = (
@@ -361,6 +374,61 @@ def run_mount(driver: str, layers: list[str], scratch: str, quick: bool) -> Metr
     return out
 
 
+# W8: daemon CPU per request ---------------------------------------------------
+
+_AT_FDCWD, _AT_SYMLINK_NOFOLLOW, _AT_STATX_FORCE_SYNC, _STATX_BASIC_STATS = (
+    -100,
+    0x100,
+    0x2000,
+    0x7FF,
+)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _forced_getattr(path: str) -> None:
+    """statx with AT_STATX_FORCE_SYNC: the kernel asks the filesystem (a GETATTR)."""
+    buffer = ctypes.create_string_buffer(256)
+    flags = _AT_SYMLINK_NOFOLLOW | _AT_STATX_FORCE_SYNC
+    if _libc.statx(_AT_FDCWD, os.fsencode(path), flags, _STATX_BASIC_STATS, buffer) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), path)
+
+
+def _cpu_files(quick: bool) -> int:
+    return 1000 if quick else 5000
+
+
+def build_cpu(top: str, quick: bool) -> list[str]:
+    for index in range(_cpu_files(quick)):
+        _write(os.path.join(top, "files", f"f{index}"), os.urandom(4096))
+    return [top]
+
+
+def run_cpu(driver: str, layers: list[str], scratch: str, quick: bool) -> Metrics:
+    count = _cpu_files(quick)
+    with mounted(driver, layers, os.path.join(scratch, "mnt"), scratch) as mount:
+        files = [os.path.join(mount.path, "files", f"f{index}") for index in range(count)]
+        os.lstat(os.path.dirname(files[0]))
+        drop_caches()
+        steps: list[tuple[str, Callable[[str], object]]] = [
+            ("daemon CPU per cold lookup (µs)", os.lstat),
+            ("daemon CPU per getattr, statx forced (µs)", _forced_getattr),
+            ("daemon CPU per open + 4 KiB read + close (µs)", _read_file),
+        ]
+        out: Metrics = {}
+        for metric, step in steps:
+            before = mount.cpu_seconds()
+            for path in files:
+                step(path)
+            time.sleep(0.2)  # the releases the kernel sends after close
+            out[metric] = (mount.cpu_seconds() - before) / count * 1e6
+    return out
+
+
+def _read_file(path: str) -> None:
+    with open(path, "rb", buffering=0) as handle:
+        handle.read(8192)
+
+
 WORKLOADS = [
     Workload("W1", "lookup", "Lookup cost against stack depth", build_lookup, run_lookup),
     Workload("W2", "readdir", "Merged directory listing", build_readdir, run_readdir),
@@ -369,4 +437,12 @@ WORKLOADS = [
     Workload("W5", "copyup", "Copy-up", build_copyup, run_copyup),
     Workload("W6", "seqread", "Sequential read", build_seqread, run_seqread),
     Workload("W7", "mount", "Mounting a large image", build_mount, run_mount),
+    Workload(
+        "W8",
+        "cpu",
+        "Daemon CPU per request",
+        build_cpu,
+        run_cpu,
+        ("strata", "fuse-overlayfs", "unionfs-fuse", "passthrough"),
+    ),
 ]
