@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # layer passes through strata, which the kernel sees; so it may keep what it
 # learns for long.
 CACHE_TIMEOUT = 24 * 3600.0
+# A lower file up to this size is read whole with a cold open (one kernel
+# read request, max_read, covers it).
+PREFETCH_MAX = 128 * 1024
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -70,13 +73,16 @@ def _fuse_errors(handler: F) -> F:
 class Handle:
     """An open file: the host descriptor and which copy of the data it reads."""
 
-    __slots__ = ("fd", "ino", "version", "write")
+    __slots__ = ("fd", "head", "ino", "version", "write")
 
     def __init__(self, ino: int, fd: int, version: int, write: bool) -> None:
         self.ino = ino
         self.fd = fd
         self.version = version
         self.write = write
+        # A small lower file's whole data, read with a cold open: its first
+        # read is answered without another worker-thread round trip.
+        self.head: bytes | None = None
 
 
 class StrataOperations(pyfuse3.Operations):
@@ -250,13 +256,31 @@ class StrataOperations(pyfuse3.Operations):
             fd = self.view.open_data(inode, write=True)  # reads go through the partial copy
         else:
             cached = self.view.open_cached(inode)
-            # An open that may wait for the disk goes to a worker thread.
-            fd = (
-                cached
-                if cached is not None
-                else await trio.to_thread.run_sync(self.view.open_data, inode)
-            )
+            if cached is None:
+                # An open that may wait for the disk goes to a worker thread,
+                # which reads a small lower file whole while it is there: its
+                # pages are not in the cache either, and the read follows.
+                # The version before the open: a copy-up while the worker
+                # runs makes the first read reopen (and skip what was read).
+                version = self.view.node(inode).version
+                fd, head = await trio.to_thread.run_sync(self._open_cold, inode)
+                fh = self._add_handle(inode, fd, write)
+                self.handles[fh].version = version
+                self.handles[fh].head = head
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            fd = cached
         return pyfuse3.FileInfo(fh=self._add_handle(inode, fd, write), keep_cache=True)
+
+    def _open_cold(self, ino: int) -> tuple[int, bytes | None]:
+        """Open (and read a small lower file). In a worker thread."""
+        fd = self.view.open_data(ino)
+        node = self.view.nodes.get(ino)
+        if node is None or node.upper or os.fstat(fd).st_size > PREFETCH_MAX:
+            return fd, None  # an upper file may change under the handle: read when asked
+        try:
+            return fd, os.pread(fd, PREFETCH_MAX + 1, 0)
+        except OSError:
+            return fd, None
 
     @_fuse_errors
     async def create(
@@ -279,6 +303,14 @@ class StrataOperations(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
+        if handle.head is not None:
+            head = handle.head
+            node = self.view.nodes.get(handle.ino)
+            if node is not None and node.version == handle.version:
+                if off + size >= len(head):
+                    handle.head = None  # read to the end: the kernel caches the pages
+                return head[off : off + size]
+            handle.head = None
         partial = self.view.partial(handle.ino)
         if partial is not None:
             data = await trio.to_thread.run_sync(partial.read, off, size)
