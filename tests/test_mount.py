@@ -15,7 +15,7 @@ import pytest
 from tests.layers import write
 from tests.mounts import STRATA, overlay_mount, strata, strata_mount
 from tests.trees import differences, snapshot
-from unionfs.mount import FSTYPE, find_mount
+from unionfs.mount import FSTYPE, READAHEAD_KB, find_mount
 
 
 def open_for_writing(path: str) -> None:
@@ -43,6 +43,11 @@ def test_mount_serves_as_soon_as_the_command_returns(scratch: str) -> None:
         with open(f"{mountpoint}/etc/hostname") as handle:
             assert handle.read() == "top\n"
         assert sorted(os.listdir(mountpoint)) == ["bin", "etc"]
+        # Sequential reads in 1 MiB requests: the connection's readahead is widened.
+        device = os.stat(mountpoint).st_dev
+        bdi = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+        with open(bdi) as handle:
+            assert int(handle.read()) == READAHEAD_KB
     finally:
         result = strata(root, "umount", mountpoint, check=False)
     assert result.returncode == 0, result.stderr
