@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="whiteouts in UPPER: 0/0 character devices or .wh. files (rootless)",
     )
+    for flag, what in (
+        ("nodev", "device nodes cannot be opened"),
+        ("nosuid", "set-user-ID, set-group-ID bits and file capabilities give nothing"),
+        ("noexec", "nothing on the mount can be executed"),
+    ):
+        mount.add_argument(f"--{flag}", action="store_true", help=f"mount {flag}: {what}")
     mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     mount.add_argument("targets", nargs="+", metavar="[IMAGE] MOUNTPOINT")
 
@@ -158,7 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             mount_image(args, root)
         elif args.verb == "mount":
-            from .mount import MountRequest, WritableLayer, default_work_dir, mount
+            from .mount import (
+                MountRequest,
+                WritableLayer,
+                default_work_dir,
+                mount,
+                restrictions_of,
+            )
 
             if len(args.targets) != 1:
                 parser.error("with --layer, mount takes only the MOUNTPOINT")
@@ -175,7 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             volumes = [parse_volume(text) for text in args.volume]
             mount(
                 MountRequest(
-                    root, args.layer, args.targets[0], args.foreground, writable, volumes=volumes
+                    root,
+                    args.layer,
+                    args.targets[0],
+                    args.foreground,
+                    writable,
+                    volumes=volumes,
+                    restrictions=restrictions_of(args),
                 )
             )
         elif args.verb == "fsck":

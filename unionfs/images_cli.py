@@ -305,10 +305,11 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
 def mount_image(args: argparse.Namespace, root: str) -> None:
     """`strata mount IMAGE MOUNTPOINT [--name C]`: the image's layers under the
     container's writable layer, made on first use and kept until `strata rm`."""
-    from .mount import MountRequest, WritableLayer, check_mountpoint, mount
+    from .mount import MountRequest, WritableLayer, check_mountpoint, mount, restrictions_of
     from .volumes import parse_volume
 
     image_text, mountpoint = args.targets
+    restricted = restrictions_of(args)
     volumes = [parse_volume(text) for text in args.volume]
     store = open_store(root)
     check_mountpoint(mountpoint)
@@ -337,7 +338,18 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         elif args.name:
             raise StrataError("--read-only mounts no container; leave out --name")
     if record is None:
-        mount(MountRequest(root, paths, mountpoint, args.foreground, None, known, volumes=volumes))
+        mount(
+            MountRequest(
+                root,
+                paths,
+                mountpoint,
+                args.foreground,
+                None,
+                known,
+                volumes=volumes,
+                restrictions=restricted,
+            )
+        )
         return
     directory = store.container_dir(record["name"])
     writable = WritableLayer(
@@ -351,10 +363,32 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         print(record["name"], flush=True)
     if args.foreground:
         store.update_container(record["name"], mountpoint=real)
-        mount(MountRequest(root, paths, mountpoint, True, writable, known, volumes=volumes))
+        mount(
+            MountRequest(
+                root,
+                paths,
+                mountpoint,
+                True,
+                writable,
+                known,
+                volumes=volumes,
+                restrictions=restricted,
+            )
+        )
         return
     try:
-        mount(MountRequest(root, paths, mountpoint, False, writable, known, volumes=volumes))
+        mount(
+            MountRequest(
+                root,
+                paths,
+                mountpoint,
+                False,
+                writable,
+                known,
+                volumes=volumes,
+                restrictions=restricted,
+            )
+        )
     except BaseException:
         if created:
             store.remove_container(record["name"])

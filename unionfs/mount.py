@@ -57,6 +57,8 @@ class MountRequest:
     # Mount read-only even with a writable layer (overlay's `ro` with an upperdir).
     read_only: bool = False
     volumes: Sequence[Volume] = ()
+    # Kernel mount flags that restrict what the mount allows: nodev, nosuid, noexec.
+    restrictions: frozenset[str] = frozenset()
 
 
 def default_work_dir(upper: str) -> str:
@@ -170,15 +172,27 @@ def pid_file(mountpoint: str) -> str:
     return os.path.join(runtime_dir(), xxhash.xxh64_hexdigest(os.fsencode(mountpoint)) + ".pid")
 
 
-def fuse_options(read_only: bool) -> set[str]:
+# Mount flags a user may ask for; the kernel enforces them on the FUSE mount
+# as on any filesystem (nosuid: set-id bits and file capabilities give nothing).
+RESTRICTIONS = ("nodev", "nosuid", "noexec")
+
+
+def restrictions_of(args: object) -> frozenset[str]:
+    """The restrictions a parsed command line asks for (its --nodev, ...)."""
+    return frozenset(flag for flag in RESTRICTIONS if getattr(args, flag, False))
+
+
+def fuse_options(read_only: bool, restrictions: frozenset[str] = frozenset()) -> set[str]:
     options = {"fsname=strata", "subtype=strata", "default_permissions", "noatime"}
     if read_only:
         options.add("ro")
     if os.geteuid() == 0:
         # As fuse-overlayfs does: other users (and containers) see the mount,
         # with the kernel checking permissions; device nodes and setuid
-        # binaries of an image work as on any root filesystem.
-        options.update({"allow_other", "dev", "suid"})
+        # binaries of an image work as on any root filesystem, unless asked not to.
+        options.add("allow_other")
+        options.update(allowed for allowed in ("dev", "suid") if "no" + allowed not in restrictions)
+    options.update(restrictions)
     return options
 
 
@@ -197,6 +211,9 @@ def mount(request: MountRequest) -> None:
         for layer in layers:
             if writable.upper == layer or layer.startswith(writable.upper + "/"):
                 raise StrataError(f"the upper directory must not hold the layer {layer}")
+    unknown = request.restrictions - set(RESTRICTIONS)
+    if unknown:
+        raise StrataError(f"unknown mount restriction {', '.join(sorted(unknown))}")
     request = MountRequest(
         request.root,
         layers,
@@ -206,6 +223,7 @@ def mount(request: MountRequest) -> None:
         request.known_ids,
         request.read_only,
         request.volumes,
+        request.restrictions,
     )
     if request.foreground:
         if request.volumes:
@@ -318,7 +336,7 @@ def serve(request: MountRequest, notify: Notify) -> None:
             pyfuse3.init(
                 operations,
                 request.mountpoint,
-                fuse_options(read_only=store is None or request.read_only),
+                fuse_options(store is None or request.read_only, request.restrictions),
             )
         except RuntimeError as exc:
             raise StrataError(f"cannot mount on {request.mountpoint}: {exc}") from exc

@@ -49,14 +49,14 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "allow_other": (SUPPORTED, "always on as root, as fuse-overlayfs does"),
     "allow_root": (IGNORED, "as root strata uses allow_other; otherwise only the owner"),
     "default_permissions": (SUPPORTED, "always on: the kernel checks permissions"),
-    "dev": (SUPPORTED, "always on as root"),
-    "suid": (SUPPORTED, "always on as root"),
+    "dev": (SUPPORTED, "the default as root"),
+    "suid": (SUPPORTED, "the default as root"),
     "exec": (SUPPORTED, "the default"),
     "noatime": (SUPPORTED, "always on"),
     "relatime": (IGNORED, "strata always mounts noatime"),
-    "nodev": (REFUSED, "strata cannot mount nodev yet"),
-    "nosuid": (REFUSED, "strata cannot mount nosuid yet"),
-    "noexec": (REFUSED, "strata cannot mount noexec yet"),
+    "nodev": (SUPPORTED, "the kernel's mount flag: device nodes cannot be opened"),
+    "nosuid": (SUPPORTED, "the kernel's mount flag: set-id bits and capabilities give nothing"),
+    "noexec": (SUPPORTED, "the kernel's mount flag: nothing on the mount can be executed"),
     "context": (IGNORED, "no SELinux labels"),
     "fscontext": (IGNORED, "no SELinux labels"),
     "defcontext": (IGNORED, "no SELinux labels"),
@@ -73,6 +73,7 @@ class OverlayRequest:
     foreground: bool
     read_only: bool
     warnings: list[str]
+    restrictions: frozenset[str] = frozenset()
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:
@@ -144,6 +145,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
     upper = work = None
     read_only = False
     warnings: list[str] = []
+    restrictions: set[str] = set()
     for key, value in options:
         verdict, reason = OPTIONS.get(key, (IGNORED, "strata does not know this option"))
         if verdict == REFUSED:
@@ -165,11 +167,17 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             read_only = False
         elif key == "debug":
             foreground = True
+        elif key in ("nodev", "nosuid", "noexec"):
+            restrictions.add(key)
+        elif key in ("dev", "suid", "exec"):
+            restrictions.discard("no" + key)  # the last one given wins, as in mount(8)
     if not lower:
         raise StrataError("lowerdir= is required")
     if (upper is None) != (work is None):
         raise StrataError("upperdir and workdir go together")
-    return OverlayRequest(lower, upper, work, mountpoint, foreground, read_only, warnings)
+    return OverlayRequest(
+        lower, upper, work, mountpoint, foreground, read_only, warnings, frozenset(restrictions)
+    )
 
 
 def run(argv: Sequence[str]) -> int:
@@ -194,6 +202,7 @@ def run(argv: Sequence[str]) -> int:
                 request.foreground,
                 writable,
                 read_only=request.read_only,
+                restrictions=request.restrictions,
             )
         )
     except StrataError as exc:
