@@ -71,11 +71,11 @@ def test_strata_overlayfs_is_a_drop_in(scratch: str) -> None:
         os.makedirs(f"{scratch}/{name}")
     options = f"lowerdir={top}:{lower},upperdir={scratch}/u,workdir={scratch}/w"
     refused = subprocess.run(
-        [*OVERLAYFS_CLI, "-o", options + ",uidmapping=0:1000:1", f"{scratch}/mp"],
+        [*OVERLAYFS_CLI, "-o", options + ",plugins=/x.so", f"{scratch}/mp"],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
-    assert "uidmapping is not supported" in refused.stderr
+    assert "plugins is not supported" in refused.stderr
     result = subprocess.run(
         [*OVERLAYFS_CLI, "-o", options + ",fsync=0,noacl", f"{scratch}/mp"],
         env=env, capture_output=True, text=True,
@@ -387,7 +387,9 @@ def test_overlayfs_options_parse_as_fuse_overlayfs_writes_them() -> None:
     for bad, message in (
         (["-o", "upperdir=/u", "/mnt"], "lowerdir= is required"),
         (["-o", "lowerdir=/l,upperdir=/u", "/mnt"], "go together"),
-        (["-o", "lowerdir=/l,squash_to_root", "/mnt"], "squash_to_root is not supported"),
+        (["-o", "lowerdir=/l,plugins=/p.so", "/mnt"], "plugins is not supported"),
+        (["-o", "lowerdir=/l,uidmapping=0:1000", "/mnt"], "STORED:SHOWN:LENGTH"),
+        (["-o", "lowerdir=/l,squash_to_uid=x", "/mnt"], "squash_to_uid needs an id"),
         (["-o", "lowerdir=/l"], "no mountpoint"),
     ):
         with pytest.raises(StrataError, match=message):

@@ -22,6 +22,7 @@ from .core.records import Entry
 from .core.upper import RENAME_EXCHANGE
 from .core.view import Caller, FsError, Node, UnionView
 from .errors import shorten
+from .idmap import IdMap, Ownership
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,19 @@ class Handle:
 
 
 class StrataOperations(pyfuse3.Operations):
-    def __init__(self, view: UnionView, *, timeout: float = CACHE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        view: UnionView,
+        *,
+        timeout: float = CACHE_TIMEOUT,
+        ownership: Ownership | None = None,
+    ) -> None:
         super().__init__()
         self.view = view
         self.timeout = timeout
+        # How owners the layers store are shown (uidmapping=, squash_to_*=).
+        self.ownership = ownership if ownership is not None else Ownership.identity()
+        self._mapped = not self.ownership.is_identity
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._copy_locks: dict[int, trio.Lock] = {}
@@ -104,8 +114,12 @@ class StrataOperations(pyfuse3.Operations):
         attrs.attr_timeout = self.timeout
         attrs.st_mode = entry.mode
         attrs.st_nlink = entry.nlink
-        attrs.st_uid = entry.uid
-        attrs.st_gid = entry.gid
+        if self._mapped:
+            attrs.st_uid = self.ownership.uids.shown(entry.uid)
+            attrs.st_gid = self.ownership.gids.shown(entry.gid)
+        else:
+            attrs.st_uid = entry.uid
+            attrs.st_gid = entry.gid
         attrs.st_rdev = entry.rdev
         attrs.st_size = entry.size
         attrs.st_blksize = 4096
@@ -137,9 +151,23 @@ class StrataOperations(pyfuse3.Operations):
     def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         return self._attributes(self.view.attributes(node))
 
-    @staticmethod
-    def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-        return Caller(ctx.uid, ctx.gid)
+    def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
+        """Who asks, as the layers store owners (what a new file gets)."""
+        uid, gid = self.ownership.uids.stored(ctx.uid), self.ownership.gids.stored(ctx.gid)
+        return Caller(
+            self.ownership.uids.overflow if uid is None else uid,
+            self.ownership.gids.overflow if gid is None else gid,
+        )
+
+    def _stored_owner(self, shown: int | None, ids: IdMap) -> int | None:
+        """The id chown stores for *shown*: EINVAL if no range holds it (when
+        squashing, the owner is left as it is, and chown succeeds)."""
+        if shown is None:
+            return None
+        stored = ids.stored(shown)
+        if stored is None and ids.squash is None:
+            raise FsError(errno.EINVAL, f"id {shown} is outside the mount's id mapping")
+        return stored
 
     # Lookups ----------------------------------------------------------------
 
@@ -385,8 +413,8 @@ class StrataOperations(pyfuse3.Operations):
         entry = self.view.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            uid=self._stored_owner(attr.st_uid if fields.update_uid else None, self.ownership.uids),
+            gid=self._stored_owner(attr.st_gid if fields.update_gid else None, self.ownership.gids),
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .core.index import Index
     from .core.upper import UpperStore
     from .fuse import StrataOperations
+    from .idmap import Ownership
     from .volumes import Volume
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class MountRequest:
     volumes: Sequence[Volume] = ()
     # Kernel mount flags that restrict what the mount allows: nodev, nosuid, noexec.
     restrictions: frozenset[str] = frozenset()
+    # How stored owners are shown (strata-overlayfs's uidmapping=, squash_to_*).
+    ownership: Ownership | None = None
 
 
 def default_work_dir(upper: str) -> str:
@@ -224,6 +227,7 @@ def mount(request: MountRequest) -> None:
         request.read_only,
         request.volumes,
         request.restrictions,
+        request.ownership,
     )
     if request.foreground:
         if request.volumes:
@@ -331,7 +335,7 @@ def serve(request: MountRequest, notify: Notify) -> None:
         if request.writable is not None:
             store = open_upper(index, request.writable)
         view = UnionView(index, stack.root, stack.layers, store)
-        operations = StrataOperations(view)
+        operations = StrataOperations(view, ownership=request.ownership)
         try:
             pyfuse3.init(
                 operations,

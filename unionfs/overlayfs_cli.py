@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import StrataError, error_line
+from .idmap import ID_MAX, IdMap, Ownership, overflow_id, parse_ranges
 
 SUPPORTED, IGNORED, REFUSED = "supported", "ignored with a warning", "refused"
 
@@ -26,11 +27,15 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "lowerdir": (SUPPORTED, "the lower layers, top first; `\\:` escapes a colon in a path"),
     "upperdir": (SUPPORTED, "the writable layer, in overlayfs's upper format"),
     "workdir": (SUPPORTED, "on the upper directory's filesystem"),
-    "uidmapping": (REFUSED, "strata does not remap ids; mount in the user namespace instead"),
-    "gidmapping": (REFUSED, "as uidmapping"),
-    "squash_to_root": (REFUSED, "strata shows the layers' real owners"),
-    "squash_to_uid": (REFUSED, "as squash_to_root"),
-    "squash_to_gid": (REFUSED, "as squash_to_root"),
+    "uidmapping": (
+        SUPPORTED,
+        "STORED:SHOWN:LENGTH triples: stored owners show mapped, new and chowned ones are"
+        " stored mapped back; an unmapped id shows as the overflow id and chown to one fails",
+    ),
+    "gidmapping": (SUPPORTED, "as uidmapping, for groups"),
+    "squash_to_root": (SUPPORTED, "every owner shows as 0:0, and chown always succeeds"),
+    "squash_to_uid": (SUPPORTED, "every owner shows as this uid (before squash_to_root)"),
+    "squash_to_gid": (SUPPORTED, "every group shows as this gid (before squash_to_root)"),
     "static_nlink": (IGNORED, "directories keep their true link count"),
     "noacl": (SUPPORTED, "strata never enforces POSIX ACLs: the kernel checks mode bits"),
     "fsync": (IGNORED, "copy-ups are always made durable before they show (as fsync=1)"),
@@ -74,6 +79,7 @@ class OverlayRequest:
     read_only: bool
     warnings: list[str]
     restrictions: frozenset[str] = frozenset()
+    ownership: Ownership | None = None
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:
@@ -146,6 +152,8 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
     read_only = False
     warnings: list[str] = []
     restrictions: set[str] = set()
+    mappings: dict[str, str] = {}
+    squash: dict[str, int] = {}
     for key, value in options:
         verdict, reason = OPTIONS.get(key, (IGNORED, "strata does not know this option"))
         if verdict == REFUSED:
@@ -167,6 +175,17 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             read_only = False
         elif key == "debug":
             foreground = True
+        elif key in ("uidmapping", "gidmapping"):
+            if not value:
+                raise StrataError(f"option {key} needs a value")
+            mappings[key] = value
+        elif key == "squash_to_root":
+            squash.setdefault("uid", 0)
+            squash.setdefault("gid", 0)
+        elif key in ("squash_to_uid", "squash_to_gid"):
+            if value is None or not value.isdigit() or int(value) > ID_MAX:
+                raise StrataError(f"option {key} needs an id, a number up to {ID_MAX}")
+            squash[key[-3:]] = int(value)  # over squash_to_root, wherever it stands
         elif key in ("nodev", "nosuid", "noexec"):
             restrictions.add(key)
         elif key in ("dev", "suid", "exec"):
@@ -175,8 +194,29 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
         raise StrataError("lowerdir= is required")
     if (upper is None) != (work is None):
         raise StrataError("upperdir and workdir go together")
+    ownership = None
+    if mappings or squash:
+        maps = [
+            IdMap(
+                parse_ranges(mappings[f"{kind}mapping"], f"{kind}mapping")
+                if f"{kind}mapping" in mappings
+                else [],
+                overflow_id(kind),
+                squash.get(kind),
+            )
+            for kind in ("uid", "gid")
+        ]
+        ownership = Ownership(*maps)
     return OverlayRequest(
-        lower, upper, work, mountpoint, foreground, read_only, warnings, frozenset(restrictions)
+        lower,
+        upper,
+        work,
+        mountpoint,
+        foreground,
+        read_only,
+        warnings,
+        frozenset(restrictions),
+        ownership,
     )
 
 
@@ -203,6 +243,7 @@ def run(argv: Sequence[str]) -> int:
                 writable,
                 read_only=request.read_only,
                 restrictions=request.restrictions,
+                ownership=request.ownership,
             )
         )
     except StrataError as exc:
