@@ -198,7 +198,8 @@ def markdown(results: dict[str, Any]) -> str:
                     cells.append(f"{ratio(metric, by_driver['strata'], by_driver[peer]):.2f}x")
                 else:
                     cells.append("-")
-            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+            name = metric.replace("|", "\\|")  # a pipe in a command would end the cell
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
