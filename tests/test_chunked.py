@@ -37,11 +37,11 @@ def _lower(scratch: str) -> str:
     return lower
 
 
-def _view(scratch: str, lower: str) -> UnionView:
+def _view(scratch: str, lower: str, index: Index | None = None) -> UnionView:
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
     os.makedirs(upper, exist_ok=True)
     os.makedirs(work, exist_ok=True)
-    index = Index(os.path.join(scratch, "index"))
+    index = index if index is not None else Index(os.path.join(scratch, "index"))
     stack = prepare_stack(index, [lower])
     store = UpperStore(upper, work, probe_format(os.fsencode(work)), index.store_id())
     store.recover()
@@ -102,6 +102,35 @@ def test_a_stopped_copy_is_read_right_and_finished_by_the_next_view(scratch: str
     assert again.partial(node.ino) is None
     with open(os.path.join(scratch, "upper", "big"), "rb") as handle:
         assert handle.read() == bytes(expected)
+
+
+def test_a_reader_outside_the_mount_sees_the_data_and_writes_nothing(scratch: str) -> None:
+    """diff and commit read a container through a view of their own, maybe
+    while the mount fills the same copy: they get its data as it stands and
+    never write UPPER."""
+    lower = _lower(scratch)
+    view = _view(scratch, lower)
+    node = view.lookup(ROOT_INO, b"big")
+    assert node is not None and view.start_partial(node.ino)
+    partial = view.partial(node.ino)
+    assert partial is not None
+    partial.write(2 * CHUNK + 5, b"changed")
+    expected = bytearray(_lower_data())
+    expected[2 * CHUNK + 5 : 2 * CHUNK + 12] = b"changed"
+    upper = os.path.join(scratch, "upper", "big")
+    before = (os.stat(upper).st_blocks, os.getxattr(upper, "trusted.overlay.strata.chunks"))
+
+    reader = _view(scratch, lower, view.index)  # as `strata diff` beside a mount
+    found = reader.lookup(ROOT_INO, b"big")
+    assert found is not None
+    fd = reader.open_data(found.ino)
+    try:
+        assert os.pread(fd, SIZE + 1, 0) == bytes(expected)
+    finally:
+        os.close(fd)
+    reader.close()
+    assert (os.stat(upper).st_blocks, os.getxattr(upper, "trusted.overlay.strata.chunks")) == before
+    view.close()
 
 
 def test_truncating_drops_the_partial_copy(scratch: str) -> None:

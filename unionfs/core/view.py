@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import stat
+import tempfile
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
@@ -155,6 +156,9 @@ class UnionView:
         return self.store is not None
 
     def close(self) -> None:
+        for node in self.nodes.values():
+            if node.partial is not None:
+                node.partial.close()
         for fd in self.layer_fds.values():
             os.close(fd)
         self.layer_fds.clear()
@@ -542,7 +546,9 @@ class UnionView:
         if not stat.S_ISREG(node.mode):
             raise FsError(errno.EINVAL)
         if node.partial is not None and not write:
-            self._copy_up(node, data=True)  # a reader outside the mount wants whole data
+            # A reader outside the mount (diff, commit), maybe while the mount
+            # fills this copy: it gets the data as it stands, and writes nothing.
+            return _snapshot(node.partial)
         if node.upper and (not node.metacopy or node.partial is not None):
             return os.open(self._host(node), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
         if write:
@@ -1385,6 +1391,26 @@ def _merge_by_hash(
         yield hashed, group
     for hashed in upper_hashes[position:]:
         yield hashed, []
+
+
+def _snapshot(partial: PartialCopy) -> int:
+    """A private copy of a partial copy's data, chunk by chunk (an unlinked file)."""
+    fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        while True:
+            data = partial.read(offset, partial.chunk)
+            if data is None:
+                raise FsError(errno.EIO, "the partial copy was dropped while read")
+            if not data:
+                break
+            os.pwrite(fd, data, offset)
+            offset += len(data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _count_subdir(directory: Node, change: int) -> None:
