@@ -266,3 +266,39 @@ def test_concurrent_writers_and_the_fill_lose_nothing(scratch: str) -> None:
         thread.join()
     assert partial.read(0, SIZE) == bytes(expected)
     assert partial.copied == SIZE // CHUNK  # each chunk once
+
+
+_SLOW_FILL_AT_UNMOUNT = """
+import time
+import unionfs.fuse as fuse
+from unionfs.core.chunks import PartialCopy
+
+async def no_fill(self, ino):
+    return None
+fuse.StrataOperations._fill_in_background = no_fill
+
+original_fill_next = PartialCopy.fill_next
+def slow_fill_next(self):
+    time.sleep(0.05)
+    return original_fill_next(self)
+PartialCopy.fill_next = slow_fill_next
+"""
+
+
+def test_strata_umount_returns_once_upper_holds_whole_files(scratch: str) -> None:
+    lower = _lower(scratch)
+    expected = bytearray(_lower_data())
+    log_path = os.path.join(scratch, "daemon.log")
+    upper = os.path.join(scratch, "upper")
+    with patched_mount(scratch, lower, _SLOW_FILL_AT_UNMOUNT, log_path) as (mount, daemon):
+        with open(f"{mount}/big", "r+b") as handle:
+            handle.seek(CHUNK * 9)
+            handle.write(b"at unmount")
+        expected[CHUNK * 9 : CHUNK * 9 + 10] = b"at unmount"
+        assert [x for x in os.listxattr(f"{upper}/big") if "chunks" in x]  # still partial
+        strata(os.path.join(scratch, "store"), "umount", mount)
+        # The daemon filled the copy before it exited, and umount waited for it.
+        assert not [x for x in os.listxattr(f"{upper}/big") if "chunks" in x]
+        with open(f"{upper}/big", "rb") as handle:
+            assert handle.read() == bytes(expected)
+    assert daemon.returncode == 0

@@ -278,3 +278,20 @@ def test_pid_files_go_to_tmpdir_when_nothing_else_is_writable(scratch: str) -> N
     assert found.stdout.strip() == "/tmp/strata-1000"
     helped = subprocess.run([*STRATA, "mount", "--help"], capture_output=True, text=True)
     assert "$TMPDIR/strata-UID" in " ".join(helped.stdout.split())
+
+
+def test_a_zombie_daemon_counts_as_ended() -> None:
+    """`strata umount` waits for the daemon to end; a daemon that is its
+    caller's child has ended once it is a zombie, before it is waited for."""
+    from unionfs.mount import _alive
+
+    child = subprocess.Popen(["sleep", "0"])
+    deadline = time.monotonic() + 10
+    while _alive(child.pid):
+        assert time.monotonic() < deadline, "a zombie still counts as running"
+        time.sleep(0.01)
+    with open(f"/proc/{child.pid}/stat") as handle:
+        assert handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    child.wait()
+    assert not _alive(child.pid)
+    assert _alive(os.getpid())

@@ -486,10 +486,18 @@ def unmount(mountpoint: str, *, timeout: float = 30.0) -> None:
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         raise StrataError(f"cannot unmount {real}: {reason}")
-    if pid is not None:
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    if pid is None:
+        return
+    # The daemon fills partial copy-ups before it exits (UPPER then holds whole
+    # files): wait for it, saying why once it takes long.
+    deadline = time.monotonic() + timeout
+    noted = False
+    while _alive(pid):
+        if not noted and time.monotonic() > deadline:
+            print(f"strata: {real} is unmounted; its daemon (pid {pid}) is still copying"
+                  " files up, waiting for it", file=sys.stderr)  # fmt: skip
+            noted = True
+        time.sleep(0.02)
 
 
 def _read_pid(path: str) -> int | None:
@@ -501,10 +509,13 @@ def _read_pid(path: str) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether *pid* still runs (a zombie has ended: its parent just has not
+    waited for it yet)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:
+    except OSError:
         return True
-    return True
+    return state not in ("Z", "X")
