@@ -16,11 +16,11 @@ import threading
 
 from tests.layers import write
 from tests.mounts import force_unmount, on_both, patched_mount, strata, strata_mount
-from unionfs.core.chunks import CHUNK, CHUNKED_MIN
+from unionfs.core.chunks import CHUNK, CHUNKED_MIN, PartialCopy
 from unionfs.core.index import ROOT_INO, Index
 from unionfs.core.stack import prepare_stack
 from unionfs.core.upper import UpperStore, probe_format
-from unionfs.core.view import UnionView
+from unionfs.core.view import Node, UnionView
 from unionfs.mount import find_mount
 
 SIZE = CHUNKED_MIN * 4  # 16 chunks
@@ -48,14 +48,19 @@ def _view(scratch: str, lower: str, index: Index | None = None) -> UnionView:
     return UnionView(index, stack.root, stack.layers, store)
 
 
-def test_a_write_copies_only_the_chunks_it_touches(scratch: str) -> None:
+def _started(scratch: str) -> tuple[str, UnionView, Node, PartialCopy]:
+    """A view over the test's lower layer whose "big" file became a partial copy."""
     lower = _lower(scratch)
     view = _view(scratch, lower)
     node = view.lookup(ROOT_INO, b"big")
-    assert node is not None
-    assert view.start_partial(node.ino)
+    assert node is not None and view.start_partial(node.ino)
     partial = view.partial(node.ino)
     assert partial is not None
+    return lower, view, node, partial
+
+
+def test_a_write_copies_only_the_chunks_it_touches(scratch: str) -> None:
+    _, view, node, partial = _started(scratch)
     expected = bytearray(_lower_data())
     # Straddling two chunks: both are copied, no other.
     offset = 5 * CHUNK - 100
@@ -81,12 +86,7 @@ def test_a_write_copies_only_the_chunks_it_touches(scratch: str) -> None:
 
 
 def test_a_stopped_copy_is_read_right_and_finished_by_the_next_view(scratch: str) -> None:
-    lower = _lower(scratch)
-    view = _view(scratch, lower)
-    node = view.lookup(ROOT_INO, b"big")
-    assert node is not None and view.start_partial(node.ino)
-    partial = view.partial(node.ino)
-    assert partial is not None
+    lower, view, _, partial = _started(scratch)
     expected = bytearray(_lower_data())
     partial.write(3 * CHUNK, b"kept")
     expected[3 * CHUNK : 3 * CHUNK + 4] = b"kept"
@@ -94,12 +94,12 @@ def test_a_stopped_copy_is_read_right_and_finished_by_the_next_view(scratch: str
     view.index.close()
 
     again = _view(scratch, lower)
-    node = again.lookup(ROOT_INO, b"big")
-    assert node is not None and node.metacopy
-    resumed = again.partial(node.ino)
+    found = again.lookup(ROOT_INO, b"big")
+    assert found is not None and found.metacopy
+    resumed = again.partial(found.ino)
     assert resumed is not None and resumed.read(0, SIZE) == bytes(expected)
     again.complete_partials()
-    assert again.partial(node.ino) is None
+    assert again.partial(found.ino) is None
     with open(os.path.join(scratch, "upper", "big"), "rb") as handle:
         assert handle.read() == bytes(expected)
 
@@ -108,12 +108,7 @@ def test_a_reader_outside_the_mount_sees_the_data_and_writes_nothing(scratch: st
     """diff and commit read a container through a view of their own, maybe
     while the mount fills the same copy: they get its data as it stands and
     never write UPPER."""
-    lower = _lower(scratch)
-    view = _view(scratch, lower)
-    node = view.lookup(ROOT_INO, b"big")
-    assert node is not None and view.start_partial(node.ino)
-    partial = view.partial(node.ino)
-    assert partial is not None
+    lower, view, _, partial = _started(scratch)
     partial.write(2 * CHUNK + 5, b"changed")
     expected = bytearray(_lower_data())
     expected[2 * CHUNK + 5 : 2 * CHUNK + 12] = b"changed"
@@ -134,12 +129,7 @@ def test_a_reader_outside_the_mount_sees_the_data_and_writes_nothing(scratch: st
 
 
 def test_truncating_drops_the_partial_copy(scratch: str) -> None:
-    lower = _lower(scratch)
-    view = _view(scratch, lower)
-    node = view.lookup(ROOT_INO, b"big")
-    assert node is not None and view.start_partial(node.ino)
-    partial = view.partial(node.ino)
-    assert partial is not None
+    _, view, node, partial = _started(scratch)
     partial.write(0, b"x")
     view.setattr(node.ino, size=0)
     assert view.partial(node.ino) is None and partial.closed
@@ -243,12 +233,7 @@ def test_a_killed_daemon_leaves_a_file_the_next_mount_reads_whole(scratch: str) 
 
 
 def test_concurrent_writers_and_the_fill_lose_nothing(scratch: str) -> None:
-    lower = _lower(scratch)
-    view = _view(scratch, lower)
-    node = view.lookup(ROOT_INO, b"big")
-    assert node is not None and view.start_partial(node.ino)
-    partial = view.partial(node.ino)
-    assert partial is not None
+    *_, partial = _started(scratch)
     expected = bytearray(_lower_data())
     writes = [(index * CHUNK + index * 7, bytes([65 + index]) * 300) for index in range(16)]
     for offset, data in writes:

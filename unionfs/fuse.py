@@ -259,10 +259,13 @@ class StrataOperations(pyfuse3.Operations):
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._copy_locks.pop(ino, None)
 
-    def _add_handle(self, ino: int, fd: int, write: bool) -> int:
+    def _add_handle(self, ino: int, fd: int, write: bool, version: int | None = None) -> int:
+        """A handle for *fd*, reading the data of *version* (default: the current)."""
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(ino, fd, self.view.node(ino).version, write)
+        if version is None:
+            version = self.view.node(ino).version
+        self.handles[fh] = Handle(ino, fd, version, write)
         return fh
 
     @_fuse_errors
@@ -292,8 +295,7 @@ class StrataOperations(pyfuse3.Operations):
                 # runs makes the first read reopen (and skip what was read).
                 version = self.view.node(inode).version
                 fd, head = await trio.to_thread.run_sync(self._open_cold, inode)
-                fh = self._add_handle(inode, fd, write)
-                self.handles[fh].version = version
+                fh = self._add_handle(inode, fd, write, version)
                 self.handles[fh].head = head
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             fd = cached

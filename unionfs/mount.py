@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -217,18 +217,7 @@ def mount(request: MountRequest) -> None:
     unknown = request.restrictions - set(RESTRICTIONS)
     if unknown:
         raise StrataError(f"unknown mount restriction {', '.join(sorted(unknown))}")
-    request = MountRequest(
-        request.root,
-        layers,
-        mountpoint,
-        request.foreground,
-        writable,
-        request.known_ids,
-        request.read_only,
-        request.volumes,
-        request.restrictions,
-        request.ownership,
-    )
+    request = replace(request, layers=layers, mountpoint=mountpoint, writable=writable)
     if request.foreground:
         if request.volumes:
             raise StrataError("--volume needs a background mount (leave out -f)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .errors import StrataError, error_line
 from .idmap import ID_MAX, IdMap, Ownership, overflow_id, parse_ranges
+from .mount import RESTRICTIONS
 
 SUPPORTED, IGNORED, REFUSED = "supported", "ignored with a warning", "refused"
 
@@ -186,7 +187,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             if value is None or not value.isdigit() or int(value) > ID_MAX:
                 raise StrataError(f"option {key} needs an id, a number up to {ID_MAX}")
             squash[key[-3:]] = int(value)  # over squash_to_root, wherever it stands
-        elif key in ("nodev", "nosuid", "noexec"):
+        elif key in RESTRICTIONS:
             restrictions.add(key)
         elif key in ("dev", "suid", "exec"):
             restrictions.discard("no" + key)  # the last one given wins, as in mount(8)

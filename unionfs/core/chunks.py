@@ -11,6 +11,7 @@ the others from the lower one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -31,6 +32,21 @@ def file_capability(fd: int) -> bytes | None:
         return os.getxattr(fd, CAPABILITY_XATTR)
     except OSError:
         return None
+
+
+@contextlib.contextmanager
+def data_written_unseen(fd: int) -> Iterator[None]:
+    """Around strata's own data writes into an upper file (a copy-up): put back
+    what the host kernel changes on a write, so the copy shows as before: the
+    times, the file capability, and set-id bits (stripped without CAP_FSETID)."""
+    before = os.fstat(fd)
+    capability = file_capability(fd)
+    yield
+    if capability is not None:
+        os.setxattr(fd, CAPABILITY_XATTR, capability)
+    if os.fstat(fd).st_mode != before.st_mode:
+        os.fchmod(fd, stat.S_IMODE(before.st_mode))
+    os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 class PartialCopy:
@@ -87,24 +103,17 @@ class PartialCopy:
         return (index for index in range(self.chunks) if not self.has(index))
 
     def _fill(self, index: int) -> None:
-        """Copy chunk *index* from the lower file (lock held), keeping the
-        times, the file capability and the mode a data write would change."""
-        before = os.fstat(self.upper_fd)
-        capability = file_capability(self.upper_fd)
+        """Copy chunk *index* from the lower file (lock held)."""
         start = index * self.chunk
         end = min(start + self.chunk, self.size)
         offset = start
-        while offset < end:
-            data = os.pread(self.lower_fd, end - offset, offset)
-            if not data:
-                break  # the lower file is shorter than indexed: the rest stays a hole
-            os.pwrite(self.upper_fd, data, offset)
-            offset += len(data)
-        if capability is not None:
-            os.setxattr(self.upper_fd, CAPABILITY_XATTR, capability)
-        if os.fstat(self.upper_fd).st_mode != before.st_mode:
-            os.fchmod(self.upper_fd, stat.S_IMODE(before.st_mode))
-        os.utime(self.upper_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        with data_written_unseen(self.upper_fd):
+            while offset < end:
+                data = os.pread(self.lower_fd, end - offset, offset)
+                if not data:
+                    break  # the lower file is shorter than indexed: the rest stays a hole
+                os.pwrite(self.upper_fd, data, offset)
+                offset += len(data)
         self.present[index >> 3] |= 1 << (index & 7)
         self._save(self.encode(self.chunk, self.size, bytes(self.present)))
         self.copied += 1
@@ -125,12 +134,6 @@ class PartialCopy:
                 return None
             self._ensure(offset, len(data))
             return os.pwrite(self.upper_fd, data, offset)
-
-    def ensure(self, offset: int, length: int) -> None:
-        """Copy the chunks of a range before something else changes it. Blocking."""
-        with self.lock:
-            if not self.closed:
-                self._ensure(offset, length)
 
     def read(self, offset: int, size: int) -> bytes | None:
         """Each chunk from where its data is now; None once the copy is

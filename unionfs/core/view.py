@@ -18,7 +18,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from . import overrides
-from .chunks import CAPABILITY_XATTR, CHUNKED_MIN, PartialCopy, file_capability
+from .chunks import CHUNKED_MIN, PartialCopy, data_written_unseen
 from .index import ROOT_INO, Index, name_hash
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
@@ -828,23 +828,29 @@ class UnionView:
         ):
             return node.partial is not None
         self._copy_up(node, data=False)
-        lower_fd = self.open_lower(lower)
-        try:
-            upper_fd = os.open(self._host(node), os.O_RDWR | os.O_CLOEXEC)
-        except BaseException:
-            os.close(lower_fd)
-            raise
         raw = PartialCopy.empty_map(lower.size)
-        store.set_chunk_map(upper_fd, raw)
-        node.partial = self._partial(lower_fd, upper_fd, lower.size, raw)
+        partial = self._partial(lower, self._host(node), raw)
+        try:
+            store.set_chunk_map(partial.upper_fd, raw)
+        except BaseException:
+            partial.close()
+            raise
+        node.partial = partial
         return True
 
-    def _partial(self, lower_fd: int, upper_fd: int, size: int, raw: bytes) -> PartialCopy:
+    def _partial(self, lower: Entry, upper_path: bytes, raw: bytes) -> PartialCopy:
+        """A partial copy of *lower* into the upper file, from its chunk map."""
         store = self._writable()
         decoded = PartialCopy.decode(raw)
         assert decoded is not None
         chunk, _, present = decoded
-        return PartialCopy(lower_fd, upper_fd, size, present,
+        lower_fd = self.open_lower(lower)
+        try:
+            upper_fd = os.open(upper_path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            os.close(lower_fd)
+            raise
+        return PartialCopy(lower_fd, upper_fd, lower.size, present,
                            lambda value: store.set_chunk_map(upper_fd, value), chunk)  # fmt: skip
 
     def _resume_partial(self, path: bytes, lower: Entry) -> PartialCopy | None:
@@ -857,13 +863,7 @@ class UnionView:
         decoded = PartialCopy.decode(raw)
         if decoded is None or decoded[1] != lower.size:
             return None
-        lower_fd = self.open_lower(lower)
-        try:
-            upper_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except BaseException:
-            os.close(lower_fd)
-            raise
-        return self._partial(lower_fd, upper_fd, lower.size, raw)
+        return self._partial(lower, path, raw)
 
     def partial(self, ino: int) -> PartialCopy | None:
         node = self.nodes.get(ino)
@@ -906,28 +906,20 @@ class UnionView:
     def fill(self, job: CopyJob) -> None:
         """Copy the data of a job. Blocking, thread-safe."""
         assert self.store is not None
+        if job.partial is not None:
+            # Only the chunks it lacks (the partial copy has the lower file open).
+            while job.partial.fill_next():
+                pass
+            os.fdatasync(job.partial.upper_fd if job.in_place is None else job.in_place)
+            return
         source = self.open_lower(job.entry)
         try:
-            if job.partial is not None:
-                # Only the chunks it lacks, each keeping what a write changes.
-                while job.partial.fill_next():
-                    pass
-                os.fdatasync(job.in_place if job.in_place is not None else job.partial.upper_fd)
-                return
             if job.in_place is not None:
                 # Until the metacopy mark goes (finish_copy), reads still come
                 # from the lower file, so a half-done copy is never seen. The
-                # copy keeps the times the metadata-only copy shows, and what
-                # the host kernel strips from a file written to: its file
-                # capability, and set-id bits when strata lacks CAP_FSETID.
-                before = os.fstat(job.in_place)
-                capability = file_capability(job.in_place)
-                copy_data(source, job.in_place, job.entry.size)
-                if capability is not None:
-                    os.setxattr(job.in_place, CAPABILITY_XATTR, capability)
-                if os.fstat(job.in_place).st_mode != before.st_mode:
-                    os.fchmod(job.in_place, stat.S_IMODE(before.st_mode))
-                os.utime(job.in_place, ns=(before.st_atime_ns, before.st_mtime_ns))
+                # copy looks as the metadata-only copy did.
+                with data_written_unseen(job.in_place):
+                    copy_data(source, job.in_place, job.entry.size)
                 os.fdatasync(job.in_place)
                 return
             fd = os.open(job.temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
