@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.images import build_debian
 from tests.mounts import force_unmount
 from unionfs.mount import find_mount
 
@@ -47,3 +48,14 @@ def scratch() -> Iterator[str]:
         if _mounts_under(top):
             raise RuntimeError(f"mounts left under {top}; not removing it")
         shutil.rmtree(top)
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> Iterator[tuple[str, str]]:
+    """The Debian image (debootstrap, packed by umoci) built once per run and
+    shared read-only by every test that needs it; returns (layout, tag)."""
+    top = tempfile.mkdtemp(prefix="strata-debian-")
+    try:
+        yield build_debian(f"{top}/debian")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -37,7 +37,11 @@ def test_ranges_map_both_ways_and_bad_ones_are_refused() -> None:
     many = IdMap([IdRange(n * 10, 1000 + n * 20, 5) for n in range(500)], overflow=7)
     assert many.shown(4_993) == 1000 + 499 * 20 + 3 and many.shown(4_995) == 7
     assert many.stored(1000 + 250 * 20 + 4) == 2504
-    for text in ("0:1000", "a:1:1", "0:1:0", "0:1:-1", "0:4294967290:10"):
+    # containers-storage's own spelling: every triple led by a colon.
+    assert parse_ranges(":0:1:1001:1001:0:1", "uidmapping") == parse_ranges(
+        "0:1:1001:1001:0:1", "uidmapping"
+    )
+    for text in ("", ":", "0:1000", "a:1:1", "0:1:0", "0:1:-1", "0:4294967290:10"):
         with pytest.raises(StrataError):
             parse_ranges(text, "uidmapping")
     with pytest.raises(StrataError, match="overlap"):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.images import build_busybox, build_debian, run, umoci_rootfs
+from tests.images import build_busybox, run, umoci_rootfs
 from tests.mounts import STRATA, strata, unmount
 from tests.registry import Registry, run_registry
 from tests.trees import Node, Snapshot, differences, snapshot
@@ -324,15 +324,10 @@ def test_store_lists_inspects_and_prunes(scratch: str, busybox: tuple[str, str])
     assert missing.returncode == 1 and missing.stderr.startswith("strata: error: no image")
 
 
-@pytest.fixture(scope="session")
-def debian(session_dir: str) -> tuple[str, str]:
-    return build_debian(f"{session_dir}/debian")
-
-
 def test_debian_image_mounts_as_umoci_unpacks_it(
-    scratch: str, registry: Registry, debian: tuple[str, str]
+    scratch: str, registry: Registry, debian_image: tuple[str, str]
 ) -> None:
-    layout, tag = debian
+    layout, tag = debian_image
     image = f"{registry.host}/debian:bookworm"
     skopeo_copy(f"oci:{layout}:{tag}", f"docker://{image}", *registry.skopeo_flags("dest"))
     reference = snapshot(umoci_rootfs(layout, tag, f"{scratch}/ref"))

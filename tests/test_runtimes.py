@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.hostile import LayoutLayer, file_entry, layer_tar, special_entry, write_layout
-from tests.images import build_busybox, build_debian, run
+from tests.images import build_busybox, run
 from tests.mounts import overlay_mount, strata, unmount
 from tests.registry import run_registry
 from tests.test_images import Mounted
@@ -99,6 +99,45 @@ def test_strata_overlayfs_is_a_drop_in(scratch: str) -> None:
         unmount(f"{scratch}/root", f"{scratch}/mp")
 
 
+def test_strata_overlayfs_upper_holds_whole_files(scratch: str) -> None:
+    """containers-storage reads UPPER while the mount is up (podman commit,
+    diff): by default every copy-up there is a whole file, as fuse-overlayfs
+    writes; metacopy=on copies metadata only, as overlayfs's option of that name."""
+    lower = f"{scratch}/lower"
+    os.makedirs(lower)
+    small, big = b"small\n" * 100, os.urandom(8 << 20)  # big: over the chunked size
+    for name, data in (("small", small), ("big", big)):
+        with open(f"{lower}/{name}", "wb") as handle:
+            handle.write(data)
+    env = {**os.environ, "STRATA_ROOT": f"{scratch}/root"}
+    for metacopy in ("", ",metacopy=on"):
+        upper, work, mnt = (f"{scratch}/{part}{metacopy[-2:]}" for part in ("u", "w", "mp"))
+        for path in (upper, work, mnt):
+            os.makedirs(path)
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}{metacopy}"
+        result = subprocess.run([*OVERLAYFS_CLI, "-o", options, mnt], env=env,
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        try:
+            os.chmod(f"{mnt}/small", 0o600)
+            with open(f"{mnt}/big", "r+b") as handle:
+                handle.write(b"x" * 4096)
+            with open(f"{upper}/big", "rb") as handle:
+                upper_big = handle.read()
+            with open(f"{upper}/small", "rb") as handle:
+                upper_small = handle.read()
+            marked = "trusted.overlay.metacopy" in os.listxattr(f"{upper}/small")
+            if metacopy:
+                assert marked and upper_small != small
+            else:
+                assert not marked and upper_small == small
+                assert upper_big == b"x" * 4096 + big[4096:]
+        finally:
+            unmount(f"{scratch}/root", mnt)
+        with open(f"{upper}/big", "rb") as handle:  # whole after the unmount either way
+            assert handle.read() == b"x" * 4096 + big[4096:]
+
+
 def test_mount_type_fuse_strata_and_fstab(scratch: str) -> None:
     """`mount -t fuse.strata` goes through mount.fuse3, which runs `strata
     SOURCE MOUNTPOINT -o OPTIONS` from the system PATH (tools/setup.sh links it)."""
@@ -162,8 +201,8 @@ def test_volumes_bypass_the_container_layer(scratch: str, busybox_store: str) ->
 
 
 @pytest.fixture(scope="module")
-def debian_store(module_dir: str) -> str:
-    layout, tag = build_debian(f"{module_dir}/debian")
+def debian_store(module_dir: str, debian_image: tuple[str, str]) -> str:
+    layout, tag = debian_image
     store = f"{module_dir}/debian-store"
     strata(store, "import", f"oci:{layout}:{tag}", "debian")
     return store

@@ -38,27 +38,56 @@ pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 pyfuse3_patch=tools/pyfuse3-no-opendir.patch
 
+# Two environments: .venv in the checkout (editable, with the test and bench
+# tools) and an installed copy in $installed for the commands on the system
+# PATH. The copy is what mount.fuse3 and containers-storage run, often as an
+# unprivileged user who cannot read a checkout under a root-only directory.
+installed=/usr/local/lib/strata
 want=$(cat pyproject.toml "$pyfuse3_patch" | sha256sum | cut -d' ' -f1)
 stamp=.venv/.strata-setup
-if [[ ! -x .venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-  echo "setup: building .venv" >&2
-  /usr/bin/python3 -m venv .venv
-  pip=(.venv/bin/python -m pip --quiet --disable-pip-version-check)
-  "${pip[@]}" install --upgrade pip
+if [[ ! -x .venv/bin/python || ! -x "$installed/bin/python" ||
+      "$(cat "$stamp" 2>/dev/null)" != "$want" ||
+      "$(cat "$installed/.strata-setup" 2>/dev/null)" != "$want" ]]; then
+  echo "setup: building .venv and $installed" >&2
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT
+  /usr/bin/python3 -m venv --clear .venv
+  pip=(.venv/bin/python -m pip --quiet --disable-pip-version-check)
+  "${pip[@]}" install --upgrade pip
   "${pip[@]}" download --no-deps --no-binary :all: "pyfuse3==$pyfuse3_version" -d "$build"
   sdist="$build/pyfuse3-$pyfuse3_version.tar.gz"
   echo "$pyfuse3_sha256  $sdist" | sha256sum --check --quiet
   tar -xzf "$sdist" -C "$build"
   patch --quiet --directory "$build/pyfuse3-$pyfuse3_version" -p1 < "$pyfuse3_patch"
-  "${pip[@]}" install "$build/pyfuse3-$pyfuse3_version"
+  "${pip[@]}" wheel --no-deps --wheel-dir "$build/wheels" "$build/pyfuse3-$pyfuse3_version"
+  "${pip[@]}" install "$build"/wheels/pyfuse3-*.whl
   "${pip[@]}" install -e '.[dev,bench]'
   echo "$want" > "$stamp"
+  /usr/bin/python3 -m venv --clear "$installed"
+  pip=("$installed/bin/python" -m pip --quiet --disable-pip-version-check)
+  "${pip[@]}" install --upgrade pip setuptools
+  "${pip[@]}" install "$build"/wheels/pyfuse3-*.whl .
+  echo "$want" > "$installed/.strata-setup"
+  chmod -R a+rX "$installed"
+fi
+
+# The installed copy follows the checkout's source: reinstalled (without its
+# dependencies, from a copy of the source so the checkout stays clean) when it changed.
+source_hash=$(find pyproject.toml unionfs -type f -name '*.py' -o -type f -name '*.toml' |
+  LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+if [[ "$(cat "$installed/.strata-source" 2>/dev/null)" != "$source_hash" ]]; then
+  copy=$(mktemp -d)
+  cp -r pyproject.toml README.md unionfs "$copy"
+  find "$copy" -name __pycache__ -prune -exec rm -rf {} +
+  "$installed/bin/python" -m pip --quiet --disable-pip-version-check install \
+    --no-deps --no-build-isolation --force-reinstall "$copy"
+  rm -rf "$copy"
+  echo "$source_hash" > "$installed/.strata-source"
+  chmod -R a+rX "$installed"
 fi
 
 # `mount -t fuse.strata` (fstab) runs mount.fuse3, which finds `strata` only on
 # the system PATH; the same holds for tools given `strata-overlayfs` by name.
 for command in strata strata-overlayfs; do
-  ln -sfn "$PWD/.venv/bin/$command" "/usr/local/bin/$command"
+  ln -sfn "$installed/bin/$command" "/usr/local/bin/$command"
 done

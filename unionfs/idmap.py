@@ -87,9 +87,10 @@ class IdMap:
 
 def parse_ranges(text: str, option: str) -> list[IdRange]:
     """`STORED:SHOWN:LENGTH[:STORED:SHOWN:LENGTH...]`, fuse-overlayfs's format
-    (containers-storage joins the triples with `:`)."""
-    fields = text.split(":")
-    if not text or len(fields) % 3:
+    (containers-storage writes each triple as `:C:H:N` and joins them, so the
+    text starts with `:`; as in fuse-overlayfs, empty fields are skipped)."""
+    fields = [field for field in text.split(":") if field]
+    if not fields or len(fields) % 3:
         raise StrataError(f"{option}={text}: expected STORED:SHOWN:LENGTH triples")
     ranges = []
     for index in range(0, len(fields), 3):

@@ -62,6 +62,10 @@ class MountRequest:
     restrictions: frozenset[str] = frozenset()
     # How stored owners are shown (strata-overlayfs's uidmapping=, squash_to_*).
     ownership: Ownership | None = None
+    # A metadata change copies no data, and large files are copied chunk by
+    # chunk, so UPPER files can be incomplete while mounted; off for tools
+    # that read UPPER directly (strata-overlayfs under containers-storage).
+    metacopy: bool = True
 
 
 def default_work_dir(upper: str) -> str:
@@ -323,7 +327,7 @@ def serve(request: MountRequest, notify: Notify) -> None:
         store = None
         if request.writable is not None:
             store = open_upper(index, request.writable)
-        view = UnionView(index, stack.root, stack.layers, store)
+        view = UnionView(index, stack.root, stack.layers, store, metacopy=request.metacopy)
         operations = StrataOperations(view, ownership=request.ownership)
         try:
             pyfuse3.init(

@@ -37,6 +37,12 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "squash_to_root": (SUPPORTED, "every owner shows as 0:0, and chown always succeeds"),
     "squash_to_uid": (SUPPORTED, "every owner shows as this uid (before squash_to_root)"),
     "squash_to_gid": (SUPPORTED, "every group shows as this gid (before squash_to_root)"),
+    "metacopy": (
+        SUPPORTED,
+        "off by default, as in overlayfs: UPPER holds whole files at all times, since"
+        " containers-storage reads it directly; `metacopy=on` makes chown and chmod copy no"
+        " data and copies large files chunk by chunk as they are written",
+    ),
     "static_nlink": (IGNORED, "directories keep their true link count"),
     "noacl": (SUPPORTED, "strata never enforces POSIX ACLs: the kernel checks mode bits"),
     "fsync": (IGNORED, "copy-ups are always made durable before they show (as fsync=1)"),
@@ -81,6 +87,7 @@ class OverlayRequest:
     warnings: list[str]
     restrictions: frozenset[str] = frozenset()
     ownership: Ownership | None = None
+    metacopy: bool = False
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:
@@ -155,6 +162,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
     restrictions: set[str] = set()
     mappings: dict[str, str] = {}
     squash: dict[str, int] = {}
+    metacopy = False
     for key, value in options:
         verdict, reason = OPTIONS.get(key, (IGNORED, "strata does not know this option"))
         if verdict == REFUSED:
@@ -187,6 +195,10 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             if value is None or not value.isdigit() or int(value) > ID_MAX:
                 raise StrataError(f"option {key} needs an id, a number up to {ID_MAX}")
             squash[key[-3:]] = int(value)  # over squash_to_root, wherever it stands
+        elif key == "metacopy":
+            if value not in ("on", "off"):
+                raise StrataError("option metacopy is on or off")
+            metacopy = value == "on"
         elif key in RESTRICTIONS:
             restrictions.add(key)
         elif key in ("dev", "suid", "exec"):
@@ -218,6 +230,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
         warnings,
         frozenset(restrictions),
         ownership,
+        metacopy,
     )
 
 
@@ -225,6 +238,12 @@ def run(argv: Sequence[str]) -> int:
     from .cli import default_root
     from .mount import MountRequest, WritableLayer, mount
 
+    if list(argv) in (["--version"], ["-V"]):
+        # As fuse-overlayfs answers: tools probe the mount program this way.
+        from . import __version__
+
+        print(f"strata-overlayfs: version {__version__}")
+        return 0
     try:
         request = parse_arguments(argv)
         for warning in request.warnings:
@@ -245,6 +264,7 @@ def run(argv: Sequence[str]) -> int:
                 read_only=request.read_only,
                 restrictions=request.restrictions,
                 ownership=request.ownership,
+                metacopy=request.metacopy,
             )
         )
     except StrataError as exc:

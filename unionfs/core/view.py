@@ -134,8 +134,13 @@ class UnionView:
         root: Entry,
         layers: dict[int, str],
         upper: UpperStore | None = None,
+        *,
+        metacopy: bool = True,
     ) -> None:
         self.index = index
+        # Off: every copy-up copies the whole file at once (overlayfs's
+        # metacopy=off), for tools that read UPPER directly while it is mounted.
+        self.metacopy_allowed = metacopy
         self.layer_paths = layers
         self.layer_fds = {number: open_layer_root(path) for number, path in layers.items()}
         self.store = upper
@@ -648,8 +653,10 @@ class UnionView:
             )
 
     def _copy_up(self, node: Node, *, data: bool) -> None:
-        """Copy a file up; without *data* a regular file becomes a metacopy."""
+        """Copy a file up; without *data* a regular file becomes a metacopy
+        (where metacopies are allowed)."""
         store = self._writable()
+        data = data or not self.metacopy_allowed
         if node.is_dir:
             self._copy_up_dir(node)
             return
@@ -819,6 +826,7 @@ class UnionView:
         lower = node.lower
         if (
             node.partial is not None
+            or not self.metacopy_allowed
             or lower is None
             or not stat.S_ISREG(node.mode)
             or lower.size < CHUNKED_MIN
