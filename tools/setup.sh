@@ -11,13 +11,14 @@ cd "$(dirname "$0")/.."
 # The image tests run a real registry (docker-registry, with htpasswd and an
 # openssl-made CA) and build and check images with skopeo, umoci,
 # busybox-static and debootstrap; the runtime tests run containers on strata
-# mounts with runc, crun, bubblewrap and podman.
+# mounts with runc, crun, bubblewrap and podman; the rootless podman and buildah
+# tests need uidmap's newuidmap/newgidmap for a user made by the test.
 packages=(
   python3 python3-venv python3-dev gcc pkg-config patch
   fuse3 libfuse3-dev fuse-overlayfs unionfs-fuse
   util-linux mount procps ca-certificates
   docker-registry skopeo umoci busybox-static debootstrap apache2-utils openssl zstd
-  runc crun bubblewrap podman
+  runc crun bubblewrap podman buildah uidmap
 )
 missing=()
 for package in "${packages[@]}"; do
