@@ -18,9 +18,10 @@ from tests.layers import write
 from tests.mounts import force_unmount, on_both, patched_mount, strata, strata_mount
 from unionfs.core.chunks import CHUNK, CHUNKED_MIN, PartialCopy
 from unionfs.core.index import ROOT_INO, Index
+from unionfs.core.nodes import Node
 from unionfs.core.stack import prepare_stack
 from unionfs.core.upper import UpperStore, probe_format
-from unionfs.core.view import Node, UnionView
+from unionfs.core.view import UnionView
 from unionfs.mount import find_mount
 
 SIZE = CHUNKED_MIN * 4  # 16 chunks

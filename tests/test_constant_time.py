@@ -16,9 +16,10 @@ import pytest
 
 from tests.layers import write
 from unionfs.core.index import ROOT_INO, Index
+from unionfs.core.nodes import Caller
 from unionfs.core.stack import prepare_stack
 from unionfs.core.upper import UpperDir, UpperStore, probe_format
-from unionfs.core.view import Caller, UnionView
+from unionfs.core.view import UnionView
 
 ROOT = Caller(0, 0)
 

@@ -11,9 +11,10 @@ import pytest
 from tests.layers import opaque, whiteout, write
 from unionfs.core.index import ROOT_INO, Index
 from unionfs.core.layer import fingerprint, open_beneath
+from unionfs.core.nodes import FsError
 from unionfs.core.records import Entry
 from unionfs.core.stack import IndexedStack, prepare_stack
-from unionfs.core.view import FsError, UnionView
+from unionfs.core.view import UnionView
 from unionfs.errors import StrataError
 
 

@@ -17,6 +17,7 @@ from tests.layers import write
 from tests.mounts import patched_mount, strata, strata_mount
 
 _FAULTS = """
+import unionfs.core.copyup as copyup
 import unionfs.core.view as view
 
 original_setxattr = view.UnionView.setxattr
@@ -26,11 +27,11 @@ def setxattr(self, ino, name, value):
     return original_setxattr(self, ino, name, value)
 view.UnionView.setxattr = setxattr
 
-original_copy = view.copy_data
+original_copy = copyup.copy_data
 def copy_data(source, target, size):
     original_copy(source, target, size // 2)
     raise AssertionError("injected fault half-way through a copy-up")
-view.copy_data = copy_data
+copyup.copy_data = copy_data
 """
 
 

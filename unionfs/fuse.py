@@ -18,9 +18,10 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from .core.nodes import Caller, FsError, Node
 from .core.records import Entry
 from .core.upper import RENAME_EXCHANGE
-from .core.view import Caller, FsError, Node, UnionView
+from .core.view import UnionView
 from .errors import shorten
 from .idmap import IdMap, Ownership
 

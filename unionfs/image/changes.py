@@ -22,9 +22,10 @@ from typing import Any
 
 from ..core.index import ROOT_INO, Index
 from ..core.layer import OPAQUE_MARKER, WHITEOUT_PREFIX
+from ..core.nodes import FsError, Node
 from ..core.stack import prepare_stack
 from ..core.upper import UpperStore, join, probe_format
-from ..core.view import FsError, Node, UnionView
+from ..core.view import UnionView
 from ..errors import StrataError
 from .layertar import LayerWriter, tar_info
 from .store import (

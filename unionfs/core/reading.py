@@ -1,0 +1,580 @@
+"""The merged view's read path: inode numbers, resolving names, attributes,
+listings and contents. Knows nothing of FUSE.
+
+The lower layers are answered from the index (serving their metadata never
+touches a layer directory); the optional writable layer is a live directory
+in overlayfs's upper format (see upper.py) that shadows them. Keeps the
+lookup counts the kernel holds: a node lives while the kernel may still name
+it, and an inode number is never handed out twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from collections.abc import Generator, Iterator
+
+from . import overrides
+from .chunks import PartialCopy
+from .index import ROOT_INO, Index, name_hash
+from .layer import (
+    HIDDEN_XATTR_PREFIXES,
+    open_beneath,
+    open_layer_root,
+)
+from .nodes import FsError, Node
+from .records import Entry, entry_from_stat
+from .upper import (
+    USER_PREFIX,
+    UpperStore,
+    join,
+    redirect_target,
+)
+
+DOT_OFFSET = 1
+DOTDOT_OFFSET = 2
+UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
+_INO_BATCH = 1024
+
+
+class ReadPath:
+    """What the merged view shows: nodes, names, attributes, listings, data."""
+
+    def __init__(
+        self,
+        index: Index,
+        root: Entry,
+        layers: dict[int, str],
+        upper: UpperStore | None = None,
+        *,
+        metacopy: bool = True,
+    ) -> None:
+        self.index = index
+        # Off: every copy-up copies the whole file at once (overlayfs's
+        # metacopy=off), for tools that read UPPER directly while it is mounted.
+        self.metacopy_allowed = metacopy
+        self.layer_paths = layers
+        self.layer_fds = {number: open_layer_root(path) for number, path in layers.items()}
+        self.store = upper
+        # A rootless UPPER (user.overlay.* markers) may hold stat overrides.
+        self.rootless = upper is not None and upper.format.prefix == USER_PREFIX
+        self.lower_root = root
+        top = Node(ROOT_INO, root.mode, ROOT_INO, b"")
+        top.lookups = 1  # the kernel never forgets the root
+        top.lower = root
+        top.lower_path = b""
+        top.upper = upper is not None
+        self.nodes: dict[int, Node] = {ROOT_INO: top}
+        self._next_ino = 0
+        self._last_ino = 0
+
+    @property
+    def writable(self) -> bool:
+        return self.store is not None
+
+    def _writable(self) -> UpperStore:
+        if self.store is None:
+            raise FsError(errno.EROFS)
+        return self.store
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if node.partial is not None:
+                node.partial.close()
+        for fd in self.layer_fds.values():
+            os.close(fd)
+        self.layer_fds.clear()
+        if self.store is not None:
+            self.store.close()
+        self.nodes.clear()
+
+    # Inode numbers ----------------------------------------------------------
+
+    def _allocate_ino(self) -> int:
+        """A number no inode of this store ever had; reserved in batches."""
+        if self._next_ino >= self._last_ino:
+            with self.index.write() as txn:
+                self._next_ino = self.index.allocate(txn, b"next_ino", _INO_BATCH)
+            self._last_ino = self._next_ino + _INO_BATCH
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    # Nodes ------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    def _directory(self, ino: int) -> Node:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    def rel(self, node: Node) -> bytes:
+        """The node's path in the merged view (its latest name for a file)."""
+        parts: list[bytes] = []
+        while node.ino != ROOT_INO:
+            parts.append(node.name)
+            node = self.nodes[node.parent]
+        return b"/".join(reversed(parts))
+
+    def _rel_of(self, parent: Node, name: bytes) -> bytes:
+        return join(self.rel(parent), name)
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and node.partial is None:  # a partial copy stays until filled
+            del self.nodes[ino]
+
+    def remember(self, node: Node) -> None:
+        """Count one more kernel reference (lookup, create, readdirplus)."""
+        known = self.nodes.setdefault(node.ino, node)
+        known.lookups += 1
+
+    def _adopt(self, found: Node, parent: Node, name: bytes) -> Node:
+        """The live node for what a lookup *found*: the known one, updated."""
+        known = self.nodes.get(found.ino)
+        if known is None:
+            return found
+        if known.is_dir:
+            known.parent, known.name = parent.ino, name
+        else:
+            known.names.add((parent.ino, name))
+            if found.upper or not known.upper:
+                known.parent, known.name = parent.ino, name
+        if found.upper and not known.upper:  # a lower hardlink met its copy
+            known.upper, known.metacopy, known.version = True, found.metacopy, known.version + 1
+        if known.metacopy and known.lower is None and found.lower is not None:
+            known.lower = found.lower
+        return known
+
+    # Resolving names --------------------------------------------------------
+
+    def _lower_child(self, parent: Node, name: bytes) -> Entry | None:
+        if parent.opaque or parent.lower is None or not parent.lower.is_dir:
+            return None
+        with self.index.read() as txn:
+            return self.index.lookup(txn, parent.lower.listing, name)
+
+    def lower_entry(self, parent: Node, name: bytes) -> Entry | None:
+        """What the lower layers hold at NAME in PARENT's place (None: nothing, or hidden)."""
+        return self._lower_child(parent, name)
+
+    def _lower_at(self, path: bytes) -> Entry | None:
+        with self.index.read() as txn:
+            return self.index.lookup_path(txn, self.lower_root, path)
+
+    def _resolve(self, parent: Node, name: bytes) -> Node | None:
+        """What NAME in PARENT is, without counting a reference."""
+        up_st: os.stat_result | None = None
+        if self.store is not None and parent.upper:
+            parent_rel = self.rel(parent)
+            up_st = self.store.lstat(join(parent_rel, name))
+            lower = self._lower_child(parent, name)
+            if up_st is None:
+                if lower is None or self.store.is_whited_out(parent_rel, name, None):
+                    return None
+            elif self.store.is_whited_out(parent_rel, name, up_st):
+                return None
+        else:
+            lower = self._lower_child(parent, name)
+        if up_st is None:
+            if lower is None:
+                return None
+            return self._lower_node(parent, name, lower)
+        return self._upper_node(parent, name, up_st, lower)
+
+    def _lower_node(self, parent: Node, name: bytes, lower: Entry) -> Node:
+        node = Node(lower.ino, lower.mode, parent.ino, name)
+        node.lower = lower
+        if lower.is_dir:
+            assert parent.lower_path is not None
+            node.lower_path = join(parent.lower_path, name)
+        elif self._is_linked(lower.ino):
+            # Another name of this file was copied up: all names show that copy.
+            node.upper = node.linked = True
+        return node
+
+    def _is_linked(self, ino: int) -> bool:
+        return self.store is not None and os.path.lexists(self.store.link_path(ino))
+
+    def _upper_node(
+        self, parent: Node, name: bytes, st: os.stat_result, lower: Entry | None
+    ) -> Node:
+        assert self.store is not None
+        rel = self._rel_of(parent, name)
+        path = self.store.path(rel)
+        if stat.S_ISDIR(st.st_mode):
+            opaque = self.store.is_opaque(rel)
+            redirect = self.store.redirect(rel)
+            lower_path: bytes | None = None
+            if redirect is not None:
+                lower_path = redirect_target(parent.lower_path, redirect)
+                lower = self._lower_at(lower_path)
+            elif lower is not None and parent.lower_path is not None:
+                lower_path = join(parent.lower_path, name)
+            if opaque or lower is None or not lower.is_dir:
+                lower, lower_path = None, None
+            ino = lower.ino if lower is not None else self._upper_ino(path, None)
+            node = Node(ino, st.st_mode, parent.ino, name)
+            node.lower, node.lower_path, node.opaque = lower, lower_path, opaque
+        else:
+            mode = st.st_mode
+            if self.rootless and stat.S_ISREG(mode):
+                # A device a rootless store keeps as a plain file.
+                override = overrides.read(path, overrides.USER_STAT_XATTR)
+                if override is not None:
+                    mode = override.mode
+            metacopy = stat.S_ISREG(st.st_mode) and self.store.is_metacopy(rel)
+            if metacopy:
+                # A metadata-only copy reached by another name (a hardlink)
+                # finds its data where its redirect says, as in overlayfs.
+                redirect = self.store.redirect(rel)
+                if redirect is not None:
+                    lower = self._lower_at(redirect_target(parent.lower_path, redirect))
+            same_kind = lower is not None and stat.S_IFMT(lower.mode) == stat.S_IFMT(mode)
+            ino = self._upper_ino(path, lower.ino if lower is not None and same_kind else None)
+            node = Node(ino, mode, parent.ino, name)
+            node.linked = self._is_linked(ino)
+            if metacopy:
+                node.metacopy = True
+                node.lower = lower if lower is not None and same_kind else None
+                if node.lower is not None:
+                    node.partial = self._resume_partial(path, node.lower)
+        node.upper = True
+        return node
+
+    def _upper_ino(self, path: bytes, copied_from: int | None) -> int:
+        """The inode number an upper file carries; one is given if it has none
+        (a file overlayfs wrote: the lower file's number when it is a copy)."""
+        assert self.store is not None
+        ino = self.store.stored_ino(path)
+        if ino is None:
+            ino = copied_from if copied_from is not None else self._allocate_ino()
+            self.store.set_ino(path, ino)
+        return ino
+
+    def _partial(self, lower: Entry, upper_path: bytes, raw: bytes) -> PartialCopy:
+        """A partial copy of *lower* into the upper file, from its chunk map."""
+        store = self._writable()
+        decoded = PartialCopy.decode(raw)
+        assert decoded is not None
+        chunk, _, present = decoded
+        lower_fd = self.open_lower(lower)
+        try:
+            upper_fd = os.open(upper_path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            os.close(lower_fd)
+            raise
+        return PartialCopy(lower_fd, upper_fd, lower.size, present,
+                           lambda value: store.set_chunk_map(upper_fd, value), chunk)  # fmt: skip
+
+    def _resume_partial(self, path: bytes, lower: Entry) -> PartialCopy | None:
+        """The chunk map of a metadata-only copy a stopped daemon was filling."""
+        if self.store is None:
+            return None
+        raw = self.store.chunk_map(path)
+        if raw is None:
+            return None
+        decoded = PartialCopy.decode(raw)
+        if decoded is None or decoded[1] != lower.size:
+            return None
+        return self._partial(lower, path, raw)
+
+    def lookup(self, parent_ino: int, name: bytes) -> Node | None:
+        """Resolve NAME in PARENT and count the reference; None if it does not exist."""
+        parent = self._directory(parent_ino)
+        if name == b".":
+            node: Node | None = parent
+        elif name == b"..":
+            node = self.node(parent.parent)
+        else:
+            found = self._resolve(parent, name)
+            node = None if found is None else self._adopt(found, parent, name)
+        if node is not None:
+            self.remember(node)
+        return node
+
+    def peek(self, parent_ino: int, name: bytes) -> Node | None:
+        """Like lookup, without counting: the node an operation is about to change."""
+        parent = self._directory(parent_ino)
+        found = self._resolve(parent, name)
+        return None if found is None else self._adopt(found, parent, name)
+
+    # Attributes -------------------------------------------------------------
+
+    def attributes(self, node: Node) -> Entry:
+        if not node.upper:
+            assert node.lower is not None
+            return node.lower
+        assert self.store is not None
+        st = os.lstat(self._host(node))
+        nlink = st.st_nlink
+        if node.linked:
+            counts = self.store.link_counts(node.ino)
+            nlink = counts.shown if counts is not None and counts.shown else nlink
+        if node.is_dir and node.lower is not None:  # merged with a lower directory
+            if node.subdirs is None:
+                node.subdirs = sum(
+                    1
+                    for _, _, up_st, lower in self._merged(node, 0)
+                    if (
+                        stat.S_ISDIR(up_st.st_mode) if up_st else lower is not None and lower.is_dir
+                    )
+                )
+            nlink = 2 + node.subdirs
+        entry = entry_from_stat(
+            node.ino,
+            st,
+            UPPER_LAYER,
+            nlink=nlink,
+            # A metadata-only copy is sparse; its data still takes the lower blocks.
+            blocks=node.lower.blocks if node.metacopy and node.lower is not None else None,
+            listing=node.lower.listing if node.lower is not None and node.is_dir else 0,
+        )
+        if self.rootless:
+            override = overrides.read(self._host(node), overrides.USER_STAT_XATTR)
+            if override is not None:
+                entry = override.apply(entry)
+        return entry
+
+    def getattr(self, ino: int) -> Entry:
+        return self.attributes(self.node(ino))
+
+    def attributes_of_open(self, ino: int, fd: int) -> Entry:
+        """Attributes of a file whose every name is gone, from a descriptor
+        still open on it: fstat after unlink works, as on any filesystem."""
+        entry = entry_from_stat(ino, os.fstat(fd), UPPER_LAYER)
+        if self.rootless:
+            override = overrides.read(fd, overrides.USER_STAT_XATTR)
+            if override is not None:
+                entry = override.apply(entry)
+        return entry
+
+    def _host(self, node: Node) -> bytes:
+        """The path of the node's upper copy."""
+        assert self.store is not None and node.upper
+        if node.is_dir:
+            return self.store.path(self.rel(node))
+        if node.linked:
+            link = self.store.link_path(node.ino)
+            if not os.path.lexists(link):
+                raise FsError(errno.ESTALE)  # its last name went; open files keep the data
+            return link
+        return self.store.path(self._upper_name(node))
+
+    def _upper_name(self, node: Node) -> bytes:
+        """A merged path at which UPPER holds this file: one of its live names,
+        its latest first (a name it lost may hold another file by now)."""
+        assert self.store is not None
+        latest = (node.parent, node.name)
+        candidates = sorted(node.names, key=lambda item: item != latest)
+        for parent_ino, name in candidates:
+            parent = self.nodes.get(parent_ino)
+            if parent is None:
+                node.names.discard((parent_ino, name))
+                continue
+            rel = self._rel_of(parent, name)
+            st = self.store.lstat(rel)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                node.parent, node.name = parent_ino, name
+                return rel
+        raise FsError(errno.ESTALE)
+
+    # Listings ---------------------------------------------------------------
+
+    def listdir(self, ino: int, offset: int = 0) -> Generator[tuple[int, bytes, Node], None, None]:
+        """Yield (offset, name, node) after *offset*, "." and ".." first.
+
+        An offset is the name's hash and its place among equal hashes, so it
+        stays valid while the directory changes (telldir/seekdir work).
+        """
+        directory = self._directory(ino)
+        if offset < DOT_OFFSET:
+            yield DOT_OFFSET, b".", directory
+        if offset < DOTDOT_OFFSET:
+            yield DOTDOT_OFFSET, b"..", self.node(directory.parent)
+        for here, name, up_st, lower in self._merged(directory, offset):
+            if up_st is None:
+                assert lower is not None
+                found = self._lower_node(directory, name, lower)
+            else:
+                found = self._upper_node(directory, name, up_st, lower)
+            yield here, name, self._adopt(found, directory, name)
+
+    def _merged(
+        self, directory: Node, offset: int
+    ) -> Generator[tuple[int, bytes, os.stat_result | None, Entry | None], None, None]:
+        """The merged entries of a directory in offset order: for each name its
+        upper status (None if only the lower layers have it) and lower entry."""
+        upper_entries: dict[int, list[tuple[bytes, os.stat_result]]] = {}
+        whiteouts: set[bytes] = set()
+        if self.store is not None and directory.upper:
+            upper_dir = self.store.read_dir(self.rel(directory))
+            whiteouts = upper_dir.whiteouts
+            for name, st in upper_dir.entries.items():
+                upper_entries.setdefault(name_hash(name), []).append((name, st))
+        start = offset >> 8
+        upper_hashes = sorted(h for h in upper_entries if h >= start)
+        with self.index.read() as txn:
+            lower_buckets: Iterator[tuple[int, list[tuple[bytes, Entry]]]] = iter(())
+            if directory.lower is not None and not directory.opaque:
+                lower_buckets = self.index.scan(txn, directory.lower.listing, start)
+            for hashed, lowers in _merge_by_hash(lower_buckets, upper_hashes):
+                names: dict[bytes, tuple[os.stat_result | None, Entry | None]] = {}
+                for name, entry in lowers:
+                    if name not in whiteouts:
+                        names[name] = (None, entry)
+                for name, up in upper_entries.get(hashed, ()):
+                    names[name] = (up, names.get(name, (None, None))[1])
+                for position, name in enumerate(sorted(names), 1):
+                    here = hashed << 8 | position
+                    if here <= offset:
+                        continue
+                    yield here, name, *names[name]
+
+    def _is_empty(self, directory: Node) -> bool:
+        for _ in self._merged(directory, 0):
+            return False
+        return True
+
+    # Contents ---------------------------------------------------------------
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise FsError(errno.EINVAL)
+        if node.upper:
+            return os.readlink(self._host(node))
+        assert node.lower is not None
+        return node.lower.target
+
+    def open_lower(self, entry: Entry, *, cached_only: bool = False) -> int:
+        """Open the layer file holding a lower entry's data (read-only). Blocking,
+        unless *cached_only*: then BlockingIOError where it would wait for the disk."""
+        layer_fd = self.layer_fds[entry.layer]
+        try:
+            fd = open_beneath(layer_fd, entry.path, os.O_RDONLY, cached_only=cached_only)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO) from exc
+        st = os.fstat(fd)
+        if st.st_ino != entry.host_ino or st.st_ctime_ns != entry.ctime_ns:
+            os.close(fd)
+            # Lower layers must not change under a mount; refuse rather than
+            # serve data that does not match the indexed attributes.
+            raise FsError(errno.ESTALE, f"layer changed under the mount: {entry.path!r}")
+        return fd
+
+    def open_cached(self, ino: int) -> int | None:
+        """A descriptor to read a lower file's data, if opening it cannot wait
+        for the disk (its path is in the dentry cache); else None. Warm walks
+        open many files, and a worker thread costs more than such an open."""
+        node = self.node(ino)
+        if node.upper or node.lower is None or not stat.S_ISREG(node.mode):
+            return None
+        try:
+            return self.open_lower(node.lower, cached_only=True)
+        except BlockingIOError:
+            return None
+
+    def open_data(self, ino: int, write: bool = False) -> int:
+        """A host descriptor for the node's current data. Blocking.
+
+        For writing, the node must be copied up (with its data) first.
+        """
+        node = self.node(ino)
+        if not stat.S_ISREG(node.mode):
+            raise FsError(errno.EINVAL)
+        if node.partial is not None and not write:
+            # A reader outside the mount (diff, commit), maybe while the mount
+            # fills this copy: it gets the data as it stands, and writes nothing.
+            return _snapshot(node.partial)
+        if node.upper and (not node.metacopy or node.partial is not None):
+            return os.open(self._host(node), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        if write:
+            raise FsError(errno.EIO, "write to a file that is not copied up")
+        if node.lower is None:
+            if node.metacopy:  # metadata-only copy whose lower data is gone
+                raise FsError(errno.EIO)
+            raise FsError(errno.ENOENT)
+        return self.open_lower(node.lower)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self.node(ino)
+        if name.startswith(HIDDEN_XATTR_PREFIXES):
+            raise FsError(errno.ENODATA)
+        if node.upper:
+            try:
+                return os.getxattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
+            except OSError as exc:
+                raise FsError(exc.errno or errno.EIO) from None
+        assert node.lower is not None
+        for key, value in node.lower.xattrs:
+            if key == name:
+                return value
+        raise FsError(errno.ENODATA)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.node(ino)
+        if node.upper:
+            names = os.listxattr(self._host(node), follow_symlinks=False)
+            return [
+                key
+                for key in (os.fsencode(name) for name in names)
+                if not key.startswith(HIDDEN_XATTR_PREFIXES)
+            ]
+        assert node.lower is not None
+        return [key for key, _ in node.lower.xattrs]
+
+    def statfs_path(self) -> str:
+        """The filesystem whose figures statfs reports: UPPER's, else the top layer's."""
+        if self.store is not None:
+            return os.fsdecode(self.store.root)
+        return list(self.layer_paths.values())[-1]  # insertion order: bottom to top
+
+
+def _merge_by_hash(
+    lower: Iterator[tuple[int, list[tuple[bytes, Entry]]]], upper_hashes: list[int]
+) -> Generator[tuple[int, list[tuple[bytes, Entry]]], None, None]:
+    """Walk lower buckets and upper hashes together in hash order."""
+    position = 0
+    for hashed, group in lower:
+        while position < len(upper_hashes) and upper_hashes[position] < hashed:
+            yield upper_hashes[position], []
+            position += 1
+        if position < len(upper_hashes) and upper_hashes[position] == hashed:
+            position += 1
+        yield hashed, group
+    for hashed in upper_hashes[position:]:
+        yield hashed, []
+
+
+def _snapshot(partial: PartialCopy) -> int:
+    """A private copy of a partial copy's data, chunk by chunk (an unlinked file)."""
+    fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        while True:
+            data = partial.read(offset, partial.chunk)
+            if data is None:
+                raise FsError(errno.EIO, "the partial copy was dropped while read")
+            if not data:
+                break
+            os.pwrite(fd, data, offset)
+            offset += len(data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
