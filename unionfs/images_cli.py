@@ -108,6 +108,25 @@ def add_image_verbs(verbs: Any) -> None:
     )
     commit.add_argument("-m", "--message", default="", help="history comment")
 
+    convert = verbs.add_parser(
+        "convert", help="rewrite an image's layers as eStargz, for lazy pulling"
+    )
+    convert.add_argument("image", metavar="IMAGE")
+    convert.add_argument("name", metavar="NEWIMAGE")
+    convert.add_argument(
+        "--estargz",
+        action="store_true",
+        required=True,
+        help="the format to write (the one there is): eStargz, readable as gzip by any tool",
+    )
+    convert.add_argument(
+        "--prefetch",
+        metavar="FILE",
+        help="paths read first (one per line, as `strata mount --record-reads` writes"
+        " them): put before the prefetch landmark",
+    )
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
 
 def _registry_options(args: argparse.Namespace, host: str) -> Any:
     from .image.registry import RegistryOptions, load_credentials
@@ -287,6 +306,16 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
             with container_view(store, record) as view:
                 for line in diff_lines(view):
                     print(line)
+    elif verb == "convert":
+        from .image.convert import convert_to_estargz, read_prefetch_list
+        from .image.reference import parse_reference
+
+        prefetch = read_prefetch_list(args.prefetch) if args.prefetch else []
+        name = parse_reference(args.name).name
+        with store.shared():
+            _, image = store.resolve(args.image)
+            converted = convert_to_estargz(store, image, [name], prefetch, _report(args.quiet))
+        print(converted.digest)
     elif verb == "commit":
         from .image.changes import commit, parse_timestamp
         from .image.reference import parse_reference

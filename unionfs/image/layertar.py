@@ -355,8 +355,17 @@ class _Unpacker:
         return sorted(self.implicit)
 
 
-def unpack_layer(blob: BinaryIO, target: str, *, limit: int, label: str) -> Unpacked:
-    """Unpack the layer blob *blob* (any compression) into the empty dir *target*."""
+def unpack_layer(
+    blob: BinaryIO,
+    target: str,
+    *,
+    limit: int,
+    label: str,
+    hidden: frozenset[str] = frozenset(),
+) -> Unpacked:
+    """Unpack the layer blob *blob* (any compression) into the empty dir
+    *target*. Entries at the top named in *hidden* are the blob format's own
+    (eStargz's TOC and landmarks): hashed into the DiffID, not unpacked."""
     unpacker = _Unpacker(target, label)
     try:
         try:
@@ -365,6 +374,8 @@ def unpack_layer(blob: BinaryIO, target: str, *, limit: int, label: str) -> Unpa
                 fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
             ) as tar:
                 for member in tar:
+                    if hidden and member.name.strip("/").removeprefix("./") in hidden:
+                        continue
                     unpacker.add(tar, member)
             stream.drain()  # the DiffID covers the end-of-archive blocks too
         except _STREAM_ERRORS as exc:

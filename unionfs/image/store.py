@@ -26,12 +26,13 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import xxhash
 
 from ..errors import StrataError
+from .estargz import FORMAT_ENTRIES, TOC_DIGEST_ANNOTATION
 from .layertar import DEFAULT_LAYER_LIMIT, unpack_layer
 from .reference import Reference, check_digest, parse_reference
 
@@ -81,21 +82,39 @@ class Descriptor:
     media_type: str
     digest: str
     size: int
+    # Kept as given: an eStargz layer's TOC digest lives here.
+    annotations: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, raw: Any, what: str) -> Descriptor:
         try:
+            annotations = raw.get("annotations") or {}
+            if not isinstance(annotations, dict) or not all(
+                isinstance(key, str) and isinstance(value, str)
+                for key, value in annotations.items()
+            ):
+                raise ValueError("annotations are not a map of strings")
             descriptor = cls(
-                str(raw["mediaType"]), check_digest(str(raw["digest"])), int(raw["size"])
+                str(raw["mediaType"]),
+                check_digest(str(raw["digest"])),
+                int(raw["size"]),
+                dict(annotations),
             )
-        except (KeyError, TypeError, ValueError, StrataError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, StrataError) as exc:
             raise StrataError(f"{what}: bad descriptor ({exc})") from None
         if descriptor.size < 0:
             raise StrataError(f"{what}: negative size in descriptor")
         return descriptor
 
     def to_json(self) -> dict[str, Any]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        raw: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
+        if self.annotations:
+            raw["annotations"] = dict(self.annotations)
+        return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +383,14 @@ class Store:
             label = f"layer {layer.digest}"
             try:
                 with open(self.blob_path(layer.digest), "rb") as blob:
-                    result = unpack_layer(blob, work, limit=self.layer_limit, label=label)
+                    hidden = FORMAT_ENTRIES if TOC_DIGEST_ANNOTATION in layer.annotations else None
+                    result = unpack_layer(
+                        blob,
+                        work,
+                        limit=self.layer_limit,
+                        label=label,
+                        hidden=hidden or frozenset(),
+                    )
                 if result.diff_id != diff_id:
                     raise StrataError(
                         f"{label}: its content has DiffID {result.diff_id},"
