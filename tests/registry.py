@@ -155,10 +155,17 @@ TOKEN_ISSUER = "strata-test-issuer"
 
 @contextlib.contextmanager
 def run_registry(
-    top: str, *, tls: bool = False, logins: bool = False, tokens: bool = False
+    top: str,
+    *,
+    tls: bool = False,
+    logins: bool = False,
+    tokens: bool = False,
+    port: int | None = None,
 ) -> Iterator[Registry]:
+    """docker-registry on 127.0.0.1 with its data in *top* (on *port*: the
+    same registry again after a stop)."""
     os.makedirs(top, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     lines = [
         "version: 0.1",
         "log:",

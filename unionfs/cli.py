@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import StrataError, error_line
-from .images_cli import add_image_verbs, mount_image, run_image_verb
+from .images_cli import _registry_arguments, add_image_verbs, mount_image, run_image_verb
 from .mount import RUNTIME_DIR_HELP
 
 
@@ -100,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
         ("noexec", "nothing on the mount can be executed"),
     ):
         mount.add_argument(f"--{flag}", action="store_true", help=f"mount {flag}: {what}")
+    mount.add_argument(
+        "--lazy",
+        action="store_true",
+        help="IMAGE is a registry reference: mount once the layers' tables of contents are"
+        " here (eStargz), fetch file data on demand and the rest in the background",
+    )
+    mount.add_argument(
+        "--lazy-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a read waits for data from an unreachable registry before EIO",
+    )
+    mount.add_argument(
+        "--no-background-fetch",
+        action="store_true",
+        help="lazy layers: fetch only what is read (a later pull or push completes them)",
+    )
+    _registry_arguments(mount)
     mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     mount.add_argument("targets", nargs="+", metavar="[IMAGE] MOUNTPOINT")
 

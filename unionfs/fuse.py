@@ -242,6 +242,7 @@ class StrataOperations(pyfuse3.Operations):
 
     async def _copy_data_up(self, ino: int) -> None:
         """Copy a lower file's data into the writable layer, in a worker thread."""
+        await trio.to_thread.run_sync(self.view.ensure_lower_data, ino)
         if not self.view.needs_data_copy(ino):
             return
         lock = self._copy_locks.setdefault(ino, trio.Lock())
@@ -276,6 +277,8 @@ class StrataOperations(pyfuse3.Operations):
         if (write or truncate) and not self.view.writable:
             raise FsError(errno.EROFS)
         if write or truncate:
+            if not truncate:  # a lazily pulled file's data first, off the trio thread
+                await trio.to_thread.run_sync(self.view.ensure_lower_data, inode)
             # A large lower file is copied chunk by chunk: the writes copy what
             # they touch, a background task the rest.
             chunked = not truncate and self.view.start_partial(inode)

@@ -57,6 +57,11 @@ def add_image_verbs(verbs: Any) -> None:
     pull.add_argument("image", metavar="HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]")
     pull.add_argument("--platform", default="linux/amd64", help="OS/ARCH[/VARIANT] to choose")
     pull.add_argument("--max-layer-size", type=_size, help="refuse layers larger than this")
+    pull.add_argument(
+        "--lazy",
+        action="store_true",
+        help="eStargz layers: fetch only their tables of contents now, file data on demand",
+    )
     _registry_arguments(pull)
 
     push = verbs.add_parser("push", help="push an image of the store to a registry")
@@ -202,15 +207,22 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
         options = _registry_options(args, reference.registry)
         options.platform = args.platform
         with store.shared():
-            image = pull(store, reference, options, _note)
+            if args.lazy:
+                from .image.lazy import pull_lazy
+
+                image = pull_lazy(store, reference, options, _note)
+            else:
+                image = pull(store, reference, options, _note)
         print(image.digest)
     elif verb == "push":
+        from .image.lazy import complete_layers
         from .image.reference import parse_reference
         from .image.registry import push
 
         report = _report(args.quiet)
         with store.shared():
             name, image = store.resolve(args.image)
+            complete_layers(store, image)  # a lazily pulled layer's blob first
             reference = parse_reference(args.destination or name, remote=True)
             digest = push(
                 store, image, reference, _registry_options(args, reference.registry), report
@@ -239,15 +251,22 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
             else:
                 export_docker_archive(store, image, location, name)
     elif verb == "images":
-        listed = [_describe(names, image) for names, image in store.images()]
+        from .image.lazy import local_fraction
+
+        listed = [
+            {**_describe(names, image), "local": round(local_fraction(store, image), 4)}
+            for names, image in store.images()
+        ]
         if args.json:
             print(json.dumps(listed, indent=2))
         else:
-            print(f"{'NAME':50} {'ID':12} {'CREATED':20} {'SIZE':>10}")
+            print(f"{'NAME':50} {'ID':12} {'CREATED':20} {'SIZE':>10} {'LOCAL':>6}")
             for item in listed:
                 for name in item["names"]:
                     size = f"{item['size'] / 2**20:.1f} MiB"
-                    print(f"{name:50} {item['id'][7:19]:12} {item['created'][:19]:20} {size:>10}")
+                    local = f"{item['local'] * 100:.0f}%"
+                    print(f"{name:50} {item['id'][7:19]:12} {item['created'][:19]:20} {size:>10}"
+                          f" {local:>6}")  # fmt: skip
     elif verb == "inspect":
         name, image = store.resolve(args.image)
         names = [n for n, d in store.refs().items() if d == image.digest]
@@ -342,12 +361,26 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
     volumes = [parse_volume(text) for text in args.volume]
     store = open_store(root)
     check_mountpoint(mountpoint)
-    # The store lock is held while choosing, never across the mount: the
-    # daemon would inherit it and block `rm` and `prune` for its lifetime.
+    options = None
+    if args.lazy:
+        from .image.lazy import pull_lazy
+        from .image.reference import parse_reference
+
+        reference = parse_reference(image_text, remote=True)
+        options = _registry_options(args, reference.registry)
+        options.progress = False
+        with store.shared():
+            pull_lazy(store, reference, options, _note)
+        image_text = reference.name
     with store.shared():
         name, image = store.resolve(image_text)
         paths = store.unpack_all(image)
         known = [layer_known_id(diff_id) for diff_id in image.diff_ids]
+        from .image.lazy import open_lazy_layers
+
+        lazy = open_lazy_layers(
+            store, image, options, args.lazy_timeout, background=not args.no_background_fetch
+        )
         record: dict[str, Any] | None = None
         created = False
         if not args.read_only:
@@ -377,6 +410,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
                 known,
                 volumes=volumes,
                 restrictions=restricted,
+                lazy=lazy,
             )
         )
         return
@@ -402,6 +436,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
                 known,
                 volumes=volumes,
                 restrictions=restricted,
+                lazy=lazy,
             )
         )
         return
@@ -416,6 +451,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
                 known,
                 volumes=volumes,
                 restrictions=restricted,
+                lazy=lazy,
             )
         )
     except BaseException:

@@ -14,10 +14,11 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import xxhash
 
@@ -66,6 +67,21 @@ class MountRequest:
     # chunk, so UPPER files can be incomplete while mounted; off for tools
     # that read UPPER directly (strata-overlayfs under containers-storage).
     metacopy: bool = True
+    # Layers whose files' data comes on demand (lazy pulling), fetched in
+    # the background while the mount serves.
+    lazy: Sequence[LazyLayerSource] = ()
+
+
+class LazyLayerSource(Protocol):
+    """A lazily pulled layer as the mount uses it (image/lazy.py's LazyLayer)."""
+
+    layer_dir: str
+
+    def needs(self, path: bytes) -> bool: ...
+
+    def ensure(self, path: bytes) -> None: ...
+
+    def run_background(self, stop: threading.Event) -> None: ...
 
 
 def default_work_dir(upper: str) -> str:
@@ -327,7 +343,14 @@ def serve(request: MountRequest, notify: Notify) -> None:
         store = None
         if request.writable is not None:
             store = open_upper(index, request.writable)
-        view = UnionView(index, stack.root, stack.layers, store, metacopy=request.metacopy)
+        view = UnionView(
+            index,
+            stack.root,
+            stack.layers,
+            store,
+            metacopy=request.metacopy,
+            lazy={layer.layer_dir: layer for layer in request.lazy},
+        )
         operations = StrataOperations(view, ownership=request.ownership)
         try:
             pyfuse3.init(
@@ -337,12 +360,22 @@ def serve(request: MountRequest, notify: Notify) -> None:
             )
         except RuntimeError as exc:
             raise StrataError(f"cannot mount on {request.mountpoint}: {exc}") from exc
+        stop = threading.Event()
+        fetchers = [
+            threading.Thread(target=layer.run_background, args=(stop,), daemon=True)
+            for layer in request.lazy
+        ]
+        for fetcher in fetchers:
+            fetcher.start()
         try:
             _serve_mounted(request, notify, operations)
             # Copy-ups still partial are filled now: after an unmount UPPER
             # holds whole files, for fsck, commit and overlayfs.
             view.complete_partials()
         finally:
+            stop.set()  # an unmount stops the fetchers; what they fetched stays
+            for fetcher in fetchers:
+                fetcher.join(timeout=10)
             view.close()
     finally:
         index.close()

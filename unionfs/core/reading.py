@@ -14,7 +14,8 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
+from typing import Protocol
 
 from . import overrides
 from .chunks import PartialCopy
@@ -39,6 +40,17 @@ UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
 _INO_BATCH = 1024
 
 
+class LazyData(Protocol):
+    """A lower layer whose files' data arrives after the mount (lazy pulling):
+    laid out with every file at its size, filled in place, never changed after."""
+
+    def needs(self, path: bytes) -> bool: ...
+
+    def ensure(self, path: bytes) -> None:
+        """Bring the data of the layer file at *path* into place (blocking);
+        OSError where it cannot."""
+
+
 class ReadPath:
     """What the merged view shows: nodes, names, attributes, listings, data."""
 
@@ -50,8 +62,16 @@ class ReadPath:
         upper: UpperStore | None = None,
         *,
         metacopy: bool = True,
+        lazy: Mapping[str, LazyData] | None = None,
     ) -> None:
         self.index = index
+        # Layers (by number) whose data comes on demand; *lazy* is by layer path.
+        by_path = {os.path.realpath(path): data for path, data in (lazy or {}).items()}
+        self.lazy = {
+            number: by_path[os.path.realpath(path)]
+            for number, path in layers.items()
+            if os.path.realpath(path) in by_path
+        }
         # Off: every copy-up copies the whole file at once (overlayfs's
         # metacopy=off), for tools that read UPPER directly while it is mounted.
         self.metacopy_allowed = metacopy
@@ -462,6 +482,14 @@ class ReadPath:
         """Open the layer file holding a lower entry's data (read-only). Blocking,
         unless *cached_only*: then BlockingIOError where it would wait for the disk."""
         layer_fd = self.layer_fds[entry.layer]
+        lazy = self.lazy.get(entry.layer)
+        if lazy is not None and lazy.needs(entry.path):
+            if cached_only:
+                raise BlockingIOError(errno.EWOULDBLOCK, "data still to be fetched")
+            try:
+                lazy.ensure(entry.path)
+            except OSError as exc:
+                raise FsError(exc.errno or errno.EIO) from exc
         try:
             fd = open_beneath(layer_fd, entry.path, os.O_RDONLY, cached_only=cached_only)
         except BlockingIOError:
@@ -469,12 +497,26 @@ class ReadPath:
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO) from exc
         st = os.fstat(fd)
-        if st.st_ino != entry.host_ino or st.st_ctime_ns != entry.ctime_ns:
+        # A lazy layer's files change once, when their data is filled in place.
+        if st.st_ino != entry.host_ino or (lazy is None and st.st_ctime_ns != entry.ctime_ns):
             os.close(fd)
             # Lower layers must not change under a mount; refuse rather than
             # serve data that does not match the indexed attributes.
             raise FsError(errno.ESTALE, f"layer changed under the mount: {entry.path!r}")
         return fd
+
+    def ensure_lower_data(self, ino: int) -> None:
+        """Bring a lazily pulled lower file's data into place before a copy-up
+        needs it (blocking: call it in a worker thread)."""
+        node = self.nodes.get(ino)
+        if node is None or node.upper or node.lower is None or not stat.S_ISREG(node.mode):
+            return
+        lazy = self.lazy.get(node.lower.layer)
+        if lazy is not None and lazy.needs(node.lower.path):
+            try:
+                lazy.ensure(node.lower.path)
+            except OSError as exc:
+                raise FsError(exc.errno or errno.EIO) from exc
 
     def open_cached(self, ino: int) -> int | None:
         """A descriptor to read a lower file's data, if opening it cannot wait

@@ -62,8 +62,15 @@ def container_view(store: Store, record: dict[str, Any]) -> Iterator[UnionView]:
             index, paths, known_ids=[layer_known_id(diff_id) for diff_id in image.diff_ids]
         )
         fmt = probe_format(os.fsencode(work))
+        from .lazy import open_lazy_layers
+
+        lazy = open_lazy_layers(store, image)  # data not yet here is fetched as read
         view = UnionView(
-            index, stack.root, stack.layers, UpperStore(upper, work, fmt, index.store_id())
+            index,
+            stack.root,
+            stack.layers,
+            UpperStore(upper, work, fmt, index.store_id()),
+            lazy={layer.layer_dir: layer for layer in lazy},
         )
         try:
             yield view

@@ -334,11 +334,11 @@ def verified_chunk(data: bytes, chunk: Chunk, label: str) -> bytes:
     return plain
 
 
-def read_toc(data: bytes, digest: str, label: str) -> dict[str, Any]:
-    """The TOC from its gzip member (the bytes from the footer's offset to the
-    footer), checked against *digest* (the layer descriptor's annotation)."""
+def toc_bytes(data: bytes, label: str) -> bytes:
+    """The TOC's own bytes from its gzip member (the bytes from the footer's
+    offset to the footer)."""
     try:
-        plain = zlib.decompressobj(31).decompress(data, TOC_LIMIT + 2 * BLOCK)
+        plain = zlib.decompressobj(31).decompress(data, TOC_LIMIT + 3 * BLOCK)
         with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as tar:
             member = tar.next()
             if member is None or member.name != TOC_NAME or not member.isreg():
@@ -347,13 +347,17 @@ def read_toc(data: bytes, digest: str, label: str) -> dict[str, Any]:
                 raise StrataError(f"{label}: the TOC is larger than {TOC_LIMIT >> 20} MiB")
             handle = tar.extractfile(member)
             assert handle is not None
-            toc_data = handle.read()
+            return handle.read()
     except (zlib.error, tarfile.TarError, EOFError) as exc:
         raise StrataError(f"{label}: corrupt TOC ({exc})") from None
-    if "sha256:" + hashlib.sha256(toc_data).hexdigest() != digest:
+
+
+def parse_toc(raw: bytes, digest: str, label: str) -> dict[str, Any]:
+    """The TOC, checked against *digest* (the layer descriptor's annotation)."""
+    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
         raise StrataError(f"{label}: the TOC does not match the digest its descriptor gives")
     try:
-        toc = json.loads(toc_data)
+        toc = json.loads(raw)
     except ValueError as exc:
         raise StrataError(f"{label}: the TOC is not JSON ({exc})") from None
     if not isinstance(toc, dict) or toc.get("version") != 1:
@@ -361,6 +365,11 @@ def read_toc(data: bytes, digest: str, label: str) -> dict[str, Any]:
     if not isinstance(toc.get("entries"), list):
         raise StrataError(f"{label}: the TOC has no entries")
     return toc
+
+
+def read_toc(data: bytes, digest: str, label: str) -> dict[str, Any]:
+    """The TOC from its gzip member, checked against *digest*."""
+    return parse_toc(toc_bytes(data, label), digest, label)
 
 
 def file_chunks(toc: dict[str, Any], toc_offset: int, label: str) -> dict[str, list[Chunk]]:

@@ -235,7 +235,9 @@ class _Unpacker:
         del self.kinds[rel]
         self.implicit.discard(rel)
 
-    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def add(self, tar: tarfile.TarFile | None, member: tarfile.TarInfo) -> None:
+        """Unpack one entry; without *tar*, a regular file is made sparse at
+        its size, its data to come later (a lazily pulled layer)."""
         rel = _clean_name(member.name, self.label)
         self.entries += 1
         base = rel.rsplit("/", 1)[-1]
@@ -282,17 +284,20 @@ class _Unpacker:
         if member.isreg():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
-                source = tar.extractfile(member)
-                assert source is not None
-                remaining = member.size
-                while remaining > 0:
-                    data = source.read(min(CHUNK, remaining))
-                    if not data:
-                        raise self.refuse(f"entry {member.name!r} is cut short")
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    remaining -= len(data)
+                if tar is None:
+                    os.ftruncate(fd, member.size)
+                else:
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    remaining = member.size
+                    while remaining > 0:
+                        data = source.read(min(CHUNK, remaining))
+                        if not data:
+                            raise self.refuse(f"entry {member.name!r} is cut short")
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                        remaining -= len(data)
             finally:
                 os.close(fd)
         elif member.issym():
@@ -387,6 +392,23 @@ def unpack_layer(
     finally:
         unpacker.deep.close()
     return Unpacked("sha256:" + stream.digest.hexdigest(), stream.size, unpacker.entries, implicit)
+
+
+def unpack_skeleton(members: Iterable[tarfile.TarInfo], target: str, *, label: str) -> int:
+    """A layer's tree from its entries alone, into the empty dir *target*:
+    every regular file sparse at its size, its data to come later. The same
+    checks as unpack_layer; returns the number of entries."""
+    unpacker = _Unpacker(target, label)
+    try:
+        try:
+            for member in members:
+                unpacker.add(None, member)
+        except OSError as exc:
+            raise StrataError(f"{label}: cannot unpack: {exc.strerror} ({exc.filename})") from None
+        unpacker.finish()
+    finally:
+        unpacker.deep.close()
+    return unpacker.entries
 
 
 # Writing ------------------------------------------------------------------------

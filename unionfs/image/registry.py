@@ -392,6 +392,36 @@ class RegistryClient:
         writer.commit()
         progress.advance(0, finished=True)
 
+    def fetch_range(self, repository: str, digest: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a blob (an HTTP Range request)."""
+        response = self.request(
+            "GET",
+            f"/v2/{repository}/blobs/{digest}",
+            f"repository:{repository}:pull",
+            headers={"Range": f"bytes={start}-{end - 1}"},
+            stream=True,
+        )
+        with response:
+            if response.status_code not in (200, 206):
+                raise StrataError(
+                    f"blob {digest}: {response.status_code} {_registry_message(response)}"
+                )
+            try:
+                if response.status_code == 200:  # the whole blob: skip to the range
+                    skip = start
+                    while skip and (chunk := response.raw.read(min(skip, 1 << 20))):
+                        skip -= len(chunk)
+                data = response.raw.read(end - start)
+            except (
+                requests.exceptions.ConnectionError,
+                urllib3.exceptions.HTTPError,
+                OSError,
+            ) as exc:
+                raise StrataError(f"blob {digest}: the transfer broke: {_reason(exc)}") from None
+        if len(data) != end - start:
+            raise StrataError(f"blob {digest}: got {len(data)} of {end - start} bytes asked")
+        return data
+
     def blob_exists(self, repository: str, digest: str) -> bool:
         response = self.request(
             "HEAD", f"/v2/{repository}/blobs/{digest}", f"repository:{repository}:push,pull"
@@ -527,6 +557,10 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def _no_range(digest: str, start: int, end: int) -> bytes:
+    raise StrataError(f"blob {digest}: should be in the store")
+
+
 def _parallel(jobs: int, work: Callable[[T], R], items: list[T]) -> list[R]:
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(work, items))
@@ -558,6 +592,11 @@ def pull(
         def fetch_and_unpack(pair: tuple[Descriptor, str]) -> None:
             client.fetch_blob(store, reference.repository, pair[0], progress)
             store.unpack(*pair)
+            if os.path.isdir(store.lazy_state_dir(pair[1])):
+                from .lazy import LazyLayer, is_incomplete
+
+                if is_incomplete(store, pair[1]):  # pulled lazily before: fill it from the blob
+                    LazyLayer(store, pair[1], _no_range, 0).finish()
 
         _parallel(options.jobs, fetch_and_unpack, list(zip(layers, diff_ids, strict=True)))
     finally:

@@ -367,6 +367,10 @@ class Store:
     def layer_path(self, diff_id: str) -> str:
         return os.path.join(self.layers_dir, check_digest(diff_id)[len("sha256:") :])
 
+    def lazy_state_dir(self, diff_id: str) -> str:
+        """Where a lazily pulled layer keeps its TOC and what is in place (lazy.py)."""
+        return os.path.join(self.root, "lazy", check_digest(diff_id)[len("sha256:") :])
+
     def unpack(self, layer: Descriptor, diff_id: str) -> str:
         """The directory of layer *diff_id*, unpacked from its blob if not yet."""
         target = self.layer_path(diff_id)
@@ -442,8 +446,9 @@ class Store:
         (refusing layers that do not stack safely), then name it."""
         digest = self.put_blob(manifest)
         image = self.load_image(digest)
-        for layer in image.layers:
-            if not self.has_blob(layer.digest):
+        for layer, diff_id in zip(image.layers, image.diff_ids, strict=True):
+            lazy = os.path.isdir(self.lazy_state_dir(diff_id))  # its data comes later
+            if not self.has_blob(layer.digest) and not lazy:
                 raise StrataError(f"layer {layer.digest} is not in the store")
         paths = self.unpack_all(image, progress)
         self.index_layers(paths, image.diff_ids)
@@ -686,6 +691,10 @@ class Store:
         for name in os.listdir(self.locks):
             if "sha256:" + name not in keep_layers:
                 os.unlink(os.path.join(self.locks, name))
+        lazy = os.path.join(self.root, "lazy")
+        for name in os.listdir(lazy) if os.path.isdir(lazy) else ():
+            if "sha256:" + name not in keep_layers:
+                shutil.rmtree(os.path.join(lazy, name))
         for name in os.listdir(self.tmp) if leftovers else ():
             path = os.path.join(self.tmp, name)
             if os.path.isdir(path) and not os.path.islink(path):

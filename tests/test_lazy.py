@@ -1,0 +1,251 @@
+"""Lazy pulling from a real docker-registry: an image converted by `strata
+convert --estargz` mounts from its TOCs, a read fetches just its file's
+chunks (counted through a proxy), bad chunks are EIO and never kept, a
+registry that goes away makes reads of missing data fail after the timeout
+and work again when it is back, the background fetch completes and checks
+every layer, and a container on a lazy mount commits and pushes."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.hostile import Misbehaviour, misbehaving_proxy
+from tests.images import build_busybox, run, umoci_rootfs
+from tests.mounts import strata, unmount
+from tests.registry import Registry, run_registry
+from tests.trees import differences, snapshot
+from unionfs.errors import StrataError
+from unionfs.image import estargz
+from unionfs.image.layertar import unpack_skeleton
+from unionfs.image.lazy import toc_members
+
+TLS = "--tls-verify=false"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """busybox converted to eStargz in a store; returns (store, reference tree)."""
+    top = str(tmp_path_factory.mktemp("lazy-source"))
+    layout, tag = build_busybox(f"{top}/image")
+    store = f"{top}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    with open(f"{top}/prefetch", "w") as handle:
+        handle.write("etc/passwd\n")
+    strata(store, "convert", "--estargz", "busybox", "busybox:esgz", "--prefetch",
+           f"{top}/prefetch")  # fmt: skip
+    return store, umoci_rootfs(layout, tag, f"{top}/reference")
+
+
+@contextlib.contextmanager
+def pushed(source: tuple[str, str], top: str, port: int | None = None) -> Iterator[Registry]:
+    with run_registry(f"{top}/registry", port=port) as registry:
+        if port is None:
+            strata(source[0], "push", TLS, "busybox:esgz", f"{registry.host}/esgz:latest")
+        yield registry
+
+
+@contextlib.contextmanager
+def lazy_mount(store: str, image: str, mnt: str, *flags: str) -> Iterator[str]:
+    os.makedirs(mnt, exist_ok=True)
+    strata(store, "mount", "--lazy", TLS, *flags, image, mnt, "--name", "c")
+    try:
+        yield mnt
+    finally:
+        unmount(store, mnt)
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def local_fraction(store: str) -> float:
+    listed = json.loads(strata(store, "images", "--json").stdout)
+    return float(listed[0]["local"])
+
+
+def fetched(plan: Misbehaviour) -> int:
+    total = 0
+    for text in plan.seen_ranges:
+        start, _, end = text.removeprefix("bytes=").partition("-")
+        total += int(end) - int(start) + 1
+    return total
+
+
+def blob_sizes(store: str) -> int:
+    info = json.loads(strata(store, "inspect", "busybox:esgz").stdout)
+    return sum(layer["size"] for layer in info["manifest"]["layers"])
+
+
+def test_reads_fetch_only_their_chunks(scratch: str, source: tuple[str, str]) -> None:
+    store = f"{scratch}/store"
+    plan = Misbehaviour()
+    with pushed(source, scratch) as registry, misbehaving_proxy(registry.host, plan) as proxy:
+        image = f"{proxy}/esgz:latest"
+        with lazy_mount(store, image, f"{scratch}/mnt", "--no-background-fetch") as mnt:
+            # Ready with footers and TOCs only: two ranges per layer.
+            assert len(plan.seen_ranges) == 6
+            at_mount = fetched(plan)
+            assert at_mount < 0.05 * blob_sizes(source[0])
+            busybox = os.stat(f"{mnt}/bin/busybox")
+            assert busybox.st_size == os.stat(f"{source[1]}/bin/busybox").st_size
+            assert sorted(os.listdir(mnt)) == sorted(os.listdir(source[1]))
+            assert fetched(plan) == at_mount  # metadata needs no data
+            assert read(f"{mnt}/etc/passwd") == read(f"{source[1]}/etc/passwd")
+            small = fetched(plan) - at_mount
+            assert 0 < small < 4096
+            assert local_fraction(store) < 0.5
+            # Every file's data, fetched as read, is the image's.
+            assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
+            assert fetched(plan) < 1.2 * blob_sizes(source[0])
+    # What was fetched stays: with the registry gone, the image still mounts and reads.
+    again = f"{scratch}/again"
+    os.makedirs(again)
+    strata(store, "mount", "--read-only", "--lazy-timeout", "1", image, again)
+    try:
+        assert differences(snapshot(source[1]), snapshot(again), times=False) == []
+    finally:
+        unmount(store, again)
+
+
+def test_background_fetch_completes_and_checks_layers(
+    scratch: str, source: tuple[str, str]
+) -> None:
+    store = f"{scratch}/store"
+    with pushed(source, scratch) as registry:
+        image = f"{registry.host}/esgz:latest"
+        with lazy_mount(store, image, f"{scratch}/mnt") as mnt:
+            deadline = time.monotonic() + 60
+            while local_fraction(store) < 1.0:
+                assert time.monotonic() < deadline, "the background fetch did not finish"
+                time.sleep(0.2)
+            assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
+    states = glob.glob(f"{store}/lazy/*")
+    assert len(states) == 3 and all(os.path.exists(f"{state}/complete") for state in states)
+    # Now an ordinary image: it mounts without a registry and exports.
+    with_mount = f"{scratch}/again"
+    os.makedirs(with_mount)
+    strata(store, "mount", "--read-only", image, with_mount)
+    try:
+        assert differences(snapshot(source[1]), snapshot(with_mount), times=False) == []
+    finally:
+        unmount(store, with_mount)
+    strata(store, "export", image, f"oci:{scratch}/out:esgz")
+    run("skopeo", "inspect", f"oci:{scratch}/out:esgz")
+
+
+def test_a_tampered_chunk_is_eio_and_nothing_is_kept(scratch: str, source: tuple[str, str]) -> None:
+    store = f"{scratch}/store"
+    info = json.loads(strata(source[0], "inspect", "busybox:esgz").stdout)
+    first = info["manifest"]["layers"][0]["digest"][7:]
+    with open(f"{source[0]}/blobs/sha256/{first}", "rb") as handle:
+        blob = handle.read()
+    offset = estargz.parse_footer(blob[-51:], "t")
+    toc = json.loads(estargz.toc_bytes(blob[offset:-51], "t"))
+    entry = next(e for e in toc["entries"] if e["name"] == "bin/busybox")
+    with pushed(source, scratch) as registry:
+        (stored,) = glob.glob(f"{scratch}/registry/data/**/{first}/data", recursive=True)
+        with open(stored, "r+b") as handle:  # one byte inside busybox's first chunk
+            handle.seek(entry["offset"] + 2000)
+            byte = handle.read(1)
+            handle.seek(entry["offset"] + 2000)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        image = f"{registry.host}/esgz:latest"
+        with lazy_mount(store, image, f"{scratch}/mnt", "--no-background-fetch") as mnt:
+            for _ in range(2):  # refused again: bad data is never kept
+                with pytest.raises(OSError) as caught, open(f"{mnt}/bin/busybox", "rb") as f:
+                    f.read()
+                assert caught.value.errno == errno.EIO
+            with open(f"{mnt}/etc/passwd") as handle:  # other files are fine
+                assert handle.read().startswith("root:")
+    (layer,) = [path for path in glob.glob(f"{store}/layers/*") if os.path.exists(
+        f"{path}/bin/busybox")]  # fmt: skip
+    with open(f"{layer}/bin/busybox", "rb") as handle:
+        assert not handle.read().strip(b"\x00")  # still the sparse placeholder
+    done = glob.glob(f"{store}/lazy/{os.path.basename(layer)}/done")
+    assert not done or b"bin/busybox" not in read(done[0])
+
+
+def test_registry_away_and_back(scratch: str, source: tuple[str, str]) -> None:
+    store = f"{scratch}/store"
+    mnt = f"{scratch}/mnt"
+    os.makedirs(mnt)
+    with pushed(source, scratch) as registry:
+        image = f"{registry.host}/esgz:latest"
+        port = int(registry.host.rsplit(":", 1)[1])
+        strata(store, "mount", "--lazy", TLS, "--no-background-fetch", "--lazy-timeout", "2",
+               image, mnt, "--name", "c")  # fmt: skip
+        with open(f"{mnt}/etc/passwd") as handle:
+            passwd = handle.read()
+    try:
+        started = time.monotonic()
+        with pytest.raises(OSError) as caught:  # the registry is gone
+            read(f"{mnt}/bin/busybox")
+        assert caught.value.errno == errno.EIO
+        assert time.monotonic() - started >= 2  # it waited --lazy-timeout for the registry
+        with open(f"{mnt}/etc/passwd") as handle:  # what is local keeps working
+            assert handle.read() == passwd
+        with pushed(source, scratch, port=port):
+            assert read(f"{mnt}/bin/busybox") == read(f"{source[1]}/bin/busybox")
+            unmount(store, mnt)
+            strata(store, "pull", TLS, image)  # a later pull completes the image
+            assert local_fraction(store) == 1.0
+    finally:
+        if os.path.ismount(mnt):
+            unmount(store, mnt)
+
+
+def test_commit_and_push_a_container_of_a_lazy_mount(scratch: str, source: tuple[str, str]) -> None:
+    store = f"{scratch}/store"
+    with pushed(source, scratch) as registry:
+        image = f"{registry.host}/esgz:latest"
+        with lazy_mount(store, image, f"{scratch}/mnt", "--no-background-fetch") as mnt:
+            with open(f"{mnt}/etc/added", "w") as handle:
+                handle.write("added\n")
+            with open(f"{mnt}/etc/passwd", "a") as handle:  # a copy-up of lazy data
+                handle.write("more:x:2:2::/:/bin/sh\n")
+        strata(store, "commit", "c", "committed:v1")
+        strata(store, "push", TLS, "committed:v1", f"{registry.host}/committed:v1")
+        run("skopeo", "copy", "--quiet", "--src-tls-verify=false",
+            f"docker://{registry.host}/committed:v1", f"oci:{scratch}/copied:v1")  # fmt: skip
+    rootfs = umoci_rootfs(f"{scratch}/copied", "v1", f"{scratch}/unpacked")
+    assert read(f"{rootfs}/etc/added") == b"added\n"
+    passwd = read(f"{rootfs}/etc/passwd")
+    assert passwd == read(f"{source[1]}/etc/passwd") + b"more:x:2:2::/:/bin/sh\n"
+    assert read(f"{rootfs}/bin/busybox") == read(f"{source[1]}/bin/busybox")
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason"),
+    [
+        ([{"name": "../evil", "type": "reg", "size": 0}], "outside the layer"),
+        ([{"name": "/etc/evil", "type": "reg", "size": 0}], "absolute path"),
+        (
+            [
+                {"name": "link", "type": "symlink", "linkName": "/etc"},
+                {"name": "link/passwd", "type": "reg", "size": 0},
+            ],
+            "not a directory",
+        ),
+        ([{"name": "big", "type": "reg", "size": 1 << 50}], "bad size"),
+        ([{"name": "x", "type": "socket"}], "unknown"),
+        ([{"name": "l", "type": "hardlink", "linkName": "missing"}], "not a file of this layer"),
+    ],
+)
+def test_hostile_tocs_lay_nothing_out(
+    scratch: str, entries: list[dict[str, object]], reason: str
+) -> None:
+    toc = {"version": 1, "entries": [{"mode": 0o644, **entry} for entry in entries]}
+    target = f"{scratch}/tree"
+    os.mkdir(target)
+    with pytest.raises(StrataError, match=reason):
+        unpack_skeleton(toc_members(toc, "layer"), target, label="layer")
+    assert not os.path.lexists("/etc/evil") and not os.path.lexists(f"{scratch}/evil")
