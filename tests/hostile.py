@@ -12,8 +12,10 @@ import json
 import os
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 
@@ -168,12 +170,29 @@ class Misbehaviour:
     wrong_digest_header: bool = False
     manifest_body: bytes | None = None  # replace every manifest with this
     seen_ranges: list[str] = field(default_factory=list)
+    # A slow link: every request waits *latency* seconds, and blob bytes share
+    # one link of *rate* bytes/s (0: unlimited). sent_bytes counts blob bytes.
+    latency: float = 0.0
+    rate: float = 0.0
+    sent_bytes: int = 0
 
 
 @contextlib.contextmanager
 def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
     """An HTTP proxy for the registry at *upstream* (plain http) that follows *plan*."""
     lock = threading.Lock()
+    link_free = [0.0]  # when the throttled link is next free (monotonic)
+
+    def paced_write(wfile: Any, body: bytes) -> None:
+        piece = 64 << 10
+        for start in range(0, len(body), piece):
+            data = body[start : start + piece]
+            with lock:
+                begin = max(time.monotonic(), link_free[0])
+                link_free[0] = begin + len(data) / plan.rate
+                done = link_free[0]
+            wfile.write(data)
+            time.sleep(max(0.0, done - time.monotonic()))
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -195,6 +214,8 @@ def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
             }
             if "Range" in self.headers:
                 plan.seen_ranges.append(self.headers["Range"])
+            if plan.latency:
+                time.sleep(plan.latency)
             is_manifest = "/manifests/" in self.path
             is_blob = "/blobs/" in self.path and self.command == "GET"
             if is_manifest:
@@ -235,7 +256,13 @@ def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            self.wfile.write(body)
+            if is_blob:
+                with lock:
+                    plan.sent_bytes += len(body)
+            if is_blob and plan.rate:
+                paced_write(self.wfile, body)
+            else:
+                self.wfile.write(body)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -243,3 +243,27 @@ def test_convert_refuses_bad_input(scratch: str, converted: tuple[str, str]) -> 
         assert result.returncode == 1 and result.stderr.startswith("strata: error:"), result
         assert message in result.stderr and result.stderr.count("\n") == 1
     assert sorted(os.listdir(f"{store}/blobs/sha256")) == before
+
+
+def test_record_reads_gives_a_prefetch_list(scratch: str, converted: tuple[str, str]) -> None:
+    """`strata mount --record-reads` lists the image files opened, first
+    opened first; `convert --prefetch` puts them before the landmark."""
+    store, _ = converted
+    record = f"{scratch}/reads"
+    with Mounted(
+        store, f"{scratch}/mnt", "busybox", "--read-only", "--record-reads", record
+    ) as mnt:
+        for name in ("etc/passwd", "bin/busybox", "etc/passwd"):
+            with open(f"{mnt}/{name}", "rb") as handle:
+                handle.read(1)
+        os.listdir(f"{mnt}/etc")  # listings and stats are not reads
+        os.stat(f"{mnt}/bin/sh", follow_symlinks=False)
+    with open(record) as handle:
+        assert handle.read().splitlines() == ["etc/passwd", "bin/busybox"]
+    strata(store, "convert", "--estargz", "busybox", "busybox:recorded", "--prefetch", record)
+    info = json.loads(strata(store, "inspect", "busybox:recorded").stdout)
+    first = info["manifest"]["layers"][0]["digest"][7:]
+    with open(f"{store}/blobs/sha256/{first}", "rb") as handle:
+        names = [entry["name"] for entry in toc_of(handle.read())[1]["entries"]]
+    landmark = names.index(estargz.PREFETCH_LANDMARK)
+    assert names.index("etc/passwd") < names.index("bin/busybox") < landmark

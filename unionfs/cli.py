@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a read waits for data from an unreachable registry before EIO",
     )
     mount.add_argument(
+        "--record-reads",
+        metavar="FILE",
+        help="write the image files opened, first opened first, to FILE at unmount"
+        " (a prefetch list for `strata convert --estargz --prefetch`)",
+    )
+    mount.add_argument(
         "--no-background-fetch",
         action="store_true",
         help="lazy layers: fetch only what is read (a later pull or push completes them)",
@@ -195,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("with --layer, mount takes only the MOUNTPOINT")
             if args.name or args.read_only:
                 raise StrataError("--name and --read-only are for image mounts")
+            if args.lazy:
+                raise StrataError("--lazy mounts an image from a registry, not --layer directories")
             writable = None
             if args.upper:
                 work = args.work or default_work_dir(args.upper)
@@ -213,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     writable,
                     volumes=volumes,
                     restrictions=restrictions_of(args),
+                    record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
                 )
             )
         elif args.verb == "fsck":

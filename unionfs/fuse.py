@@ -106,6 +106,9 @@ class StrataOperations(pyfuse3.Operations):
         self._copy_locks: dict[int, trio.Lock] = {}
         # Where copy-ups that finish after their request run (mount.py sets it).
         self.background: trio.Nursery | None = None
+        # `--record-reads`: the paths of image files opened, in the order first
+        # opened (a prefetch list for `strata convert --estargz`); None: off.
+        self.reads: dict[bytes, None] | None = None
 
     def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -276,6 +279,8 @@ class StrataOperations(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC)
         if (write or truncate) and not self.view.writable:
             raise FsError(errno.EROFS)
+        if self.reads is not None and not self.view.node(inode).upper:
+            self.reads.setdefault(self.view.rel(self.view.node(inode)), None)
         if write or truncate:
             if not truncate:  # a lazily pulled file's data first, off the trio thread
                 await trio.to_thread.run_sync(self.view.ensure_lower_data, inode)

@@ -411,6 +411,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
                 volumes=volumes,
                 restrictions=restricted,
                 lazy=lazy,
+                record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
             )
         )
         return
@@ -437,6 +438,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
                 volumes=volumes,
                 restrictions=restricted,
                 lazy=lazy,
+                record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
             )
         )
         return
@@ -452,6 +454,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
                 volumes=volumes,
                 restrictions=restricted,
                 lazy=lazy,
+                record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
             )
         )
     except BaseException:

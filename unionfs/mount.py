@@ -70,6 +70,8 @@ class MountRequest:
     # Layers whose files' data comes on demand (lazy pulling), fetched in
     # the background while the mount serves.
     lazy: Sequence[LazyLayerSource] = ()
+    # Where to write the image files opened, in order, when the mount ends.
+    record_reads: str | None = None
 
 
 class LazyLayerSource(Protocol):
@@ -352,6 +354,8 @@ def serve(request: MountRequest, notify: Notify) -> None:
             lazy={layer.layer_dir: layer for layer in request.lazy},
         )
         operations = StrataOperations(view, ownership=request.ownership)
+        if request.record_reads is not None:
+            operations.reads = {}
         try:
             pyfuse3.init(
                 operations,
@@ -372,6 +376,8 @@ def serve(request: MountRequest, notify: Notify) -> None:
             # Copy-ups still partial are filled now: after an unmount UPPER
             # holds whole files, for fsck, commit and overlayfs.
             view.complete_partials()
+            if request.record_reads is not None and operations.reads is not None:
+                _write_reads(request.record_reads, list(operations.reads))
         finally:
             stop.set()  # an unmount stops the fetchers; what they fetched stays
             for fetcher in fetchers:
@@ -379,6 +385,17 @@ def serve(request: MountRequest, notify: Notify) -> None:
             view.close()
     finally:
         index.close()
+
+
+def _write_reads(path: str, reads: list[bytes]) -> None:
+    """The record of --record-reads: one path per line, first opened first."""
+    temp = f"{path}.tmp-{os.getpid()}"
+    with open(temp, "wb") as handle:
+        for rel in reads:
+            if b"\n" not in rel:
+                handle.write(rel + b"\n")
+    os.replace(temp, path)
+    log.info("recorded %d files read in %s", len(reads), path)
 
 
 def check_upper(request: MountRequest, repair: bool) -> list[str]:
