@@ -234,35 +234,50 @@ class LazyLayer:
     def _from_registry(self, chunk: estargz.Chunk) -> bytes:
         return self.fetch(self.blob.digest, chunk.offset, chunk.end)
 
-    def _fill(self, name: str, source: Callable[[estargz.Chunk], bytes]) -> None:
+    def _file_lock(self, name: str) -> threading.Lock:
         with self.lock:
-            file_lock = self.file_locks.setdefault(name, threading.Lock())
-        with file_lock:
-            if name in self.done or not self.chunks.get(name):
-                return
-            # Every chunk is fetched and checked before anything is written.
-            pieces = [
-                (chunk.file_offset, estargz.verified_chunk(source(chunk), chunk, self.label))
-                for chunk in self.chunks[name]
-            ]
-            path = os.path.join(self.layer_dir, name)
-            st = os.lstat(path)
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                for offset, data in pieces:
-                    written = 0
-                    while written < len(data):
-                        written += os.pwrite(fd, data[written:], offset + written)
-                os.fsync(fd)
-                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-            finally:
-                os.close(fd)
-            with open(os.path.join(self.state, "done"), "a", encoding="utf-8",
-                      errors="surrogateescape") as handle:  # fmt: skip
-                handle.write(json.dumps(name) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            self.done.add(name)
+            return self.file_locks.setdefault(name, threading.Lock())
+
+    def _fill(self, name: str, source: Callable[[estargz.Chunk], bytes]) -> None:
+        with self._file_lock(name):
+            self._fill_locked(name, source)
+
+    def _fill_locked(
+        self, name: str, source: Callable[[estargz.Chunk], bytes], *, record: bool = True
+    ) -> None:
+        """Fill one file (its lock held): all chunks fetched and checked first.
+        Without *record* the caller records it as done (after its data is durable)."""
+        if name in self.done or not self.chunks.get(name):
+            return
+        # Every chunk is fetched and checked before anything is written.
+        pieces = [
+            (chunk.file_offset, estargz.verified_chunk(source(chunk), chunk, self.label))
+            for chunk in self.chunks[name]
+        ]
+        path = os.path.join(self.layer_dir, name)
+        st = os.lstat(path)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for offset, data in pieces:
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], offset + written)
+            os.fdatasync(fd)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd)
+        if record:
+            self._record_done([name])
+
+    def _record_done(self, names: list[str]) -> None:
+        """Note files whose data is on disk; appended, so a crash loses at most
+        the last notes (and those files are fetched again)."""
+        with open(os.path.join(self.state, "done"), "a", encoding="utf-8",
+                  errors="surrogateescape") as handle:  # fmt: skip
+            handle.write("".join(json.dumps(name) + "\n" for name in names))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.done.update(names)
 
     # In the background ----------------------------------------------------------
 
@@ -277,14 +292,33 @@ class LazyLayer:
         the layer. Waits and goes on while the registry is away."""
         while self.background and not stop.is_set() and not self.complete:
             try:
-                for name in self.first:
-                    if stop.is_set():
-                        return
-                    self._fill(name, self._from_registry)
+                self._prefetch()
                 self.finish(stop)
             except (StrataError, OSError) as exc:
                 log.warning("%s: background fetch: %s; trying again", self.label, exc)
                 stop.wait(2.0)
+
+    def _prefetch(self) -> None:
+        """The files before the prefetch landmark, still missing, in one Range
+        request: they lie together at the start of the blob."""
+        names = [name for name in self.first if name not in self.done]
+        if not names:
+            return
+        chunks = [chunk for name in names for chunk in self.chunks[name]]
+        start, end = min(c.offset for c in chunks), max(c.end for c in chunks)
+        locks = [self._file_lock(name) for name in names]
+        for lock in locks:  # a read of one of them waits for this fetch
+            lock.acquire()
+        try:
+            data = self.fetch(self.blob.digest, start, end)
+            for name in names:
+                self._fill_locked(
+                    name, lambda c: data[c.offset - start : c.end - start], record=False
+                )
+            self._record_done(names)
+        finally:
+            for lock in locks:
+                lock.release()
 
     def finish(self, stop: threading.Event | None = None) -> None:
         """The whole blob into the store, checked; every file filled from it;
