@@ -87,7 +87,7 @@ def blob_sizes(store: str) -> int:
 
 def test_reads_fetch_only_their_chunks(scratch: str, source: tuple[str, str]) -> None:
     store = f"{scratch}/store"
-    plan = Misbehaviour()
+    plan = Misbehaviour(latency=0.02, rate=12.5e6)  # a 100 Mbit/s link, 20 ms away
     with pushed(source, scratch) as registry, misbehaving_proxy(registry.host, plan) as proxy:
         image = f"{proxy}/esgz:latest"
         with lazy_mount(store, image, f"{scratch}/mnt", "--no-background-fetch") as mnt:
@@ -249,3 +249,26 @@ def test_hostile_tocs_lay_nothing_out(
     with pytest.raises(StrataError, match=reason):
         unpack_skeleton(toc_members(toc, "layer"), target, label="layer")
     assert not os.path.lexists("/etc/evil") and not os.path.lexists(f"{scratch}/evil")
+
+
+def test_umount_stops_the_fetcher_and_keeps_what_it_fetched(
+    scratch: str, source: tuple[str, str]
+) -> None:
+    store = f"{scratch}/store"
+    plan = Misbehaviour(rate=1e6)  # slow enough that the blob is still coming
+    with pushed(source, scratch) as registry, misbehaving_proxy(registry.host, plan) as proxy:
+        image = f"{proxy}/esgz:latest"
+        with lazy_mount(store, image, f"{scratch}/mnt") as mnt:
+            assert read(f"{mnt}/etc/passwd") == read(f"{source[1]}/etc/passwd")
+        assert not os.path.ismount(f"{scratch}/mnt")
+        stopped = plan.sent_bytes
+        time.sleep(1.5)
+        assert plan.sent_bytes == stopped  # nothing fetched after the unmount
+        assert 0 < local_fraction(store) < 1.0
+        # What was fetched stays; a new mount goes on from there.
+        plan.rate = 0
+        with lazy_mount(store, image, f"{scratch}/mnt") as mnt:
+            deadline = time.monotonic() + 60
+            while local_fraction(store) < 1.0:
+                assert time.monotonic() < deadline, "the background fetch did not finish"
+                time.sleep(0.2)

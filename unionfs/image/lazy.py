@@ -256,7 +256,16 @@ class LazyLayer:
         ]
         path = os.path.join(self.layer_dir, name)
         st = os.lstat(path)
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except PermissionError:
+            # Rootless, a read-only file of the image is ours to open for writing
+            # only for a moment; its mode is put back before it is served.
+            os.chmod(path, (st.st_mode & 0o7777) | 0o200)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            finally:
+                os.chmod(path, st.st_mode & 0o7777)
         try:
             for offset, data in pieces:
                 written = 0
