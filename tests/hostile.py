@@ -66,9 +66,20 @@ class LayoutLayer:
     stored_as: bytes | None = None  # content put under the blob's digest (a mismatch)
     media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip"
     size_error: int = 0  # added to the size the descriptor gives (a mismatch)
+    annotations: dict[str, str] | None = None
 
     def compressed(self) -> bytes:
         return self.blob if self.blob is not None else gzip.compress(self.tar, mtime=0)
+
+    @classmethod
+    def estargz(cls, tar: bytes) -> LayoutLayer:
+        """*tar*'s entries as an eStargz layer, with its TOC digest annotation."""
+        from unionfs.image.estargz import convert_tar
+
+        target = io.BytesIO()
+        converted = convert_tar(io.BytesIO(tar), target)
+        blob = target.getvalue()
+        return cls(gzip.decompress(blob), blob, annotations=converted.annotations())
 
 
 def _put(blobs: str, data: bytes, stored: bytes | None = None) -> str:
@@ -90,6 +101,8 @@ def _image(
             {"mediaType": layer.media_type, "digest": _put(blobs, blob, layer.stored_as),
              "size": len(blob) + layer.size_error}
         )  # fmt: skip
+        if layer.annotations:
+            descriptors[-1]["annotations"] = layer.annotations
         diff_ids.append(layer.diff_id or digest_of(layer.tar))
     os_name, architecture = platform.split("/")[:2]
     config = json.dumps(

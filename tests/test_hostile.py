@@ -20,6 +20,7 @@ from tests.hostile import (
     special_entry,
     write_layout,
 )
+from tests.images import run
 from tests.mounts import strata
 from tests.registry import Registry, run_registry
 from tests.test_images import Mounted
@@ -173,6 +174,29 @@ def test_hostile_layer_is_refused(scratch: str, case: str) -> None:
     store = f"{scratch}/store"
     before = outside_tree(scratch)
     refused(store, "import", layout, "bad", "--max-layer-size=1M", expect=message)
+    assert outside_tree(scratch) == before
+    assert_store_usable(scratch, store)
+
+
+# What a layer's entries say, not how its blob is packed: the same in eStargz.
+TAR_CASES = CASES[:10]
+
+
+@pytest.mark.parametrize("case", TAR_CASES)
+def test_hostile_estargz_layer_is_refused_lazily(
+    scratch: str, plain_registry: Registry, case: str
+) -> None:
+    """`pull --lazy` lays a layer out from its TOC alone: the TOC is checked
+    as the tar would be, and nothing is left of a refused image."""
+    os.makedirs(f"{scratch}/outside")
+    layers, message = layer_cases(scratch)[case]
+    converted = [LayoutLayer.estargz(layer.tar) for layer in layers]
+    layout = write_layout(f"{scratch}/layout", converted)
+    image = f"{plain_registry.host}/hostile-{TAR_CASES.index(case)}:v1"
+    run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", layout, f"docker://{image}")
+    store = f"{scratch}/store"
+    before = outside_tree(scratch)
+    refused(store, "pull", "--lazy", "--tls-verify=false", image, expect=message)
     assert outside_tree(scratch) == before
     assert_store_usable(scratch, store)
 

@@ -213,6 +213,8 @@ def test_commit_and_push_a_container_of_a_lazy_mount(scratch: str, source: tuple
             with open(f"{mnt}/etc/passwd", "a") as handle:  # a copy-up of lazy data
                 handle.write("more:x:2:2::/:/bin/sh\n")
         strata(store, "commit", "c", "committed:v1")
+        strata(store, "export", image, f"oci:{scratch}/exported:v1")  # fetches what it lacks
+        run("skopeo", "inspect", f"oci:{scratch}/exported:v1")
         strata(store, "push", TLS, "committed:v1", f"{registry.host}/committed:v1")
         run("skopeo", "copy", "--quiet", "--src-tls-verify=false",
             f"docker://{registry.host}/committed:v1", f"oci:{scratch}/copied:v1")  # fmt: skip

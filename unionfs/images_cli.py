@@ -243,9 +243,12 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
     elif verb == "export":
         from .image.archive import export_docker_archive, export_oci, parse_location
 
+        from .image.lazy import complete_layers
+
         location = parse_location(args.destination)
         with store.shared():
             name, image = store.resolve(args.image)
+            complete_layers(store, image)  # a lazily pulled layer's blob first
             if location.transport == "oci":
                 export_oci(store, image, location, name)
             else:
