@@ -132,6 +132,11 @@ def rootless_user(top: str) -> Iterator[RootlessUser]:
         yield RootlessUser(name, uid, gid, home, runtime_dir, fuse_node)
     finally:
         _stop_processes_of(uid)
+        # containers/storage keeps a runtime directory of the uid in /tmp.
+        for leftover in (f"/tmp/containers-user-{uid}", f"/tmp/podman-run-{uid}"):
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(leftover).st_uid == uid:
+                    shutil.rmtree(leftover)
         subprocess.run(["userdel", name], capture_output=True)
         # userdel drops the subordinate ranges where shadow was built to; make sure.
         for table in ("/etc/subuid", "/etc/subgid"):

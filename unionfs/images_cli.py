@@ -242,7 +242,6 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
         print(image.digest)
     elif verb == "export":
         from .image.archive import export_docker_archive, export_oci, parse_location
-
         from .image.lazy import complete_layers
 
         location = parse_location(args.destination)
