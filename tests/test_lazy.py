@@ -17,7 +17,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.hostile import Misbehaviour, misbehaving_proxy
+from tests.hostile import (
+    LayoutLayer,
+    Misbehaviour,
+    file_entry,
+    layer_tar,
+    misbehaving_proxy,
+    write_layout,
+)
 from tests.images import build_busybox, run, umoci_rootfs
 from tests.mounts import strata, unmount
 from tests.registry import Registry, run_registry
@@ -274,3 +281,27 @@ def test_umount_stops_the_fetcher_and_keeps_what_it_fetched(
             while local_fraction(store) < 1.0:
                 assert time.monotonic() < deadline, "the background fetch did not finish"
                 time.sleep(0.2)
+
+
+def test_a_large_file_arrives_chunk_by_chunk(scratch: str) -> None:
+    """A file of three chunks: each fetched by its own range and checked; the
+    data read through the mount is the file's."""
+    big = os.urandom(10 << 20)
+    layer = LayoutLayer.estargz(layer_tar(file_entry("data/big", big), file_entry("small", b"s")))
+    layout = write_layout(f"{scratch}/layout", [layer])
+    store = f"{scratch}/store"
+    plan = Misbehaviour()
+    with run_registry(f"{scratch}/registry") as registry:
+        image = f"{registry.host}/big:v1"
+        run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", layout, f"docker://{image}")
+        with (
+            misbehaving_proxy(registry.host, plan) as proxy,
+            lazy_mount(store, f"{proxy}/big:v1", f"{scratch}/mnt", "--no-background-fetch") as mnt,
+        ):
+            before = len(plan.seen_ranges)
+            with open(f"{mnt}/data/big", "rb") as handle:
+                handle.seek(5 << 20)
+                assert handle.read(4096) == big[5 << 20 : (5 << 20) + 4096]
+                handle.seek(0)
+                assert handle.read() == big
+            assert len(plan.seen_ranges) - before == 3  # one range per chunk

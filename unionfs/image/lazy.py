@@ -41,6 +41,7 @@ from .store import Descriptor, Image, Store, parse_config, parse_manifest
 log = logging.getLogger("strata.lazy")
 
 DEFAULT_TIMEOUT = 30.0
+PREFETCH_REQUEST = 16 << 20  # the prefetch range is fetched in requests of this size
 RETRY_PAUSE = 0.5
 _TYPES = {
     "dir": tarfile.DIRTYPE,
@@ -245,15 +246,10 @@ class LazyLayer:
     def _fill_locked(
         self, name: str, source: Callable[[estargz.Chunk], bytes], *, record: bool = True
     ) -> None:
-        """Fill one file (its lock held): all chunks fetched and checked first.
+        """Fill one file (its lock held), each chunk checked before it is written.
         Without *record* the caller records it as done (after its data is durable)."""
         if name in self.done or not self.chunks.get(name):
             return
-        # Every chunk is fetched and checked before anything is written.
-        pieces = [
-            (chunk.file_offset, estargz.verified_chunk(source(chunk), chunk, self.label))
-            for chunk in self.chunks[name]
-        ]
         path = os.path.join(self.layer_dir, name)
         st = os.lstat(path)
         try:
@@ -267,10 +263,13 @@ class LazyLayer:
             finally:
                 os.chmod(path, st.st_mode & 0o7777)
         try:
-            for offset, data in pieces:
+            # Each chunk is checked before it is written; the file is served
+            # only once every chunk is in and it is noted as done.
+            for chunk in self.chunks[name]:
+                data = estargz.verified_chunk(source(chunk), chunk, self.label)
                 written = 0
                 while written < len(data):
-                    written += os.pwrite(fd, data[written:], offset + written)
+                    written += os.pwrite(fd, data[written:], chunk.file_offset + written)
             os.fdatasync(fd)
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
@@ -311,23 +310,30 @@ class LazyLayer:
         """The files before the prefetch landmark, still missing, in one Range
         request: they lie together at the start of the blob."""
         names = [name for name in self.first if name not in self.done]
-        if not names:
-            return
-        chunks = [chunk for name in names for chunk in self.chunks[name]]
-        start, end = min(c.offset for c in chunks), max(c.end for c in chunks)
-        locks = [self._file_lock(name) for name in names]
-        for lock in locks:  # a read of one of them waits for this fetch
-            lock.acquire()
-        try:
-            data = self.fetch(self.blob.digest, start, end)
-            for name in names:
-                self._fill_locked(
-                    name, lambda c: data[c.offset - start : c.end - start], record=False
-                )
-            self._record_done(names)
-        finally:
-            for lock in locks:
-                lock.release()
+        groups: list[list[str]] = []
+        span = 0
+        for name in names:  # requests of at most PREFETCH_REQUEST bytes
+            size = sum(c.end - c.offset for c in self.chunks[name])
+            if not groups or span + size > PREFETCH_REQUEST:
+                groups.append([])
+                span = 0
+            groups[-1].append(name)
+            span += size
+        for group in groups:
+            chunks = [chunk for name in group for chunk in self.chunks[name]]
+            start, end = min(c.offset for c in chunks), max(c.end for c in chunks)
+            locks = [self._file_lock(name) for name in group]
+            for lock in locks:  # a read of one of them waits for this fetch
+                lock.acquire()
+            try:
+                data = self.fetch(self.blob.digest, start, end)
+                piece = _slicer(data, start)
+                for name in group:
+                    self._fill_locked(name, piece, record=False)
+                self._record_done([name for name in group if self.chunks.get(name)])
+            finally:
+                for lock in locks:
+                    lock.release()
 
     def finish(self, stop: threading.Event | None = None) -> None:
         """The whole blob into the store, checked; every file filled from it;
@@ -372,6 +378,11 @@ class LazyLayer:
 
 
 RangeFetcher = Callable[[str, int, int], bytes]
+
+
+def _slicer(data: bytes, start: int) -> Callable[[estargz.Chunk], bytes]:
+    """A chunk's bytes out of *data*, a range of the blob from *start*."""
+    return lambda chunk: data[chunk.offset - start : chunk.end - start]
 
 
 def range_fetcher(store: Store, diff_id: str, options: Any | None) -> RangeFetcher:
