@@ -173,10 +173,22 @@ def test_a_tampered_chunk_is_eio_and_nothing_is_kept(scratch: str, source: tuple
                 assert caught.value.errno == errno.EIO
             with open(f"{mnt}/etc/passwd") as handle:  # other files are fine
                 assert handle.read().startswith("root:")
+        # The background fetch finds the whole blob wrong and gives up on it.
+        with lazy_mount(store, image, f"{scratch}/mnt") as mnt:
+            deadline = time.monotonic() + 60
+            while not any("the background fetch stops" in read(log).decode()
+                          for log in glob.glob(f"{store}/logs/*.log")):  # fmt: skip
+                assert time.monotonic() < deadline, "the bad blob was not noticed"
+                time.sleep(0.2)
+            with pytest.raises(OSError) as caught:
+                read(f"{mnt}/bin/busybox")
+            assert caught.value.errno == errno.EIO
+        assert not glob.glob(f"{store}/blobs/sha256/{first}")  # nothing of it kept
     (layer,) = [path for path in glob.glob(f"{store}/layers/*") if os.path.exists(
         f"{path}/bin/busybox")]  # fmt: skip
     with open(f"{layer}/bin/busybox", "rb") as handle:
         assert not handle.read().strip(b"\x00")  # still the sparse placeholder
+    assert not os.path.exists(f"{store}/lazy/{os.path.basename(layer)}/complete")
     done = glob.glob(f"{store}/lazy/{os.path.basename(layer)}/done")
     assert not done or b"bin/busybox" not in read(done[0])
 

@@ -133,6 +133,10 @@ def toc_members(toc: dict[str, Any], label: str) -> list[tarfile.TarInfo]:
     return members
 
 
+class LayerCorrupt(StrataError):
+    """The whole blob does not match its digest or DiffID."""
+
+
 class LazyLayer:
     """One lazily pulled layer of the store, with what fetches its data."""
 
@@ -302,6 +306,11 @@ class LazyLayer:
             try:
                 self._prefetch()
                 self.finish(stop)
+            except LayerCorrupt as exc:
+                # The registry serves something else than the manifest names:
+                # fetching it again would not help. Reads still check each chunk.
+                log.error("%s: %s; the background fetch stops", self.label, exc)
+                return
             except (StrataError, OSError) as exc:
                 log.warning("%s: background fetch: %s; trying again", self.label, exc)
                 stop.wait(2.0)
@@ -338,8 +347,8 @@ class LazyLayer:
     def finish(self, stop: threading.Event | None = None) -> None:
         """The whole blob into the store, checked; every file filled from it;
         the layer's DiffID checked; then the layer is complete."""
-        if not self.store.has_blob(self.blob.digest):
-            self._download(stop)
+        if not self.store.has_blob(self.blob.digest) and not self._download(stop):
+            return
         with open(self.store.blob_path(self.blob.digest), "rb") as blob:
 
             def local(chunk: estargz.Chunk) -> bytes:
@@ -355,26 +364,35 @@ class LazyLayer:
             while data := plain.read(1 << 20):
                 digest.update(data)
         if "sha256:" + digest.hexdigest() != self.diff_id:
-            raise StrataError(f"{self.label}: the blob's content does not match the DiffID")
+            raise LayerCorrupt(f"{self.label}: the blob's content does not match the DiffID")
         with open(os.path.join(self.state, "complete"), "w") as handle:
             handle.write("complete\n")
         self.complete = True
         log.info("%s: complete and checked", self.label)
 
-    def _download(self, stop: threading.Event | None) -> None:
-        writer = self.store.blob_writer(self.blob.digest, resume=True, size=self.blob.size)
-        try:
-            step = 4 << 20
-            while writer.size < self.blob.size:
-                if stop is not None and stop.is_set():
-                    writer.abort(keep=True)
-                    return
-                end = min(writer.size + step, self.blob.size)
-                writer.write(self.fetch(self.blob.digest, writer.size, end))
-        except BaseException:
-            writer.abort(keep=True)
-            raise
-        writer.commit()
+    def _download(self, stop: threading.Event | None) -> bool:
+        """The blob into the store (resumable, one writer at a time across
+        processes); False if stopped first."""
+        with self.store.blob_lock(self.blob.digest):
+            if self.store.has_blob(self.blob.digest):  # another process brought it
+                return True
+            writer = self.store.blob_writer(self.blob.digest, resume=True, size=self.blob.size)
+            try:
+                step = 4 << 20
+                while writer.size < self.blob.size:
+                    if stop is not None and stop.is_set():
+                        writer.abort(keep=True)
+                        return False
+                    end = min(writer.size + step, self.blob.size)
+                    writer.write(self.fetch(self.blob.digest, writer.size, end))
+            except BaseException:
+                writer.abort(keep=True)
+                raise
+            try:
+                writer.commit()
+            except StrataError as exc:
+                raise LayerCorrupt(str(exc)) from None
+        return True
 
 
 RangeFetcher = Callable[[str, int, int], bytes]
