@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import io
 import json
 import os
+import tarfile
 import time
 from collections.abc import Iterator
 
@@ -23,6 +25,7 @@ from tests.hostile import (
     file_entry,
     layer_tar,
     misbehaving_proxy,
+    special_entry,
     write_layout,
 )
 from tests.images import build_busybox, run, umoci_rootfs
@@ -317,3 +320,52 @@ def test_a_large_file_arrives_chunk_by_chunk(scratch: str) -> None:
                 handle.seek(0)
                 assert handle.read() == big
             assert len(plan.seen_ranges) - before == 3  # one range per chunk
+
+
+def unpadded(tar: bytes) -> bytes:
+    """*tar* ending with just the two zero blocks the format asks for."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        last = archive.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    return tar[:end] + b"\x00" * 1024
+
+
+def test_zstd_chunked_images_mount_lazily(scratch: str) -> None:
+    """zstd:chunked as skopeo writes it: the manifest is fetched and checked,
+    each file's chunks come as read, and the background check of the whole
+    blob (zstd) completes the layers."""
+    with open("/bin/busybox", "rb") as handle:
+        busybox = handle.read()
+    big = os.urandom(3 << 20)
+    first = layer_tar(
+        special_entry("bin/", tarfile.DIRTYPE),
+        file_entry("bin/busybox", busybox, mode=0o755),
+        special_entry("bin/sh", tarfile.SYMTYPE, "busybox"),
+        file_entry("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+        file_entry("data/big", big),
+    )
+    second = layer_tar(file_entry("etc/added", b"added\n", uid=1000, gid=1000))
+    # skopeo's zstd:chunked writer ends a tar with two zero blocks; Python's
+    # tarfile pads it to 10 KiB: unpadded, the DiffIDs stay those of the stream.
+    layers = [LayoutLayer(unpadded(first)), LayoutLayer(unpadded(second))]
+    layout = write_layout(f"{scratch}/layout", layers)
+    store = f"{scratch}/store"
+    plan = Misbehaviour()
+    with run_registry(f"{scratch}/registry") as registry:
+        run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-compress-format",
+            "zstd:chunked", layout, f"docker://{registry.host}/zc:v1")  # fmt: skip
+        with misbehaving_proxy(registry.host, plan) as proxy:
+            image = f"{proxy}/zc:v1"
+            with lazy_mount(store, image, f"{scratch}/mnt", "--no-background-fetch") as mnt:
+                assert len(plan.seen_ranges) == 2  # one manifest per layer
+                assert read(f"{mnt}/etc/passwd") == b"root:x:0:0::/root:/bin/sh\n"
+                assert local_fraction(store) < 0.5
+                assert read(f"{mnt}/bin/busybox") == busybox
+                assert read(f"{mnt}/data/big") == big
+                assert os.stat(f"{mnt}/etc/added").st_uid == 1000
+            with lazy_mount(store, image, f"{scratch}/mnt") as mnt:
+                deadline = time.monotonic() + 60
+                while local_fraction(store) < 1.0:
+                    assert time.monotonic() < deadline, "the background fetch did not finish"
+                    time.sleep(0.2)
+    assert len(glob.glob(f"{store}/lazy/*/complete")) == 2  # blobs and DiffIDs checked

@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import StrataError
-from . import estargz
+from . import estargz, zstdchunked
 from .layertar import decompressed, unpack_skeleton
 from .reference import Reference
 from .store import Descriptor, Image, Store, parse_config, parse_manifest
@@ -165,6 +165,8 @@ class LazyLayer:
         self.aliases: dict[str, str] = {}
         self.first: list[str] = []  # the files before the prefetch landmark
         self.done: set[str] = set()
+        # How a fetched chunk is unpacked and checked (by the layer's format).
+        self.verify: Callable[[bytes, estargz.Chunk, str], bytes] = estargz.verified_chunk
         if not self.complete:
             self._load()
         self.lock = threading.Lock()
@@ -173,13 +175,23 @@ class LazyLayer:
     def _load(self) -> None:
         with open(os.path.join(self.state, "toc.json"), "rb") as handle:
             raw = handle.read()
-        annotation = self.blob.annotations[estargz.TOC_DIGEST_ANNOTATION]
-        toc = estargz.parse_toc(raw, annotation, self.label)
+        if self.source.get("format") == "zstd:chunked":
+            _, _, plain = zstdchunked.parse_position(
+                self.blob.annotations[zstdchunked.MANIFEST_POSITION], self.label
+            )
+            checksum = self.blob.annotations[zstdchunked.MANIFEST_CHECKSUM]
+            toc = zstdchunked.parse_manifest(
+                zstdchunked.read_manifest(raw, checksum, plain, self.label), self.label
+            )
+            chunks = zstdchunked.file_chunks(toc, self.source["toc_offset"], self.label)
+            self.verify = zstdchunked.verified_chunk
+        else:
+            annotation = self.blob.annotations[estargz.TOC_DIGEST_ANNOTATION]
+            toc = estargz.parse_toc(raw, annotation, self.label)
+            chunks = estargz.file_chunks(toc, self.source["toc_offset"], self.label)
         self.chunks = {
-            name: chunks
-            for name, chunks in estargz.file_chunks(
-                toc, self.source["toc_offset"], self.label
-            ).items()
+            name: file_chunks
+            for name, file_chunks in chunks.items()
             if name not in estargz.FORMAT_ENTRIES  # hidden: not in the layer's tree
         }
         landmark_seen = False
@@ -270,7 +282,7 @@ class LazyLayer:
             # Each chunk is checked before it is written; the file is served
             # only once every chunk is in and it is noted as done.
             for chunk in self.chunks[name]:
-                data = estargz.verified_chunk(source(chunk), chunk, self.label)
+                data = self.verify(source(chunk), chunk, self.label)
                 written = 0
                 while written < len(data):
                     written += os.pwrite(fd, data[written:], chunk.file_offset + written)
@@ -454,9 +466,34 @@ def open_lazy_layers(
 # Pulling ----------------------------------------------------------------------------
 
 
-def _lay_out(store: Store, client: Any, repository: str, layer: Descriptor, diff_id: str) -> None:
-    """Fetch a layer's footer and TOC, check them, and lay its tree out."""
-    label = f"layer {layer.digest[:19]}"
+def lazy_format(layer: Descriptor) -> str | None:
+    """The lazily readable format a layer descriptor announces, if any."""
+    if estargz.TOC_DIGEST_ANNOTATION in layer.annotations:
+        return "estargz"
+    if {zstdchunked.MANIFEST_POSITION, zstdchunked.MANIFEST_CHECKSUM} <= set(layer.annotations):
+        return "zstd:chunked"
+    return None
+
+
+def _fetch_toc(
+    client: Any, repository: str, layer: Descriptor, label: str
+) -> tuple[str, bytes, dict[str, Any], int]:
+    """The layer's table of contents, checked: (format, the bytes its
+    annotated digest covers, the TOC, the offset before which chunks lie)."""
+    kind = lazy_format(layer)
+    if kind == "zstd:chunked":
+        offset, length, plain = zstdchunked.parse_position(
+            layer.annotations[zstdchunked.MANIFEST_POSITION], label
+        )
+        if offset + length > layer.size:
+            raise StrataError(f"{label}: the manifest position lies outside the blob")
+        raw = client.fetch_range(repository, layer.digest, offset, offset + length)
+        checksum = layer.annotations[zstdchunked.MANIFEST_CHECKSUM]
+        toc = zstdchunked.parse_manifest(
+            zstdchunked.read_manifest(raw, checksum, plain, label), label
+        )
+        zstdchunked.file_chunks(toc, offset, label)  # refuses hostile chunk tables now
+        return kind, raw, toc, offset
     annotation = layer.annotations[estargz.TOC_DIGEST_ANNOTATION]
     if layer.size <= estargz.FOOTER_SIZE:
         raise StrataError(f"{label}: too small for an eStargz layer")
@@ -469,6 +506,13 @@ def _lay_out(store: Store, client: Any, repository: str, layer: Descriptor, diff
     raw = estargz.toc_bytes(client.fetch_range(repository, layer.digest, toc_offset, end), label)
     toc = estargz.parse_toc(raw, annotation, label)
     estargz.file_chunks(toc, toc_offset, label)  # refuses hostile chunk tables now
+    return "estargz", raw, toc, toc_offset
+
+
+def _lay_out(store: Store, client: Any, repository: str, layer: Descriptor, diff_id: str) -> None:
+    """Fetch a layer's table of contents, check it, and lay its tree out."""
+    label = f"layer {layer.digest[:19]}"
+    kind, raw, toc, toc_offset = _fetch_toc(client, repository, layer, label)
     members = toc_members(toc, label)
     hex_id = diff_id[len("sha256:") :]
     tree = os.path.join(store.tmp, f"lazy-tree-{hex_id}")
@@ -488,6 +532,7 @@ def _lay_out(store: Store, client: Any, repository: str, layer: Descriptor, diff
                     "registry": client.host,
                     "repository": repository,
                     "blob": layer.to_json(),
+                    "format": kind,
                     "toc_offset": toc_offset,
                     "tls_verify": client.options.tls_verify,
                     "ca_cert": client.options.ca_cert,
@@ -530,7 +575,7 @@ def pull_lazy(
     for layer, diff_id in zip(layers, diff_ids, strict=True):
         if os.path.isdir(store.layer_path(diff_id)):
             continue
-        if estargz.TOC_DIGEST_ANNOTATION in layer.annotations:
+        if lazy_format(layer) is not None:
             _lay_out(store, client, reference.repository, layer, diff_id)
             lazy += 1
         else:
