@@ -267,3 +267,35 @@ def test_record_reads_gives_a_prefetch_list(scratch: str, converted: tuple[str, 
         names = [entry["name"] for entry in toc_of(handle.read())[1]["entries"]]
     landmark = names.index(estargz.PREFETCH_LANDMARK)
     assert names.index("etc/passwd") < names.index("bin/busybox") < landmark
+
+
+# A second chunk that starts past where the first one ends.
+GAP = {"type": "chunk", "name": "a", "offset": 15, "chunkOffset": 5, "chunkSize": 3,
+       "chunkDigest": "sha256:" + "b" * 64}  # fmt: skip
+
+
+def test_hostile_zstd_chunked_manifests_are_refused() -> None:
+    from unionfs.image import zstdchunked
+
+    def reg(name: str, offset: int, end: int, size: int, **extra: object) -> dict[str, object]:
+        return {"type": "reg", "name": name, "size": size, "offset": offset, "endOffset": end,
+                "digest": "sha256:" + "a" * 64, **extra}  # fmt: skip
+
+    good = {"version": 1, "entries": [reg("a", 10, 20, 5), reg("b", 20, 30, 5)]}
+    assert [c.offset for c in zstdchunked.file_chunks(good, 100, "l")["b"]] == [20]
+    for entries, reason in (
+        ([reg("a", 10, 200, 5)], "outside the blob"),
+        ([reg("a", 10, 25, 5), reg("b", 20, 30, 5)], "overlap"),
+        ([reg("a", 10, 20, 5, chunkSize=2)], "do not cover"),
+        ([reg("a", 10, 20, 8, chunkSize=4), GAP], "gap"),
+        ([reg("a", 10, 20, 5, digest="md5:x")], "sha256 digest"),
+        ([reg("a", 10, 20, 1 << 50)], "bad size"),
+        ([{"type": "chunk", "name": "z", "offset": 1}], "before its file"),
+    ):
+        with pytest.raises(StrataError, match=reason):
+            zstdchunked.file_chunks({"version": 1, "entries": entries}, 100, "l")
+    for text in ("1:2:3", "a:b:c:1", "1:2:3:2", "1:2:99999999999:1"):
+        with pytest.raises(StrataError):
+            zstdchunked.parse_position(text, "l")
+    with pytest.raises(StrataError, match="does not match the digest"):
+        zstdchunked.read_manifest(b"junk", "sha256:" + "0" * 64, 10, "l")
