@@ -85,8 +85,13 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+# docker-registry accepts a token this long after it expires (clock skew): a
+# token meant to live N seconds says it expires N - TOKEN_LEEWAY from now.
+TOKEN_LEEWAY = 60
+
+
 @contextlib.contextmanager
-def token_service(top: str) -> Iterator[tuple[str, str]]:
+def token_service(top: str, lifetime: int = 300) -> Iterator[tuple[str, str]]:
     """A bearer-token service as docker-registry's `auth: token` expects: it
     checks the Basic login and signs an RS256 JWT (openssl) granting what was
     asked. Yields (realm URL, certificate the registry trusts)."""
@@ -119,8 +124,9 @@ def token_service(top: str) -> Iterator[tuple[str, str]]:
                 access.append({"type": kind, "name": name, "actions": actions.split(",")})
             now = int(time.time())
             header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+            expires = now + lifetime - TOKEN_LEEWAY
             claims = {
-                "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": now + 300,
+                "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE, "exp": expires,
                 "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(), "access": access,
             }  # fmt: skip
             signing_input = (
@@ -131,7 +137,7 @@ def token_service(top: str) -> Iterator[tuple[str, str]]:
                 input=signing_input.encode(), check=True, capture_output=True,
             ).stdout  # fmt: skip
             token = signing_input + "." + _b64url(signature)
-            body = json.dumps({"token": token, "expires_in": 300}).encode()
+            body = json.dumps({"token": token, "expires_in": lifetime}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -160,6 +166,7 @@ def run_registry(
     tls: bool = False,
     logins: bool = False,
     tokens: bool = False,
+    token_lifetime: int = 300,
     port: int | None = None,
 ) -> Iterator[Registry]:
     """docker-registry on 127.0.0.1 with its data in *top* (on *port*: the
@@ -193,7 +200,7 @@ def run_registry(
         lines += ["auth:", "  htpasswd:", "    realm: strata-test", f"    path: {top}/htpasswd"]
     services = contextlib.ExitStack()
     if tokens:
-        realm, token_cert = services.enter_context(token_service(f"{top}/tokens"))
+        realm, token_cert = services.enter_context(token_service(f"{top}/tokens", token_lifetime))
         lines += ["auth:", "  token:", f"    realm: {realm}", f"    service: {TOKEN_SERVICE}",
                   f"    issuer: {TOKEN_ISSUER}", f"    rootcertbundle: {token_cert}"]  # fmt: skip
     config = f"{top}/config.yml"

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 from tests.hostile import (
     LayoutLayer,
@@ -30,7 +31,7 @@ from tests.hostile import (
 )
 from tests.images import build_busybox, run, umoci_rootfs
 from tests.mounts import strata, unmount
-from tests.registry import Registry, run_registry
+from tests.registry import PASSWORD, USER, Registry, run_registry
 from tests.trees import differences, snapshot
 from unionfs.errors import StrataError
 from unionfs.image import estargz
@@ -369,3 +370,34 @@ def test_zstd_chunked_images_mount_lazily(scratch: str) -> None:
                     assert time.monotonic() < deadline, "the background fetch did not finish"
                     time.sleep(0.2)
     assert len(glob.glob(f"{store}/lazy/*/complete")) == 2  # blobs and DiffIDs checked
+
+
+def test_an_expired_token_is_renewed_during_a_lazy_mount(
+    scratch: str, source: tuple[str, str]
+) -> None:
+    """Tokens that live 3 seconds: a read long after the mount authenticates again."""
+    store = f"{scratch}/store"
+    creds = f"--creds={USER}:{PASSWORD}"
+    with run_registry(f"{scratch}/registry", tokens=True, token_lifetime=3) as registry:
+        image = f"{registry.host}/esgz:latest"
+        strata(source[0], "push", TLS, creds, "busybox:esgz", image)
+        with lazy_mount(store, image, f"{scratch}/mnt", "--no-background-fetch", creds) as mnt:
+            assert read(f"{mnt}/etc/passwd") == read(f"{source[1]}/etc/passwd")
+            # A token of this service is refused by the registry after 3 s ...
+            url = f"http://{registry.host}/v2/"
+            challenge = requests.get(url, timeout=10)
+            fields = dict(
+                part.split("=", 1) for part in challenge.headers["WWW-Authenticate"][7:].split(",")
+            )
+            token = requests.get(
+                fields["realm"].strip('"'),
+                params={"service": fields["service"].strip('"')},
+                auth=(USER, PASSWORD),
+                timeout=10,
+            ).json()["token"]
+            headers = {"Authorization": f"Bearer {token}"}
+            assert requests.get(url, headers=headers, timeout=10).status_code == 200
+            time.sleep(4)
+            assert requests.get(url, headers=headers, timeout=10).status_code == 401
+            # ... and the mount's reads go on.
+            assert read(f"{mnt}/bin/busybox") == read(f"{source[1]}/bin/busybox")
