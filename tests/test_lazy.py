@@ -125,6 +125,11 @@ def test_reads_fetch_only_their_chunks(scratch: str, source: tuple[str, str]) ->
         assert differences(snapshot(source[1]), snapshot(again), times=False) == []
     finally:
         unmount(store, again)
+    # rm, rmi and prune leave nothing of it.
+    strata(store, "rm", "c")
+    strata(store, "rmi", image)
+    strata(store, "prune")
+    assert os.listdir(f"{store}/layers") == [] and os.listdir(f"{store}/lazy") == []
 
 
 def test_background_fetch_completes_and_checks_layers(
