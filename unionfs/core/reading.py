@@ -10,6 +10,7 @@ it, and an inode number is never handed out twice.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -335,7 +336,7 @@ class ReadPath:
     def attributes(self, node: Node) -> Entry:
         if not node.upper:
             assert node.lower is not None
-            return node.lower
+            return self._lower_blocks(node.lower)
         assert self.store is not None
         st = os.lstat(self._host(node))
         nlink = st.st_nlink
@@ -358,7 +359,9 @@ class ReadPath:
             UPPER_LAYER,
             nlink=nlink,
             # A metadata-only copy is sparse; its data still takes the lower blocks.
-            blocks=node.lower.blocks if node.metacopy and node.lower is not None else None,
+            blocks=self._lower_blocks(node.lower).blocks
+            if node.metacopy and node.lower is not None
+            else None,
             listing=node.lower.listing if node.lower is not None and node.is_dir else 0,
         )
         if self.rootless:
@@ -369,6 +372,13 @@ class ReadPath:
 
     def getattr(self, ino: int) -> Entry:
         return self.attributes(self.node(ino))
+
+    def _lower_blocks(self, entry: Entry) -> Entry:
+        """A lazily pulled file was indexed sparse, before its data came: it
+        shows the blocks its data takes once here, as a pulled file would."""
+        if entry.blocks or not entry.size or entry.layer not in self.lazy:
+            return entry
+        return dataclasses.replace(entry, blocks=-(-entry.size // 4096) * 8)
 
     def attributes_of_open(self, ino: int, fd: int) -> Entry:
         """Attributes of a file whose every name is gone, from a descriptor
