@@ -136,21 +136,28 @@ def main() -> None:
                             strata(store, "umount", mountpoint)
                         shutil.rmtree(store)
         median = {key: statistics.median(values) for key, values in results.items()}
+
+        def spread(key: str, unit: str = "s", digits: int = 2) -> str:
+            values = results[key]
+            return (f"{median[key]:.{digits}f} {unit} ({min(values):.{digits}f}-"
+                    f"{max(values):.{digits}f})")  # fmt: skip
+
         print(f"Debian 12 minbase + python3, {compressed / 2**20:.0f} MiB compressed, eStargz;"
               f" link {RATE * 8 / 1e6:.0f} Mbit/s + {LATENCY * 1000:.0f} ms; {args.rounds}"
-              " rounds, medians")  # fmt: skip
+              " rounds, medians (min-max)")  # fmt: skip
         print("| measure | value | target |")
         print("|---|---:|---|")
-        print(f"| full pull + mount + `import json` | {median['full']:.2f} s | |")
-        print(f"| lazy mount + `import json` | {median['lazy']:.2f} s | |")
-        print(f"| of which the lazy mount until it serves | {median['lazy ready']:.2f} s | |")
+        print(f"| full pull + mount + `import json` | {spread('full')} | |")
+        print(f"| lazy mount + `import json` | {spread('lazy')} | |")
+        print(f"| of which the lazy mount until it serves | {spread('lazy ready')} | |")
         print(f"| lazy / full | {median['lazy'] / median['full']:.2f}x | at most 0.2x |")
-        print(f"| bytes fetched by then / compressed image | {median['lazy bytes']:.1%} |"
-              " at most 15% |")  # fmt: skip
-        print(f"| `import json` again, caches dropped: ordinary mount | {median['full again']:.3f}"
-              " s | |")  # fmt: skip
+        bytes_values = results["lazy bytes"]
+        print(f"| bytes fetched by then / compressed image | {median['lazy bytes']:.1%}"
+              f" ({min(bytes_values):.1%}-{max(bytes_values):.1%}) | at most 15% |")  # fmt: skip
+        print(f"| `import json` again, caches dropped: ordinary mount |"
+              f" {spread('full again', digits=3)} | |")  # fmt: skip
         print(
-            f"| same on the lazy mount, data local | {median['lazy again']:.3f} s |"
+            f"| same on the lazy mount, data local | {spread('lazy again', digits=3)} |"
             f" {median['lazy again'] / median['full again']:.2f}x, at most 1.2x |"
         )
     finally:
