@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from drivers import drop_caches
 
 from tests.hostile import Misbehaviour, misbehaving_proxy
-from tests.images import DEBIAN_MIRROR, run
+from tests.images import debootstrap_image
 from tests.registry import run_registry
 
 STRATA = [sys.executable, "-m", "unionfs"]
@@ -56,21 +56,7 @@ def in_chroot(mountpoint: str) -> None:
 
 def build_image(top: str) -> tuple[str, str]:
     """Debian 12 minbase with python3, packed by umoci as one layer."""
-    rootfs = f"{top}/rootfs"
-    result = subprocess.run(
-        ["debootstrap", "--variant=minbase", "--include=python3", "bookworm", rootfs,
-         DEBIAN_MIRROR],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise SystemExit("debootstrap failed: " + result.stderr.strip()[-300:])
-    layout, bundle = f"{top}/layout", f"{top}/bundle"
-    run("umoci", "init", "--layout", layout)
-    run("umoci", "new", "--image", f"{layout}:py")
-    run("umoci", "unpack", "--image", f"{layout}:py", bundle)
-    os.rmdir(f"{bundle}/rootfs")
-    os.rename(rootfs, f"{bundle}/rootfs")
-    run("umoci", "repack", "--image", f"{layout}:py", bundle)
+    layout, bundle = debootstrap_image(top, "py", include=["python3"])
     shutil.rmtree(bundle)
     return layout, "py"
 

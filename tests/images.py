@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Sequence
 
 BUSYBOX = "/bin/busybox"
 
@@ -126,26 +127,36 @@ def umoci_rootfs(layout: str, tag: str, target: str) -> str:
 DEBIAN_MIRROR = os.environ.get("STRATA_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 
-def build_debian(top: str) -> tuple[str, str]:
-    """A minbase Debian 12 image made by debootstrap, packed by umoci as one
-    layer, plus a second layer that removes and changes files as an update
-    would; returns (layout, tag)."""
+def debootstrap_image(top: str, tag: str, include: Sequence[str] = ()) -> tuple[str, str]:
+    """A minbase Debian 12 made by debootstrap (with the packages *include*),
+    packed by umoci as one layer; returns (layout, bundle), the bundle kept
+    for the layers that follow."""
     rootfs_source = f"{top}/debootstrap"
+    extra = [f"--include={','.join(include)}"] if include else []
     result = subprocess.run(
-        ["debootstrap", "--variant=minbase", "bookworm", rootfs_source, DEBIAN_MIRROR],
+        ["debootstrap", "--variant=minbase", *extra, "bookworm", rootfs_source, DEBIAN_MIRROR],
         capture_output=True,
         text=True,
     )
     if result.returncode != 0:
         tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
         raise AssertionError("debootstrap failed: " + " | ".join(tail))
-    layout, tag, bundle = f"{top}/layout", "bookworm", f"{top}/bundle"
+    layout, bundle = f"{top}/layout", f"{top}/bundle"
     run("umoci", "init", "--layout", layout)
     run("umoci", "new", "--image", f"{layout}:{tag}")
     run("umoci", "unpack", "--image", f"{layout}:{tag}", bundle)
     os.rmdir(f"{bundle}/rootfs")
     os.rename(rootfs_source, f"{bundle}/rootfs")
     run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:{tag}", bundle)
+    return layout, bundle
+
+
+def build_debian(top: str) -> tuple[str, str]:
+    """A minbase Debian 12 image made by debootstrap, packed by umoci as one
+    layer, plus a second layer that removes and changes files as an update
+    would; returns (layout, tag)."""
+    tag = "bookworm"
+    layout, bundle = debootstrap_image(top, tag)
     rootfs = f"{bundle}/rootfs"
     shutil.rmtree(f"{rootfs}/usr/share/doc")
     shutil.rmtree(f"{rootfs}/var/cache/apt")

@@ -176,7 +176,7 @@ def test_large_files_are_chunked() -> None:
     assert [e["chunkSize"] for e in chunks] == [65536] * 4 + [0]  # the last one says 0
     # strata's reader agrees and checks every chunk.
     offset = estargz.parse_footer(blob[-51:], "test")
-    read = estargz.read_toc(blob[offset:-51], result.toc_digest, "test")
+    read = estargz.parse_toc(estargz.toc_bytes(blob[offset:-51], "test"), result.toc_digest, "test")
     found = estargz.file_chunks(read, offset, "test")
     data = b"".join(
         estargz.verified_chunk(blob[c.offset : c.end], c, "test") for c in found["data/big"]
@@ -190,9 +190,13 @@ def test_hostile_tocs_are_refused() -> None:
     result = estargz.convert_tar(io.BytesIO(source), target)
     blob = target.getvalue()
     offset = estargz.parse_footer(blob[-51:], "layer")
-    toc = estargz.read_toc(blob[offset:-51], result.toc_digest, "layer")
+    toc = estargz.parse_toc(
+        estargz.toc_bytes(blob[offset:-51], "layer"), result.toc_digest, "layer"
+    )
     with pytest.raises(StrataError, match="does not match the digest"):
-        estargz.read_toc(blob[offset:-51], "sha256:" + "0" * 64, "layer")
+        estargz.parse_toc(
+            estargz.toc_bytes(blob[offset:-51], "layer"), "sha256:" + "0" * 64, "layer"
+        )
     with pytest.raises(StrataError, match="no eStargz footer"):
         estargz.parse_footer(b"\x1f\x8b" + b"\x00" * 49, "layer")
 

@@ -245,7 +245,8 @@ class StrataOperations(pyfuse3.Operations):
 
     async def _copy_data_up(self, ino: int) -> None:
         """Copy a lower file's data into the writable layer, in a worker thread."""
-        await trio.to_thread.run_sync(self.view.ensure_lower_data, ino)
+        if self.view.lower_data_missing(ino):  # lazy pulling: fetch it off the trio thread
+            await trio.to_thread.run_sync(self.view.ensure_lower_data, ino)
         if not self.view.needs_data_copy(ino):
             return
         lock = self._copy_locks.setdefault(ino, trio.Lock())
@@ -282,7 +283,8 @@ class StrataOperations(pyfuse3.Operations):
         if self.reads is not None and not self.view.node(inode).upper:
             self.reads.setdefault(self.view.rel(self.view.node(inode)), None)
         if write or truncate:
-            if not truncate:  # a lazily pulled file's data first, off the trio thread
+            if not truncate and self.view.lower_data_missing(inode):
+                # A lazily pulled file's data first, off the trio thread.
                 await trio.to_thread.run_sync(self.view.ensure_lower_data, inode)
             # A large lower file is copied chunk by chunk: the writes copy what
             # they touch, a background task the rest.

@@ -4,6 +4,7 @@ rmi, ps, rm, prune, diff, commit, and mounting an image by name."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -401,64 +402,40 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
                 created = True
         elif args.name:
             raise StrataError("--read-only mounts no container; leave out --name")
+    request = MountRequest(
+        root,
+        paths,
+        mountpoint,
+        args.foreground,
+        None,
+        known,
+        volumes=volumes,
+        restrictions=restricted,
+        lazy=lazy,
+        record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
+    )
     if record is None:
-        mount(
-            MountRequest(
-                root,
-                paths,
-                mountpoint,
-                args.foreground,
-                None,
-                known,
-                volumes=volumes,
-                restrictions=restricted,
-                lazy=lazy,
-                record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
-            )
-        )
+        mount(request)
         return
     directory = store.container_dir(record["name"])
-    writable = WritableLayer(
-        os.path.join(directory, "upper"),
-        os.path.join(directory, "work"),
-        args.xattrs,
-        args.whiteouts,
+    request = dataclasses.replace(
+        request,
+        writable=WritableLayer(
+            os.path.join(directory, "upper"),
+            os.path.join(directory, "work"),
+            args.xattrs,
+            args.whiteouts,
+        ),
     )
     real = os.path.realpath(mountpoint)
     if created and not args.name:
         print(record["name"], flush=True)
     if args.foreground:
         store.update_container(record["name"], mountpoint=real)
-        mount(
-            MountRequest(
-                root,
-                paths,
-                mountpoint,
-                True,
-                writable,
-                known,
-                volumes=volumes,
-                restrictions=restricted,
-                lazy=lazy,
-                record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
-            )
-        )
+        mount(request)
         return
     try:
-        mount(
-            MountRequest(
-                root,
-                paths,
-                mountpoint,
-                False,
-                writable,
-                known,
-                volumes=volumes,
-                restrictions=restricted,
-                lazy=lazy,
-                record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
-            )
-        )
+        mount(request)
     except BaseException:
         if created:
             store.remove_container(record["name"])

@@ -515,16 +515,23 @@ class ReadPath:
             raise FsError(errno.ESTALE, f"layer changed under the mount: {entry.path!r}")
         return fd
 
+    def lower_data_missing(self, ino: int) -> bool:
+        """Whether a lower file's data is still to be fetched (lazy pulling):
+        ensure_lower_data then has work to do. Does not block."""
+        node = self.nodes.get(ino)
+        if not self.lazy or node is None or node.upper or node.lower is None:
+            return False
+        lazy = self.lazy.get(node.lower.layer)
+        return lazy is not None and stat.S_ISREG(node.mode) and lazy.needs(node.lower.path)
+
     def ensure_lower_data(self, ino: int) -> None:
         """Bring a lazily pulled lower file's data into place before a copy-up
         needs it (blocking: call it in a worker thread)."""
-        node = self.nodes.get(ino)
-        if node is None or node.upper or node.lower is None or not stat.S_ISREG(node.mode):
-            return
-        lazy = self.lazy.get(node.lower.layer)
-        if lazy is not None and lazy.needs(node.lower.path):
+        if self.lower_data_missing(ino):
+            node = self.nodes[ino]
+            assert node.lower is not None
             try:
-                lazy.ensure(node.lower.path)
+                self.lazy[node.lower.layer].ensure(node.lower.path)
             except OSError as exc:
                 raise FsError(exc.errno or errno.EIO) from exc
 

@@ -356,20 +356,21 @@ def parse_toc(raw: bytes, digest: str, label: str) -> dict[str, Any]:
     """The TOC, checked against *digest* (the layer descriptor's annotation)."""
     if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
         raise StrataError(f"{label}: the TOC does not match the digest its descriptor gives")
+    return toc_json(raw, label, "TOC")
+
+
+def toc_json(raw: bytes, label: str, what: str) -> dict[str, Any]:
+    """A version 1 table of contents with a list of entries (eStargz's TOC,
+    zstd:chunked's manifest)."""
     try:
         toc = json.loads(raw)
     except ValueError as exc:
-        raise StrataError(f"{label}: the TOC is not JSON ({exc})") from None
+        raise StrataError(f"{label}: the {what} is not JSON ({exc})") from None
     if not isinstance(toc, dict) or toc.get("version") != 1:
-        raise StrataError(f"{label}: not a version 1 TOC")
+        raise StrataError(f"{label}: not a version 1 {what}")
     if not isinstance(toc.get("entries"), list):
-        raise StrataError(f"{label}: the TOC has no entries")
+        raise StrataError(f"{label}: the {what} has no entries")
     return toc
-
-
-def read_toc(data: bytes, digest: str, label: str) -> dict[str, Any]:
-    """The TOC from its gzip member, checked against *digest*."""
-    return parse_toc(toc_bytes(data, label), digest, label)
 
 
 def file_chunks(toc: dict[str, Any], toc_offset: int, label: str) -> dict[str, list[Chunk]]:

@@ -554,19 +554,9 @@ def pull_lazy(
 ) -> Image:
     """Record an image whose eStargz layers are laid out from their TOCs; any
     other layer is pulled whole."""
-    from .registry import ProgressLine, RegistryClient
+    from .registry import ProgressLine, open_manifest
 
-    client = RegistryClient(reference.registry, options)
-    client.ping()
-    ref = reference.digest or reference.tag
-    data, media_type, digest = client.get_manifest(reference.repository, ref)
-    from .store import INDEX_TYPES, choose_platform, parse_json
-
-    if media_type in INDEX_TYPES:
-        chosen = choose_platform(
-            parse_json(data, f"index {digest}"), options.platform, str(reference)
-        )
-        data, media_type, digest = client.get_manifest(reference.repository, chosen.digest)
+    client, data, digest = open_manifest(reference, options)
     _, config, layers = parse_manifest(data, digest)
     progress = ProgressLine(False, "")
     client.fetch_blob(store, reference.repository, config, progress)
@@ -599,6 +589,12 @@ def local_fraction(store: Store, image: Image) -> float:
         else:
             local += layer.size
     return local / total if total else 1.0
+
+
+def finish_from_store(store: Store, diff_id: str) -> None:
+    """Complete a layer pulled lazily before whose blob is now in the store."""
+    if is_incomplete(store, diff_id):
+        LazyLayer(store, diff_id, _no_fetch, 0).finish()
 
 
 def complete_layers(store: Store, image: Image, options: Any | None = None) -> None:

@@ -557,18 +557,16 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def _no_range(digest: str, start: int, end: int) -> bytes:
-    raise StrataError(f"blob {digest}: should be in the store")
-
-
 def _parallel(jobs: int, work: Callable[[T], R], items: list[T]) -> list[R]:
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(work, items))
 
 
-def pull(
-    store: Store, reference: Reference, options: RegistryOptions, note: Callable[[str], None]
-) -> Image:
+def open_manifest(
+    reference: Reference, options: RegistryOptions
+) -> tuple[RegistryClient, bytes, str]:
+    """A client for the reference's registry, and the image manifest it names
+    (from an index, the one of options.platform) with its digest."""
     client = RegistryClient(reference.registry, options)
     client.ping()
     ref = reference.digest or reference.tag
@@ -578,6 +576,13 @@ def pull(
             parse_json(data, f"index {digest}"), options.platform, str(reference)
         )
         data, media_type, digest = client.get_manifest(reference.repository, chosen.digest)
+    return client, data, digest
+
+
+def pull(
+    store: Store, reference: Reference, options: RegistryOptions, note: Callable[[str], None]
+) -> Image:
+    client, data, digest = open_manifest(reference, options)
     _, config, layers = parse_manifest(data, digest)
     progress = ProgressLine(options.progress, f"pulling {reference.repository}")
     blobs = [config, *layers]
@@ -592,11 +597,9 @@ def pull(
         def fetch_and_unpack(pair: tuple[Descriptor, str]) -> None:
             client.fetch_blob(store, reference.repository, pair[0], progress)
             store.unpack(*pair)
-            if os.path.isdir(store.lazy_state_dir(pair[1])):
-                from .lazy import LazyLayer, is_incomplete
+            from .lazy import finish_from_store
 
-                if is_incomplete(store, pair[1]):  # pulled lazily before: fill it from the blob
-                    LazyLayer(store, pair[1], _no_range, 0).finish()
+            finish_from_store(store, pair[1])  # a layer pulled lazily before: fill it
 
         _parallel(options.jobs, fetch_and_unpack, list(zip(layers, diff_ids, strict=True)))
     finally:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from typing import Any
 
 import zstandard
 
 from ..errors import StrataError
-from .estargz import TOC_LIMIT, Chunk, clean_name
+from .estargz import TOC_LIMIT, Chunk, clean_name, toc_json
 
 MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
 MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-position"
@@ -50,15 +49,7 @@ def read_manifest(data: bytes, checksum: str, plain: int, label: str) -> bytes:
 
 
 def parse_manifest(raw: bytes, label: str) -> dict[str, Any]:
-    try:
-        toc = json.loads(raw)
-    except ValueError as exc:
-        raise StrataError(f"{label}: the manifest is not JSON ({exc})") from None
-    if not isinstance(toc, dict) or toc.get("version") != 1:
-        raise StrataError(f"{label}: not a version 1 zstd:chunked manifest")
-    if not isinstance(toc.get("entries"), list):
-        raise StrataError(f"{label}: the manifest has no entries")
-    return toc
+    return toc_json(raw, label, "zstd:chunked manifest")
 
 
 def _int(raw: dict[str, Any], key: str, name: str, label: str) -> int:
