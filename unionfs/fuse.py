@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # layer passes through strata, which the kernel sees; so it may keep what it
 # learns for long.
 CACHE_TIMEOUT = 24 * 3600.0
+# While layers stream in, what is shown may still change (a directory's link
+# count, a file that gains a hardlink): the kernel keeps it briefly.
+STREAMING_TIMEOUT = 1.0
 # A lower file up to this size is read whole with a cold open (one kernel
 # read request, max_read, covers it).
 PREFETCH_MAX = 128 * 1024
@@ -72,6 +75,12 @@ def _fuse_errors(handler: F) -> F:
     return cast(F, wrapper)
 
 
+def _invalidate_attributes(inodes: list[int]) -> None:
+    for ino in inodes:
+        with contextlib.suppress(OSError):  # an inode the kernel has dropped meanwhile
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+
+
 class Handle:
     """An open file: the host descriptor and which copy of the data it reads."""
 
@@ -109,13 +118,45 @@ class StrataOperations(pyfuse3.Operations):
         # `--record-reads`: the paths of image files opened, in the order first
         # opened (a prefetch list for `strata convert --estargz`); None: off.
         self.reads: dict[bytes, None] | None = None
+        # Set once every streamed layer is in the index (or lost: streams_lost).
+        self.streams_arrived = trio.Event()
+        self.streams_lost: str | None = None
+        # What indexes the streamed layers once here (mount.py sets it).
+        self.stream_finish: Callable[[], tuple[Entry, dict[int, str]]] | None = None
+        if view.streaming is None:
+            self.streams_arrived.set()
+
+    async def follow_streams(self, finish: Callable[[], tuple[Entry, dict[int, str]]]) -> None:
+        """Wait (in a worker thread) until *finish* has indexed the streamed
+        layers, then serve from the index; listings and changes wait for this."""
+        try:
+            root, layers = await trio.to_thread.run_sync(finish, abandon_on_cancel=True)
+        except Exception as exc:
+            self.streams_lost = str(exc) or type(exc).__name__
+            log.error("streamed layers lost: %s", self.streams_lost)
+        else:
+            self.view.switch_to_index(root, layers)
+            # What the kernel keeps of the provisional view (directory link
+            # counts, attributes an implied directory took) is read again.
+            known = list(self.view.nodes)
+            await trio.to_thread.run_sync(_invalidate_attributes, known)
+        self.streams_arrived.set()
+
+    async def _all_arrived(self) -> None:
+        """Wait until no layer is still streaming in: listings and changes need
+        the whole tree (any name may still arrive)."""
+        if not self.streams_arrived.is_set():
+            await self.streams_arrived.wait()
+        if self.streams_lost is not None:
+            raise FsError(errno.EIO, f"streamed layers lost: {self.streams_lost}")
 
     def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = entry.ino
         attrs.generation = 0
-        attrs.entry_timeout = self.timeout
-        attrs.attr_timeout = self.timeout
+        timeout = self.timeout if self.view.streaming is None else STREAMING_TIMEOUT
+        attrs.entry_timeout = timeout
+        attrs.attr_timeout = timeout
         attrs.st_mode = entry.mode
         attrs.st_nlink = entry.nlink
         if self._mapped:
@@ -179,6 +220,11 @@ class StrataOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if not self.view.lookup_ready(parent_inode, name):
+            # A streamed layer may still bring this name: wait off the trio thread.
+            await trio.to_thread.run_sync(
+                self.view.wait_lookup, parent_inode, name, abandon_on_cancel=True
+            )
         node = self.view.lookup(parent_inode, name)
         if node is None:
             # st_ino 0 with a timeout: the kernel caches the miss.
@@ -225,6 +271,7 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self._all_arrived()
         listing = self.view.listdir(fh, start_id)
         try:
             for offset, name, node in listing:
@@ -280,6 +327,8 @@ class StrataOperations(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC)
         if (write or truncate) and not self.view.writable:
             raise FsError(errno.EROFS)
+        if write or truncate:
+            await self._all_arrived()
         if self.reads is not None and not self.view.node(inode).upper:
             self.reads.setdefault(self.view.rel(self.view.node(inode)), None)
         if write or truncate:
@@ -327,6 +376,7 @@ class StrataOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        await self._all_arrived()  # changes need the whole tree
         node, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags,
                                     self._caller(ctx))  # fmt: skip
         info = pyfuse3.FileInfo(fh=self._add_handle(node.ino, fd, True), keep_cache=True)
@@ -418,6 +468,7 @@ class StrataOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        await self._all_arrived()  # changes need the whole tree
         if not self.view.writable:
             raise FsError(errno.EROFS)
         if fields.update_size and attr.st_size:
@@ -439,6 +490,7 @@ class StrataOperations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        await self._all_arrived()  # changes need the whole tree
         node = self.view.mkdir(parent_inode, name, mode & ~ctx.umask, self._caller(ctx))
         return self._node_attributes(node)
 
@@ -446,6 +498,7 @@ class StrataOperations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        await self._all_arrived()  # changes need the whole tree
         node = self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, self._caller(ctx))
         return self._node_attributes(node)
 
@@ -453,6 +506,7 @@ class StrataOperations(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        await self._all_arrived()  # changes need the whole tree
         node = self.view.symlink(parent_inode, name, target, self._caller(ctx))
         return self._node_attributes(node)
 
@@ -460,15 +514,18 @@ class StrataOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        await self._all_arrived()  # changes need the whole tree
         await self._whole(inode)
         return self._node_attributes(self.view.link(inode, new_parent_inode, new_name))
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._all_arrived()  # changes need the whole tree
         self.view.unlink(parent_inode, name)
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._all_arrived()  # changes need the whole tree
         self.view.rmdir(parent_inode, name)
 
     @_fuse_errors
@@ -481,6 +538,7 @@ class StrataOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        await self._all_arrived()  # changes need the whole tree
         moving = self.view.peek(parent_inode_old, name_old)
         if moving is not None:
             await self._copy_data_up(moving.ino)
@@ -504,12 +562,14 @@ class StrataOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        await self._all_arrived()  # changes need the whole tree
         if not self.view.writable:
             raise FsError(errno.EROFS)
         self.view.setxattr(inode, name, value)
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._all_arrived()  # changes need the whole tree
         if not self.view.writable:
             raise FsError(errno.EROFS)
         self.view.removexattr(inode, name)

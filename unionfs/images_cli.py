@@ -353,6 +353,30 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
     return 0
 
 
+def _layer_stream(store: Store, image: Image, reference: Any, options: Any) -> Any:
+    """The image's top layers not stored yet (pull_lazy left them): a mount
+    streams them in while it serves. None if every layer is here."""
+    from .image.registry import RegistryClient
+    from .image.streaming import LayerStream, StreamedLayer
+
+    missing = [
+        StreamedLayer(blob, diff_id, store.stream_work_dir(diff_id), store.layer_path(diff_id))
+        for blob, diff_id in zip(image.layers, image.diff_ids, strict=True)
+        if not os.path.isdir(store.layer_path(diff_id))
+    ]
+    if not missing:
+        return None
+    client = RegistryClient(reference.registry, options)
+    return LayerStream(store, client, reference.repository, missing)
+
+
+def _layer_paths(store: Store, image: Image, stream: Any) -> list[str]:
+    """The image's layer directories; those that stream in are made by then."""
+    if stream is None:
+        return store.unpack_all(image)
+    return [store.layer_path(diff_id) for diff_id in image.diff_ids]
+
+
 def mount_image(args: argparse.Namespace, root: str) -> None:
     """`strata mount IMAGE MOUNTPOINT [--name C]`: the image's layers under the
     container's writable layer, made on first use and kept until `strata rm`."""
@@ -373,11 +397,14 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         options = _registry_options(args, reference.registry)
         options.progress = False
         with store.shared():
-            pull_lazy(store, reference, options, _note)
+            pull_lazy(store, reference, options, _note, stream=True)
         image_text = reference.name
+    stream = None
     with store.shared():
         name, image = store.resolve(image_text)
-        paths = store.unpack_all(image)
+        if args.lazy:
+            stream = _layer_stream(store, image, reference, options)
+        paths = _layer_paths(store, image, stream)
         known = [layer_known_id(diff_id) for diff_id in image.diff_ids]
         from .image.lazy import open_lazy_layers
 
@@ -413,6 +440,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         restrictions=restricted,
         lazy=lazy,
         record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
+        stream=stream,
     )
     if record is None:
         mount(request)

@@ -8,6 +8,7 @@ with the daemon's verdict, so a script can use the mountpoint right away.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -26,6 +27,8 @@ from .errors import StrataError
 
 if TYPE_CHECKING:
     from .core.index import Index
+    from .core.records import Entry
+    from .core.streaming import StreamedLayers, StreamTree
     from .core.upper import UpperStore
     from .fuse import StrataOperations
     from .idmap import Ownership
@@ -72,6 +75,8 @@ class MountRequest:
     lazy: Sequence[LazyLayerSource] = ()
     # Where to write the image files opened, in order, when the mount ends.
     record_reads: str | None = None
+    # Plain layers (the image's top ones) that stream in while the mount serves.
+    stream: LayerStreamSource | None = None
 
 
 class LazyLayerSource(Protocol):
@@ -84,6 +89,26 @@ class LazyLayerSource(Protocol):
     def ensure(self, path: bytes) -> None: ...
 
     def run_background(self, stop: threading.Event) -> None: ...
+
+
+class StreamedLayerPlace(Protocol):
+    work_dir: str  # where it unpacks, served from the start
+    layer_dir: str  # where it is stored once whole (one of MountRequest.layers)
+
+
+class LayerStreamSource(Protocol):
+    """Plain layers streamed into the mount (image/streaming.py's LayerStream)."""
+
+    @property
+    def layers(self) -> Sequence[StreamedLayerPlace]: ...
+
+    def run(
+        self,
+        record: Callable[[int, bytes, int], None],
+        finish: Callable[[int], None],
+        fail: Callable[[str], None],
+        stop: threading.Event,
+    ) -> None: ...
 
 
 def default_work_dir(upper: str) -> str:
@@ -229,7 +254,11 @@ def mount(request: MountRequest) -> None:
 
     # Checked before anything is written; absolute because the daemon leaves
     # the caller's working directory.
-    layers = [check_layer_dir(layer) for layer in request.layers]
+    coming = {layer.layer_dir for layer in request.stream.layers} if request.stream else set()
+    layers = [
+        os.path.abspath(layer) if layer in coming else check_layer_dir(layer)
+        for layer in request.layers
+    ]
     writable = request.writable
     if writable is not None:
         writable = check_writable_layer(writable)
@@ -336,22 +365,32 @@ def serve(request: MountRequest, notify: Notify) -> None:
 
     index = Index(os.path.join(request.root, "index"))
     try:
-        stack = prepare_stack(index, request.layers, progress=notify, known_ids=request.known_ids)
-        if stack.merged_layers:
-            rate = stack.merged_files / max(stack.seconds, 1e-6)
-            notify(
-                f"indexed {stack.merged_files} files in {stack.seconds:.2f} s ({rate:.0f} files/s)"
+        streaming: StreamedLayers | None = None
+        if request.stream is None:
+            stack = prepare_stack(
+                index, request.layers, progress=notify, known_ids=request.known_ids
             )
+            if stack.merged_layers:
+                rate = stack.merged_files / max(stack.seconds, 1e-6)
+                notify(
+                    f"indexed {stack.merged_files} files in {stack.seconds:.2f} s"
+                    f" ({rate:.0f} files/s)"
+                )
+            root, layers = stack.root, stack.layers
+        else:
+            streaming, trees, layers = _streamed_stack(index, request, notify)
+            root = streaming.root
         store = None
         if request.writable is not None:
             store = open_upper(index, request.writable)
         view = UnionView(
             index,
-            stack.root,
-            stack.layers,
+            root,
+            layers,
             store,
             metacopy=request.metacopy,
             lazy={layer.layer_dir: layer for layer in request.lazy},
+            streaming=streaming,
         )
         operations = StrataOperations(view, ownership=request.ownership)
         if request.record_reads is not None:
@@ -369,6 +408,10 @@ def serve(request: MountRequest, notify: Notify) -> None:
             threading.Thread(target=layer.run_background, args=(stop,), daemon=True)
             for layer in request.lazy
         ]
+        if streaming is not None:
+            assert request.stream is not None
+            fetchers.append(_stream_thread(request, streaming, trees, stop))
+            operations.stream_finish = functools.partial(_index_streamed, index, request, streaming)
         for fetcher in fetchers:
             fetcher.start()
         try:
@@ -385,6 +428,80 @@ def serve(request: MountRequest, notify: Notify) -> None:
             view.close()
     finally:
         index.close()
+
+
+def _streamed_stack(
+    index: Index, request: MountRequest, notify: Notify
+) -> tuple[StreamedLayers, list[StreamTree], dict[int, str]]:
+    """The provisional lower view of a mount whose top layers stream in:
+    the layers below them indexed, each streamed one an empty tree so far."""
+    from .core.stack import layer_numbers, prepare_stack
+    from .core.streaming import StreamedLayers, StreamTree
+
+    assert request.stream is not None and request.known_ids is not None
+    streamed = list(request.stream.layers)
+    below = len(request.layers) - len(streamed)
+    if [os.path.realpath(p) for p in request.layers[below:]] != [
+        os.path.realpath(layer.layer_dir) for layer in streamed
+    ]:
+        raise StrataError("only the top layers of an image can stream in")
+    base = None
+    layers: dict[int, str] = {}
+    if below:
+        base = prepare_stack(
+            index, request.layers[:below], progress=notify, known_ids=request.known_ids[:below]
+        )
+        layers.update(base.layers)
+    numbers = layer_numbers(
+        index, [layer.layer_dir for layer in streamed], request.known_ids[below:]
+    )
+    trees = [
+        StreamTree(number, os.fsencode(layer.work_dir))
+        for number, layer in zip(numbers, streamed, strict=True)
+    ]
+    layers.update({number: layer.work_dir for number, layer in zip(numbers, streamed, strict=True)})
+    streaming = StreamedLayers(index, base.root if base is not None else None, trees[::-1])
+    notify(f"serving while {len(streamed)} layers stream in")
+    return streaming, trees, layers
+
+
+def _stream_thread(
+    request: MountRequest,
+    streaming: StreamedLayers,
+    trees: list[StreamTree],
+    stop: threading.Event,
+) -> threading.Thread:
+    assert request.stream is not None
+
+    def record(position: int, rel: bytes, mtime_ns: int) -> None:
+        streaming.record(trees[position], rel, mtime_ns)
+
+    def finish(position: int) -> None:
+        streaming.finish(trees[position])
+
+    return threading.Thread(
+        target=request.stream.run,
+        args=(record, finish, streaming.fail, stop),
+        name="stream layers",
+        daemon=True,
+    )
+
+
+def _index_streamed(
+    index: Index, request: MountRequest, streaming: StreamedLayers
+) -> tuple[Entry, dict[int, str]]:
+    """Once every streamed layer is stored: the whole stack in the index, with
+    the inode numbers the mount showed meanwhile (blocking)."""
+    from .core.stack import prepare_stack
+
+    streaming.wait_complete()
+    if streaming.failed is not None:
+        raise StrataError(streaming.failed)
+    stack = prepare_stack(
+        index, request.layers, known_ids=request.known_ids, presets=streaming.presets()
+    )
+    log.info("every streamed layer is stored; indexed %d files", stack.merged_files)
+    return stack.root, stack.layers
 
 
 def _write_reads(path: str, reads: list[bytes]) -> None:
@@ -498,6 +615,8 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
                             pyfuse3.terminate()
 
                 operations.background = nursery
+                if operations.stream_finish is not None:
+                    nursery.start_soon(operations.follow_streams, operations.stream_finish)
                 nursery.start_soon(fuse_loop)
                 nursery.start_soon(signals)
                 # A request through the kernel proves the mount serves.

@@ -26,14 +26,24 @@ from .layer import (
 )
 from .paths import fd_path
 from .records import Entry, entry_from_stat, unpack_group
+from .streaming import Presets
 from .upper import join, redirect_target
 
 
 class LayerMerger:
     """Writes the merged listings of one layer on top of a base view."""
 
-    def __init__(self, index: Index, txn: lmdb.Transaction, root: bytes, number: int) -> None:
+    def __init__(
+        self,
+        index: Index,
+        txn: lmdb.Transaction,
+        root: bytes,
+        number: int,
+        presets: Presets | None = None,
+    ) -> None:
         self.index = index
+        # Inode numbers a mount already showed for this layer while it streamed.
+        self.presets = presets if presets is not None else Presets({}, {})
         self.txn = txn
         self.root = root
         self.number = number
@@ -205,20 +215,23 @@ class LayerMerger:
                     )
                 finally:
                     os.close(child_fd)
-                ino = lower_dir.ino if lower_dir is not None else self._new_ino()
+                ino = self.presets.dirs.get(child_rel) or (
+                    lower_dir.ino if lower_dir is not None else self._new_ino()
+                )
                 if implicit and lower is not None:  # a directory, checked above
-                    entry = dataclasses.replace(lower, listing=listing, nlink=nlink)
+                    entry = dataclasses.replace(lower, ino=ino, listing=listing, nlink=nlink)
                 else:
                     entry = self._entry(ino, st, child_rel, xattrs, listing=listing, nlink=nlink)
                 subdirs += 1
             else:
+                preset = self.presets.files.get((st.st_dev, st.st_ino))
                 if st.st_nlink > 1:
                     key = (st.st_dev, st.st_ino)
-                    ino = self.hardlinks.get(key) or self._new_ino()
+                    ino = self.hardlinks.get(key) or preset or self._new_ino()
                     self.hardlinks[key] = ino
                     self.aliases.setdefault(ino, []).append(child_rel)
                 else:
-                    ino = self._new_ino()
+                    ino = preset or self._new_ino()
                 target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
                 entry = self._entry(ino, st, child_rel, xattrs, target=target)
                 if stat.S_ISREG(st.st_mode) and overlay_value(xattrs, b"metacopy") is not None:

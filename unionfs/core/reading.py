@@ -16,7 +16,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Generator, Iterator, Mapping
-from typing import Protocol
+from typing import Protocol, cast
 
 from . import overrides
 from .chunks import PartialCopy
@@ -28,6 +28,7 @@ from .layer import (
 )
 from .nodes import FsError, Node
 from .records import Entry, entry_from_stat
+from .streaming import UNKNOWN, StreamedLayers
 from .upper import (
     USER_PREFIX,
     UpperStore,
@@ -64,8 +65,14 @@ class ReadPath:
         *,
         metacopy: bool = True,
         lazy: Mapping[str, LazyData] | None = None,
+        streaming: StreamedLayers | None = None,
     ) -> None:
         self.index = index
+        # Layers still arriving as streams: lookups are answered from what has
+        # arrived until switch_to_index puts the whole stack in the index.
+        self.streaming = streaming
+        if streaming is not None:
+            root = streaming.root
         # Layers (by number) whose data comes on demand; *lazy* is by layer path.
         by_path = {os.path.realpath(path): data for path, data in (lazy or {}).items()}
         self.lazy = {
@@ -183,6 +190,11 @@ class ReadPath:
     def _lower_child(self, parent: Node, name: bytes) -> Entry | None:
         if parent.opaque or parent.lower is None or not parent.lower.is_dir:
             return None
+        if self.streaming is not None:
+            assert parent.lower_path is not None
+            found = self.streaming.child(parent.lower_path, name)
+            assert found is not UNKNOWN  # child waits until it is known
+            return cast(Entry | None, found)
         with self.index.read() as txn:
             return self.index.lookup(txn, parent.lower.listing, name)
 
@@ -191,6 +203,8 @@ class ReadPath:
         return self._lower_child(parent, name)
 
     def _lower_at(self, path: bytes) -> Entry | None:
+        if self.streaming is not None:
+            return self.streaming.at(path)
         with self.index.read() as txn:
             return self.index.lookup_path(txn, self.lower_root, path)
 
@@ -311,6 +325,52 @@ class ReadPath:
             return None
         return self._partial(lower, path, raw)
 
+    # Streamed layers -------------------------------------------------------
+
+    def lookup_ready(self, parent_ino: int, name: bytes) -> bool:
+        """Whether a lookup of NAME in PARENT can be answered without waiting
+        for streamed layers (wait_lookup waits, in a worker thread)."""
+        streaming = self.streaming
+        parent = self.nodes.get(parent_ino)
+        if streaming is None or parent is None or name in (b".", b".."):
+            return True
+        if parent.opaque or parent.lower is None or parent.lower_path is None:
+            return True
+        return streaming.child(parent.lower_path, name, wait=False) is not UNKNOWN
+
+    def wait_lookup(self, parent_ino: int, name: bytes) -> None:
+        """Block until streamed layers can answer a lookup (a worker thread:
+        it touches no node, only the streams' shared state)."""
+        streaming = self.streaming
+        parent = self.nodes.get(parent_ino)
+        if streaming is not None and parent is not None and parent.lower_path is not None:
+            streaming.child(parent.lower_path, name)
+
+    def switch_to_index(self, root: Entry, layers: dict[int, str]) -> None:
+        """Every streamed layer is in the index now: serve from it. The nodes
+        the kernel knows keep their numbers (the merge kept them)."""
+        self.streaming = None
+        self.lower_root = root
+        self.layer_paths = layers
+        with self.index.read() as txn:
+            for node in list(self.nodes.values()):
+                if node.lower is None:
+                    continue
+                if node.ino == ROOT_INO:
+                    node.lower = root
+                    node.mode = root.mode
+                    continue
+                if node.is_dir:
+                    path = node.lower_path
+                else:
+                    parent = self.nodes.get(node.parent)
+                    if parent is None or parent.lower_path is None:
+                        continue
+                    path = join(parent.lower_path, node.name)
+                found = None if path is None else self.index.lookup_path(txn, root, path)
+                if found is not None and found.ino == node.ino:
+                    node.lower = found
+
     def lookup(self, parent_ino: int, name: bytes) -> Node | None:
         """Resolve NAME in PARENT and count the reference; None if it does not exist."""
         parent = self._directory(parent_ino)
@@ -343,7 +403,8 @@ class ReadPath:
         if node.linked:
             counts = self.store.link_counts(node.ino)
             nlink = counts.shown if counts is not None and counts.shown else nlink
-        if node.is_dir and node.lower is not None:  # merged with a lower directory
+        if node.is_dir and node.lower is not None and self.streaming is None:
+            # Merged with a lower directory (counted once every layer is here).
             if node.subdirs is None:
                 node.subdirs = sum(
                     1
@@ -446,6 +507,9 @@ class ReadPath:
     ) -> Generator[tuple[int, bytes, os.stat_result | None, Entry | None], None, None]:
         """The merged entries of a directory in offset order: for each name its
         upper status (None if only the lower layers have it) and lower entry."""
+        if self.streaming is not None:
+            # Any name may still arrive: the FUSE adapter lists only after the switch.
+            raise FsError(errno.EAGAIN, "a listing before the streamed layers arrived")
         upper_entries: dict[int, list[tuple[bytes, os.stat_result]]] = {}
         whiteouts: set[bytes] = set()
         if self.store is not None and directory.upper:
@@ -507,8 +571,10 @@ class ReadPath:
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO) from exc
         st = os.fstat(fd)
-        # A lazy layer's files change once, when their data is filled in place.
-        if st.st_ino != entry.host_ino or (lazy is None and st.st_ctime_ns != entry.ctime_ns):
+        # A lazy layer's files change once, when their data is filled in place;
+        # a streamed one's ctime moves when a later hardlink names them.
+        moved = lazy is None and self.streaming is None and st.st_ctime_ns != entry.ctime_ns
+        if st.st_ino != entry.host_ino or moved:
             os.close(fd)
             # Lower layers must not change under a mount; refuse rather than
             # serve data that does not match the indexed attributes.

@@ -22,6 +22,7 @@ from .index import Index
 from .layer import fingerprint, layer_identity
 from .merge import LayerMerger
 from .records import Entry
+from .streaming import Presets
 
 Progress = Callable[[str], None]
 
@@ -75,16 +76,32 @@ def _fingerprints(paths: Sequence[bytes]) -> list[bytes]:
         return list(pool.map(one, paths))
 
 
+def layer_numbers(index: Index, paths: Sequence[str], known_ids: Sequence[bytes]) -> list[int]:
+    """The index's numbers of stored layers (by DiffID) that are still to
+    arrive at *paths*; prepare_stack keeps them when it indexes the layers."""
+    numbers = []
+    with index.write() as txn:
+        for path, known in zip(paths, known_ids, strict=True):
+            identity = layer_identity(b"known", known)
+            number = index.layer_number(txn, identity)
+            if number is None:
+                number = index.add_layer(txn, identity, os.fsencode(os.path.abspath(path)))
+            numbers.append(number)
+    return numbers
+
+
 def prepare_stack(
     index: Index,
     layer_paths: Sequence[str],
     progress: Progress | None = None,
     known_ids: Sequence[bytes] | None = None,
+    presets: Presets | None = None,
 ) -> IndexedStack:
     """Find or build the merged view of *layer_paths* (lowest layer first).
 
     *known_ids* names layers that never change (an image store's, by DiffID),
-    which spares the walk that fingerprints a layer directory.
+    which spares the walk that fingerprints a layer directory. *presets*
+    are inode numbers a mount showed while some layers streamed in.
     """
     if not layer_paths:
         raise StrataError("no layers given")
@@ -123,7 +140,7 @@ def prepare_stack(
             if number is None:
                 number = index.add_layer(txn, identities[position], real[position])
             if found is None:
-                merger = LayerMerger(index, txn, real[position], number)
+                merger = LayerMerger(index, txn, real[position], number, presets)
                 try:
                     found = merger.merge(root)
                 except OSError as exc:

@@ -21,7 +21,7 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO
 
@@ -235,9 +235,10 @@ class _Unpacker:
         del self.kinds[rel]
         self.implicit.discard(rel)
 
-    def add(self, tar: tarfile.TarFile | None, member: tarfile.TarInfo) -> None:
+    def add(self, tar: tarfile.TarFile | None, member: tarfile.TarInfo) -> bool:
         """Unpack one entry; without *tar*, a regular file is made sparse at
-        its size, its data to come later (a lazily pulled layer)."""
+        its size, its data to come later (a lazily pulled layer). False: the
+        entry had nothing to unpack."""
         rel = _clean_name(member.name, self.label)
         self.entries += 1
         base = rel.rsplit("/", 1)[-1]
@@ -250,14 +251,14 @@ class _Unpacker:
             if self.beneath_file(rel):
                 # umoci writes whiteouts of a directory's old children after the
                 # symlink or file that replaced it; that entry hides them already.
-                return
+                return False
         if not rel:
             if not member.isdir():
                 raise self.refuse("the layer's root entry is not a directory")
             self.implicit.discard("")
             self.metadata(rel, member)
             self.dir_times[""] = member.mtime
-            return
+            return True
         self.parent_ready(rel, member.mtime)
         path = self.path(rel)
         if member.isdir():
@@ -268,7 +269,7 @@ class _Unpacker:
             self.implicit.discard(rel)
             self.metadata(rel, member)
             self.dir_times[rel] = member.mtime
-            return
+            return True
         if member.islnk():
             target = _clean_name(member.linkname, self.label)
             if self.kinds.get(target) is not False:
@@ -279,7 +280,7 @@ class _Unpacker:
             self.clear(rel, keep_dir=False)
             os.link(self.path(target), path, follow_symlinks=False)
             self.kinds[rel] = False
-            return
+            return True
         self.clear(rel, keep_dir=False)
         if member.isreg():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -318,6 +319,7 @@ class _Unpacker:
         self.kinds[rel] = False
         self.metadata(rel, member)
         os.utime(path, ns=(_ns(member.mtime),) * 2, follow_symlinks=False)
+        return True
 
     def metadata(self, rel: str, member: tarfile.TarInfo) -> None:
         path = self.path(rel)
@@ -367,10 +369,14 @@ def unpack_layer(
     limit: int,
     label: str,
     hidden: frozenset[str] = frozenset(),
+    on_entry: Callable[[bytes, int], None] | None = None,
 ) -> Unpacked:
     """Unpack the layer blob *blob* (any compression) into the empty dir
     *target*. Entries at the top named in *hidden* are the blob format's own
-    (eStargz's TOC and landmarks): hashed into the DiffID, not unpacked."""
+    (eStargz's TOC and landmarks): hashed into the DiffID, not unpacked.
+    *on_entry* hears of each entry once it is unpacked whole (its path in
+    the layer and its tar mtime in ns), for a mount that serves the layer
+    while it streams in."""
     unpacker = _Unpacker(target, label)
     try:
         try:
@@ -381,7 +387,9 @@ def unpack_layer(
                 for member in tar:
                     if hidden and member.name.strip("/").removeprefix("./") in hidden:
                         continue
-                    unpacker.add(tar, member)
+                    if unpacker.add(tar, member) and on_entry is not None:
+                        rel = _clean_name(member.name, label)
+                        on_entry(os.fsencode(rel), _ns(member.mtime))
             stream.drain()  # the DiffID covers the end-of-archive blocks too
         except _STREAM_ERRORS as exc:
             reason = str(exc) or type(exc).__name__

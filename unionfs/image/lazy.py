@@ -550,10 +550,16 @@ def _lay_out(store: Store, client: Any, repository: str, layer: Descriptor, diff
 
 
 def pull_lazy(
-    store: Store, reference: Reference, options: Any, note: Callable[[str], None]
+    store: Store,
+    reference: Reference,
+    options: Any,
+    note: Callable[[str], None],
+    *,
+    stream: bool = False,
 ) -> Image:
     """Record an image whose eStargz layers are laid out from their TOCs; any
-    other layer is pulled whole."""
+    other layer is pulled whole, except with *stream* the plain layers at the
+    top of the image that are not stored yet: a mount streams those in."""
     from .registry import ProgressLine, open_manifest
 
     client, data, digest = open_manifest(reference, options)
@@ -562,8 +568,14 @@ def pull_lazy(
     client.fetch_blob(store, reference.repository, config, progress)
     _, diff_ids = parse_config(store.read_blob(config.digest), config.digest, len(layers))
     lazy = 0
-    for layer, diff_id in zip(layers, diff_ids, strict=True):
-        if os.path.isdir(store.layer_path(diff_id)):
+    streamed = len(layers)
+    if stream:
+        while streamed > 0 and not os.path.isdir(store.layer_path(diff_ids[streamed - 1])):
+            if lazy_format(layers[streamed - 1]) is not None:
+                break
+            streamed -= 1
+    for position, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
+        if os.path.isdir(store.layer_path(diff_id)) or position >= streamed:
             continue
         if lazy_format(layer) is not None:
             _lay_out(store, client, reference.repository, layer, diff_id)
@@ -576,7 +588,10 @@ def pull_lazy(
     if lazy:
         note(f"{lazy} of {len(layers)} layers laid out from their TOCs; data comes on demand")
     name = reference.name if not reference.digest else f"{reference.repo}@{digest}"
-    return store.add_image(data, [name], note)
+    coming = sum(
+        1 for diff_id in diff_ids[streamed:] if not os.path.isdir(store.layer_path(diff_id))
+    )
+    return store.add_image(data, [name], note, coming=coming)
 
 
 def local_fraction(store: Store, image: Image) -> float:
@@ -586,6 +601,8 @@ def local_fraction(store: Store, image: Image) -> float:
         total += layer.size
         if is_incomplete(store, diff_id):
             local += LazyLayer(store, diff_id, _no_fetch, 0).local_bytes()
+        elif not os.path.isdir(store.layer_path(diff_id)):
+            continue  # still to stream in (a mount is, or one ended early)
         else:
             local += layer.size
     return local / total if total else 1.0

@@ -15,6 +15,7 @@ Small metadata updates (refs, container records) go through ROOT/refs.lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -27,7 +28,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import xxhash
 
@@ -376,25 +377,51 @@ class Store:
         target = self.layer_path(diff_id)
         if os.path.isdir(target):
             return target
+        if not self.has_blob(layer.digest):
+            raise StrataError(
+                f"layer {layer.digest} is not in the store (a streaming mount that"
+                " ended early?); pull the image again"
+            )
+        with open(self.blob_path(layer.digest), "rb") as blob:
+            return self.unpack_from(layer, diff_id, blob)
+
+    def stream_work_dir(self, diff_id: str) -> str:
+        """Where a layer unpacks before it takes its place in layers/."""
+        return os.path.join(self.tmp, f"layer-{check_digest(diff_id)[len('sha256:') :]}")
+
+    def unpack_from(
+        self,
+        layer: Descriptor,
+        diff_id: str,
+        blob: BinaryIO,
+        on_entry: Callable[[bytes, int], None] | None = None,
+        *,
+        work_made: bool = False,
+    ) -> str:
+        """Unpack layer *diff_id* from *blob* (its blob, or the stream of a
+        download still running) and check its DiffID. *work_made*: a mount
+        already serves the empty work directory (it streams the layer in)."""
+        target = self.layer_path(diff_id)
         hex_id = diff_id[len("sha256:") :]
         with self._flock(f"locks/{hex_id}", fcntl.LOCK_EX, wait=3600):
             if os.path.isdir(target):  # another command unpacked it meanwhile
                 return target
-            work = os.path.join(self.tmp, f"layer-{hex_id}")
-            if os.path.lexists(work):  # left by an interrupted unpack
-                shutil.rmtree(work)
-            os.mkdir(work, 0o755)
+            work = self.stream_work_dir(diff_id)
+            if not work_made:
+                if os.path.lexists(work):  # left by an interrupted unpack
+                    shutil.rmtree(work)
+                os.mkdir(work, 0o755)
             label = f"layer {layer.digest}"
             try:
-                with open(self.blob_path(layer.digest), "rb") as blob:
-                    hidden = FORMAT_ENTRIES if TOC_DIGEST_ANNOTATION in layer.annotations else None
-                    result = unpack_layer(
-                        blob,
-                        work,
-                        limit=self.layer_limit,
-                        label=label,
-                        hidden=hidden or frozenset(),
-                    )
+                hidden = FORMAT_ENTRIES if TOC_DIGEST_ANNOTATION in layer.annotations else None
+                result = unpack_layer(
+                    blob,
+                    work,
+                    limit=self.layer_limit,
+                    label=label,
+                    hidden=hidden or frozenset(),
+                    on_entry=on_entry,
+                )
                 if result.diff_id != diff_id:
                     raise StrataError(
                         f"{label}: its content has DiffID {result.diff_id},"
@@ -440,18 +467,28 @@ class Store:
         )
 
     def add_image(
-        self, manifest: bytes, names: list[str], progress: Callable[[str], None] | None = None
+        self,
+        manifest: bytes,
+        names: list[str],
+        progress: Callable[[str], None] | None = None,
+        *,
+        coming: int = 0,
     ) -> Image:
         """Record an image whose blobs are all stored: unpack and index its layers
-        (refusing layers that do not stack safely), then name it."""
+        (refusing layers that do not stack safely), then name it. The top
+        *coming* layers are still to stream in; a mount checks them once here."""
         digest = self.put_blob(manifest)
         image = self.load_image(digest)
-        for layer, diff_id in zip(image.layers, image.diff_ids, strict=True):
+        here = len(image.layers) - coming
+        for layer, diff_id in list(zip(image.layers, image.diff_ids, strict=True))[:here]:
             lazy = os.path.isdir(self.lazy_state_dir(diff_id))  # its data comes later
             if not self.has_blob(layer.digest) and not lazy:
                 raise StrataError(f"layer {layer.digest} is not in the store")
-        paths = self.unpack_all(image, progress)
-        self.index_layers(paths, image.diff_ids)
+        below = dataclasses.replace(
+            image, layers=image.layers[:here], diff_ids=image.diff_ids[:here]
+        )
+        paths = self.unpack_all(below, progress)
+        self.index_layers(paths, below.diff_ids)
         if names:
             with self._records():
                 refs = self.refs()

@@ -1,0 +1,187 @@
+"""Streaming mounts of plain layers from a real docker-registry: `strata
+mount --lazy` of an image without TOCs serves at once, answers lookups of
+what has arrived while the pull still runs, waits for the rest, and ends as
+an ordinary stored image with the same inode numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import json
+import os
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from tests.hostile import Misbehaviour, misbehaving_proxy
+from tests.images import build_busybox, umoci_rootfs
+from tests.mounts import strata, unmount
+from tests.registry import run_registry
+from tests.trees import differences, snapshot
+
+TLS = "--tls-verify=false"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The three-layer busybox image in a store; returns (store, reference tree)."""
+    top = str(tmp_path_factory.mktemp("stream-source"))
+    layout, tag = build_busybox(f"{top}/image")
+    store = f"{top}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    return store, umoci_rootfs(layout, tag, f"{top}/reference")
+
+
+def layer_blobs(store: str, image: str) -> list[tuple[str, int]]:
+    info = json.loads(strata(store, "inspect", image).stdout)
+    return [(layer["digest"], layer["size"]) for layer in info["manifest"]["layers"]]
+
+
+def first_file(store: str, digest: str) -> str:
+    """The first regular file of a stored layer blob, in tar order."""
+    with tarfile.open(f"{store}/blobs/sha256/{digest[7:]}", "r|*") as tar:
+        for member in tar:
+            if member.isreg() and not os.path.basename(member.name).startswith(".wh."):
+                return member.name.removeprefix("./")
+    raise AssertionError("no regular file in the layer")
+
+
+def stored_layers(store: str) -> list[str]:
+    return os.listdir(f"{store}/layers")
+
+
+def test_a_plain_image_serves_while_it_streams_in(scratch: str, source: tuple[str, str]) -> None:
+    blobs = layer_blobs(source[0], "busybox")
+    total = sum(size for _, size in blobs)
+    early = first_file(source[0], blobs[-1][0])  # the top layer streams in first
+    store, mnt, ordinary = f"{scratch}/store", f"{scratch}/mnt", f"{scratch}/ordinary"
+    os.makedirs(mnt)
+    os.makedirs(ordinary)
+    # A link slow enough that the pull takes seconds.
+    plan = Misbehaviour(latency=0.02, rate=total / 6)
+    strata(source[0], "mount", "--read-only", "busybox", ordinary)
+    with contextlib.ExitStack() as stack:
+        stack.callback(unmount, source[0], ordinary)
+        registry = stack.enter_context(run_registry(f"{scratch}/registry"))
+        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
+        with misbehaving_proxy(registry.host, plan) as proxy:
+            image = f"{proxy}/plain:latest"
+            started = time.monotonic()
+            strata(store, "mount", "--lazy", TLS, image, mnt, "--name", "c")
+            try:
+                ready = time.monotonic() - started
+                # Served before any layer is whole: a name that has arrived.
+                with open(f"{mnt}/{early}", "rb") as handle:
+                    data = handle.read()
+                early_ino = os.stat(f"{mnt}/{early}").st_ino
+                assert len(stored_layers(store)) < len(blobs), "the pull had ended already"
+                with open(f"{source[1]}/{early}", "rb") as handle:
+                    assert data == handle.read()
+                # A name that is nowhere waits for the end, then is missing.
+                assert not os.path.lexists(f"{mnt}/no/such/name")
+                assert len(stored_layers(store)) == len(blobs)
+                # Listings wait for every layer (a directory's link count is
+                # known only then); after that the tree is the image's.
+                os.listdir(mnt)
+                assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
+                # And to the attribute, what a mount of the image pulled whole
+                # shows (but the root, which is the container's own directory).
+                found = differences(snapshot(ordinary), snapshot(mnt))
+                assert [line for line in found if not line.startswith("b'': ")] == []
+                assert os.stat(f"{mnt}/{early}").st_ino == early_ino
+                assert float(json.loads(strata(store, "images", "--json").stdout)[0]["local"]) == 1
+                # Changes, made after the streams, land in the container.
+                with open(f"{mnt}/etc/motd", "a") as handle:
+                    handle.write("changed\n")
+            finally:
+                unmount(store, mnt)
+    assert ready < 0.5 * total / plan.rate, f"ready after {ready:.1f} s"
+    # An ordinary stored image now: mounts with no registry, same inode numbers.
+    strata(store, "mount", image, mnt, "--name", "c")
+    try:
+        assert os.stat(f"{mnt}/{early}").st_ino == early_ino
+        with open(f"{mnt}/etc/motd") as handle:
+            assert handle.read().endswith("changed\n")
+    finally:
+        unmount(store, mnt)
+    strata(store, "rm", "c")
+    strata(store, "rmi", image)
+    strata(store, "prune")
+    assert stored_layers(store) == [] and glob.glob(f"{store}/tmp/layer-*") == []
+
+
+def _command_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def test_a_command_starts_before_the_pull_ends(scratch: str, source: tuple[str, str]) -> None:
+    """busybox is static: its exec needs only the names on its path (what it
+    looks up after, /proc here, is nowhere in the image, so it waits)."""
+    blobs = layer_blobs(source[0], "busybox")
+    total = sum(size for _, size in blobs)
+    store, mnt = f"{scratch}/store", f"{scratch}/mnt"
+    os.makedirs(mnt)
+    plan = Misbehaviour(latency=0.02, rate=total / 6)
+    with run_registry(f"{scratch}/registry") as registry:
+        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
+        with misbehaving_proxy(registry.host, plan) as proxy:
+            strata(store, "mount", "--lazy", "--read-only", TLS, f"{proxy}/plain:latest", mnt)
+            try:
+                command = subprocess.Popen(
+                    ["chroot", mnt, "/bin/busybox", "echo", "started"],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                # It has started once its exec is done: the process is busybox.
+                deadline = time.monotonic() + 120
+                while _command_name(command.pid) != "busybox":
+                    assert command.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.01)
+                layers_then = len(stored_layers(store))
+                out, _ = command.communicate(timeout=120)
+                assert command.returncode == 0 and out == "started\n"
+                assert layers_then < len(blobs), "the pull had ended before the command started"
+            finally:
+                unmount(store, mnt)
+
+
+def test_a_tampered_layer_is_eio_and_keeps_nothing(scratch: str, source: tuple[str, str]) -> None:
+    """A plain layer is checked only whole: a stream whose data is wrong fails
+    at the end (or where it stops making sense), and nothing of it is stored."""
+    blobs = layer_blobs(source[0], "busybox")
+    top = blobs[-1][0][7:]
+    store, mnt = f"{scratch}/store", f"{scratch}/mnt"
+    os.makedirs(mnt)
+    with run_registry(f"{scratch}/registry") as registry:
+        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
+        (stored,) = glob.glob(f"{scratch}/registry/data/**/{top}/data", recursive=True)
+        with open(stored, "r+b") as handle:  # one byte near the end of the top layer
+            handle.seek(-12, os.SEEK_END)
+            byte = handle.read(1)
+            handle.seek(-12, os.SEEK_END)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        strata(store, "mount", "--lazy", "--read-only", TLS, f"{registry.host}/plain:latest", mnt)
+        try:
+            with pytest.raises(OSError) as listing:
+                os.listdir(mnt)
+            assert listing.value.errno == errno.EIO
+            with pytest.raises(OSError) as lookup:
+                os.stat(f"{mnt}/no/such/name")
+            assert lookup.value.errno == errno.EIO
+            logs = []
+            for path in glob.glob(f"{store}/logs/*.log"):
+                with open(path) as handle:
+                    logs.append(handle.read())
+            assert "streaming a layer failed" in "".join(logs)
+        finally:
+            unmount(store, mnt)
+    assert stored_layers(store) == []
+    assert not os.path.exists(f"{store}/blobs/sha256/{top}")
+    assert glob.glob(f"{store}/tmp/layer-*") == []

@@ -1,0 +1,288 @@
+"""Lower layers that arrive as a stream while the view is mounted.
+
+A plain (gzip, zstd, uncompressed) layer names its files only as its tar
+stream passes them, so the index cannot hold it until it has arrived whole.
+Until then the view answers lookups from what each streamed layer has
+unpacked so far (a StreamTree per layer) over the indexed layers below them.
+An answer is given only once nothing still to come can change it: a name the
+topmost unfinished layer does not hold yet may still arrive, so such a lookup
+waits. Listings wait for the end, since any name may still arrive.
+
+Every entry gets its inode number when it arrives; `presets` hands those
+numbers to the final merge, so the indexed view that replaces this one shows
+the same inodes the kernel already knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat
+import threading
+
+from . import overrides
+from .index import ROOT_INO, Index
+from .layer import (
+    OPAQUE_MARKER,
+    WHITEOUT_PREFIX,
+    read_xattrs,
+    visible_xattrs,
+)
+from .nodes import FsError
+from .records import Entry, entry_from_stat
+from .upper import join
+
+_INO_BATCH = 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Presets:
+    """Inode numbers the final merge must keep: directories by merged path,
+    files by their host inode (st_dev, st_ino), which hardlinks share."""
+
+    dirs: dict[bytes, int]
+    files: dict[tuple[int, int], int]
+
+
+class _Unknown:
+    """The answer of a lookup that what is still to arrive may change."""
+
+
+UNKNOWN = _Unknown()
+
+
+def _parent(path: bytes) -> tuple[bytes, bytes]:
+    head, _, tail = path.rpartition(b"/")
+    return head, tail
+
+
+def _prefixes(path: bytes) -> list[bytes]:
+    parts = path.split(b"/") if path else []
+    return [b"/".join(parts[: depth + 1]) for depth in range(len(parts))]
+
+
+class StreamTree:
+    """What one streamed layer has unpacked so far, by layer path."""
+
+    def __init__(self, number: int, root: bytes) -> None:
+        self.number = number
+        self.root = root  # the directory it unpacks into
+        self.entries: dict[bytes, Entry] = {}
+        self.implicit: set[bytes] = set()  # directories only implied by deeper names
+        self.whiteouts: dict[bytes, set[bytes]] = {}
+        self.opaque: set[bytes] = set()
+        self.done = False
+
+    def hides(self, dir_path: bytes) -> bool:
+        """Whether this layer hides *dir_path* from the layers below it (a
+        non-directory or a whiteout at it or above it)."""
+        for prefix in _prefixes(dir_path):
+            entry = self.entries.get(prefix)
+            if entry is not None and not entry.is_dir:
+                return True
+            head, tail = _parent(prefix)
+            if tail in self.whiteouts.get(head, ()):
+                return True
+        return False
+
+    def opaque_at(self, dir_path: bytes) -> bool:
+        """Whether this layer ends what shows of *dir_path* from below
+        (a layer's root is never opaque, as in overlayfs)."""
+        return any(prefix in self.opaque for prefix in _prefixes(dir_path))
+
+    def drop(self, path: bytes) -> None:
+        """Forget *path* and what lies beneath it: a later tar entry replaced it."""
+        self.entries.pop(path, None)
+        self.implicit.discard(path)
+        prefix = path + b"/"
+        for name in [name for name in self.entries if name.startswith(prefix)]:
+            del self.entries[name]
+            self.implicit.discard(name)
+
+
+class StreamedLayers:
+    """The provisional lower view: streamed layers (top first) over an
+    indexed base. Written by the threads that unpack the layers, read by the
+    view; every access holds the condition's lock."""
+
+    def __init__(
+        self,
+        index: Index,
+        base_root: Entry | None,
+        trees: list[StreamTree],
+    ) -> None:
+        self.index = index
+        self.base_root = base_root
+        self.trees = trees  # top first
+        self.changed = threading.Condition()
+        self.failed: str | None = None  # why a layer will never arrive
+        self.dir_inos: dict[bytes, int] = {}
+        self.file_inos: dict[tuple[int, int], int] = {}
+        self._next_ino = self._last_ino = 0
+        self.root = self._initial_root()
+
+    def _initial_root(self) -> Entry:
+        if self.base_root is not None:
+            return self.base_root
+        st = os.lstat(self.trees[-1].root)
+        return entry_from_stat(ROOT_INO, st, self.trees[-1].number, nlink=2)
+
+    @property
+    def complete(self) -> bool:
+        return all(tree.done for tree in self.trees)
+
+    def presets(self) -> Presets:
+        with self.changed:
+            return Presets(dict(self.dir_inos), dict(self.file_inos))
+
+    def _allocate(self) -> int:
+        if self._next_ino >= self._last_ino:
+            with self.index.write() as txn:
+                self._next_ino = self.index.allocate(txn, b"next_ino", _INO_BATCH)
+            self._last_ino = self._next_ino + _INO_BATCH
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    # Written by the unpacking threads ------------------------------------------
+
+    def record(self, tree: StreamTree, rel: bytes, mtime_ns: int) -> None:
+        """Entry *rel* of *tree* is unpacked whole (data and metadata)."""
+        if not rel:
+            return  # the root's attributes come with the switch to the index
+        head, name = _parent(rel)
+        with self.changed:
+            if name.startswith(WHITEOUT_PREFIX):
+                if name == OPAQUE_MARKER:
+                    tree.opaque.add(head)
+                elif not name.startswith(b".wh..wh."):
+                    tree.whiteouts.setdefault(head, set()).add(name[len(WHITEOUT_PREFIX) :])
+                self._imply(tree, head, mtime_ns)
+                self.changed.notify_all()
+                return
+            path = os.path.join(tree.root, rel)
+            st = os.lstat(path)
+            self._imply(tree, head, mtime_ns)
+            old = tree.entries.get(rel)
+            if old is not None and (not old.is_dir or not stat.S_ISDIR(st.st_mode)):
+                tree.drop(rel)
+            tree.implicit.discard(rel)
+            tree.entries[rel] = self._entry(tree, rel, path, st, mtime_ns)
+            self.changed.notify_all()
+
+    def _imply(self, tree: StreamTree, dir_path: bytes, mtime_ns: int) -> None:
+        """Directories above an entry that the tar did not list (yet)."""
+        for prefix in _prefixes(dir_path):
+            if prefix not in tree.entries:
+                path = os.path.join(tree.root, prefix)
+                tree.entries[prefix] = self._entry(tree, prefix, path, os.lstat(path), mtime_ns)
+                tree.implicit.add(prefix)
+
+    def _entry(
+        self, tree: StreamTree, rel: bytes, path: bytes, st: os.stat_result, mtime_ns: int
+    ) -> Entry:
+        xattrs = read_xattrs(path)
+        if stat.S_ISDIR(st.st_mode):
+            ino = self.dir_inos.get(rel)
+            if ino is None:
+                ino = self.dir_inos[rel] = self._allocate()
+            # A directory's own mtime moves as it fills; the tar's is what stays.
+            times: int | None = mtime_ns
+        else:
+            key = (st.st_dev, st.st_ino)
+            ino = self.file_inos.get(key) or self._allocate()
+            self.file_inos[key] = ino
+            times = None
+        target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else b""
+        entry = entry_from_stat(
+            ino,
+            st,
+            tree.number,
+            nlink=2 if stat.S_ISDIR(st.st_mode) else None,
+            host_ino=st.st_ino,
+            path=rel if stat.S_ISREG(st.st_mode) else b"",
+            target=target,
+            xattrs=visible_xattrs(xattrs),
+        )
+        if times is not None:
+            entry = dataclasses.replace(entry, mtime_ns=times, atime_ns=times)
+        override = overrides.from_xattrs(xattrs)
+        return entry if override is None else override.apply(entry)
+
+    def finish(self, tree: StreamTree) -> None:
+        with self.changed:
+            tree.done = True
+            self.changed.notify_all()
+
+    def fail(self, reason: str) -> None:
+        with self.changed:
+            self.failed = reason
+            self.changed.notify_all()
+
+    # Read by the view ------------------------------------------------------------
+
+    def child(self, dir_path: bytes, name: bytes, *, wait: bool = True) -> Entry | _Unknown | None:
+        """What NAME in the merged directory *dir_path* is. Waits (blocking)
+        until nothing still to arrive can change the answer; without *wait*,
+        UNKNOWN then. FsError(EIO) if a layer will never arrive."""
+        with self.changed:
+            while True:
+                found = self._child(0, dir_path, name)
+                if found is not UNKNOWN or not wait:
+                    return found
+                if self.failed is not None:
+                    raise FsError(errno.EIO, f"streamed layer lost: {self.failed}")
+                self.changed.wait()
+
+    def at(self, path: bytes) -> Entry | None:
+        """The entry at a lower path, from the root (waits like child)."""
+        entry: Entry | None = self.root
+        parent = b""
+        for part in path.split(b"/"):
+            if not part:
+                continue
+            if entry is None or not entry.is_dir:
+                return None
+            found = self.child(parent, part)
+            assert not isinstance(found, _Unknown)
+            entry = found
+            parent = join(parent, part)
+        return entry
+
+    def _child(self, first: int, dir_path: bytes, name: bytes) -> Entry | _Unknown | None:
+        path = join(dir_path, name)
+        for position in range(first, len(self.trees)):
+            tree = self.trees[position]
+            if tree.hides(dir_path):
+                return None
+            entry = tree.entries.get(path)
+            if entry is not None:
+                if path in tree.implicit:
+                    # Only implied here: it shows the attributes of the directory
+                    # below, if any; until that is known, its own (the name is
+                    # sure to be a directory, which is what a walk needs).
+                    below = self._child(position + 1, dir_path, name)
+                    if isinstance(below, Entry) and below.is_dir:
+                        return dataclasses.replace(below, ino=entry.ino)
+                return entry
+            if name in tree.whiteouts.get(dir_path, ()):
+                return None
+            if not tree.done:
+                return UNKNOWN
+            if tree.opaque_at(dir_path):
+                return None
+        if self.base_root is None:
+            return None
+        with self.index.read() as txn:
+            found = self.index.lookup_path(txn, self.base_root, path)
+        if found is not None and found.is_dir and path in self.dir_inos:
+            # A streamed layer made this directory first: its number stays.
+            return dataclasses.replace(found, ino=self.dir_inos[path])
+        return found
+
+    def wait_complete(self) -> None:
+        """Block until every streamed layer has arrived, or one is lost."""
+        with self.changed:
+            while not self.complete and self.failed is None:
+                self.changed.wait()
