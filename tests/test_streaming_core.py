@@ -1,0 +1,128 @@
+"""The provisional view of layers that stream in (core/streaming.py), without
+mounting: an answer comes only once nothing still to arrive can change it,
+and the index that replaces the view keeps every inode number it showed."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from tests.layers import write
+from unionfs.core.index import ROOT_INO, Index
+from unionfs.core.nodes import FsError
+from unionfs.core.records import Entry
+from unionfs.core.stack import layer_numbers, prepare_stack
+from unionfs.core.streaming import UNKNOWN, StreamedLayers, StreamTree
+from unionfs.core.view import UnionView
+
+KNOWN = [b"base", b"middle", b"top"]
+Streams = tuple[Index, list[str], StreamedLayers, list[StreamTree]]
+
+
+@pytest.fixture
+def stack(scratch: str) -> Streams:
+    """A base layer, indexed, and two layers (middle, top) still to arrive."""
+    paths = [os.path.join(scratch, name) for name in ("base", "middle", "top")]
+    for path in paths:
+        os.mkdir(path)
+    write(f"{paths[0]}/etc/passwd", "base passwd\n")
+    write(f"{paths[0]}/etc/hosts", "base hosts\n")
+    write(f"{paths[0]}/opt/old/a", "old a\n")
+    index = Index(os.path.join(scratch, "index"))
+    base = prepare_stack(index, paths[:1], known_ids=KNOWN[:1])
+    numbers = layer_numbers(index, paths[1:], KNOWN[1:])
+    trees = [StreamTree(n, os.fsencode(p)) for n, p in zip(numbers, paths[1:], strict=True)]
+    return index, paths, StreamedLayers(index, base.root, trees[::-1]), trees
+
+
+def arrive(streaming: StreamedLayers, tree: StreamTree, rel: str, data: str = "") -> None:
+    """What the unpacker does: the entry on disk, then recorded."""
+    path = os.path.join(os.fsdecode(tree.root), rel)
+    if rel.endswith("/"):
+        os.makedirs(path, exist_ok=True)
+    else:
+        write(path, data)
+    streaming.record(tree, rel.rstrip("/").encode(), 1_700_000_000 * 10**9)
+
+
+def test_answers_wait_for_what_could_still_change_them(stack: Streams) -> None:
+    _, _, streaming, (middle, top) = stack
+    # Nothing has arrived: a name of the base may still be replaced or hidden.
+    assert streaming.child(b"etc", b"passwd", wait=False) is UNKNOWN
+    arrive(streaming, top, "etc/passwd", "top passwd\n")
+    found = streaming.child(b"etc", b"passwd", wait=False)
+    assert isinstance(found, Entry) and found.layer == top.number
+    # The top layer hides a base file: known before the middle layer is.
+    arrive(streaming, top, "etc/.wh.hosts")
+    assert streaming.child(b"etc", b"hosts", wait=False) is None
+    # opt is implied by top's opt/new (no entry of its own): a directory at
+    # once, its attributes those of the base's opt once the middle is done.
+    arrive(streaming, top, "opt/new", "new\n")
+    implied = streaming.child(b"", b"opt", wait=False)
+    assert isinstance(implied, Entry) and implied.is_dir
+    # A name only the base has waits for the top and the middle layer.
+    assert streaming.child(b"opt/old", b"a", wait=False) is UNKNOWN
+    streaming.finish(top)
+    assert streaming.child(b"opt/old", b"a", wait=False) is UNKNOWN
+    # A waiting lookup (another thread) is answered once the middle is done.
+    answers: list[object] = []
+    waiter = threading.Thread(target=lambda: answers.append(streaming.child(b"opt/old", b"a")))
+    waiter.start()
+    arrive(streaming, middle, "opt/old/b", "middle b\n")
+    streaming.finish(middle)
+    waiter.join(timeout=10)
+    assert len(answers) == 1 and answers[0] is not None and answers[0] is not UNKNOWN
+    assert streaming.child(b"", b"missing", wait=False) is None
+    below = streaming.child(b"", b"opt", wait=False)
+    assert isinstance(below, Entry)
+    assert below.ino == implied.ino  # a number shown stays
+
+
+def test_a_lost_stream_is_eio_for_what_waits(stack: Streams) -> None:
+    _, _, streaming, _ = stack
+    streaming.fail("the registry went away")
+    with pytest.raises(FsError) as caught:
+        streaming.child(b"etc", b"passwd")
+    assert caught.value.errno == 5
+
+
+def test_the_index_keeps_the_numbers_the_stream_showed(stack: Streams) -> None:
+    index, paths, streaming, (middle, top) = stack
+    arrive(streaming, middle, "usr/bin/", "")
+    arrive(streaming, middle, "usr/bin/tool", "tool\n")
+    os.link(f"{paths[1]}/usr/bin/tool", f"{paths[1]}/usr/bin/alias")
+    streaming.record(middle, b"usr/bin/alias", 0)
+    arrive(streaming, top, "etc/passwd", "top passwd\n")
+    view = UnionView(index, streaming.root, {}, streaming=streaming)
+    try:
+        view.layer_fds.update(
+            {tree.number: os.open(tree.root, os.O_PATH) for tree in (middle, top)}
+        )
+        streaming.finish(top)
+        streaming.finish(middle)
+        shown = {}
+        for path in ("usr", "usr/bin", "usr/bin/tool", "usr/bin/alias", "etc", "etc/passwd"):
+            ino = ROOT_INO
+            for name in path.split("/"):
+                node = view.lookup(ino, name.encode())
+                assert node is not None, path
+                ino = node.ino
+            shown[path] = ino
+        assert shown["usr/bin/tool"] == shown["usr/bin/alias"]  # a hardlink, one inode
+        fd = view.open_data(shown["etc/passwd"])
+        try:
+            assert os.pread(fd, 100, 0) == b"top passwd\n"
+        finally:
+            os.close(fd)
+        final = prepare_stack(index, paths, known_ids=KNOWN, presets=streaming.presets())
+        view.switch_to_index(final.root, final.layers)
+        with index.read() as txn:
+            for path, ino in shown.items():
+                entry = index.lookup_path(txn, final.root, path.encode())
+                assert entry is not None and entry.ino == ino, path
+        listed = {name for _, name, _ in view.listdir(shown["usr/bin"])}
+        assert listed == {b".", b"..", b"tool", b"alias"}
+    finally:
+        view.close()
