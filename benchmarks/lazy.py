@@ -10,6 +10,10 @@ the page cache dropped:
 
   full   `strata pull`, `strata mount --read-only`, then the command
   lazy   `strata mount --lazy --read-only`, then the command
+  plain  the same lazy mount of the image as it was (plain gzip, no TOC):
+         it streams in while the mount serves; reported are when the
+         command started (its exec done), when the pull ended (the layer
+         stored) and when the command ended
 
 and reports the time to the command's end, the blob bytes that crossed the
 link by then, and the command again on each mount with caches dropped (its
@@ -54,6 +58,29 @@ def in_chroot(mountpoint: str) -> None:
     subprocess.run(["chroot", mountpoint, *COMMAND], check=True)
 
 
+def started_then_ended(mountpoint: str, store: str, since: float) -> tuple[float, float, float]:
+    """Run the command on a mount whose layer streams in: (when its exec was
+    done, when the layer was stored, when it ended), in seconds from *since*."""
+    command = subprocess.Popen(["chroot", mountpoint, *COMMAND])
+    exec_done = stored = 0.0
+    while command.poll() is None or not stored:
+        now = time.perf_counter() - since
+        if not exec_done:
+            try:
+                with open(f"/proc/{command.pid}/comm") as handle:
+                    if handle.read().strip().startswith("python3"):
+                        exec_done = now
+            except FileNotFoundError:
+                pass
+        if not stored and os.listdir(f"{store}/layers"):
+            stored = now
+        time.sleep(0.005)
+    ended = time.perf_counter() - since
+    if command.returncode != 0 or not exec_done:
+        raise SystemExit("the command failed on the streaming mount")
+    return exec_done, stored, ended
+
+
 def build_image(top: str) -> tuple[str, str]:
     """Debian 12 minbase with python3, packed by umoci as one layer."""
     layout, bundle = debootstrap_image(top, "py", include=["python3"])
@@ -82,11 +109,14 @@ def main() -> None:
                "--prefetch", reads)  # fmt: skip
         results: dict[str, list[float]] = {
             key: []
-            for key in ("full", "lazy", "lazy ready", "lazy bytes", "full again", "lazy again")
-        }
+            for key in ("full", "lazy", "lazy ready", "lazy bytes", "full again", "lazy again",
+                        "plain started", "plain stored", "plain")
+        }  # fmt: skip
         with run_registry(f"{top}/registry") as registry:
             strata(source, "push", "--quiet", "--tls-verify=false", "debian:esgz",
                    f"{registry.host}/debian:esgz")  # fmt: skip
+            strata(source, "push", "--quiet", "--tls-verify=false", "debian:py",
+                   f"{registry.host}/debian:plain")  # fmt: skip
             sizes = subprocess.run(
                 [*STRATA, "--root", source, "images", "--json"], capture_output=True, text=True
             ).stdout
@@ -95,7 +125,7 @@ def main() -> None:
             with misbehaving_proxy(registry.host, plan) as proxy:
                 image = f"{proxy}/debian:esgz"
                 for number in range(args.rounds):
-                    for kind in ("full", "lazy"):
+                    for kind in ("full", "lazy", "plain"):
                         store, mountpoint = f"{top}/{kind}-{number}", f"{top}/mnt-{kind}-{number}"
                         os.makedirs(mountpoint)
                         drop_caches()
@@ -104,6 +134,19 @@ def main() -> None:
                         if kind == "full":
                             strata(store, "pull", "--quiet", "--tls-verify=false", image)
                             strata(store, "mount", "--read-only", image, mountpoint)
+                        elif kind == "plain":
+                            strata(store, "mount", "--lazy", "--read-only", "--quiet",
+                                   "--tls-verify=false", f"{proxy}/debian:plain",
+                                   mountpoint)  # fmt: skip
+                            try:
+                                times = started_then_ended(mountpoint, store, started)
+                            finally:
+                                strata(store, "umount", mountpoint)
+                            for key, value in zip(("plain started", "plain stored", "plain"),
+                                                  times, strict=True):  # fmt: skip
+                                results[key].append(value)
+                            shutil.rmtree(store)
+                            continue
                         else:
                             strata(store, "mount", "--lazy", "--read-only", "--quiet",
                                    "--tls-verify=false", image, mountpoint)  # fmt: skip
@@ -146,6 +189,10 @@ def main() -> None:
             f"| same on the lazy mount, data local | {spread('lazy again', digits=3)} |"
             f" {median['lazy again'] / median['full again']:.2f}x, at most 1.2x |"
         )
+        print(f"| plain gzip, lazy mount: the command started | {spread('plain started')} |"
+              f" before the pull ends |")  # fmt: skip
+        print(f"| plain gzip: the pull ended (layer stored) | {spread('plain stored')} | |")
+        print(f"| plain gzip: the command ended | {spread('plain')} | |")
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
