@@ -181,7 +181,11 @@ class LayerStream:
             except BaseException as exc:
                 errors.append(exc)
 
-        fetcher = threading.Thread(target=download, name=f"download {blob.digest[7:19]}")
+        # A daemon: a mount that ends mid-stream leaves the partial blob for
+        # the next pull to resume, instead of waiting for the download.
+        fetcher = threading.Thread(
+            target=download, name=f"download {blob.digest[7:19]}", daemon=True
+        )
         if store.has_blob(blob.digest):
             source: io.RawIOBase = open(store.blob_path(blob.digest), "rb", buffering=0)  # noqa: SIM115
         else:
@@ -200,7 +204,7 @@ class LayerStream:
             )
         finally:
             source.close()
-            if fetcher.is_alive() or fetcher.ident is not None:
+            if fetcher.ident is not None and not stop.is_set():
                 fetcher.join()
         if errors:  # the content was right (its DiffID), the blob was not
             raise errors[0]
