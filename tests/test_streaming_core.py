@@ -126,3 +126,24 @@ def test_the_index_keeps_the_numbers_the_stream_showed(stack: Streams) -> None:
         assert listed == {b".", b"..", b"tool", b"alias"}
     finally:
         view.close()
+
+
+def test_an_ordered_stream_answers_misses_before_its_end(
+    stack: Streams, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer tar in path order (what docker, buildkit, umoci write) has
+    passed a name's place once a later path arrived: a miss is known then."""
+    _, _, streaming, (middle, top) = stack
+    streaming.finish(middle)  # nothing in it
+    for rel in ("etc/", "etc/a", "etc/c", "usr/", "usr/x"):
+        arrive(streaming, top, rel)
+    assert streaming.child(b"etc", b"b", wait=False) is None  # its place is passed
+    assert streaming.child(b"etc", b"passwd", wait=False) is not UNKNOWN  # the base's
+    assert streaming.child(b"usr", b"y", wait=False) is UNKNOWN  # may still come
+    assert streaming.child(b"", b"var", wait=False) is UNKNOWN
+    # A path out of order: said in the log, and misses wait for the end again.
+    arrive(streaming, top, "etc/b")
+    assert "not in path order" in caplog.text
+    assert streaming.child(b"etc", b"d", wait=False) is UNKNOWN
+    streaming.finish(top)
+    assert streaming.child(b"etc", b"d", wait=False) is None

@@ -230,7 +230,10 @@ class StrataOperations(pyfuse3.Operations):
             # st_ino 0 with a timeout: the kernel caches the miss.
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
-            negative.entry_timeout = self.timeout
+            # While layers stream in, a miss may rest on the stream's order
+            # (core/streaming.py): kept briefly, in case that order breaks.
+            streaming = self.view.streaming is not None
+            negative.entry_timeout = STREAMING_TIMEOUT if streaming else self.timeout
             return negative
         return self._node_attributes(node)
 

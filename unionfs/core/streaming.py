@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import stat
 import threading
@@ -34,6 +35,8 @@ from .records import Entry, entry_from_stat
 from .upper import join
 
 _INO_BATCH = 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +76,51 @@ class StreamTree:
         self.whiteouts: dict[bytes, set[bytes]] = {}
         self.opaque: set[bytes] = set()
         self.done = False
+        # The orders the stream has kept so far: full paths byte by byte (how
+        # docker sorts a layer's changes) and name by name, depth first (a
+        # directory walk: umoci, buildkit, containers/storage). Either keeps a
+        # directory's entries together, so once the stream has passed a
+        # path's place, that path will not come (see passed).
+        self.last: bytes | None = None
+        self.bytewise = True
+        self.walkwise = True
+
+    def arrived(self, rel: bytes) -> bool:
+        """Note that *rel* came next; False if that breaks an order the stream
+        kept until now while that order said such a path would not come."""
+        last = self.last
+        self.last = rel
+        if last is None:
+            return True
+        claimed = self.passed(rel)
+        if rel <= last:
+            self.bytewise = False
+        if rel.split(b"/") <= last.split(b"/"):
+            self.walkwise = False
+        return not claimed
+
+    def passed(self, path: bytes) -> bool:
+        """Whether the stream has gone past *path*'s place in an order it has
+        kept so far (so, if it keeps it, an entry at *path* will not come)."""
+        last = self.last
+        if self.done:
+            return True
+        if last is None:
+            return False
+        if self.bytewise and path <= last:
+            return True
+        return self.walkwise and path.split(b"/") <= last.split(b"/")
+
+    def settled(self, dir_path: bytes, name: bytes) -> bool:
+        """Whether every entry that could still bring, hide or reveal NAME in
+        *dir_path* in this layer has had its place in the stream: the name,
+        its whiteout, and each directory above with its opaque marker and its
+        own whiteout."""
+        places = [join(dir_path, name), join(dir_path, WHITEOUT_PREFIX + name)]
+        for prefix in _prefixes(dir_path):  # a layer's root is never opaque
+            head, tail = _parent(prefix)
+            places += [prefix, join(prefix, OPAQUE_MARKER), join(head, WHITEOUT_PREFIX + tail)]
+        return all(self.passed(place) for place in places)
 
     def hides(self, dir_path: bytes) -> bool:
         """Whether this layer hides *dir_path* from the layers below it (a
@@ -153,6 +201,13 @@ class StreamedLayers:
             return  # the root's attributes come with the switch to the index
         head, name = _parent(rel)
         with self.changed:
+            if not tree.arrived(rel):
+                log.warning(
+                    "layer %s is not in path order (%s came late): lookups wait for"
+                    " its end now, and a name answered missing before may exist",
+                    os.fsdecode(tree.root),
+                    os.fsdecode(rel),
+                )
             if name.startswith(WHITEOUT_PREFIX):
                 if name == OPAQUE_MARKER:
                     tree.opaque.add(head)
@@ -268,7 +323,7 @@ class StreamedLayers:
                 return entry
             if name in tree.whiteouts.get(dir_path, ()):
                 return None
-            if not tree.done:
+            if not tree.done and not tree.settled(dir_path, name):
                 return UNKNOWN
             if tree.opaque_at(dir_path):
                 return None
