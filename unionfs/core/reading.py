@@ -662,11 +662,13 @@ class ReadPath:
         assert node.lower is not None
         return [key for key, _ in node.lower.xattrs]
 
-    def statfs_path(self) -> str:
-        """The filesystem whose figures statfs reports: UPPER's, else the top layer's."""
+    def statfs_path(self) -> str | int:
+        """The filesystem whose figures statfs reports: UPPER's, else the top
+        layer's (by descriptor: a layer streaming in moves when it is whole)."""
         if self.store is not None:
             return os.fsdecode(self.store.root)
-        return list(self.layer_paths.values())[-1]  # insertion order: bottom to top
+        top = list(self.layer_paths)[-1]  # insertion order: bottom to top
+        return self.layer_fds.get(top, self.layer_paths[top])
 
 
 def _merge_by_hash(
