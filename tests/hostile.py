@@ -188,6 +188,10 @@ class Misbehaviour:
     latency: float = 0.0
     rate: float = 0.0
     sent_bytes: int = 0
+    # A registry gone away: while set, transfers under way break off and new
+    # requests are dropped without an answer.
+    away: bool = False
+    away_after_cut: bool = False  # go away right after cutting a blob reply
 
 
 @contextlib.contextmanager
@@ -204,6 +208,8 @@ def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
                 begin = max(time.monotonic(), link_free[0])
                 link_free[0] = begin + len(data) / plan.rate
                 done = link_free[0]
+            if plan.away:
+                raise ConnectionAbortedError("the registry went away")
             wfile.write(data)
             time.sleep(max(0.0, done - time.monotonic()))
 
@@ -220,6 +226,9 @@ def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
             self.forward()
 
         def forward(self) -> None:
+            if plan.away:
+                self.close_connection = True
+                return
             headers = {
                 key: value
                 for key, value in self.headers.items()
@@ -268,12 +277,16 @@ def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 self.close_connection = True
+                plan.away = plan.away or plan.away_after_cut
                 return
             if is_blob:
                 with lock:
                     plan.sent_bytes += len(body)
             if is_blob and plan.rate:
-                paced_write(self.wfile, body)
+                try:
+                    paced_write(self.wfile, body)
+                except ConnectionAbortedError:
+                    self.close_connection = True
             else:
                 self.wfile.write(body)
 

@@ -289,6 +289,30 @@ def test_broken_download_resumes_with_range(scratch: str, plain_registry: Regist
         assert os.path.getsize(f"{mnt}/data/one") == 300_000
 
 
+def test_a_registry_gone_mid_download_keeps_what_arrived(
+    scratch: str, plain_registry: Registry
+) -> None:
+    repository = seeded(scratch, plain_registry, "gone/image")
+    store = f"{scratch}/store"
+    plan = Misbehaviour(cut_blobs=1, away_after_cut=True)
+    with misbehaving_proxy(plain_registry.host, plan) as proxy:
+        refused(
+            store,
+            "pull",
+            f"{proxy}/{repository}",
+            "--tls-verify=false",
+            "--retries=1",
+            "--jobs=1",
+            expect="cannot reach the registry",
+        )
+        partial = [name for name in os.listdir(f"{store}/tmp") if name.endswith(".partial")]
+        assert partial, "what arrived is kept for the next pull"
+        plan.away = False
+        plan.seen_ranges.clear()
+        strata(store, "pull", f"{proxy}/{repository}", "--tls-verify=false", "--jobs=1")
+    assert any(value != "bytes=0-" for value in plan.seen_ranges), plan.seen_ranges
+
+
 @pytest.mark.parametrize(
     ("plan", "expect"),
     [

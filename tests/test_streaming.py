@@ -49,6 +49,14 @@ def first_file(store: str, digest: str) -> str:
     raise AssertionError("no regular file in the layer")
 
 
+def logs(store: str) -> str:
+    text = []
+    for path in glob.glob(f"{store}/logs/*.log"):
+        with open(path) as handle:
+            text.append(handle.read())
+    return "".join(text)
+
+
 def stored_layers(store: str) -> list[str]:
     return os.listdir(f"{store}/layers")
 
@@ -178,13 +186,52 @@ def test_a_tampered_layer_is_eio_and_keeps_nothing(scratch: str, source: tuple[s
             with pytest.raises(OSError) as lookup:
                 os.stat(f"{mnt}/no/such/name")
             assert lookup.value.errno == errno.EIO
-            logs = []
-            for path in glob.glob(f"{store}/logs/*.log"):
-                with open(path) as handle:
-                    logs.append(handle.read())
-            assert "streaming a layer failed" in "".join(logs)
+            assert "streaming a layer failed" in logs(store)
         finally:
             unmount(store, mnt)
     assert stored_layers(store) == []
     assert not os.path.exists(f"{store}/blobs/sha256/{top}")
     assert glob.glob(f"{store}/tmp/layer-*") == []
+
+
+def test_a_registry_away_mid_stream_and_back(scratch: str, source: tuple[str, str]) -> None:
+    """What waits fails after --lazy-timeout while nothing arrives; what has
+    arrived keeps working; the stream goes on once the registry is back."""
+    blobs = layer_blobs(source[0], "busybox")
+    total = sum(size for _, size in blobs)
+    early = first_file(source[0], blobs[-1][0])
+    store, mnt = f"{scratch}/store", f"{scratch}/mnt"
+    os.makedirs(mnt)
+    plan = Misbehaviour(latency=0.02, rate=total / 6)
+    with run_registry(f"{scratch}/registry") as registry:
+        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
+        with misbehaving_proxy(registry.host, plan) as proxy:
+            strata(store, "mount", "--lazy", "--read-only", "--lazy-timeout", "2", TLS,
+                   f"{proxy}/plain:latest", mnt)  # fmt: skip
+            try:
+                with open(f"{mnt}/{early}", "rb") as handle:
+                    data = handle.read()
+                plan.away = True
+                started = time.monotonic()
+                for attempt in (lambda: os.stat(f"{mnt}/zzz"), lambda: os.listdir(mnt)):
+                    with pytest.raises(OSError) as caught:
+                        attempt()
+                    assert caught.value.errno == errno.EIO
+                # It waited --lazy-timeout from the last bytes that came.
+                assert time.monotonic() - started >= 1.5
+                with open(f"{mnt}/{early}", "rb") as handle:  # what arrived still reads
+                    assert handle.read() == data
+                assert len(stored_layers(store)) < len(blobs)
+                # Away until the download has given up once and waits to try again.
+                deadline = time.monotonic() + 60
+                while "trying again until it answers" not in logs(store):
+                    assert time.monotonic() < deadline, "the download never gave up"
+                    time.sleep(0.2)
+                plan.away = False
+                deadline = time.monotonic() + 120
+                while len(stored_layers(store)) < len(blobs):
+                    assert time.monotonic() < deadline, "the stream did not go on"
+                    time.sleep(0.2)
+                assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
+            finally:
+                unmount(store, mnt)

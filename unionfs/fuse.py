@@ -145,8 +145,12 @@ class StrataOperations(pyfuse3.Operations):
     async def _all_arrived(self) -> None:
         """Wait until no layer is still streaming in: listings and changes need
         the whole tree (any name may still arrive)."""
-        if not self.streams_arrived.is_set():
-            await self.streams_arrived.wait()
+        while not self.streams_arrived.is_set():
+            streaming = self.view.streaming
+            if streaming is not None and streaming.stalled():
+                raise FsError(errno.EIO, "nothing streamed in for the mount's --lazy-timeout")
+            with trio.move_on_after(0.5):
+                await self.streams_arrived.wait()
         if self.streams_lost is not None:
             raise FsError(errno.EIO, f"streamed layers lost: {self.streams_lost}")
 

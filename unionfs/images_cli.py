@@ -353,7 +353,7 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
     return 0
 
 
-def _layer_stream(store: Store, image: Image, reference: Any, options: Any) -> Any:
+def _layer_stream(store: Store, image: Image, reference: Any, options: Any, timeout: float) -> Any:
     """The image's top layers not stored yet (pull_lazy left them): a mount
     streams them in while it serves. None if every layer is here."""
     from .image.registry import RegistryClient
@@ -367,7 +367,7 @@ def _layer_stream(store: Store, image: Image, reference: Any, options: Any) -> A
     if not missing:
         return None
     client = RegistryClient(reference.registry, options)
-    return LayerStream(store, client, reference.repository, missing)
+    return LayerStream(store, client, reference.repository, missing, timeout)
 
 
 def _layer_paths(store: Store, image: Image, stream: Any) -> list[str]:
@@ -403,7 +403,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
     with store.shared():
         name, image = store.resolve(image_text)
         if args.lazy:
-            stream = _layer_stream(store, image, reference, options)
+            stream = _layer_stream(store, image, reference, options, args.lazy_timeout)
         paths = _layer_paths(store, image, stream)
         known = [layer_known_id(diff_id) for diff_id in image.diff_ids]
         from .image.lazy import open_lazy_layers

@@ -102,11 +102,15 @@ class LayerStreamSource(Protocol):
     @property
     def layers(self) -> Sequence[StreamedLayerPlace]: ...
 
+    @property
+    def timeout(self) -> float: ...
+
     def run(
         self,
         record: Callable[[int, bytes, int], None],
         finish: Callable[[int], None],
         fail: Callable[[str], None],
+        progress: Callable[[], None],
         stop: threading.Event,
     ) -> None: ...
 
@@ -460,7 +464,12 @@ def _streamed_stack(
         for number, layer in zip(numbers, streamed, strict=True)
     ]
     layers.update({number: layer.work_dir for number, layer in zip(numbers, streamed, strict=True)})
-    streaming = StreamedLayers(index, base.root if base is not None else None, trees[::-1])
+    streaming = StreamedLayers(
+        index,
+        base.root if base is not None else None,
+        trees[::-1],
+        request.stream.timeout,
+    )
     notify(f"serving while {len(streamed)} layers stream in")
     return streaming, trees, layers
 
@@ -481,7 +490,7 @@ def _stream_thread(
 
     return threading.Thread(
         target=request.stream.run,
-        args=(record, finish, streaming.fail, stop),
+        args=(record, finish, streaming.fail, streaming.touch, stop),
         name="stream layers",
         daemon=True,
     )

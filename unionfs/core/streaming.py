@@ -21,6 +21,7 @@ import logging
 import os
 import stat
 import threading
+import time
 
 from . import overrides
 from .index import ROOT_INO, Index
@@ -159,8 +160,13 @@ class StreamedLayers:
         index: Index,
         base_root: Entry | None,
         trees: list[StreamTree],
+        timeout: float | None = None,
     ) -> None:
         self.index = index
+        # A lookup that waits fails with EIO once nothing has arrived for this
+        # long (a registry gone away); the stream itself goes on trying.
+        self.timeout = timeout
+        self.progress_at = time.monotonic()
         self.base_root = base_root
         self.trees = trees  # top first
         self.changed = threading.Condition()
@@ -201,6 +207,7 @@ class StreamedLayers:
             return  # the root's attributes come with the switch to the index
         head, name = _parent(rel)
         with self.changed:
+            self.progress_at = time.monotonic()
             if not tree.arrived(rel):
                 log.warning(
                     "layer %s is not in path order (%s came late): lookups wait for"
@@ -265,6 +272,16 @@ class StreamedLayers:
         override = overrides.from_xattrs(xattrs)
         return entry if override is None else override.apply(entry)
 
+    def stalled(self) -> bool:
+        """Whether nothing has arrived for longer than the timeout."""
+        if self.timeout is None or self.complete:  # indexing what arrived is no stall
+            return False
+        return time.monotonic() - self.progress_at >= self.timeout
+
+    def touch(self) -> None:
+        """Bytes arrived (an entry may be long in coming)."""
+        self.progress_at = time.monotonic()
+
     def finish(self, tree: StreamTree) -> None:
         with self.changed:
             tree.done = True
@@ -288,7 +305,13 @@ class StreamedLayers:
                     return found
                 if self.failed is not None:
                     raise FsError(errno.EIO, f"streamed layer lost: {self.failed}")
-                self.changed.wait()
+                if self.timeout is None:
+                    self.changed.wait()
+                    continue
+                idle = time.monotonic() - self.progress_at
+                if idle >= self.timeout:
+                    raise FsError(errno.EIO, f"nothing streamed in for {idle:.0f} s")
+                self.changed.wait(self.timeout - idle)
 
     def at(self, path: bytes) -> Entry | None:
         """The entry at a lower path, from the root (waits like child)."""

@@ -199,7 +199,7 @@ class RegistryClient:
                     attempt += 1
                     time.sleep(self.options.backoff * 2 ** (attempt - 1))
                     continue
-                raise StrataError(
+                raise RegistryAway(
                     f"{self.host}: cannot reach the registry: {_reason(exc)}"
                 ) from None
             finally:
@@ -375,7 +375,7 @@ class RegistryClient:
                             f" {writer.size} of {blob.size} bytes; pull again to resume"
                         )
                     time.sleep(self.options.backoff * breaks)
-        except _Resumable:
+        except RegistryAway:  # what arrived is kept: the next try resumes from it
             writer.abort(keep=True)
             raise
         except StrataError:
@@ -545,8 +545,13 @@ class RegistryClient:
             )
 
 
-class _Resumable(StrataError):
-    """A download that stopped short; what arrived is kept for the next pull."""
+class RegistryAway(StrataError):
+    """The registry could not be reached, or a download kept breaking: a later
+    try may work (a pull resumes; a streaming mount tries again)."""
+
+
+class _Resumable(RegistryAway):
+    """A download broke too often; what arrived is kept for the next pull."""
 
 
 def _reason(exc: BaseException) -> str:

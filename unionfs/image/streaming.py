@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StrataError
-from .registry import ProgressLine
+from .registry import ProgressLine, RegistryAway
 from .store import Descriptor, Store
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,16 @@ _POLL = 0.05  # seconds between looks at a download that has stalled
 class _Arrivals(ProgressLine):
     """Told of every chunk the download writes: wakes the reader."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Callable[[], None] | None = None) -> None:
         super().__init__(False, "")
         self.arrived = threading.Condition()
+        self.progress = progress  # told when bytes arrive
 
     def advance(self, count: int, finished: bool = False) -> None:
         with self.arrived:
             self.arrived.notify_all()
+        if count > 0 and self.progress is not None:
+            self.progress()
 
 
 class GrowingBlob(io.RawIOBase):
@@ -80,12 +83,28 @@ class GrowingBlob(io.RawIOBase):
         return self.position
 
     def _open(self) -> int | None:
-        if self.fd is None:
-            try:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return None
+        if self.fd is not None:
+            return self.fd
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
         return self.fd
+
+    def _replaced(self) -> bool:
+        """Whether the download started its partial file over (a server that
+        ignored a Range): the same bytes come again in a new file."""
+        if self.fd is None:
+            return False
+        try:
+            now = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False  # stored under its digest: the file we read is it
+        if now == os.fstat(self.fd).st_ino:
+            return False
+        os.close(self.fd)
+        self.fd = None
+        return True
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
@@ -102,6 +121,8 @@ class GrowingBlob(io.RawIOBase):
                     view[: len(data)] = data
                     self.position += len(data)
                     return len(data)
+            if self._replaced():
+                continue
             if finished:
                 if self.errors:
                     raise self.errors[0]
@@ -130,9 +151,16 @@ class LayerStream:
     """The plain layers of one image, streamed top first into a mount."""
 
     def __init__(
-        self, store: Store, client: Any, repository: str, layers: list[StreamedLayer]
+        self,
+        store: Store,
+        client: Any,
+        repository: str,
+        layers: list[StreamedLayer],
+        timeout: float,
     ) -> None:
         self.store = store
+        # How long a lookup waits for a stream that brings nothing (EIO then).
+        self.timeout = timeout
         self.client = client
         self.repository = repository
         self.layers = layers  # lowest first, as the image lists them
@@ -147,6 +175,7 @@ class LayerStream:
         record: Callable[[int, bytes, int], None],
         finish: Callable[[int], None],
         fail: Callable[[str], None],
+        progress: Callable[[], None],
         stop: threading.Event,
     ) -> None:
         """Stream every layer, the top one first (it decides the most lookups
@@ -154,7 +183,7 @@ class LayerStream:
         of each entry once it is whole; *finish* of each layer that is stored."""
         try:
             for position in reversed(range(len(self.layers))):
-                self._one(self.layers[position], position, record, stop)
+                self._one(self.layers[position], position, record, progress, stop)
                 finish(position)
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
@@ -169,17 +198,31 @@ class LayerStream:
         layer: StreamedLayer,
         position: int,
         record: Callable[[int, bytes, int], None],
+        progress: Callable[[], None],
         stop: threading.Event,
     ) -> None:
         store, blob = self.store, layer.blob
-        arrivals = _Arrivals()
+        arrivals = _Arrivals(progress)
         errors: list[BaseException] = []
 
         def download() -> None:
-            try:
-                self.client.fetch_blob(store, self.repository, blob, arrivals)
-            except BaseException as exc:
-                errors.append(exc)
+            # A registry that goes away is tried again until the mount ends:
+            # lookups that wait meanwhile fail after the mount's timeout.
+            delay = 0.5
+            while True:
+                try:
+                    self.client.fetch_blob(store, self.repository, blob, arrivals)
+                    return
+                except RegistryAway as exc:
+                    if delay == 0.5:
+                        log.warning("%s; trying again until it answers", exc)
+                    if stop.wait(delay):
+                        errors.append(exc)
+                        return
+                    delay = min(delay * 2, 5.0)
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
 
         # A daemon: a mount that ends mid-stream leaves the partial blob for
         # the next pull to resume, instead of waiting for the download.
