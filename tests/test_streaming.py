@@ -235,3 +235,35 @@ def test_a_registry_away_mid_stream_and_back(scratch: str, source: tuple[str, st
                 assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
             finally:
                 unmount(store, mnt)
+
+
+def test_umount_mid_stream_leaves_a_pull_to_finish(scratch: str, source: tuple[str, str]) -> None:
+    blobs = layer_blobs(source[0], "busybox")
+    total = sum(size for _, size in blobs)
+    store, mnt = f"{scratch}/store", f"{scratch}/mnt"
+    os.makedirs(mnt)
+    plan = Misbehaviour(latency=0.02, rate=total / 10)
+    with run_registry(f"{scratch}/registry") as registry:
+        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
+        with misbehaving_proxy(registry.host, plan) as proxy:
+            image = f"{proxy}/plain:latest"
+            strata(store, "mount", "--lazy", "--read-only", TLS, image, mnt)
+            started = time.monotonic()
+            unmount(store, mnt)
+            assert time.monotonic() - started < 10, "umount waited for the stream"
+            assert len(stored_layers(store)) < len(blobs)
+            assert glob.glob(f"{store}/tmp/layer-*") == []
+            listed = json.loads(strata(store, "images", "--json").stdout)
+            assert float(listed[0]["local"]) < 1
+            # Not a traceback: the image is incomplete, and says how to finish it.
+            refused = strata(store, "mount", "--read-only", image, mnt, check=False)
+            assert refused.returncode != 0
+            assert refused.stderr.count("\n") == 1 and "pull the image again" in refused.stderr
+            plan.rate = 0  # no need to wait for the slow link any more
+            strata(store, "pull", TLS, image)
+        assert len(stored_layers(store)) == len(blobs)
+        strata(store, "mount", "--read-only", image, mnt)
+        try:
+            assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
+        finally:
+            unmount(store, mnt)
