@@ -3,6 +3,8 @@ outside the store, and the store still usable after."""
 
 from __future__ import annotations
 
+import errno
+import glob
 import gzip
 import json
 import os
@@ -198,6 +200,38 @@ def test_hostile_estargz_layer_is_refused_lazily(
     before = outside_tree(scratch)
     refused(store, "pull", "--lazy", "--tls-verify=false", image, expect=message)
     assert outside_tree(scratch) == before
+    assert_store_usable(scratch, store)
+
+
+@pytest.mark.parametrize("case", TAR_CASES)
+def test_hostile_layer_is_refused_while_it_streams(
+    scratch: str, plain_registry: Registry, case: str
+) -> None:
+    """`mount --lazy` of a plain image serves before its layers are checked
+    whole: a hostile one is refused as it arrives (or when the stack is
+    indexed), what waits gets EIO, the log says why, and nothing is kept."""
+    os.makedirs(f"{scratch}/outside")
+    layers, message = layer_cases(scratch)[case]
+    layout = write_layout(f"{scratch}/layout", layers)
+    image = f"{plain_registry.host}/hostile-stream-{TAR_CASES.index(case)}:v1"
+    run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", layout, f"docker://{image}")
+    store, mnt = f"{scratch}/store", f"{scratch}/mnt"
+    os.makedirs(mnt)
+    before = outside_tree(scratch)
+    strata(store, "mount", "--lazy", "--read-only", "--tls-verify=false", image, mnt)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.listdir(mnt)
+        assert caught.value.errno == errno.EIO
+    finally:
+        strata(store, "umount", mnt)
+    logs = []
+    for path in glob.glob(f"{store}/logs/*.log"):
+        with open(path) as handle:
+            logs.append(handle.read())
+    assert message in "".join(logs)
+    assert outside_tree(scratch) == before
+    strata(store, "rmi", image)
     assert_store_usable(scratch, store)
 
 
