@@ -91,8 +91,8 @@ def test_a_plain_image_serves_while_it_streams_in(scratch: str, source: tuple[st
                 # A name that is nowhere is missing once every layer's stream
                 # has passed its place (they are in path order).
                 assert not os.path.lexists(f"{mnt}/no/such/name")
-                # Listings wait for every layer (a directory's link count is
-                # known only then); after that the tree is the image's.
+                # The root's listing waits for every layer; then the tree is
+                # the image's.
                 os.listdir(mnt)
                 assert len(stored_layers(store)) == len(blobs)
                 assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []

@@ -141,6 +141,14 @@ def test_an_ordered_stream_answers_misses_before_its_end(
     assert streaming.child(b"etc", b"passwd", wait=False) is not UNKNOWN  # the base's
     assert streaming.child(b"usr", b"y", wait=False) is UNKNOWN  # may still come
     assert streaming.child(b"", b"var", wait=False) is UNKNOWN
+    # The stream has left etc: its listing is final (with the base's names).
+    listing = streaming.listing(b"etc", wait=False)
+    assert isinstance(listing, list)
+    names = sorted(name for _, group in listing for name, _ in group)
+    assert names == [b"a", b"c", b"hosts", b"passwd"]
+    assert [hashed for hashed, _ in listing] == sorted(hashed for hashed, _ in listing)
+    assert streaming.listing(b"usr", wait=False) is UNKNOWN
+    assert streaming.listing(b"", wait=False) is UNKNOWN  # the root: only at the end
     # A path out of order: said in the log, and misses wait for the end again.
     arrive(streaming, top, "etc/b")
     assert "not in path order" in caplog.text

@@ -278,7 +278,9 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        await self._all_arrived()
+        if not self.view.listing_ready(fh):
+            # A streamed layer may still bring names here: wait off the trio thread.
+            await trio.to_thread.run_sync(self.view.wait_listing, fh, abandon_on_cancel=True)
         listing = self.view.listdir(fh, start_id)
         try:
             for offset, name, node in listing:

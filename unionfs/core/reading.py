@@ -346,6 +346,23 @@ class ReadPath:
         if streaming is not None and parent is not None and parent.lower_path is not None:
             streaming.child(parent.lower_path, name)
 
+    def listing_ready(self, ino: int) -> bool:
+        """Whether listing directory *ino* needs no wait for streamed layers."""
+        streaming = self.streaming
+        node = self.nodes.get(ino)
+        if streaming is None or node is None or node.lower is None or node.opaque:
+            return True
+        if node.lower_path is None:
+            return True
+        return streaming.listing(node.lower_path, wait=False) is not UNKNOWN
+
+    def wait_listing(self, ino: int) -> None:
+        """Block until streamed layers can answer a listing (a worker thread)."""
+        streaming = self.streaming
+        node = self.nodes.get(ino)
+        if streaming is not None and node is not None and node.lower_path is not None:
+            streaming.listing(node.lower_path)
+
     def switch_to_index(self, root: Entry, layers: dict[int, str]) -> None:
         """Every streamed layer is in the index now: serve from it. The nodes
         the kernel knows keep their numbers (the merge kept them)."""
@@ -396,23 +413,19 @@ class ReadPath:
     def attributes(self, node: Node) -> Entry:
         if not node.upper:
             assert node.lower is not None
-            return self._lower_blocks(node.lower)
+            entry = self._lower_blocks(node.lower)
+            if self.streaming is not None and node.is_dir and self._count_subdirs(node):
+                assert node.subdirs is not None
+                entry = dataclasses.replace(entry, nlink=2 + node.subdirs)
+            return entry
         assert self.store is not None
         st = os.lstat(self._host(node))
         nlink = st.st_nlink
         if node.linked:
             counts = self.store.link_counts(node.ino)
             nlink = counts.shown if counts is not None and counts.shown else nlink
-        if node.is_dir and node.lower is not None and self.streaming is None:
-            # Merged with a lower directory (counted once every layer is here).
-            if node.subdirs is None:
-                node.subdirs = sum(
-                    1
-                    for _, _, up_st, lower in self._merged(node, 0)
-                    if (
-                        stat.S_ISDIR(up_st.st_mode) if up_st else lower is not None and lower.is_dir
-                    )
-                )
+        if node.is_dir and node.lower is not None and self._count_subdirs(node):
+            assert node.subdirs is not None  # merged with a lower directory
             nlink = 2 + node.subdirs
         entry = entry_from_stat(
             node.ino,
@@ -430,6 +443,19 @@ class ReadPath:
             if override is not None:
                 entry = override.apply(entry)
         return entry
+
+    def _count_subdirs(self, directory: Node) -> bool:
+        """Count a merged directory's subdirectories once (False: not yet
+        known, as while streamed layers may still bring some)."""
+        if directory.subdirs is None:
+            if self.streaming is not None and not self.listing_ready(directory.ino):
+                return False
+            directory.subdirs = sum(
+                1
+                for _, _, up_st, lower in self._merged(directory, 0)
+                if (stat.S_ISDIR(up_st.st_mode) if up_st else lower is not None and lower.is_dir)
+            )
+        return True
 
     def getattr(self, ino: int) -> Entry:
         return self.attributes(self.node(ino))
@@ -507,9 +533,6 @@ class ReadPath:
     ) -> Generator[tuple[int, bytes, os.stat_result | None, Entry | None], None, None]:
         """The merged entries of a directory in offset order: for each name its
         upper status (None if only the lower layers have it) and lower entry."""
-        if self.streaming is not None:
-            # Any name may still arrive: the FUSE adapter lists only after the switch.
-            raise FsError(errno.EAGAIN, "a listing before the streamed layers arrived")
         upper_entries: dict[int, list[tuple[bytes, os.stat_result]]] = {}
         whiteouts: set[bytes] = set()
         if self.store is not None and directory.upper:
@@ -522,7 +545,15 @@ class ReadPath:
         with self.index.read() as txn:
             lower_buckets: Iterator[tuple[int, list[tuple[bytes, Entry]]]] = iter(())
             if directory.lower is not None and not directory.opaque:
-                lower_buckets = self.index.scan(txn, directory.lower.listing, start)
+                if self.streaming is not None:
+                    # Waits (blocking) until no layer still to come can change
+                    # it; the FUSE adapter waits first, in a worker thread.
+                    assert directory.lower_path is not None
+                    listing = self.streaming.listing(directory.lower_path)
+                    assert isinstance(listing, list)  # listing waits until it is known
+                    lower_buckets = iter([item for item in listing if item[0] >= start])
+                else:
+                    lower_buckets = self.index.scan(txn, directory.lower.listing, start)
             for hashed, lowers in _merge_by_hash(lower_buckets, upper_hashes):
                 names: dict[bytes, tuple[os.stat_result | None, Entry | None]] = {}
                 for name, entry in lowers:

@@ -6,7 +6,9 @@ Until then the view answers lookups from what each streamed layer has
 unpacked so far (a StreamTree per layer) over the indexed layers below them.
 An answer is given only once nothing still to come can change it: a name the
 topmost unfinished layer does not hold yet may still arrive, so such a lookup
-waits. Listings wait for the end, since any name may still arrive.
+waits until that layer's stream has passed the name's place (tars are written
+in path order, which each tree watches) or has ended; a listing waits until
+the stream has passed the whole directory.
 
 Every entry gets its inode number when it arrives; `presets` hands those
 numbers to the final merge, so the indexed view that replaces this one shows
@@ -24,7 +26,7 @@ import threading
 import time
 
 from . import overrides
-from .index import ROOT_INO, Index
+from .index import ROOT_INO, Index, name_hash
 from .layer import (
     OPAQUE_MARKER,
     WHITEOUT_PREFIX,
@@ -73,6 +75,7 @@ class StreamTree:
         self.number = number
         self.root = root  # the directory it unpacks into
         self.entries: dict[bytes, Entry] = {}
+        self.children: dict[bytes, set[bytes]] = {}  # names of entries, by directory
         self.implicit: set[bytes] = set()  # directories only implied by deeper names
         self.whiteouts: dict[bytes, set[bytes]] = {}
         self.opaque: set[bytes] = set()
@@ -140,14 +143,49 @@ class StreamTree:
         (a layer's root is never opaque, as in overlayfs)."""
         return any(prefix in self.opaque for prefix in _prefixes(dir_path))
 
+    def add(self, path: bytes, entry: Entry) -> None:
+        self.entries[path] = entry
+        head, tail = _parent(path)
+        self.children.setdefault(head, set()).add(tail)
+
     def drop(self, path: bytes) -> None:
         """Forget *path* and what lies beneath it: a later tar entry replaced it."""
         self.entries.pop(path, None)
         self.implicit.discard(path)
+        head, tail = _parent(path)
+        self.children.get(head, set()).discard(tail)
         prefix = path + b"/"
         for name in [name for name in self.entries if name.startswith(prefix)]:
             del self.entries[name]
             self.implicit.discard(name)
+            self.children.pop(name, None)
+        self.children.pop(path, None)
+
+    def closed(self, dir_path: bytes) -> bool:
+        """Whether the stream has gone past every place beneath *dir_path* in an
+        order it has kept so far (the root closes only at the end)."""
+        last = self.last
+        if self.done:
+            return True
+        if last is None or not dir_path:
+            return False
+        # Every path beneath D sorts between "D/" and "D0" ('0' follows '/').
+        if self.bytewise and last >= dir_path + b"0":
+            return True
+        parts = dir_path.split(b"/")
+        return self.walkwise and last.split(b"/")[: len(parts)] > parts
+
+    def listing_settled(self, dir_path: bytes) -> bool:
+        """Whether this layer's part of the listing of *dir_path* is final."""
+        if self.done:
+            return True
+        if not self.closed(dir_path):
+            return False
+        places = []
+        for prefix in _prefixes(dir_path):
+            head, tail = _parent(prefix)
+            places += [prefix, join(prefix, OPAQUE_MARKER), join(head, WHITEOUT_PREFIX + tail)]
+        return all(self.passed(place) for place in places)
 
 
 class StreamedLayers:
@@ -230,7 +268,7 @@ class StreamedLayers:
             if old is not None and (not old.is_dir or not stat.S_ISDIR(st.st_mode)):
                 tree.drop(rel)
             tree.implicit.discard(rel)
-            tree.entries[rel] = self._entry(tree, rel, path, st, mtime_ns)
+            tree.add(rel, self._entry(tree, rel, path, st, mtime_ns))
             self.changed.notify_all()
 
     def _imply(self, tree: StreamTree, dir_path: bytes, mtime_ns: int) -> None:
@@ -238,7 +276,7 @@ class StreamedLayers:
         for prefix in _prefixes(dir_path):
             if prefix not in tree.entries:
                 path = os.path.join(tree.root, prefix)
-                tree.entries[prefix] = self._entry(tree, prefix, path, os.lstat(path), mtime_ns)
+                tree.add(prefix, self._entry(tree, prefix, path, os.lstat(path), mtime_ns))
                 tree.implicit.add(prefix)
 
     def _entry(
@@ -303,15 +341,61 @@ class StreamedLayers:
                 found = self._child(0, dir_path, name)
                 if found is not UNKNOWN or not wait:
                     return found
-                if self.failed is not None:
-                    raise FsError(errno.EIO, f"streamed layer lost: {self.failed}")
-                if self.timeout is None:
-                    self.changed.wait()
-                    continue
-                idle = time.monotonic() - self.progress_at
-                if idle >= self.timeout:
-                    raise FsError(errno.EIO, f"nothing streamed in for {idle:.0f} s")
-                self.changed.wait(self.timeout - idle)
+                self._wait_more()
+
+    def listing(
+        self, dir_path: bytes, *, wait: bool = True
+    ) -> list[tuple[int, list[tuple[bytes, Entry]]]] | _Unknown:
+        """The merged directory *dir_path* as index buckets (hash order), once
+        no layer still to arrive can change it. Waits like child."""
+        with self.changed:
+            while True:
+                found = self._listing(dir_path)
+                if found is not UNKNOWN or not wait:
+                    return found
+                self._wait_more()
+
+    def _wait_more(self) -> None:
+        """Wait for more to arrive (lock held); EIO if nothing will."""
+        if self.failed is not None:
+            raise FsError(errno.EIO, f"streamed layer lost: {self.failed}")
+        if self.timeout is None:
+            self.changed.wait()
+            return
+        idle = time.monotonic() - self.progress_at
+        if idle >= self.timeout:
+            raise FsError(errno.EIO, f"nothing streamed in for {idle:.0f} s")
+        self.changed.wait(self.timeout - idle)
+
+    def _listing(self, dir_path: bytes) -> list[tuple[int, list[tuple[bytes, Entry]]]] | _Unknown:
+        names: set[bytes] = set()
+        hidden: set[bytes] = set()
+        below = True  # whether the layers further down still show in it
+        for tree in self.trees:
+            if tree.hides(dir_path):
+                below = False
+                break
+            if not tree.listing_settled(dir_path):
+                return UNKNOWN
+            names |= tree.children.get(dir_path, set()) - hidden
+            hidden |= tree.whiteouts.get(dir_path, set())
+            if tree.opaque_at(dir_path):
+                below = False
+                break
+        if below and self.base_root is not None:
+            with self.index.read() as txn:
+                base = self.index.lookup_path(txn, self.base_root, dir_path)
+                if base is not None and base.is_dir:
+                    for _, group in self.index.scan(txn, base.listing):
+                        names |= {name for name, _ in group if name not in hidden}
+        buckets: dict[int, list[tuple[bytes, Entry]]] = {}
+        for name in names:
+            entry = self._child(0, dir_path, name)
+            if entry is UNKNOWN:
+                return UNKNOWN
+            if isinstance(entry, Entry):
+                buckets.setdefault(name_hash(name), []).append((name, entry))
+        return sorted(buckets.items())
 
     def at(self, path: bytes) -> Entry | None:
         """The entry at a lower path, from the root (waits like child)."""
