@@ -155,3 +155,25 @@ def test_an_ordered_stream_answers_misses_before_its_end(
     assert streaming.child(b"etc", b"d", wait=False) is UNKNOWN
     streaming.finish(top)
     assert streaming.child(b"etc", b"d", wait=False) is None
+
+
+def test_entries_deeper_than_path_max_arrive(stack: Streams) -> None:
+    _, _, streaming, (_, top) = stack
+    names = [bytes([ord("a") + depth % 26]) * 250 for depth in range(20)]  # 5,020 bytes
+    fd = os.open(top.root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rel = b""
+        for name in names:
+            os.mkdir(name, dir_fd=fd)
+            deeper = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+            rel = rel + b"/" + name if rel else name
+            streaming.record(top, rel, 0)
+        with open(os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as leaf:
+            leaf.write(b"deep\n")
+        streaming.record(top, rel + b"/leaf", 0)
+    finally:
+        os.close(fd)
+    found = streaming.child(rel, b"leaf", wait=False)
+    assert isinstance(found, Entry) and found.size == 5 and found.path == rel + b"/leaf"

@@ -17,6 +17,7 @@ the same inodes the kernel already knows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -24,6 +25,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Iterator
 
 from . import overrides
 from .index import ROOT_INO, Index, name_hash
@@ -34,6 +36,7 @@ from .layer import (
     visible_xattrs,
 )
 from .nodes import FsError
+from .paths import PATH_MAX, fd_path, open_directory
 from .records import Entry, entry_from_stat
 from .upper import join
 
@@ -49,6 +52,21 @@ class Presets:
 
     dirs: dict[bytes, int]
     files: dict[tuple[int, int], int]
+
+
+@contextlib.contextmanager
+def _host_path(root: bytes, rel: bytes) -> Iterator[bytes]:
+    """A path to *rel* under *root* that system calls take, at any depth."""
+    path = os.path.join(root, rel)
+    if len(path) < PATH_MAX:
+        yield path
+        return
+    head, name = _parent(rel)
+    fd = open_directory(root, head)
+    try:
+        yield fd_path(fd, name)
+    finally:
+        os.close(fd)
 
 
 class _Unknown:
@@ -261,22 +279,22 @@ class StreamedLayers:
                 self._imply(tree, head, mtime_ns)
                 self.changed.notify_all()
                 return
-            path = os.path.join(tree.root, rel)
-            st = os.lstat(path)
             self._imply(tree, head, mtime_ns)
-            old = tree.entries.get(rel)
-            if old is not None and (not old.is_dir or not stat.S_ISDIR(st.st_mode)):
-                tree.drop(rel)
-            tree.implicit.discard(rel)
-            tree.add(rel, self._entry(tree, rel, path, st, mtime_ns))
+            with _host_path(tree.root, rel) as path:
+                st = os.lstat(path)
+                old = tree.entries.get(rel)
+                if old is not None and (not old.is_dir or not stat.S_ISDIR(st.st_mode)):
+                    tree.drop(rel)
+                tree.implicit.discard(rel)
+                tree.add(rel, self._entry(tree, rel, path, st, mtime_ns))
             self.changed.notify_all()
 
     def _imply(self, tree: StreamTree, dir_path: bytes, mtime_ns: int) -> None:
         """Directories above an entry that the tar did not list (yet)."""
         for prefix in _prefixes(dir_path):
             if prefix not in tree.entries:
-                path = os.path.join(tree.root, prefix)
-                tree.add(prefix, self._entry(tree, prefix, path, os.lstat(path), mtime_ns))
+                with _host_path(tree.root, prefix) as path:
+                    tree.add(prefix, self._entry(tree, prefix, path, os.lstat(path), mtime_ns))
                 tree.implicit.add(prefix)
 
     def _entry(
