@@ -10,17 +10,26 @@ import errno
 import glob
 import json
 import os
+import signal
 import subprocess
 import tarfile
 import time
 
 import pytest
 
-from tests.hostile import Misbehaviour, misbehaving_proxy
+from tests.hostile import (
+    LayoutLayer,
+    Misbehaviour,
+    file_entry,
+    layer_tar,
+    misbehaving_proxy,
+    write_layout,
+)
 from tests.images import build_busybox, umoci_rootfs
-from tests.mounts import strata, unmount
+from tests.mounts import STRATA, strata, unmount
 from tests.registry import run_registry
 from tests.trees import differences, snapshot
+from unionfs.mount import pid_file
 
 TLS = "--tls-verify=false"
 
@@ -267,3 +276,42 @@ def test_umount_mid_stream_leaves_a_pull_to_finish(scratch: str, source: tuple[s
             assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
         finally:
             unmount(store, mnt)
+
+
+def test_umount_while_the_streamed_stack_is_indexed(scratch: str) -> None:
+    """The daemon waits for the indexing under way, then closes the index
+    (it once closed it under that thread's write and hung)."""
+    files = [file_entry(f"many/f{number:05d}", b"x") for number in range(20_000)]
+    layout = write_layout(f"{scratch}/layout", [LayoutLayer(layer_tar(*files))])
+    seed, store, mnt = f"{scratch}/seed", f"{scratch}/store", f"{scratch}/mnt"
+    os.makedirs(mnt)
+    strata(seed, "import", layout, "many")
+    with run_registry(f"{scratch}/registry") as registry:
+        image = f"{registry.host}/many:latest"
+        strata(seed, "push", TLS, "many", image)
+        strata(store, "mount", "--lazy", "--read-only", TLS, image, mnt)
+        try:
+            deadline = time.monotonic() + 60
+            while not stored_layers(store):  # stored: the indexing starts now
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+        finally:
+            with open(pid_file(os.path.realpath(mnt))) as handle:
+                daemon = int(handle.read())
+            # Within a minute (the daemon had hung for good), and cleanly.
+            try:
+                ended = subprocess.run(
+                    [*STRATA, "--root", store, "umount", mnt], capture_output=True, timeout=60
+                )
+            except subprocess.TimeoutExpired:
+                os.kill(daemon, signal.SIGKILL)  # the one this test started
+                raise
+            if ended.returncode != 0:
+                unmount(store, mnt)
+    assert ended.returncode == 0, ended.stderr
+    # The next mount serves it, indexed then if not before.
+    strata(store, "mount", "--read-only", image, mnt)
+    try:
+        assert len(os.listdir(f"{mnt}/many")) == 20_000
+    finally:
+        unmount(store, mnt)

@@ -8,7 +8,6 @@ with the daemon's verdict, so a script can use the mountpoint right away.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -412,12 +411,16 @@ def serve(request: MountRequest, notify: Notify) -> None:
             threading.Thread(target=layer.run_background, args=(stop,), daemon=True)
             for layer in request.lazy
         ]
+        indexer = None
         if streaming is not None:
             assert request.stream is not None
             fetchers.append(_stream_thread(request, streaming, trees, stop))
-            operations.stream_finish = functools.partial(_index_streamed, index, request, streaming)
+            indexer = _StreamIndexer(index, request, streaming)
+            operations.stream_finish = indexer.wait
         for fetcher in fetchers:
             fetcher.start()
+        if indexer is not None:
+            indexer.start()
         try:
             _serve_mounted(request, notify, operations)
             # Copy-ups still partial are filled now: after an unmount UPPER
@@ -429,6 +432,8 @@ def serve(request: MountRequest, notify: Notify) -> None:
             stop.set()  # an unmount stops the fetchers; what they fetched stays
             for fetcher in fetchers:
                 fetcher.join(timeout=10)
+            if indexer is not None:
+                indexer.stop()  # before the index closes under it
             view.close()
     finally:
         index.close()
@@ -496,21 +501,55 @@ def _stream_thread(
     )
 
 
-def _index_streamed(
-    index: Index, request: MountRequest, streaming: StreamedLayers
-) -> tuple[Entry, dict[int, str]]:
-    """Once every streamed layer is stored: the whole stack in the index, with
-    the inode numbers the mount showed meanwhile (blocking)."""
-    from .core.stack import prepare_stack
+class _StreamIndexer:
+    """Indexes the whole stack once every streamed layer is stored, with the
+    inode numbers the mount showed meanwhile. A thread of its own, which the
+    daemon joins before it closes the index: never abandoned mid-write."""
 
-    streaming.wait_complete()
-    if streaming.failed is not None:
-        raise StrataError(streaming.failed)
-    stack = prepare_stack(
-        index, request.layers, known_ids=request.known_ids, presets=streaming.presets()
-    )
-    log.info("every streamed layer is stored; indexed %d files", stack.merged_files)
-    return stack.root, stack.layers
+    def __init__(self, index: Index, request: MountRequest, streaming: StreamedLayers) -> None:
+        self.index = index
+        self.request = request
+        self.streaming = streaming
+        self.done = threading.Event()
+        self.result: tuple[Entry, dict[int, str]] | None = None
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, name="index streamed layers")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        from .core.stack import prepare_stack
+
+        try:
+            self.streaming.wait_complete()
+            if self.streaming.failed is not None:
+                raise StrataError(self.streaming.failed)
+            stack = prepare_stack(
+                self.index,
+                self.request.layers,
+                known_ids=self.request.known_ids,
+                presets=self.streaming.presets(),
+            )
+            log.info("every streamed layer is stored; indexed %d files", stack.merged_files)
+            self.result = (stack.root, stack.layers)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self) -> tuple[Entry, dict[int, str]]:
+        """The indexed root and layers (blocking); what went wrong else."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def stop(self) -> None:
+        """The mount ends: index nothing more (an index under way finishes)."""
+        self.streaming.fail("the mount ended")
+        self.thread.join()
 
 
 def _write_reads(path: str, reads: list[bytes]) -> None:

@@ -344,7 +344,7 @@ class ReadPath:
         streaming = self.streaming
         parent = self.nodes.get(parent_ino)
         if streaming is not None and parent is not None and parent.lower_path is not None:
-            streaming.child(parent.lower_path, name)
+            streaming.wait_child(parent.lower_path, name)
 
     def listing_ready(self, ino: int) -> bool:
         """Whether listing directory *ino* needs no wait for streamed layers."""
@@ -361,7 +361,7 @@ class ReadPath:
         streaming = self.streaming
         node = self.nodes.get(ino)
         if streaming is not None and node is not None and node.lower_path is not None:
-            streaming.listing(node.lower_path)
+            streaming.wait_listing(node.lower_path)
 
     def switch_to_index(self, root: Entry, layers: dict[int, str]) -> None:
         """Every streamed layer is in the index now: serve from it. The nodes

@@ -106,15 +106,16 @@ class StreamTree:
         self.last: bytes | None = None
         self.bytewise = True
         self.walkwise = True
+        self.out_of_order = False
 
     def arrived(self, rel: bytes) -> bool:
         """Note that *rel* came next; False if that breaks an order the stream
         kept until now while that order said such a path would not come."""
         last = self.last
+        claimed = last is not None and self.passed(rel)
         self.last = rel
         if last is None:
             return True
-        claimed = self.passed(rel)
         if rel <= last:
             self.bytewise = False
         if rel.split(b"/") <= last.split(b"/"):
@@ -264,7 +265,8 @@ class StreamedLayers:
         head, name = _parent(rel)
         with self.changed:
             self.progress_at = time.monotonic()
-            if not tree.arrived(rel):
+            if not tree.arrived(rel) and not tree.out_of_order:
+                tree.out_of_order = True  # said once
                 log.warning(
                     "layer %s is not in path order (%s came late): lookups wait for"
                     " its end now, and a name answered missing before may exist",
@@ -354,11 +356,16 @@ class StreamedLayers:
         """What NAME in the merged directory *dir_path* is. Waits (blocking)
         until nothing still to arrive can change the answer; without *wait*,
         UNKNOWN then. FsError(EIO) if a layer will never arrive."""
+        if wait:
+            self.wait_child(dir_path, name)
         with self.changed:
-            while True:
-                found = self._child(0, dir_path, name)
-                if found is not UNKNOWN or not wait:
-                    return found
+            return self._child(0, dir_path, name)
+
+    def wait_child(self, dir_path: bytes, name: bytes) -> None:
+        """Block until child can answer. Reads no index: a thread the mount
+        abandons when it ends must not be inside LMDB when the index closes."""
+        with self.changed:
+            while self._child(0, dir_path, name, probe=True) is UNKNOWN:
                 self._wait_more()
 
     def listing(
@@ -366,11 +373,15 @@ class StreamedLayers:
     ) -> list[tuple[int, list[tuple[bytes, Entry]]]] | _Unknown:
         """The merged directory *dir_path* as index buckets (hash order), once
         no layer still to arrive can change it. Waits like child."""
+        if wait:
+            self.wait_listing(dir_path)
         with self.changed:
-            while True:
-                found = self._listing(dir_path)
-                if found is not UNKNOWN or not wait:
-                    return found
+            return self._listing(dir_path)
+
+    def wait_listing(self, dir_path: bytes) -> None:
+        """Block until listing can answer (reads no index, as wait_child)."""
+        with self.changed:
+            while self._listing(dir_path, probe=True) is UNKNOWN:
                 self._wait_more()
 
     def _wait_more(self) -> None:
@@ -385,7 +396,10 @@ class StreamedLayers:
             raise FsError(errno.EIO, f"nothing streamed in for {idle:.0f} s")
         self.changed.wait(self.timeout - idle)
 
-    def _listing(self, dir_path: bytes) -> list[tuple[int, list[tuple[bytes, Entry]]]] | _Unknown:
+    def _listing(
+        self, dir_path: bytes, *, probe: bool = False
+    ) -> list[tuple[int, list[tuple[bytes, Entry]]]] | _Unknown:
+        """The listing, or UNKNOWN; with *probe* only whether it is known."""
         names: set[bytes] = set()
         hidden: set[bytes] = set()
         below = True  # whether the layers further down still show in it
@@ -400,6 +414,8 @@ class StreamedLayers:
             if tree.opaque_at(dir_path):
                 below = False
                 break
+        if probe:
+            return []
         if below and self.base_root is not None:
             with self.index.read() as txn:
                 base = self.index.lookup_path(txn, self.base_root, dir_path)
@@ -430,7 +446,11 @@ class StreamedLayers:
             parent = join(parent, part)
         return entry
 
-    def _child(self, first: int, dir_path: bytes, name: bytes) -> Entry | _Unknown | None:
+    def _child(
+        self, first: int, dir_path: bytes, name: bytes, *, probe: bool = False
+    ) -> Entry | _Unknown | None:
+        """The answer from layer *first* down; with *probe* only whether it
+        is known (None stands for any answer the index below would give)."""
         path = join(dir_path, name)
         for position in range(first, len(self.trees)):
             tree = self.trees[position]
@@ -442,7 +462,7 @@ class StreamedLayers:
                     # Only implied here: it shows the attributes of the directory
                     # below, if any; until that is known, its own (the name is
                     # sure to be a directory, which is what a walk needs).
-                    below = self._child(position + 1, dir_path, name)
+                    below = self._child(position + 1, dir_path, name, probe=probe)
                     if isinstance(below, Entry) and below.is_dir:
                         return dataclasses.replace(below, ino=entry.ino)
                 return entry
@@ -452,7 +472,7 @@ class StreamedLayers:
                 return UNKNOWN
             if tree.opaque_at(dir_path):
                 return None
-        if self.base_root is None:
+        if self.base_root is None or probe:
             return None
         with self.index.read() as txn:
             found = self.index.lookup_path(txn, self.base_root, path)
