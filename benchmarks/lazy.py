@@ -192,7 +192,8 @@ def main() -> None:
         print(f"| plain gzip, lazy mount: the command started | {spread('plain started')} |"
               f" before the pull ends |")  # fmt: skip
         print(f"| plain gzip: the pull ended (layer stored) | {spread('plain stored')} | |")
-        print(f"| plain gzip: the command ended | {spread('plain')} | |")
+        print(f"| plain gzip: the command ended | {spread('plain')} |"
+              f" {median['plain'] / median['full']:.2f}x of full |")  # fmt: skip
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
