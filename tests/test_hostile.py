@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import tarfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -220,19 +221,27 @@ def test_hostile_layer_is_refused_while_it_streams(
     before = outside_tree(scratch)
     strata(store, "mount", "--lazy", "--read-only", "--tls-verify=false", image, mnt)
     try:
-        with pytest.raises(OSError) as caught:
-            os.listdir(mnt)
-        assert caught.value.errno == errno.EIO
+        deadline = time.monotonic() + 60
+        while message not in logs_of(store):  # refused as it arrived, or once indexed
+            assert time.monotonic() < deadline, logs_of(store)
+            time.sleep(0.05)
+        for attempt in (lambda: os.listdir(mnt), lambda: os.stat(f"{mnt}/etc")):
+            with pytest.raises(OSError) as caught:
+                attempt()
+            assert caught.value.errno == errno.EIO
     finally:
         strata(store, "umount", mnt)
-    logs = []
-    for path in glob.glob(f"{store}/logs/*.log"):
-        with open(path) as handle:
-            logs.append(handle.read())
-    assert message in "".join(logs)
     assert outside_tree(scratch) == before
     strata(store, "rmi", image)
     assert_store_usable(scratch, store)
+
+
+def logs_of(store: str) -> str:
+    text = []
+    for path in glob.glob(f"{store}/logs/*.log"):
+        with open(path) as handle:
+            text.append(handle.read())
+    return "".join(text)
 
 
 def test_manifest_that_does_not_match_its_digest_is_refused(scratch: str) -> None:

@@ -142,6 +142,14 @@ class StrataOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(_invalidate_attributes, known)
         self.streams_arrived.set()
 
+    def _check_streams(self) -> None:
+        """A streamed layer found bad (or a stack refused once indexed): what
+        it served was never verified, so nothing more of the mount is."""
+        streaming = self.view.streaming
+        lost = self.streams_lost or (streaming.failed if streaming is not None else None)
+        if lost is not None:
+            raise FsError(errno.EIO, f"streamed layers lost: {lost}")
+
     async def _all_arrived(self) -> None:
         """Wait until no layer is still streaming in: listings and changes need
         the whole tree (any name may still arrive)."""
@@ -224,6 +232,7 @@ class StrataOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._check_streams()
         if not self.view.lookup_ready(parent_inode, name):
             # A streamed layer may still bring this name: wait off the trio thread.
             await trio.to_thread.run_sync(
@@ -278,6 +287,7 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self._check_streams()
         if not self.view.listing_ready(fh):
             # A streamed layer may still bring names here: wait off the trio thread.
             await trio.to_thread.run_sync(self.view.wait_listing, fh, abandon_on_cancel=True)
@@ -332,6 +342,7 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._check_streams()
         write = flags & os.O_ACCMODE != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)
         if (write or truncate) and not self.view.writable:
