@@ -413,6 +413,8 @@ class ReadPath:
     def attributes(self, node: Node) -> Entry:
         if not node.upper:
             assert node.lower is not None
+            if self.streaming is not None and not node.is_dir:
+                self._refresh_streamed(node)
             entry = self._lower_blocks(node.lower)
             if self.streaming is not None and node.is_dir and self._count_subdirs(node):
                 assert node.subdirs is not None
@@ -443,6 +445,17 @@ class ReadPath:
             if override is not None:
                 entry = override.apply(entry)
         return entry
+
+    def _refresh_streamed(self, node: Node) -> None:
+        """A file of a streamed layer as it stands now: a hardlink that came
+        after its lookup counts in its st_nlink."""
+        assert self.streaming is not None
+        parent = self.nodes.get(node.parent)
+        if parent is None or parent.lower_path is None or parent.opaque:
+            return
+        found = self.streaming.child(parent.lower_path, node.name, wait=False)
+        if isinstance(found, Entry) and found.ino == node.ino:
+            node.lower = found
 
     def _count_subdirs(self, directory: Node) -> bool:
         """Count a merged directory's subdirectories once (False: not yet

@@ -94,6 +94,7 @@ class StreamTree:
         self.root = root  # the directory it unpacks into
         self.entries: dict[bytes, Entry] = {}
         self.children: dict[bytes, set[bytes]] = {}  # names of entries, by directory
+        self.links: dict[int, list[bytes]] = {}  # the names of each file, by inode number
         self.implicit: set[bytes] = set()  # directories only implied by deeper names
         self.whiteouts: dict[bytes, set[bytes]] = {}
         self.opaque: set[bytes] = set()
@@ -288,7 +289,18 @@ class StreamedLayers:
                 if old is not None and (not old.is_dir or not stat.S_ISDIR(st.st_mode)):
                     tree.drop(rel)
                 tree.implicit.discard(rel)
-                tree.add(rel, self._entry(tree, rel, path, st, mtime_ns))
+                entry = self._entry(tree, rel, path, st, mtime_ns)
+                tree.add(rel, entry)
+            if not entry.is_dir:
+                # A hardlink: the names that came before show the new count.
+                names = tree.links.setdefault(entry.ino, [])
+                for other in names if st.st_nlink > 1 else ():
+                    known = tree.entries.get(other)
+                    if known is not None and known.ino == entry.ino:
+                        tree.entries[other] = dataclasses.replace(
+                            known, nlink=entry.nlink, ctime_ns=entry.ctime_ns
+                        )
+                names.append(rel)
             self.changed.notify_all()
 
     def _imply(self, tree: StreamTree, dir_path: bytes, mtime_ns: int) -> None:
