@@ -315,3 +315,37 @@ def test_umount_while_the_streamed_stack_is_indexed(scratch: str) -> None:
         assert len(os.listdir(f"{mnt}/many")) == 20_000
     finally:
         unmount(store, mnt)
+
+
+def test_prune_and_a_second_mount_while_a_layer_streams(
+    scratch: str, source: tuple[str, str]
+) -> None:
+    """The streaming mount holds its layers' locks: prune leaves its work,
+    and a second mount of the image waits for the layers instead of
+    unpacking them into the same place."""
+    blobs = layer_blobs(source[0], "busybox")
+    total = sum(size for _, size in blobs)
+    store, first, second = f"{scratch}/store", f"{scratch}/first", f"{scratch}/second"
+    os.makedirs(first)
+    os.makedirs(second)
+    plan = Misbehaviour(latency=0.02, rate=total / 6)
+    with run_registry(f"{scratch}/registry") as registry:
+        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
+        with misbehaving_proxy(registry.host, plan) as proxy:
+            image = f"{proxy}/plain:latest"
+            strata(store, "mount", "--lazy", "--read-only", TLS, image, first)
+            try:
+                strata(store, "prune")
+                assert glob.glob(f"{store}/tmp/layer-*"), "prune took a streaming layer's work"
+                assert len(stored_layers(store)) < len(blobs)
+                strata(store, "mount", "--lazy", "--read-only", TLS, image, second)
+                try:
+                    assert len(stored_layers(store)) == len(blobs)  # it waited for them
+                    for mnt in (first, second):
+                        found = differences(snapshot(source[1]), snapshot(mnt), times=False)
+                        assert found == []
+                finally:
+                    unmount(store, second)
+            finally:
+                unmount(store, first)
+    assert "streaming a layer failed" not in logs(store)

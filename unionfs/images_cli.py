@@ -356,8 +356,8 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
 def _layer_stream(store: Store, image: Image, reference: Any, options: Any, timeout: float) -> Any:
     """The image's top layers not stored yet (pull_lazy left them): a mount
     streams them in while it serves. None if every layer is here."""
-    from .image.registry import RegistryClient
-    from .image.streaming import LayerStream, StreamedLayer
+    from .image.registry import ProgressLine, RegistryClient
+    from .image.streaming import LayerBusy, LayerStream, StreamedLayer
 
     missing = [
         StreamedLayer(blob, diff_id, store.stream_work_dir(diff_id), store.layer_path(diff_id))
@@ -367,7 +367,16 @@ def _layer_stream(store: Store, image: Image, reference: Any, options: Any, time
     if not missing:
         return None
     client = RegistryClient(reference.registry, options)
-    return LayerStream(store, client, reference.repository, missing, timeout)
+    try:
+        return LayerStream(store, client, reference.repository, missing, timeout)
+    except LayerBusy as exc:
+        # Another mount streams it (or a pull unpacks it): wait for it whole.
+        _note(f"{exc}; waiting for it")
+        progress = ProgressLine(False, "")
+        for layer in missing:
+            client.fetch_blob(store, reference.repository, layer.blob, progress)
+            store.unpack(layer.blob, layer.diff_id)
+        return None
 
 
 def _layer_paths(store: Store, image: Image, stream: Any) -> list[str]:

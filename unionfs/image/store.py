@@ -298,6 +298,30 @@ class Store:
         finally:
             os.close(fd)
 
+    def try_lock(self, name: str) -> int | None:
+        """The descriptor holding lock *name* (under locks/), or None if another
+        process holds it. The lock lasts while the descriptor is open."""
+        fd = os.open(os.path.join(self.locks, name), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _in_use(self, tmp_name: str) -> bool:
+        """Whether a running command still writes *tmp_name* (under tmp/)."""
+        lock = _tmp_lock(tmp_name)
+        return lock is not None and self._busy(lock)
+
+    def _busy(self, name: str) -> bool:
+        """Whether another process holds lock *name* (under locks/) now."""
+        fd = self.try_lock(name)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
     def shared(self) -> contextlib.AbstractContextManager[None]:
         return self._flock("store.lock", fcntl.LOCK_SH)
 
@@ -396,18 +420,20 @@ class Store:
         blob: BinaryIO,
         on_entry: Callable[[bytes, int], None] | None = None,
         *,
-        work_made: bool = False,
+        streamed: bool = False,
     ) -> str:
         """Unpack layer *diff_id* from *blob* (its blob, or the stream of a
-        download still running) and check its DiffID. *work_made*: a mount
-        already serves the empty work directory (it streams the layer in)."""
+        download still running) and check its DiffID. *streamed*: a mount
+        already serves the empty work directory, and holds the layer's lock
+        (try_lock) while it streams the layer in."""
         target = self.layer_path(diff_id)
         hex_id = diff_id[len("sha256:") :]
-        with self._flock(f"locks/{hex_id}", fcntl.LOCK_EX, wait=3600):
+        held = contextlib.nullcontext() if streamed else None
+        with held or self._flock(f"locks/{hex_id}", fcntl.LOCK_EX, wait=3600):
             if os.path.isdir(target):  # another command unpacked it meanwhile
                 return target
             work = self.stream_work_dir(diff_id)
-            if not work_made:
+            if not streamed:
                 if os.path.lexists(work):  # left by an interrupted unpack
                     shutil.rmtree(work)
                 os.mkdir(work, 0o755)
@@ -726,7 +752,8 @@ class Store:
                 shutil.rmtree(os.path.join(self.layers_dir, name))
                 layers += 1
         for name in os.listdir(self.locks):
-            if "sha256:" + name not in keep_layers:
+            # A lock a running command holds stays: a new file would not exclude it.
+            if "sha256:" + name not in keep_layers and not self._busy(name):
                 os.unlink(os.path.join(self.locks, name))
         lazy = os.path.join(self.root, "lazy")
         for name in os.listdir(lazy) if os.path.isdir(lazy) else ():
@@ -734,6 +761,8 @@ class Store:
                 shutil.rmtree(os.path.join(lazy, name))
         for name in os.listdir(self.tmp) if leftovers else ():
             path = os.path.join(self.tmp, name)
+            if self._in_use(name):
+                continue
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             else:
@@ -741,6 +770,15 @@ class Store:
                     os.unlink(path)
             left += 1
         return blobs, layers, left
+
+
+def _tmp_lock(name: str) -> str | None:
+    """The lock a streaming mount holds on a file of tmp it still writes."""
+    if name.startswith("layer-"):
+        return name[len("layer-") :]  # a layer unpacking
+    if name.endswith(".partial"):
+        return "blob-" + name[: -len(".partial")]  # a blob downloading
+    return None
 
 
 def open_store(root: str, layer_limit: int | None = None) -> Store:

@@ -137,6 +137,10 @@ class GrowingBlob(io.RawIOBase):
         super().close()
 
 
+class LayerBusy(StrataError):
+    """Another command unpacks a layer this mount would stream."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamedLayer:
     """A layer of the image to stream in: where it unpacks, where it ends up."""
@@ -164,11 +168,26 @@ class LayerStream:
         self.client = client
         self.repository = repository
         self.layers = layers  # lowest first, as the image lists them
+        # Each layer's lock, held from here until it is stored (by the mount's
+        # daemon, which inherits these descriptors): no other command unpacks
+        # it, or prunes its work directory, meanwhile.
+        self.locks: list[int] = []
+        for layer in layers:
+            fd = store.try_lock(layer.diff_id[len("sha256:") :])
+            if fd is None:
+                self.release()
+                raise LayerBusy(f"layer {layer.diff_id} is being unpacked by another command")
+            self.locks.append(fd)
         for layer in layers:
             # Empty now, so the mount can open it; filled by run().
             if os.path.lexists(layer.work_dir):
                 shutil.rmtree(layer.work_dir)
             os.mkdir(layer.work_dir, 0o755)
+
+    def release(self) -> None:
+        for fd in self.locks:
+            os.close(fd)
+        self.locks.clear()
 
     def run(
         self,
@@ -192,6 +211,8 @@ class LayerStream:
             fail(reason)
             for layer in self.layers:  # what never arrived leaves nothing behind
                 shutil.rmtree(layer.work_dir, ignore_errors=True)
+        finally:
+            self.release()
 
     def _one(
         self,
@@ -243,7 +264,7 @@ class LayerStream:
                 layer.diff_id,
                 reader,
                 lambda rel, mtime: record(position, rel, mtime),
-                work_made=True,
+                streamed=True,
             )
         finally:
             source.close()
