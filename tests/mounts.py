@@ -8,6 +8,7 @@ entry in /sys/fs/fuse/connections, never anyone else's.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import subprocess
 import sys
@@ -176,3 +177,12 @@ def on_both(
         with writable_mount(system, scratch, layers) as mountpoint:
             seen[system] = (changed, looked, look(mountpoint))
     return seen
+
+
+def daemon_logs(root: str) -> str:
+    """What the mount daemons of store *root* logged."""
+    text = []
+    for path in sorted(glob.glob(f"{root}/logs/*.log")):
+        with open(path) as handle:
+            text.append(handle.read())
+    return "".join(text)

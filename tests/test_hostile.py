@@ -4,7 +4,6 @@ outside the store, and the store still usable after."""
 from __future__ import annotations
 
 import errno
-import glob
 import gzip
 import json
 import os
@@ -24,7 +23,7 @@ from tests.hostile import (
     write_layout,
 )
 from tests.images import run
-from tests.mounts import strata
+from tests.mounts import daemon_logs, strata
 from tests.registry import Registry, run_registry
 from tests.test_images import Mounted
 
@@ -222,8 +221,8 @@ def test_hostile_layer_is_refused_while_it_streams(
     strata(store, "mount", "--lazy", "--read-only", "--tls-verify=false", image, mnt)
     try:
         deadline = time.monotonic() + 60
-        while message not in logs_of(store):  # refused as it arrived, or once indexed
-            assert time.monotonic() < deadline, logs_of(store)
+        while message not in daemon_logs(store):  # refused as it arrived, or once indexed
+            assert time.monotonic() < deadline, daemon_logs(store)
             time.sleep(0.05)
         for attempt in (lambda: os.listdir(mnt), lambda: os.stat(f"{mnt}/etc")):
             with pytest.raises(OSError) as caught:
@@ -234,14 +233,6 @@ def test_hostile_layer_is_refused_while_it_streams(
     assert outside_tree(scratch) == before
     strata(store, "rmi", image)
     assert_store_usable(scratch, store)
-
-
-def logs_of(store: str) -> str:
-    text = []
-    for path in glob.glob(f"{store}/logs/*.log"):
-        with open(path) as handle:
-            text.append(handle.read())
-    return "".join(text)
 
 
 def test_manifest_that_does_not_match_its_digest_is_refused(scratch: str) -> None:

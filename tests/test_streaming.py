@@ -14,6 +14,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,7 +27,7 @@ from tests.hostile import (
     write_layout,
 )
 from tests.images import build_busybox, umoci_rootfs
-from tests.mounts import STRATA, strata, unmount
+from tests.mounts import STRATA, daemon_logs, strata, unmount
 from tests.registry import run_registry
 from tests.trees import differences, snapshot
 from unionfs.mount import pid_file
@@ -58,16 +59,22 @@ def first_file(store: str, digest: str) -> str:
     raise AssertionError("no regular file in the layer")
 
 
-def logs(store: str) -> str:
-    text = []
-    for path in glob.glob(f"{store}/logs/*.log"):
-        with open(path) as handle:
-            text.append(handle.read())
-    return "".join(text)
-
-
 def stored_layers(store: str) -> list[str]:
     return os.listdir(f"{store}/layers")
+
+
+@contextlib.contextmanager
+def slow_registry(
+    scratch: str, source: tuple[str, str], seconds: float = 6
+) -> Iterator[tuple[str, Misbehaviour]]:
+    """The busybox image in a real registry, behind a link on which its pull
+    takes about *seconds*: yields (the image's name there, the link's plan)."""
+    total = sum(size for _, size in layer_blobs(source[0], "busybox"))
+    plan = Misbehaviour(latency=0.02, rate=total / seconds)
+    with run_registry(f"{scratch}/registry") as registry:
+        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
+        with misbehaving_proxy(registry.host, plan) as proxy:
+            yield f"{proxy}/plain:latest", plan
 
 
 def test_a_plain_image_serves_while_it_streams_in(scratch: str, source: tuple[str, str]) -> None:
@@ -77,15 +84,11 @@ def test_a_plain_image_serves_while_it_streams_in(scratch: str, source: tuple[st
     store, mnt, ordinary = f"{scratch}/store", f"{scratch}/mnt", f"{scratch}/ordinary"
     os.makedirs(mnt)
     os.makedirs(ordinary)
-    # A link slow enough that the pull takes seconds.
-    plan = Misbehaviour(latency=0.02, rate=total / 6)
     strata(source[0], "mount", "--read-only", "busybox", ordinary)
     with contextlib.ExitStack() as stack:
         stack.callback(unmount, source[0], ordinary)
-        registry = stack.enter_context(run_registry(f"{scratch}/registry"))
-        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
-        with misbehaving_proxy(registry.host, plan) as proxy:
-            image = f"{proxy}/plain:latest"
+        # A link slow enough that the pull takes seconds.
+        with slow_registry(scratch, source) as (image, plan):
             started = time.monotonic()
             strata(store, "mount", "--lazy", TLS, image, mnt, "--name", "c")
             try:
@@ -143,33 +146,29 @@ def test_a_command_starts_before_the_pull_ends(scratch: str, source: tuple[str, 
     """busybox is static: its exec needs only the names on its path (what it
     looks up after, /proc here, is nowhere in the image, so it waits)."""
     blobs = layer_blobs(source[0], "busybox")
-    total = sum(size for _, size in blobs)
     store, mnt = f"{scratch}/store", f"{scratch}/mnt"
     os.makedirs(mnt)
-    plan = Misbehaviour(latency=0.02, rate=total / 6)
-    with run_registry(f"{scratch}/registry") as registry:
-        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
-        with misbehaving_proxy(registry.host, plan) as proxy:
-            strata(store, "mount", "--lazy", "--read-only", TLS, f"{proxy}/plain:latest", mnt)
-            try:
-                command = subprocess.Popen(
-                    ["chroot", mnt, "/bin/busybox", "echo", "started"],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                # It has started once its exec is done: the process is busybox.
-                deadline = time.monotonic() + 120
-                while _command_name(command.pid) != "busybox":
-                    assert command.poll() is None and time.monotonic() < deadline
-                    time.sleep(0.01)
-                layers_then = len(stored_layers(store))
-                # statfs still answers, though the layers stored so far have moved.
-                assert layers_then > 0 and os.statvfs(mnt).f_blocks > 0
-                out, _ = command.communicate(timeout=120)
-                assert command.returncode == 0 and out == "started\n"
-                assert layers_then < len(blobs), "the pull had ended before the command started"
-            finally:
-                unmount(store, mnt)
+    with slow_registry(scratch, source) as (image, _):
+        strata(store, "mount", "--lazy", "--read-only", TLS, image, mnt)
+        try:
+            command = subprocess.Popen(
+                ["chroot", mnt, "/bin/busybox", "echo", "started"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            # It has started once its exec is done: the process is busybox.
+            deadline = time.monotonic() + 120
+            while _command_name(command.pid) != "busybox":
+                assert command.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            layers_then = len(stored_layers(store))
+            # statfs still answers, though the layers stored so far have moved.
+            assert layers_then > 0 and os.statvfs(mnt).f_blocks > 0
+            out, _ = command.communicate(timeout=120)
+            assert command.returncode == 0 and out == "started\n"
+            assert layers_then < len(blobs), "the pull had ended before the command started"
+        finally:
+            unmount(store, mnt)
 
 
 def test_a_tampered_layer_is_eio_and_keeps_nothing(scratch: str, source: tuple[str, str]) -> None:
@@ -195,7 +194,7 @@ def test_a_tampered_layer_is_eio_and_keeps_nothing(scratch: str, source: tuple[s
             with pytest.raises(OSError) as lookup:
                 os.stat(f"{mnt}/no/such/name")
             assert lookup.value.errno == errno.EIO
-            assert "streaming a layer failed" in logs(store)
+            assert "streaming a layer failed" in daemon_logs(store)
         finally:
             unmount(store, mnt)
     assert stored_layers(store) == []
@@ -207,75 +206,66 @@ def test_a_registry_away_mid_stream_and_back(scratch: str, source: tuple[str, st
     """What waits fails after --lazy-timeout while nothing arrives; what has
     arrived keeps working; the stream goes on once the registry is back."""
     blobs = layer_blobs(source[0], "busybox")
-    total = sum(size for _, size in blobs)
     early = first_file(source[0], blobs[-1][0])
     store, mnt = f"{scratch}/store", f"{scratch}/mnt"
     os.makedirs(mnt)
-    plan = Misbehaviour(latency=0.02, rate=total / 6)
-    with run_registry(f"{scratch}/registry") as registry:
-        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
-        with misbehaving_proxy(registry.host, plan) as proxy:
-            strata(store, "mount", "--lazy", "--read-only", "--lazy-timeout", "2", TLS,
-                   f"{proxy}/plain:latest", mnt)  # fmt: skip
-            try:
-                with open(f"{mnt}/{early}", "rb") as handle:
-                    data = handle.read()
-                plan.away = True
-                started = time.monotonic()
-                for attempt in (lambda: os.stat(f"{mnt}/zzz"), lambda: os.listdir(mnt)):
-                    with pytest.raises(OSError) as caught:
-                        attempt()
-                    assert caught.value.errno == errno.EIO
-                # It waited --lazy-timeout from the last bytes that came.
-                assert time.monotonic() - started >= 1.5
-                with open(f"{mnt}/{early}", "rb") as handle:  # what arrived still reads
-                    assert handle.read() == data
-                assert len(stored_layers(store)) < len(blobs)
-                # Away until the download has given up once and waits to try again.
-                deadline = time.monotonic() + 60
-                while "trying again until it answers" not in logs(store):
-                    assert time.monotonic() < deadline, "the download never gave up"
-                    time.sleep(0.2)
-                plan.away = False
-                deadline = time.monotonic() + 120
-                while len(stored_layers(store)) < len(blobs):
-                    assert time.monotonic() < deadline, "the stream did not go on"
-                    time.sleep(0.2)
-                assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
-            finally:
-                unmount(store, mnt)
+    with slow_registry(scratch, source) as (image, plan):
+        strata(store, "mount", "--lazy", "--read-only", "--lazy-timeout", "2", TLS,
+               image, mnt)  # fmt: skip
+        try:
+            with open(f"{mnt}/{early}", "rb") as handle:
+                data = handle.read()
+            plan.away = True
+            started = time.monotonic()
+            for attempt in (lambda: os.stat(f"{mnt}/zzz"), lambda: os.listdir(mnt)):
+                with pytest.raises(OSError) as caught:
+                    attempt()
+                assert caught.value.errno == errno.EIO
+            # It waited --lazy-timeout from the last bytes that came.
+            assert time.monotonic() - started >= 1.5
+            with open(f"{mnt}/{early}", "rb") as handle:  # what arrived still reads
+                assert handle.read() == data
+            assert len(stored_layers(store)) < len(blobs)
+            # Away until the download has given up once and waits to try again.
+            deadline = time.monotonic() + 60
+            while "trying again until it answers" not in daemon_logs(store):
+                assert time.monotonic() < deadline, "the download never gave up"
+                time.sleep(0.2)
+            plan.away = False
+            deadline = time.monotonic() + 120
+            while len(stored_layers(store)) < len(blobs):
+                assert time.monotonic() < deadline, "the stream did not go on"
+                time.sleep(0.2)
+            assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
+        finally:
+            unmount(store, mnt)
 
 
 def test_umount_mid_stream_leaves_a_pull_to_finish(scratch: str, source: tuple[str, str]) -> None:
     blobs = layer_blobs(source[0], "busybox")
-    total = sum(size for _, size in blobs)
     store, mnt = f"{scratch}/store", f"{scratch}/mnt"
     os.makedirs(mnt)
-    plan = Misbehaviour(latency=0.02, rate=total / 10)
-    with run_registry(f"{scratch}/registry") as registry:
-        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
-        with misbehaving_proxy(registry.host, plan) as proxy:
-            image = f"{proxy}/plain:latest"
-            strata(store, "mount", "--lazy", "--read-only", TLS, image, mnt)
-            started = time.monotonic()
-            unmount(store, mnt)
-            assert time.monotonic() - started < 10, "umount waited for the stream"
-            assert len(stored_layers(store)) < len(blobs)
-            assert glob.glob(f"{store}/tmp/layer-*") == []
-            listed = json.loads(strata(store, "images", "--json").stdout)
-            assert float(listed[0]["local"]) < 1
-            # Not a traceback: the image is incomplete, and says how to finish it.
-            refused = strata(store, "mount", "--read-only", image, mnt, check=False)
-            assert refused.returncode != 0
-            assert refused.stderr.count("\n") == 1 and "pull the image again" in refused.stderr
-            plan.rate = 0  # no need to wait for the slow link any more
-            strata(store, "pull", TLS, image)
-        assert len(stored_layers(store)) == len(blobs)
-        strata(store, "mount", "--read-only", image, mnt)
-        try:
-            assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
-        finally:
-            unmount(store, mnt)
+    with slow_registry(scratch, source, 10) as (image, plan):
+        strata(store, "mount", "--lazy", "--read-only", TLS, image, mnt)
+        started = time.monotonic()
+        unmount(store, mnt)
+        assert time.monotonic() - started < 10, "umount waited for the stream"
+        assert len(stored_layers(store)) < len(blobs)
+        assert glob.glob(f"{store}/tmp/layer-*") == []
+        listed = json.loads(strata(store, "images", "--json").stdout)
+        assert float(listed[0]["local"]) < 1
+        # Not a traceback: the image is incomplete, and says how to finish it.
+        refused = strata(store, "mount", "--read-only", image, mnt, check=False)
+        assert refused.returncode != 0
+        assert refused.stderr.count("\n") == 1 and "pull the image again" in refused.stderr
+        plan.rate = 0  # no need to wait for the slow link any more
+        strata(store, "pull", TLS, image)
+    assert len(stored_layers(store)) == len(blobs)
+    strata(store, "mount", "--read-only", image, mnt)
+    try:
+        assert differences(snapshot(source[1]), snapshot(mnt), times=False) == []
+    finally:
+        unmount(store, mnt)
 
 
 def test_umount_while_the_streamed_stack_is_indexed(scratch: str) -> None:
@@ -324,28 +314,23 @@ def test_prune_and_a_second_mount_while_a_layer_streams(
     and a second mount of the image waits for the layers instead of
     unpacking them into the same place."""
     blobs = layer_blobs(source[0], "busybox")
-    total = sum(size for _, size in blobs)
     store, first, second = f"{scratch}/store", f"{scratch}/first", f"{scratch}/second"
     os.makedirs(first)
     os.makedirs(second)
-    plan = Misbehaviour(latency=0.02, rate=total / 6)
-    with run_registry(f"{scratch}/registry") as registry:
-        strata(source[0], "push", TLS, "busybox", f"{registry.host}/plain:latest")
-        with misbehaving_proxy(registry.host, plan) as proxy:
-            image = f"{proxy}/plain:latest"
-            strata(store, "mount", "--lazy", "--read-only", TLS, image, first)
+    with slow_registry(scratch, source) as (image, _):
+        strata(store, "mount", "--lazy", "--read-only", TLS, image, first)
+        try:
+            strata(store, "prune")
+            assert glob.glob(f"{store}/tmp/layer-*"), "prune took a streaming layer's work"
+            assert len(stored_layers(store)) < len(blobs)
+            strata(store, "mount", "--lazy", "--read-only", TLS, image, second)
             try:
-                strata(store, "prune")
-                assert glob.glob(f"{store}/tmp/layer-*"), "prune took a streaming layer's work"
-                assert len(stored_layers(store)) < len(blobs)
-                strata(store, "mount", "--lazy", "--read-only", TLS, image, second)
-                try:
-                    assert len(stored_layers(store)) == len(blobs)  # it waited for them
-                    for mnt in (first, second):
-                        found = differences(snapshot(source[1]), snapshot(mnt), times=False)
-                        assert found == []
-                finally:
-                    unmount(store, second)
+                assert len(stored_layers(store)) == len(blobs)  # it waited for them
+                for mnt in (first, second):
+                    found = differences(snapshot(source[1]), snapshot(mnt), times=False)
+                    assert found == []
             finally:
-                unmount(store, first)
-    assert "streaming a layer failed" not in logs(store)
+                unmount(store, second)
+        finally:
+            unmount(store, first)
+    assert "streaming a layer failed" not in daemon_logs(store)

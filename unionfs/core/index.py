@@ -209,3 +209,24 @@ class Index:
         with txn.cursor(db=self.dents) as cursor:
             cursor.putmulti(items, append=True)
         return listing
+
+
+class InodeBatches:
+    """Inode numbers no inode of this store ever had, reserved from the
+    index in batches (one write per batch, not per number). Each user keeps
+    its own: an instance is not shared between threads."""
+
+    BATCH = 1024
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self._next = self._last = 0
+
+    def allocate(self) -> int:
+        if self._next >= self._last:
+            with self.index.write() as txn:
+                self._next = self.index.allocate(txn, b"next_ino", self.BATCH)
+            self._last = self._next + self.BATCH
+        ino = self._next
+        self._next += 1
+        return ino

@@ -26,8 +26,45 @@ from .layer import (
 )
 from .paths import fd_path
 from .records import Entry, entry_from_stat, unpack_group
-from .streaming import Presets
 from .upper import join, redirect_target
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Presets:
+    """Inode numbers the merge must keep (a mount showed them while the layer
+    streamed in): directories by merged path, files by their host inode
+    (st_dev, st_ino), which hardlinks share."""
+
+    dirs: dict[bytes, int]
+    files: dict[tuple[int, int], int]
+
+
+def layer_entry(
+    ino: int,
+    st: os.stat_result,
+    layer: int,
+    rel: bytes,
+    xattrs: tuple[tuple[bytes, bytes], ...],
+    *,
+    listing: int = 0,
+    nlink: int | None = None,
+    target: bytes = b"",
+) -> Entry:
+    """The entry of a layer's file at *rel*: its stat, its visible xattrs,
+    and the stat override a rootless layer keeps in an xattr."""
+    entry = entry_from_stat(
+        ino,
+        st,
+        layer,
+        nlink=nlink,
+        listing=listing,
+        host_ino=st.st_ino,
+        path=rel if stat.S_ISREG(st.st_mode) else b"",
+        target=target,
+        xattrs=visible_xattrs(xattrs),
+    )
+    override = overrides.from_xattrs(xattrs)
+    return entry if override is None else override.apply(entry)
 
 
 class LayerMerger:
@@ -96,19 +133,9 @@ class LayerMerger:
         nlink: int | None = None,
         target: bytes = b"",
     ) -> Entry:
-        entry = entry_from_stat(
-            ino,
-            st,
-            self.number,
-            nlink=nlink,
-            listing=listing,
-            host_ino=st.st_ino,
-            path=rel if stat.S_ISREG(st.st_mode) else b"",
-            target=target,
-            xattrs=visible_xattrs(xattrs),
+        return layer_entry(
+            ino, st, self.number, rel, xattrs, listing=listing, nlink=nlink, target=target
         )
-        override = overrides.from_xattrs(xattrs)
-        return entry if override is None else override.apply(entry)
 
     def _with_lower_data(
         self,

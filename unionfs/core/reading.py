@@ -20,7 +20,7 @@ from typing import Protocol, cast
 
 from . import overrides
 from .chunks import PartialCopy
-from .index import ROOT_INO, Index, name_hash
+from .index import ROOT_INO, Index, InodeBatches, name_hash
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
     open_beneath,
@@ -39,7 +39,6 @@ from .upper import (
 DOT_OFFSET = 1
 DOTDOT_OFFSET = 2
 UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
-_INO_BATCH = 1024
 
 
 class LazyData(Protocol):
@@ -95,8 +94,7 @@ class ReadPath:
         top.lower_path = b""
         top.upper = upper is not None
         self.nodes: dict[int, Node] = {ROOT_INO: top}
-        self._next_ino = 0
-        self._last_ino = 0
+        self._inodes = InodeBatches(index)
 
     @property
     def writable(self) -> bool:
@@ -121,14 +119,8 @@ class ReadPath:
     # Inode numbers ----------------------------------------------------------
 
     def _allocate_ino(self) -> int:
-        """A number no inode of this store ever had; reserved in batches."""
-        if self._next_ino >= self._last_ino:
-            with self.index.write() as txn:
-                self._next_ino = self.index.allocate(txn, b"next_ino", _INO_BATCH)
-            self._last_ino = self._next_ino + _INO_BATCH
-        ino = self._next_ino
-        self._next_ino += 1
-        return ino
+        """A number no inode of this store ever had."""
+        return self._inodes.allocate()
 
     # Nodes ------------------------------------------------------------------
 
@@ -331,8 +323,10 @@ class ReadPath:
         """Whether a lookup of NAME in PARENT can be answered without waiting
         for streamed layers (wait_lookup waits, in a worker thread)."""
         streaming = self.streaming
+        if streaming is None:
+            return True
         parent = self.nodes.get(parent_ino)
-        if streaming is None or parent is None or name in (b".", b".."):
+        if parent is None or name in (b".", b".."):
             return True
         if parent.opaque or parent.lower is None or parent.lower_path is None:
             return True
@@ -349,10 +343,10 @@ class ReadPath:
     def listing_ready(self, ino: int) -> bool:
         """Whether listing directory *ino* needs no wait for streamed layers."""
         streaming = self.streaming
-        node = self.nodes.get(ino)
-        if streaming is None or node is None or node.lower is None or node.opaque:
+        if streaming is None:
             return True
-        if node.lower_path is None:
+        node = self.nodes.get(ino)
+        if node is None or node.lower is None or node.opaque or node.lower_path is None:
             return True
         return streaming.listing(node.lower_path, wait=False) is not UNKNOWN
 

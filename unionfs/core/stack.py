@@ -20,9 +20,8 @@ import xxhash
 from ..errors import StrataError
 from .index import Index
 from .layer import fingerprint, layer_identity
-from .merge import LayerMerger
+from .merge import LayerMerger, Presets
 from .records import Entry
-from .streaming import Presets
 
 Progress = Callable[[str], None]
 

@@ -27,31 +27,15 @@ import threading
 import time
 from collections.abc import Iterator
 
-from . import overrides
-from .index import ROOT_INO, Index, name_hash
-from .layer import (
-    OPAQUE_MARKER,
-    WHITEOUT_PREFIX,
-    read_xattrs,
-    visible_xattrs,
-)
+from .index import ROOT_INO, Index, InodeBatches, name_hash
+from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, read_xattrs
+from .merge import Presets, layer_entry
 from .nodes import FsError
 from .paths import PATH_MAX, fd_path, open_directory
 from .records import Entry, entry_from_stat
 from .upper import join
 
-_INO_BATCH = 1024
-
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Presets:
-    """Inode numbers the final merge must keep: directories by merged path,
-    files by their host inode (st_dev, st_ino), which hardlinks share."""
-
-    dirs: dict[bytes, int]
-    files: dict[tuple[int, int], int]
 
 
 @contextlib.contextmanager
@@ -84,6 +68,17 @@ def _parent(path: bytes) -> tuple[bytes, bytes]:
 def _prefixes(path: bytes) -> list[bytes]:
     parts = path.split(b"/") if path else []
     return [b"/".join(parts[: depth + 1]) for depth in range(len(parts))]
+
+
+def _above(dir_path: bytes) -> list[bytes]:
+    """The places of the entries that decide whether *dir_path* shows what the
+    layers below hold: each directory on the way (a layer's root is never
+    opaque), its opaque marker and its whiteout."""
+    places = []
+    for prefix in _prefixes(dir_path):
+        head, tail = _parent(prefix)
+        places += [prefix, join(prefix, OPAQUE_MARKER), join(head, WHITEOUT_PREFIX + tail)]
+    return places
 
 
 class StreamTree:
@@ -141,10 +136,7 @@ class StreamTree:
         its whiteout, and each directory above with its opaque marker and its
         own whiteout."""
         places = [join(dir_path, name), join(dir_path, WHITEOUT_PREFIX + name)]
-        for prefix in _prefixes(dir_path):  # a layer's root is never opaque
-            head, tail = _parent(prefix)
-            places += [prefix, join(prefix, OPAQUE_MARKER), join(head, WHITEOUT_PREFIX + tail)]
-        return all(self.passed(place) for place in places)
+        return all(self.passed(place) for place in places + _above(dir_path))
 
     def hides(self, dir_path: bytes) -> bool:
         """Whether this layer hides *dir_path* from the layers below it (a
@@ -199,13 +191,7 @@ class StreamTree:
         """Whether this layer's part of the listing of *dir_path* is final."""
         if self.done:
             return True
-        if not self.closed(dir_path):
-            return False
-        places = []
-        for prefix in _prefixes(dir_path):
-            head, tail = _parent(prefix)
-            places += [prefix, join(prefix, OPAQUE_MARKER), join(head, WHITEOUT_PREFIX + tail)]
-        return all(self.passed(place) for place in places)
+        return self.closed(dir_path) and all(self.passed(place) for place in _above(dir_path))
 
 
 class StreamedLayers:
@@ -231,7 +217,7 @@ class StreamedLayers:
         self.failed: str | None = None  # why a layer will never arrive
         self.dir_inos: dict[bytes, int] = {}
         self.file_inos: dict[tuple[int, int], int] = {}
-        self._next_ino = self._last_ino = 0
+        self._inodes = InodeBatches(index)  # used by the unpacking thread only
         self.root = self._initial_root()
 
     def _initial_root(self) -> Entry:
@@ -247,15 +233,6 @@ class StreamedLayers:
     def presets(self) -> Presets:
         with self.changed:
             return Presets(dict(self.dir_inos), dict(self.file_inos))
-
-    def _allocate(self) -> int:
-        if self._next_ino >= self._last_ino:
-            with self.index.write() as txn:
-                self._next_ino = self.index.allocate(txn, b"next_ino", _INO_BATCH)
-            self._last_ino = self._next_ino + _INO_BATCH
-        ino = self._next_ino
-        self._next_ino += 1
-        return ino
 
     # Written by the unpacking threads ------------------------------------------
 
@@ -274,15 +251,14 @@ class StreamedLayers:
                     os.fsdecode(tree.root),
                     os.fsdecode(rel),
                 )
+            self._imply(tree, head, mtime_ns)
             if name.startswith(WHITEOUT_PREFIX):
                 if name == OPAQUE_MARKER:
                     tree.opaque.add(head)
                 elif not name.startswith(b".wh..wh."):
                     tree.whiteouts.setdefault(head, set()).add(name[len(WHITEOUT_PREFIX) :])
-                self._imply(tree, head, mtime_ns)
                 self.changed.notify_all()
                 return
-            self._imply(tree, head, mtime_ns)
             with _host_path(tree.root, rel) as path:
                 st = os.lstat(path)
                 old = tree.entries.get(rel)
@@ -315,32 +291,22 @@ class StreamedLayers:
         self, tree: StreamTree, rel: bytes, path: bytes, st: os.stat_result, mtime_ns: int
     ) -> Entry:
         xattrs = read_xattrs(path)
-        if stat.S_ISDIR(st.st_mode):
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if is_dir:
             ino = self.dir_inos.get(rel)
             if ino is None:
-                ino = self.dir_inos[rel] = self._allocate()
-            # A directory's own mtime moves as it fills; the tar's is what stays.
-            times: int | None = mtime_ns
+                ino = self.dir_inos[rel] = self._inodes.allocate()
         else:
             key = (st.st_dev, st.st_ino)
-            ino = self.file_inos.get(key) or self._allocate()
+            ino = self.file_inos.get(key) or self._inodes.allocate()
             self.file_inos[key] = ino
-            times = None
         target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else b""
-        entry = entry_from_stat(
-            ino,
-            st,
-            tree.number,
-            nlink=2 if stat.S_ISDIR(st.st_mode) else None,
-            host_ino=st.st_ino,
-            path=rel if stat.S_ISREG(st.st_mode) else b"",
-            target=target,
-            xattrs=visible_xattrs(xattrs),
+        entry = layer_entry(
+            ino, st, tree.number, rel, xattrs, nlink=2 if is_dir else None, target=target
         )
-        if times is not None:
-            entry = dataclasses.replace(entry, mtime_ns=times, atime_ns=times)
-        override = overrides.from_xattrs(xattrs)
-        return entry if override is None else override.apply(entry)
+        if is_dir:  # its own mtime moves as it fills; the tar's is what stays
+            entry = dataclasses.replace(entry, mtime_ns=mtime_ns, atime_ns=mtime_ns)
+        return entry
 
     def stalled(self) -> bool:
         """Whether nothing has arrived for longer than the timeout."""

@@ -588,10 +588,7 @@ def pull_lazy(
     if lazy:
         note(f"{lazy} of {len(layers)} layers laid out from their TOCs; data comes on demand")
     name = reference.name if not reference.digest else f"{reference.repo}@{digest}"
-    coming = sum(
-        1 for diff_id in diff_ids[streamed:] if not os.path.isdir(store.layer_path(diff_id))
-    )
-    return store.add_image(data, [name], note, coming=coming)
+    return store.add_image(data, [name], note, coming=len(layers) - streamed)
 
 
 def local_fraction(store: Store, image: Image) -> float:

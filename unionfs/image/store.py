@@ -428,8 +428,8 @@ class Store:
         (try_lock) while it streams the layer in."""
         target = self.layer_path(diff_id)
         hex_id = diff_id[len("sha256:") :]
-        held = contextlib.nullcontext() if streamed else None
-        with held or self._flock(f"locks/{hex_id}", fcntl.LOCK_EX, wait=3600):
+        lock = self._flock(f"locks/{hex_id}", fcntl.LOCK_EX, wait=3600)
+        with contextlib.nullcontext() if streamed else lock:
             if os.path.isdir(target):  # another command unpacked it meanwhile
                 return target
             work = self.stream_work_dir(diff_id)

@@ -229,14 +229,15 @@ class LayerStream:
         def download() -> None:
             # A registry that goes away is tried again until the mount ends:
             # lookups that wait meanwhile fail after the mount's timeout.
-            delay = 0.5
+            delay, said = 0.5, False
             while True:
                 try:
                     self.client.fetch_blob(store, self.repository, blob, arrivals)
                     return
                 except RegistryAway as exc:
-                    if delay == 0.5:
+                    if not said:
                         log.warning("%s; trying again until it answers", exc)
+                        said = True
                     if stop.wait(delay):
                         errors.append(exc)
                         return
