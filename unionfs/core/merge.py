@@ -115,27 +115,12 @@ class LayerMerger:
             self.index.put_aliases(self.txn, ino, paths)
         if base_root is not None and is_implicit(xattrs):
             return dataclasses.replace(base_root, listing=listing, nlink=nlink)
-        return self._entry(ROOT_INO, st, b"", xattrs, listing=listing, nlink=nlink)
+        return layer_entry(ROOT_INO, st, self.number, b"", xattrs, listing=listing, nlink=nlink)
 
     def _new_ino(self) -> int:
         ino = self.next_ino
         self.next_ino += 1
         return ino
-
-    def _entry(
-        self,
-        ino: int,
-        st: os.stat_result,
-        rel: bytes,
-        xattrs: tuple[tuple[bytes, bytes], ...],
-        *,
-        listing: int = 0,
-        nlink: int | None = None,
-        target: bytes = b"",
-    ) -> Entry:
-        return layer_entry(
-            ino, st, self.number, rel, xattrs, listing=listing, nlink=nlink, target=target
-        )
 
     def _with_lower_data(
         self,
@@ -248,7 +233,9 @@ class LayerMerger:
                 if implicit and lower is not None:  # a directory, checked above
                     entry = dataclasses.replace(lower, ino=ino, listing=listing, nlink=nlink)
                 else:
-                    entry = self._entry(ino, st, child_rel, xattrs, listing=listing, nlink=nlink)
+                    entry = layer_entry(
+                        ino, st, self.number, child_rel, xattrs, listing=listing, nlink=nlink
+                    )
                 subdirs += 1
             else:
                 preset = self.presets.files.get((st.st_dev, st.st_ino))
@@ -260,7 +247,7 @@ class LayerMerger:
                 else:
                     ino = preset or self._new_ino()
                 target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
-                entry = self._entry(ino, st, child_rel, xattrs, target=target)
+                entry = layer_entry(ino, st, self.number, child_rel, xattrs, target=target)
                 if stat.S_ISREG(st.st_mode) and overlay_value(xattrs, b"metacopy") is not None:
                     entry = self._with_lower_data(entry, xattrs, lower, lower_path)
             bucket(name).append((name, entry))
