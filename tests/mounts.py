@@ -186,3 +186,16 @@ def daemon_logs(root: str) -> str:
         with open(path) as handle:
             text.append(handle.read())
     return "".join(text)
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: str, options: str) -> Iterator[str]:
+    """A tmpfs of the test's own at *mountpoint* (a small UPPER: `size=`,
+    `nr_inodes=`); unmounted after, also when the test fails."""
+    os.makedirs(mountpoint, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", mountpoint], check=True)
+    try:
+        yield mountpoint
+    finally:
+        if find_mount(mountpoint) is not None:
+            force_unmount(mountpoint)

@@ -13,6 +13,7 @@ import mmap
 import os
 import signal
 import threading
+import time
 
 from tests.layers import write
 from tests.mounts import force_unmount, on_both, patched_mount, strata, strata_mount
@@ -69,7 +70,15 @@ def test_a_write_copies_only_the_chunks_it_touches(scratch: str) -> None:
     expected[offset : offset + 200] = b"W" * 200
     assert partial.copied == 2
     upper = os.path.join(scratch, "upper", "big")
-    assert os.stat(upper).st_blocks * 512 <= 2 * CHUNK + 65536
+    with open(upper, "rb") as handle:
+        raw = handle.read()
+    copied = {
+        index for index in range(SIZE // CHUNK) if any(raw[index * CHUNK : (index + 1) * CHUNK])
+    }
+    assert copied == {4, 5}
+    # The space of the chunks still to come is reserved (the fill cannot run
+    # out of it), but holds no data yet.
+    assert os.stat(upper).st_blocks * 512 >= SIZE
     assert partial.read(0, SIZE) == bytes(expected)
     # The same chunks again: nothing more is copied.
     assert partial.write(offset + 10, b"X") == 1
@@ -288,3 +297,58 @@ def test_strata_umount_returns_once_upper_holds_whole_files(scratch: str) -> Non
         with open(f"{upper}/big", "rb") as handle:
             assert handle.read() == bytes(expected)
     assert daemon.returncode == 0
+
+
+_SLOW_REOPEN = """
+import time
+import unionfs.fuse as fuse
+import unionfs.core.view as view
+
+async def no_fill(self, ino):
+    return None
+fuse.StrataOperations._fill_in_background = no_fill
+
+original_open_data = view.UnionView.open_data
+def slow_open_data(self, ino, write=False):
+    time.sleep(0.1)  # a wide window for reads in flight while a handle reopens
+    return original_open_data(self, ino, write)
+view.UnionView.open_data = slow_open_data
+"""
+
+
+def test_reads_in_flight_while_a_copy_up_ends_read_the_right_bytes(scratch: str) -> None:
+    """Concurrent reads of one open file when its copy-up finished: each saw
+    the data move and reopened it, and one closed the descriptor another was
+    still reading (EBADF, or a number reused by another file: wrong bytes)."""
+    lower = _lower(scratch)
+    expected = _lower_data()
+    log_path = os.path.join(scratch, "daemon.log")
+    errors: list[BaseException] = []
+    with patched_mount(scratch, lower, _SLOW_REOPEN, log_path) as (mount, daemon):
+        writer = os.open(f"{mount}/big", os.O_WRONLY)  # a partial copy, not filled
+        reader = os.open(f"{mount}/big", os.O_RDONLY | os.O_DIRECT)
+        stop = threading.Event()
+
+        def read_loop(start: int) -> None:
+            offset = start
+            try:
+                while not stop.is_set():
+                    data = os.pread(reader, CHUNK, offset)
+                    assert data == expected[offset : offset + CHUNK], offset
+                    offset = (offset + 3 * CHUNK) % SIZE
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=read_loop, args=(n * CHUNK,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        os.rename(f"{mount}/big", f"{mount}/moved")  # needs the whole data: the copy ends
+        time.sleep(1.5)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        os.close(reader)
+        os.close(writer)
+    assert daemon.returncode == 0
+    assert errors == []

@@ -84,16 +84,61 @@ def _invalidate_attributes(inodes: list[int]) -> None:
 class Handle:
     """An open file: the host descriptor and which copy of the data it reads."""
 
-    __slots__ = ("fd", "head", "ino", "version", "write")
+    __slots__ = ("errors_seen", "fd", "head", "ino", "replaced", "version", "write")
 
-    def __init__(self, ino: int, fd: int, version: int, write: bool) -> None:
+    def __init__(self, ino: int, fd: int, version: int, write: bool, errors_seen: int) -> None:
         self.ino = ino
         self.fd = fd
         self.version = version
         self.write = write
+        # The last background error of the file this handle's fsync reported
+        # (or that was already reported when it was opened): see LostWrites.
+        self.errors_seen = errors_seen
+        # Descriptors this handle read before a copy-up moved the data: kept
+        # open until release, since a read still in a worker thread may use
+        # one, and a number closed under it could be reused by another file.
+        self.replaced: list[int] = []
         # A small lower file's whole data, read with a cold open: its first
         # read is answered without another worker-thread round trip.
         self.head: bytes | None = None
+
+    def close(self) -> None:
+        for fd in (self.fd, *self.replaced):
+            os.close(fd)
+
+
+class LostWrites:
+    """Errors met by work done for a file after its request was answered (a
+    background copy-up), kept until an fsync reports them, as the kernel's
+    errseq does for writeback: each open file sees an error once, at its
+    next fsync; a file opened after the error was reported does not."""
+
+    def __init__(self) -> None:
+        self._serial = 0
+        # inode -> (serial, error, whether an fsync has reported it)
+        self._errors: dict[int, tuple[int, OSError, bool]] = {}
+
+    def record(self, ino: int, error: OSError) -> None:
+        self._serial += 1
+        self._errors[ino] = (self._serial, error, False)
+
+    def sample(self, ino: int) -> int:
+        """What a new handle has seen: an error not reported yet is still to come."""
+        found = self._errors.get(ino)
+        return found[0] if found is not None and found[2] else 0
+
+    def check(self, handle: Handle) -> None:
+        """Raise the file's error if this handle has not reported it yet."""
+        found = self._errors.get(handle.ino)
+        if found is None or found[0] <= handle.errors_seen:
+            return
+        serial, error, _ = found
+        handle.errors_seen = serial
+        self._errors[handle.ino] = (serial, error, True)
+        raise OSError(error.errno or errno.EIO, error.strerror)
+
+    def forget(self, ino: int) -> None:
+        self._errors.pop(ino, None)
 
 
 class StrataOperations(pyfuse3.Operations):
@@ -113,6 +158,7 @@ class StrataOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._copy_locks: dict[int, trio.Lock] = {}
+        self.lost_writes = LostWrites()
         # Where copy-ups that finish after their request run (mount.py sets it).
         self.background: trio.Nursery | None = None
         # `--record-reads`: the paths of image files opened, in the order first
@@ -255,6 +301,8 @@ class StrataOperations(pyfuse3.Operations):
         try:
             for ino, count in inode_list:
                 self.view.forget(ino, count)
+                if ino not in self.view.nodes:
+                    self.lost_writes.forget(ino)
         except Exception:
             log.exception("forget failed")
 
@@ -337,7 +385,7 @@ class StrataOperations(pyfuse3.Operations):
         self._next_fh += 1
         if version is None:
             version = self.view.node(ino).version
-        self.handles[fh] = Handle(ino, fd, version, write)
+        self.handles[fh] = Handle(ino, fd, version, write, self.lost_writes.sample(ino))
         return fh
 
     @_fuse_errors
@@ -406,9 +454,13 @@ class StrataOperations(pyfuse3.Operations):
         """The handle's descriptor, reopened if the data moved up since it was opened."""
         node = self.view.nodes.get(handle.ino)
         if node is not None and node.version != handle.version and not handle.write:
+            version = node.version
             fd = await trio.to_thread.run_sync(self.view.open_data, handle.ino)
-            os.close(handle.fd)
-            handle.fd, handle.version = fd, node.version
+            if handle.version == version:  # a concurrent read reopened it first
+                os.close(fd)
+            else:
+                handle.replaced.append(handle.fd)
+                handle.fd, handle.version = fd, version
         return handle.fd
 
     @_fuse_errors
@@ -452,8 +504,12 @@ class StrataOperations(pyfuse3.Operations):
         except FsError as exc:
             if exc.errno not in (errno.ESTALE, errno.ENOENT):  # else: unlinked meanwhile
                 log.error("copy-up of inode %d in the background failed: %s", ino, exc)
-        except OSError:
-            log.exception("copy-up of inode %d in the background failed", ino)
+                self.lost_writes.record(ino, OSError(exc.errno, exc.args[1]))
+        except OSError as exc:
+            # The file still reads right (what was not copied is read from
+            # the lower file); its next fsync says the copy failed.
+            log.error("copy-up of inode %d in the background failed: %s", ino, exc)
+            self.lost_writes.record(ino, exc)
 
     async def _whole(self, ino: int | None) -> None:
         """Finish a partial copy before a change that needs the whole data."""
@@ -465,6 +521,7 @@ class StrataOperations(pyfuse3.Operations):
         handle = self.handles[fh]
         sync = os.fdatasync if datasync else os.fsync
         await trio.to_thread.run_sync(sync, handle.fd)
+        self.lost_writes.check(handle)
 
     async def flush(self, fh: int) -> None:
         # Nothing is buffered here, so close(2) has nothing to wait for: ENOSYS
@@ -475,7 +532,7 @@ class StrataOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if handle is not None:
-            os.close(handle.fd)
+            handle.close()
 
     # Changes ----------------------------------------------------------------
 

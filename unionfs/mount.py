@@ -425,7 +425,12 @@ def serve(request: MountRequest, notify: Notify) -> None:
             _serve_mounted(request, notify, operations)
             # Copy-ups still partial are filled now: after an unmount UPPER
             # holds whole files, for fsck, commit and overlayfs.
-            view.complete_partials()
+            for path, error in view.complete_partials():
+                log.error(
+                    "%s: its copy-up could not be finished (%s); it stays partial and "
+                    "reads right, the next mount finishes it",
+                    os.fsdecode(path), error.strerror,
+                )  # fmt: skip
             if request.record_reads is not None and operations.reads is not None:
                 _write_reads(request.record_reads, list(operations.reads))
         finally:

@@ -6,47 +6,25 @@ The upper file is a metadata-only copy (sparse, full size) while partial.
 Which chunks it holds is kept in an xattr on it (PREFIX.strata.chunks), set
 after each chunk's data is written, so a daemon killed half-way leaves a file
 the next mount reads correctly: chunks marked present from the upper file,
-the others from the lower one.
+the others from the lower one. The space its data will take is reserved
+when the copy starts (data.reserve_space), so the background fill cannot be the
+first to find the disk full.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
 import struct
 import threading
 from collections.abc import Callable, Iterator
+
+from .data import data_segments, data_written_unseen, write_all
 
 CHUNK = 1 << 20
 # Smaller files are copied whole at the first write: that costs about as much
 # as copying a chunk, and leaves nothing partial behind.
 CHUNKED_MIN = 4 * CHUNK
-CAPABILITY_XATTR = "security.capability"
-
 _HEADER = struct.Struct("<IQ")  # chunk size, lower size
-
-
-def file_capability(fd: int) -> bytes | None:
-    try:
-        return os.getxattr(fd, CAPABILITY_XATTR)
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def data_written_unseen(fd: int) -> Iterator[None]:
-    """Around strata's own data writes into an upper file (a copy-up): put back
-    what the host kernel changes on a write, so the copy shows as before: the
-    times, the file capability, and set-id bits (stripped without CAP_FSETID)."""
-    before = os.fstat(fd)
-    capability = file_capability(fd)
-    yield
-    if capability is not None:
-        os.setxattr(fd, CAPABILITY_XATTR, capability)
-    if os.fstat(fd).st_mode != before.st_mode:
-        os.fchmod(fd, stat.S_IMODE(before.st_mode))
-    os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 class PartialCopy:
@@ -106,14 +84,16 @@ class PartialCopy:
         """Copy chunk *index* from the lower file (lock held)."""
         start = index * self.chunk
         end = min(start + self.chunk, self.size)
-        offset = start
+        # Only the lower file's data: its holes stay holes, outside the space
+        # reserved for the copy (data.reserve_space).
         with data_written_unseen(self.upper_fd):
-            while offset < end:
-                data = os.pread(self.lower_fd, end - offset, offset)
-                if not data:
-                    break  # the lower file is shorter than indexed: the rest stays a hole
-                os.pwrite(self.upper_fd, data, offset)
-                offset += len(data)
+            for offset, stop in data_segments(self.lower_fd, start, end):
+                while offset < stop:
+                    data = os.pread(self.lower_fd, stop - offset, offset)
+                    if not data:
+                        break  # the lower file is shorter than indexed: the rest stays a hole
+                    write_all(self.upper_fd, data, offset)
+                    offset += len(data)
         self.present[index >> 3] |= 1 << (index & 7)
         self._save(self.encode(self.chunk, self.size, bytes(self.present)))
         self.copied += 1

@@ -9,17 +9,12 @@ import os
 import stat
 
 from . import overrides
-from .chunks import CHUNKED_MIN, PartialCopy, data_written_unseen
+from .chunks import CHUNKED_MIN, PartialCopy
+from .data import copy_data, data_written_unseen, release_space, reserve_space
 from .nodes import CopyJob, FsError, Node
 from .reading import ReadPath
 from .records import Entry
-from .upper import (
-    LinkCounts,
-    copy_data,
-    copy_link_metadata,
-    copy_metadata,
-    join,
-)
+from .upper import LinkCounts, copy_link_metadata, copy_metadata, join
 
 
 class CopyUp(ReadPath):
@@ -41,20 +36,20 @@ class CopyUp(ReadPath):
             node.upper = True  # made meanwhile for another name of a hardlinked file
             return
         parent_rel = self.rel(parent)
-        with store.times_kept(parent_rel):
-            store.place(self._copy_directory(node.ino, lower), parent_rel, node.name)
+        with store.temp() as temp, store.times_kept(parent_rel):
+            self._copy_directory(temp, node.ino, lower)
+            store.place(temp, parent_rel, node.name)
         node.upper = True
 
-    def _copy_directory(self, ino: int, lower: Entry) -> bytes:
-        """A new directory in WORK with the metadata of a lower one, no contents."""
+    def _copy_directory(self, temp: bytes, ino: int, lower: Entry) -> None:
+        """Make *temp* a directory with the metadata of a lower one, no contents."""
         assert self.store is not None
-        temp = self.store.new_directory()
+        os.mkdir(temp, 0o700)
         self.store.set_ino(temp, ino)
         copy_link_metadata(
             temp, uid=lower.uid, gid=lower.gid, atime_ns=lower.atime_ns,
             mtime_ns=lower.mtime_ns, xattrs=lower.xattrs, mode=lower.mode,
         )  # fmt: skip
-        return temp
 
     def _copy_special(self, temp: bytes, ino: int, lower: Entry) -> None:
         """Copy a lower symlink, fifo, socket or device to *temp*."""
@@ -75,9 +70,10 @@ class CopyUp(ReadPath):
                 temp, overrides.StatOverride(lower.mode, lower.uid, lower.gid, lower.rdev)
             )
 
-    def _copy_up(self, node: Node, *, data: bool) -> None:
+    def _copy_up(self, node: Node, *, data: bool, reserve: bool = False) -> None:
         """Copy a file up; without *data* a regular file becomes a metacopy
-        (where metacopies are allowed)."""
+        (where metacopies are allowed), with *reserve* one whose data's space
+        is allocated ahead (for a chunked copy)."""
         store = self._writable()
         data = data or not self.metacopy_allowed
         if node.is_dir:
@@ -100,27 +96,40 @@ class CopyUp(ReadPath):
             return
         parent = self.nodes[node.parent]
         self._copy_up_dir(parent)
-        temp = store.temp_path()
-        if stat.S_ISREG(lower.mode):
-            if data and lower.size:
-                self.fill(self.prepare_copy(node, temp))
-            else:
-                fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-                try:
-                    os.ftruncate(fd, lower.size)  # sparse: no data is written
-                    if lower.size:
-                        store.set_marker(temp, b"metacopy", b"")
-                    self._finish_temp(fd, node.ino, lower)
-                finally:
-                    os.close(fd)
-            node.metacopy = bool(lower.size) and not data
-        else:
-            self._copy_special(temp, node.ino, lower)
         parent_rel = self.rel(parent)
-        with store.times_kept(parent_rel):
-            store.place(temp, parent_rel, node.name)
+        with store.temp() as temp:
+            if stat.S_ISREG(lower.mode):
+                if data and lower.size:
+                    self.fill(self.prepare_copy(node, temp))
+                else:
+                    self._metadata_copy(temp, node.ino, lower, reserve=reserve)
+            else:
+                self._copy_special(temp, node.ino, lower)
+            with store.times_kept(parent_rel):
+                store.place(temp, parent_rel, node.name)
+        if stat.S_ISREG(lower.mode):
+            node.metacopy = bool(lower.size) and not data
         node.upper = True
         node.version += 1
+
+    def _metadata_copy(self, temp: bytes, ino: int, lower: Entry, *, reserve: bool) -> None:
+        """Make *temp* a metadata-only copy of *lower*: sparse, full size, no
+        data written; with *reserve*, the space its data will take allocated."""
+        assert self.store is not None
+        fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, lower.size)
+            if reserve and lower.size:
+                source = self.open_lower(lower)
+                try:
+                    reserve_space(fd, source, lower.size)
+                finally:
+                    os.close(source)
+            if lower.size:
+                self.store.set_marker(temp, b"metacopy", b"")
+            self._finish_temp(fd, ino, lower)
+        finally:
+            os.close(fd)
 
     def _copy_up_group(self, node: Node) -> None:
         """Copy up a hardlinked lower file once, for all its names.
@@ -134,12 +143,12 @@ class CopyUp(ReadPath):
         assert lower is not None
         link = store.link_path(node.ino)
         if not os.path.lexists(link):
-            temp = store.temp_path()
-            if stat.S_ISREG(lower.mode):
-                self.fill(self.prepare_copy(node, temp))
-            else:
-                self._copy_special(temp, node.ino, lower)
-            os.rename(temp, link)
+            with store.temp() as temp:
+                if stat.S_ISREG(lower.mode):
+                    self.fill(self.prepare_copy(node, temp))
+                else:
+                    self._copy_special(temp, node.ino, lower)
+                os.rename(temp, link)
         with self.index.read() as txn:
             aliases = self.index.aliases_of(txn, node.ino)
             if store.link_counts(node.ino) is None:
@@ -182,8 +191,9 @@ class CopyUp(ReadPath):
             if not entry.is_dir:
                 return
             if st is None:
-                with store.times_kept(rel):
-                    store.place(self._copy_directory(entry.ino, entry), rel, part)
+                with store.temp() as temp, store.times_kept(rel):
+                    self._copy_directory(temp, entry.ino, entry)
+                    store.place(temp, rel, part)
                 live = self.nodes.get(entry.ino)  # the kernel may know this directory
                 if live is not None:
                     live.upper = True
@@ -200,10 +210,9 @@ class CopyUp(ReadPath):
         store = self._writable()
         if node.linked and store.lstat(self._rel_of(parent, name)) is None:
             self._copy_up_dir(parent)
-            temp = store.temp_path()
-            os.link(store.link_path(node.ino), temp)
             parent_rel = self.rel(parent)
-            with store.times_kept(parent_rel):
+            with store.temp() as temp, store.times_kept(parent_rel):
+                os.link(store.link_path(node.ino), temp)
                 store.place(temp, parent_rel, name)
 
     def _index_group(self, node: Node) -> None:
@@ -269,12 +278,19 @@ class CopyUp(ReadPath):
             or lower.nlink > 1
             or node.linked
             or (node.upper and not node.metacopy)
+            or not store.reserves_space
         ):
             return node.partial is not None
-        self._copy_up(node, data=False)
+        # The data's space is allocated before the copy is used (a full UPPER
+        # fails this open with ENOSPC, the file as it was), so filling it
+        # later cannot run out of space half-way.
+        reserved = not node.upper
+        self._copy_up(node, data=False, reserve=reserved)
         raw = PartialCopy.empty_map(lower.size)
         partial = self._partial(lower, self._host(node), raw)
         try:
+            if not reserved:  # a metadata-only copy made before
+                reserve_space(partial.upper_fd, partial.lower_fd, lower.size)
             store.set_chunk_map(partial.upper_fd, raw)
         except BaseException:
             partial.close()
@@ -286,16 +302,25 @@ class CopyUp(ReadPath):
         node = self.nodes.get(ino)
         return node.partial if node is not None else None
 
-    def complete_partials(self) -> None:
-        """Fill every partial copy (at unmount: UPPER then holds whole files)."""
+    def complete_partials(self) -> list[tuple[bytes, OSError]]:
+        """Fill every partial copy (at unmount: UPPER then holds whole files).
+        A copy that cannot be filled now (an I/O error) stays partial, its
+        chunk map saying where each part is read from; returned with its error."""
+        failed = []
         for node in list(self.nodes.values()):
             if node.partial is None:
                 continue
             try:
                 self._copy_up(node, data=True)
-            except FsError:  # no name left (unlinked while open): nothing to keep
-                node.partial.close()
-                node.partial = None
+            except FsError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                    failed.append((self.rel(node), OSError(exc.errno, exc.args[1])))
+                else:  # no name left (unlinked while open): nothing to keep
+                    node.partial.close()
+                    node.partial = None
+            except OSError as exc:
+                failed.append((self.rel(node), exc))
+        return failed
 
     def needs_data_copy(self, ino: int) -> bool:
         """Whether writing to *ino* must first copy data up (a slow step)."""
@@ -334,7 +359,9 @@ class CopyUp(ReadPath):
             if job.in_place is not None:
                 # Until the metacopy mark goes (finish_copy), reads still come
                 # from the lower file, so a half-done copy is never seen. The
-                # copy looks as the metadata-only copy did.
+                # copy looks as the metadata-only copy did. Its space first:
+                # a full UPPER fails here with nothing allocated.
+                reserve_space(job.in_place, source, job.entry.size)
                 with data_written_unseen(job.in_place):
                     copy_data(source, job.in_place, job.entry.size)
                 os.fdatasync(job.in_place)
@@ -352,6 +379,8 @@ class CopyUp(ReadPath):
     def abandon_copy(self, job: CopyJob) -> None:
         """Release what a copy that failed half-way holds."""
         if job.in_place is not None:
+            if job.partial is None:  # what was copied is unused: its blocks go back
+                release_space(job.in_place, job.entry.size)
             os.close(job.in_place)
         else:
             with contextlib.suppress(FileNotFoundError):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
+import functools
 import os
 import shutil
 import stat
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from ..errors import StrataError
 from . import overrides
+from .data import can_reserve
 from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device
 from .paths import DeepPaths
 
@@ -47,7 +48,6 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 
-_FICLONE = 0x40049409
 _INO = struct.Struct(">8sQ")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [
@@ -91,21 +91,17 @@ class UpperFormat:
 
 
 def probe_format(work: bytes, xattrs: str = "auto", whiteouts: str = "auto") -> UpperFormat:
-    """Pick trusted or user xattrs and device or file whiteouts for *work*'s fs."""
-    probe = os.path.join(work, b"probe")
-    with _scratch(probe):
-        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o600))
-        if xattrs == "auto":
-            try:
-                os.setxattr(probe, "trusted.overlay.strata.probe", b"y")
-                prefix = TRUSTED_PREFIX
-            except OSError:
-                prefix = USER_PREFIX
-        else:
-            prefix = TRUSTED_PREFIX if xattrs == "trusted" else USER_PREFIX
-        try:
-            os.setxattr(probe, _xattr_name(prefix + b"strata.probe"), b"y")
-        except OSError as exc:
+    """Pick trusted or user xattrs and device or file whiteouts for *work*'s fs.
+    Xattrs are tried on WORK itself, so a full UPPER (no block or inode left
+    for a probe file) still mounts, to be read and cleaned up."""
+    if xattrs == "auto":
+        prefix = TRUSTED_PREFIX if _xattr_works(work, TRUSTED_PREFIX) else USER_PREFIX
+    else:
+        prefix = TRUSTED_PREFIX if xattrs == "trusted" else USER_PREFIX
+    try:
+        _try_xattr(work, prefix)
+    except OSError as exc:
+        if exc.errno not in _FULL:
             raise StrataError(
                 f"cannot set {prefix.decode()}* xattrs in {os.fsdecode(work)}: {exc.strerror}"
             ) from exc
@@ -116,9 +112,29 @@ def probe_format(work: bytes, xattrs: str = "auto", whiteouts: str = "auto") -> 
             try:
                 os.mknod(node, stat.S_IFCHR | 0o000, 0)
                 device = True
-            except OSError:
-                device = False
+            except OSError as exc:
+                # No inode left: who may set trusted xattrs may make devices.
+                device = exc.errno in _FULL and prefix == TRUSTED_PREFIX
     return UpperFormat(prefix, device)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _try_xattr(directory: bytes, prefix: bytes) -> None:
+    name = _xattr_name(prefix + b"strata.probe")
+    os.setxattr(directory, name, b"y")
+    os.removexattr(directory, name)
+
+
+def _xattr_works(directory: bytes, prefix: bytes) -> bool:
+    try:
+        _try_xattr(directory, prefix)
+        return True
+    except OSError as exc:
+        if exc.errno in _FULL:  # cannot tell on a full filesystem: root has trusted.*
+            return os.geteuid() == 0
+        return False
 
 
 @contextlib.contextmanager
@@ -252,6 +268,24 @@ class UpperStore:
     def temp_path(self) -> bytes:
         self._serial += 1
         return b"%s/%d.%d" % (self.tmp, os.getpid(), self._serial)
+
+    @contextlib.contextmanager
+    def temp(self) -> Iterator[bytes]:
+        """A new name in WORK to build an object under before it is placed.
+        If the block fails (a full UPPER, an I/O error), whatever it built
+        there is removed: a failed change leaves nothing half-made."""
+        path = self.temp_path()
+        try:
+            yield path
+        except BaseException:
+            discard(path)
+            raise
+
+    @functools.cached_property
+    def reserves_space(self) -> bool:
+        """Whether copies can have their space allocated ahead (fallocate):
+        a chunked copy-up needs it, else the file is copied whole."""
+        return can_reserve(self.tmp)
 
     # Reading ----------------------------------------------------------------
 
@@ -394,20 +428,24 @@ class UpperStore:
         target = self.path(join(parent_rel, name))
         existing = self.lstat(join(parent_rel, name))
         if self.format.device_whiteouts:
-            temp = self.temp_path()
-            os.mknod(temp, stat.S_IFCHR | 0o000, 0)
-            if existing is not None and stat.S_ISDIR(existing.st_mode):
-                renameat2(temp, target, RENAME_EXCHANGE)
-                self.forget_directories()
-                shutil.rmtree(temp)
-            else:
-                os.rename(temp, target)  # atomic: the old entry or the whiteout
+            with self.temp() as temp:
+                os.mknod(temp, stat.S_IFCHR | 0o000, 0)
+                if existing is not None and stat.S_ISDIR(existing.st_mode):
+                    renameat2(temp, target, RENAME_EXCHANGE)
+                    self.forget_directories()
+                    shutil.rmtree(temp)
+                else:
+                    os.rename(temp, target)  # atomic: the old entry or the whiteout
             return
-        marker = self.path(join(parent_rel, WHITEOUT_PREFIX + name))
-        fd = os.open(marker, os.O_CREAT | os.O_WRONLY, 0o000)
-        os.close(fd)
+        self.put_marker(parent_rel, name)
         if existing is not None:
             self.remove(parent_rel, name)
+
+    def put_marker(self, parent_rel: bytes, name: bytes) -> None:
+        """A `.wh.NAME` file: it hides the lower NAME once UPPER has no NAME
+        (while it has one, the real entry wins, so it may come first)."""
+        marker = self.path(join(parent_rel, WHITEOUT_PREFIX + name))
+        os.close(os.open(marker, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o000))
 
     def remove(self, parent_rel: bytes, name: bytes) -> None:
         """Remove NAME from UPPER (a directory with whatever markers it holds)."""
@@ -421,10 +459,15 @@ class UpperStore:
         else:
             os.unlink(target)
 
-    def new_directory(self) -> bytes:
-        temp = self.temp_path()
-        os.mkdir(temp, 0o700)
-        return temp
+
+def discard(path: bytes) -> None:
+    """Remove a temporary (file or tree) if it is there; quietly, since it is
+    cleaned up after an error that is the one to report."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -437,58 +480,6 @@ def redirect_target(parent_lower: bytes | None, redirect: bytes) -> bytes:
     if redirect.startswith(b"/"):
         return redirect.strip(b"/")
     return join(parent_lower or b"", redirect)
-
-
-# Copying data --------------------------------------------------------------
-
-
-def copy_data(source: int, target: int, size: int) -> None:
-    """Copy *size* bytes by the fastest path: reflink, then copy_file_range
-    over the data segments (holes stay holes), then sendfile."""
-    try:
-        fcntl.ioctl(target, _FICLONE, source)
-        return
-    except OSError:
-        pass
-    for start, end in _data_segments(source, size):
-        _copy_range(source, target, start, end)
-    os.ftruncate(target, size)
-
-
-def _data_segments(fd: int, size: int) -> list[tuple[int, int]]:
-    segments = []
-    offset = 0
-    try:
-        while offset < size:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            segments.append((start, end))
-            offset = end
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # no data after offset
-            return segments
-        return [(0, size)]  # no SEEK_DATA support: copy everything
-    return segments
-
-
-def _copy_range(source: int, target: int, start: int, end: int) -> None:
-    offset = start
-    try:
-        while offset < end:
-            copied = os.copy_file_range(source, target, end - offset, offset, offset)
-            if copied == 0:
-                return
-            offset += copied
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    os.lseek(target, offset, os.SEEK_SET)
-    while offset < end:
-        sent = os.sendfile(target, source, offset, end - offset)
-        if sent == 0:
-            return
-        offset += sent
 
 
 def copy_metadata(

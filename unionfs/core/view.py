@@ -56,23 +56,25 @@ class UnionView(CopyUp):
             gid = parent_st.st_gid  # BSD group semantics of a setgid directory
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        temp = store.temp_path()
-        fd = make(temp)
         ino = self._allocate_ino()
+        fd = None
         try:
-            store.set_ino(temp, ino)
-            placeholder = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            placeholder = placeholder and stat.S_ISREG(os.lstat(temp).st_mode)
-            if placeholder:  # rootless: a plain file stands for the device
-                overrides.write(temp, overrides.StatOverride(mode, caller.uid, gid, rdev))
-            else:
-                overrides.set_owner(temp, mode, caller.uid, gid)
-            if not stat.S_ISLNK(mode):
-                os.chmod(temp, stat.S_IMODE(mode))
-            lower = self._lower_child(parent, name)
-            if stat.S_ISDIR(mode) and lower is not None:
-                store.set_marker(temp, b"opaque", b"y")  # the old lower dir stays hidden
-            store.place(temp, parent_rel, name)
+            # Whatever fails (a full UPPER, no inode left) leaves nothing made.
+            with store.temp() as temp:
+                fd = make(temp)
+                store.set_ino(temp, ino)
+                placeholder = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                placeholder = placeholder and stat.S_ISREG(os.lstat(temp).st_mode)
+                if placeholder:  # rootless: a plain file stands for the device
+                    overrides.write(temp, overrides.StatOverride(mode, caller.uid, gid, rdev))
+                else:
+                    overrides.set_owner(temp, mode, caller.uid, gid)
+                if not stat.S_ISLNK(mode):
+                    os.chmod(temp, stat.S_IMODE(mode))
+                lower = self._lower_child(parent, name)
+                if stat.S_ISDIR(mode) and lower is not None:
+                    store.set_marker(temp, b"opaque", b"y")  # the old lower dir stays hidden
+                store.place(temp, parent_rel, name)
         except BaseException:
             if fd is not None:
                 os.close(fd)
@@ -137,13 +139,13 @@ class UnionView(CopyUp):
         if node.metacopy:
             self._pin_lower_data(node)
         self._copy_up_dir(parent)
-        temp = store.temp_path()
         # Counted first: a crash in between leaves one name too many, which
         # keeps a shared copy, never one too few, which would drop it.
         self._count_link(node, +1)
         try:
-            os.link(self._host(node), temp)
-            store.place(temp, self.rel(parent), name)
+            with store.temp() as temp:
+                os.link(self._host(node), temp)
+                store.place(temp, self.rel(parent), name)
         except BaseException:
             self._count_link(node, -1)
             raise
@@ -261,9 +263,16 @@ class UnionView(CopyUp):
         elif leaves_lower and store.format.device_whiteouts:
             renameat2(store.path(old_rel), store.path(new_rel), RENAME_WHITEOUT)
         else:
-            os.rename(store.path(old_rel), store.path(new_rel))
             if leaves_lower:
-                store.make_whiteout(self.rel(old_parent), old_name)
+                # The marker first: should the rename fail (a full UPPER), the
+                # entry still there beats it, and the lower file stays hidden.
+                store.put_marker(self.rel(old_parent), old_name)
+            try:
+                os.rename(store.path(old_rel), store.path(new_rel))
+            except BaseException:
+                if leaves_lower:
+                    store.remove_marker(self.rel(old_parent), old_name)
+                raise
         store.remove_marker(new_parent_rel, new_name)
         if node.is_dir or (target is not None and target.is_dir):
             store.forget_directories()

@@ -1,0 +1,539 @@
+"""A full or failing UPPER loses nothing: every call that fails says so, and
+no later read returns a byte the calls that succeeded did not put there.
+
+UPPER and WORK live on a small tmpfs of the test's own (`size=`,
+`nr_inodes=`), so the workload runs into the limit again and again; a model
+of the tree (file data by hardlink group, user xattrs, directories) is
+checked against the mount after every failure, after space is freed, after
+each remount, and fsck must find nothing. Reads are O_DIRECT, so what is
+compared comes from strata, not from the kernel's page cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.layers import write
+from tests.mounts import patched_mount, strata, strata_mount, tmpfs
+
+MiB = 1 << 20
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass
+class Model:
+    """What the merged tree must hold: names by file (hardlinks share one)."""
+
+    names: dict[str, int] = field(default_factory=dict)
+    data: dict[int, bytearray] = field(default_factory=dict)
+    xattrs: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    dirs: set[str] = field(default_factory=lambda: {""})
+    serial: int = 0
+
+    @classmethod
+    def of(cls, top: str) -> Model:
+        model = cls()
+        groups: dict[int, int] = {}
+        for where, dirs, files in os.walk(top):
+            rel = os.path.relpath(where, top)
+            rel = "" if rel == "." else rel
+            model.dirs.update(os.path.join(rel, name) for name in dirs)
+            for name in files:
+                st = os.lstat(os.path.join(where, name))
+                fid = groups.setdefault(st.st_ino, len(groups) + 1)
+                model.names[os.path.join(rel, name)] = fid
+                with open(os.path.join(where, name), "rb") as handle:
+                    model.data[fid] = bytearray(handle.read())
+                model.xattrs[fid] = {}
+        model.serial = len(groups) + 1
+        return model
+
+    def new_file(self, path: str) -> int:
+        self.serial += 1
+        self.names[path] = self.serial
+        self.data[self.serial] = bytearray()
+        self.xattrs[self.serial] = {}
+        return self.serial
+
+    def put(self, fid: int, offset: int, data: bytes) -> None:
+        content = self.data[fid]
+        if offset > len(content):
+            content.extend(bytes(offset - len(content)))
+        content[offset : offset + len(data)] = data
+
+
+def _text(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+
+
+def read_direct(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        parts, offset = [], 0
+        while chunk := os.pread(fd, 4 * MiB, offset):
+            parts.append(chunk)
+            offset += len(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def check(mount: str, model: Model, work: str, when: str) -> None:
+    """The mount holds exactly the model, and WORK no half-made object."""
+    seen_dirs, seen_files = {""}, set[str]()
+    for where, dirs, files in os.walk(mount):
+        rel = os.path.relpath(where, mount)
+        rel = "" if rel == "." else rel
+        seen_dirs.update(os.path.join(rel, name) for name in dirs)
+        seen_files.update(os.path.join(rel, name) for name in files)
+    assert seen_dirs == model.dirs, when
+    assert seen_files == set(model.names), when
+    inodes: dict[int, int] = {}
+    for path, fid in sorted(model.names.items()):
+        full = os.path.join(mount, path)
+        data = read_direct(full)
+        expected = bytes(model.data[fid])
+        if data != expected:
+            first = next(
+                (i for i, (a, b) in enumerate(zip(data, expected, strict=False)) if a != b),
+                min(len(data), len(expected)),
+            )
+            raise AssertionError(
+                f"{when}: {path} reads {len(data)} bytes, the model {len(expected)}; "
+                f"first difference at byte {first}"
+            )
+        shown = {
+            name: os.getxattr(full, name) for name in os.listxattr(full) if name.startswith("user.")
+        }
+        assert shown == model.xattrs[fid], f"{when}: xattrs of {path}"
+        # Hardlinks stay one file, with one inode number, through copy-up.
+        assert inodes.setdefault(fid, os.stat(full).st_ino) == os.stat(full).st_ino, path
+    leftovers = os.listdir(os.path.join(work, "strata-tmp"))
+    assert leftovers == [], f"{when}: half-made objects left in WORK: {leftovers}"
+
+
+class Workload:
+    """Random changes through the mount, each applied to the model only as
+    far as the call reported success."""
+
+    def __init__(self, mount: str, model: Model, rng: random.Random) -> None:
+        self.mount = mount
+        self.model = model
+        self.rng = rng
+
+    def _full(self, path: str) -> str:
+        return os.path.join(self.mount, path)
+
+    def _fresh(self) -> str:
+        self.model.serial += 1
+        parent = self.rng.choice(sorted(self.model.dirs))
+        return os.path.join(parent, f"n{self.model.serial}")
+
+    def _file(self) -> str | None:
+        files = sorted(self.model.names)
+        return self.rng.choice(files) if files else None
+
+    def _payload(self) -> bytes:
+        size = self.rng.choice([1, 4096, 100_000, 700_000, 1_500_000])
+        return self.rng.randbytes(size)
+
+    def step(self) -> str:
+        kind = self.rng.choice(
+            ["write", "write", "write", "append", "create", "create", "truncate", "unlink",
+             "mkdir", "rename", "link", "setxattr", "fsync"]
+        )  # fmt: skip
+        getattr(self, kind)()
+        return kind
+
+    def write(self, append: bool = False) -> None:
+        path = self._file()
+        if path is None:
+            return
+        fid = self.model.names[path]
+        data = self._payload()
+        size = len(self.model.data[fid])
+        offset = size if append else self.rng.randrange(0, size + 65536)
+        fd = os.open(self._full(path), os.O_WRONLY | (os.O_APPEND if append else 0))
+        try:
+            written = os.write(fd, data) if append else os.pwrite(fd, data, offset)
+            self.model.put(fid, offset, data[:written])
+        finally:
+            os.close(fd)
+
+    def append(self) -> None:
+        self.write(append=True)
+
+    def create(self) -> None:
+        path = self._fresh()
+        fd = os.open(self._full(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            fid = self.model.new_file(path)
+            data = self._payload()
+            written = os.write(fd, data)
+            self.model.put(fid, 0, data[:written])
+        finally:
+            os.close(fd)
+
+    def truncate(self) -> None:
+        path = self._file()
+        if path is None:
+            return
+        fid = self.model.names[path]
+        size = self.rng.randrange(0, 2 * len(self.model.data[fid]) + 2)
+        os.truncate(self._full(path), size)
+        content = self.model.data[fid]
+        del content[size:]
+        content.extend(bytes(size - len(content)))
+
+    def unlink(self) -> None:
+        path = self._file()
+        if path is not None:
+            os.unlink(self._full(path))
+            self._forget(path)
+
+    def _forget(self, path: str) -> None:
+        fid = self.model.names.pop(path)
+        if fid not in self.model.names.values():
+            del self.model.data[fid], self.model.xattrs[fid]
+
+    def mkdir(self) -> None:
+        path = self._fresh()
+        os.mkdir(self._full(path))
+        self.model.dirs.add(path)
+
+    def rename(self) -> None:
+        path = self._file()
+        if path is None:
+            return
+        target = self._fresh()
+        if self.rng.random() < 0.3 and (other := self._file()) not in (None, path):
+            assert other is not None
+            if self.model.names[other] != self.model.names[path]:
+                target = other  # over another file
+        os.rename(self._full(path), self._full(target))
+        fid = self.model.names[path]
+        if target in self.model.names:
+            self._forget(target)
+        del self.model.names[path]
+        self.model.names[target] = fid
+
+    def link(self) -> None:
+        path = self._file()
+        if path is None:
+            return
+        target = self._fresh()
+        os.link(self._full(path), self._full(target))
+        self.model.names[target] = self.model.names[path]
+
+    def setxattr(self) -> None:
+        path = self._file()
+        if path is None:
+            return
+        name = f"user.k{self.rng.randrange(3)}"
+        value = self.rng.randbytes(self.rng.choice([8, 3000]))
+        os.setxattr(self._full(path), name, value)
+        self.model.xattrs[self.model.names[path]][name] = value
+
+    def fsync(self) -> None:
+        path = self._file()
+        if path is None:
+            return
+        fd = os.open(self._full(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def free_space(self, expected: tuple[int, ...]) -> None:
+        """Remove about half the files, the largest first (an unlink that
+        fails with an *expected* errno leaves its file)."""
+        by_size = sorted(self.model.names, key=lambda p: -len(self.model.data[self.model.names[p]]))
+        for path in by_size[: max(1, len(by_size) // 2)]:
+            try:
+                os.unlink(self._full(path))
+            except OSError as exc:
+                if exc.errno not in expected:
+                    raise
+                continue
+            self._forget(path)
+
+
+def _lower_tree(lower: str, rng: random.Random) -> None:
+    """Large files copied up chunk by chunk, a middling one copied whole,
+    small ones, a hardlinked pair, a sparse file."""
+    write(f"{lower}/big/chunked-a", rng.randbytes(6 * MiB))
+    write(f"{lower}/big/chunked-b", rng.randbytes(5 * MiB))
+    write(f"{lower}/whole", rng.randbytes(3 * MiB))
+    for index in range(6):
+        write(f"{lower}/etc/small{index}", rng.randbytes(rng.randrange(1, 9000)))
+    write(f"{lower}/usr/lib/pair-a", rng.randbytes(300_000))
+    os.link(f"{lower}/usr/lib/pair-a", f"{lower}/usr/lib/pair-b")
+    with open(write(f"{lower}/usr/sparse"), "wb") as handle:
+        handle.seek(40 * MiB)
+        handle.write(b"end")
+
+
+def _run(
+    workload: Workload,
+    steps: int,
+    expected: tuple[int, ...],
+    after_failure: Callable[[str], None],
+) -> int:
+    """*steps* random changes; returns how many failed with an *expected* errno."""
+    failures = 0
+    for step in range(steps):
+        try:
+            kind = workload.step()
+        except OSError as exc:
+            if exc.errno not in expected:
+                raise
+            failures += 1
+            after_failure(f"step {step} failed with {errno.errorcode[exc.errno]}")
+            if failures % 4 == 0:
+                workload.free_space(expected)
+                after_failure(f"step {step}, after freeing space")
+        else:
+            assert kind
+    return failures
+
+
+@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("FULL_SEEDS", "1,2").split(",")])
+def test_a_full_upper_never_serves_a_wrong_byte(scratch: str, seed: int) -> None:
+    rng = random.Random(seed)
+    lower = os.path.join(scratch, "lower")
+    _lower_tree(lower, rng)
+    model, before = Model.of(lower), Model.of(lower)
+    small = os.path.join(scratch, "small")
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with tmpfs(small, "size=12m,nr_inodes=400"):
+        upper, work = os.path.join(small, "upper"), os.path.join(small, "work")
+        os.makedirs(upper)
+        failures = 0
+        for round_ in range(3):
+            with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+                workload = Workload(mount, model, rng)
+                check(mount, model, work, f"round {round_}, after the remount")
+                failures += _run(workload, 70, FULL, lambda when: check(mount, model, work, when))
+                check(mount, model, work, f"round {round_}, at its end")
+        result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work,
+                        check=False)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+            check(mount, model, work, "after the last remount")
+    assert failures >= 5, f"the workload met a full UPPER only {failures} times"
+    assert Model.of(lower) == before, "the lower layer changed"
+
+
+def test_the_first_write_into_a_large_lower_file_fails_whole_on_a_full_upper(
+    scratch: str,
+) -> None:
+    """The case that served wrong bytes: a 30 MiB lower file, a 16 MiB UPPER,
+    one appended byte. The open (where the copy-up starts) fails with ENOSPC,
+    as on overlayfs; the file reads as it was; nothing is left in UPPER."""
+    lower = os.path.join(scratch, "lower")
+    data = random.Random(3).randbytes(30 * MiB)
+    write(f"{lower}/big", data)
+    write(f"{lower}/medium", data[: 6 * MiB])
+    small = os.path.join(scratch, "small")
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with tmpfs(small, "size=16m"):
+        upper, work = os.path.join(small, "upper"), os.path.join(small, "work")
+        os.makedirs(upper)
+        with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+            for flags in (os.O_WRONLY | os.O_APPEND, os.O_RDWR):
+                with pytest.raises(OSError) as caught:
+                    os.open(f"{mount}/big", flags)
+                assert caught.value.errno == errno.ENOSPC
+            with pytest.raises(OSError) as caught:
+                os.truncate(f"{mount}/big", 1)
+            assert caught.value.errno == errno.ENOSPC
+            assert read_direct(f"{mount}/big") == data
+            assert os.listdir(upper) == []
+            assert os.statvfs(small).f_bfree == os.statvfs(small).f_blocks
+            # A file that fits is written chunk by chunk as before.
+            fd = os.open(f"{mount}/medium", os.O_WRONLY | os.O_APPEND)
+            try:
+                assert os.write(fd, b"x") == 1
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            assert read_direct(f"{mount}/medium") == data[: 6 * MiB] + b"x"
+            assert read_direct(f"{mount}/big") == data
+        assert os.listdir(upper) == ["medium"]
+        result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work,
+                        check=False)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_inode_left_in_upper_fails_each_change_cleanly(scratch: str) -> None:
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/etc/conf", "lower conf")
+    write(f"{lower}/etc/other", "other")
+    small = os.path.join(scratch, "small")
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with tmpfs(small, "size=8m,nr_inodes=24"):
+        upper, work = os.path.join(small, "upper"), os.path.join(small, "work")
+        os.makedirs(upper)
+        with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+            made = []
+            with pytest.raises(OSError) as caught:
+                for index in range(100):
+                    write(f"{mount}/f{index}", b"x")
+                    made.append(f"f{index}")
+            assert caught.value.errno == errno.ENOSPC
+            assert 0 < len(made) < 100
+            failed = f"f{len(made)}"
+            assert not os.path.lexists(f"{mount}/{failed}")
+            changes: list[Callable[[], object]] = [
+                lambda: os.mkdir(f"{mount}/dir"),
+                lambda: os.symlink("target", f"{mount}/link"),
+                lambda: os.mkfifo(f"{mount}/fifo"),
+                lambda: os.link(f"{mount}/etc/conf", f"{mount}/conf-link"),
+                lambda: os.open(f"{mount}/etc/conf", os.O_WRONLY),  # copy-up
+                lambda: os.unlink(f"{mount}/etc/other"),  # a whiteout needs an inode
+                lambda: os.rename(f"{mount}/etc/other", f"{mount}/moved"),
+            ]
+            for change in changes:
+                with pytest.raises(OSError) as caught:
+                    change()
+                assert caught.value.errno == errno.ENOSPC
+            assert sorted(os.listdir(mount)) == sorted(["etc", *made])
+            assert sorted(os.listdir(f"{mount}/etc")) == ["conf", "other"]
+            assert read_direct(f"{mount}/etc/conf") == b"lower conf"
+            assert os.listdir(os.path.join(work, "strata-tmp")) == []
+            # Inodes given back: everything works again, without a remount.
+            for name in made[:4]:
+                os.unlink(f"{mount}/{name}")
+            os.unlink(f"{mount}/etc/other")
+            write(f"{mount}/etc/conf", "changed")
+            os.mkdir(f"{mount}/dir")
+            assert read_direct(f"{mount}/etc/conf") == b"changed"
+            assert sorted(os.listdir(f"{mount}/etc")) == ["conf"]
+        result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work,
+                        check=False)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Injects EIO into strata's own changes beneath UPPER and WORK, at random,
+# once the flag file exists (after the mount is up): data writes, copies,
+# syncs, truncation, and the namespace and xattr calls that build objects.
+_IO_ERRORS = """
+import errno, os, random
+_upper, _work = (os.path.abspath(p) for p in (upper, work))
+_flag = os.path.join(os.path.dirname(_upper), "inject")
+_rng = random.Random(11)
+
+def _beneath(target):
+    if isinstance(target, int):
+        try:
+            target = os.readlink(f"/proc/self/fd/{target}")
+        except OSError:
+            return False
+    path = os.fsdecode(target)
+    return path.startswith((_upper + "/", _work + "/"))
+
+def _faulty(call, position):
+    def wrapper(*args, **kwargs):
+        if _beneath(args[position]) and os.path.exists(_flag) and _rng.random() < 0.04:
+            raise OSError(errno.EIO, "injected I/O error")
+        return call(*args, **kwargs)
+    return wrapper
+
+for _name, _position in [
+    ("pwrite", 0), ("ftruncate", 0), ("fsync", 0), ("fdatasync", 0), ("sendfile", 0),
+    ("copy_file_range", 1), ("mkdir", 0), ("mknod", 0), ("rename", 1), ("link", 1),
+    ("symlink", 1), ("setxattr", 0),
+]:
+    setattr(os, _name, _faulty(getattr(os, _name), _position))
+"""
+
+
+def test_io_errors_in_upper_are_reported_and_never_serve_wrong_bytes(scratch: str) -> None:
+    rng = random.Random(5)
+    lower = os.path.join(scratch, "lower")
+    _lower_tree(lower, rng)
+    model = Model.of(lower)
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    log_path = os.path.join(scratch, "daemon.log")
+    failures = 0
+    with patched_mount(scratch, lower, _IO_ERRORS, log_path) as (mount, daemon):
+        check(mount, model, work, "before faults")
+        write(os.path.join(scratch, "inject"))
+        workload = Workload(mount, model, rng)
+        failures = _run(workload, 150, (errno.EIO,), lambda when: check(mount, model, work, when))
+        os.unlink(os.path.join(scratch, "inject"))
+        check(mount, model, work, "after the faults stopped")
+    assert daemon.returncode == 0
+    assert failures >= 5, f"only {failures} calls met an injected error"
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+        check(mount, model, work, "after a remount without faults")
+    result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# The background fill of a chunked copy-up fails at one chunk (an I/O error
+# in UPPER), until the flag file goes.
+_FILL_FAILS = """
+import errno, os
+import unionfs.core.chunks as chunks
+_flag = os.path.join(os.path.dirname(os.path.abspath(upper)), "inject")
+_fill = chunks.PartialCopy._fill
+def _failing_fill(self, index):
+    if index == 3 and os.path.exists(_flag):
+        raise OSError(errno.EIO, "injected I/O error")
+    return _fill(self, index)
+chunks.PartialCopy._fill = _failing_fill
+"""
+
+
+def test_an_error_of_the_background_copy_reaches_the_next_fsync(scratch: str) -> None:
+    lower = os.path.join(scratch, "lower")
+    data = random.Random(9).randbytes(6 * MiB)
+    write(f"{lower}/big", data)
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    log_path = os.path.join(scratch, "daemon.log")
+    write(os.path.join(scratch, "inject"))
+    with patched_mount(scratch, lower, _FILL_FAILS, log_path) as (mount, daemon):
+        fd = os.open(f"{mount}/big", os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, b"new", 0) == 3
+            deadline = time.monotonic() + 30
+            while "in the background failed" not in _text(log_path):
+                assert time.monotonic() < deadline, "the background copy did not fail"
+                time.sleep(0.05)
+            with pytest.raises(OSError) as caught:
+                os.fsync(fd)
+            assert caught.value.errno == errno.EIO
+            os.fsync(fd)  # reported once to this open file
+            # A file opened after the error was reported is not told again
+            # (read-only: a write open would start the copy anew).
+            other = os.open(f"{mount}/big", os.O_RDONLY)
+            try:
+                os.fsync(other)
+            finally:
+                os.close(other)
+        finally:
+            os.close(fd)
+        # The file reads right: the chunk that failed comes from the lower file.
+        assert read_direct(f"{mount}/big") == b"new" + data[3:]
+    assert daemon.returncode == 0
+    with open(log_path) as log:
+        assert "big: its copy-up could not be finished" in log.read()
+    # The next mount, without the fault, finishes the copy once the file is used.
+    os.unlink(os.path.join(scratch, "inject"))
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+        assert read_direct(f"{mount}/big") == b"new" + data[3:]
+    result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(f"{upper}/big", "rb") as handle:
+        assert handle.read() == b"new" + data[3:]
