@@ -238,7 +238,8 @@ class Workload:
         if path is None:
             return
         name = f"user.k{self.rng.randrange(3)}"
-        value = self.rng.randbytes(self.rng.choice([8, 3000]))
+        # Three of them fit the one block ext4 gives an inode's xattrs.
+        value = self.rng.randbytes(self.rng.choice([8, 1000]))
         os.setxattr(self._full(path), name, value)
         self.model.xattrs[self.model.names[path]][name] = value
 
