@@ -345,3 +345,65 @@ def test_bad_layers_are_refused_with_a_message(scratch: str, layers: list[str]) 
     with pytest.raises(StrataError, match="no layers"):
         prepare_stack(index, [])
     index.close()
+
+
+def test_nodes_of_lower_files_keep_no_entry(scratch: str, layers: list[str]) -> None:
+    """Memory that stays small as images grow: a node per inode the kernel
+    holds, but a file only in the lower layers keeps no entry (counted: the
+    entries alive after 6,000 lookups are the bounded few kept at hand)."""
+    import gc
+
+    from unionfs.core.reading import LOWER_ENTRIES_KEPT
+
+    for index in range(6000):
+        write(f"{layers[index % 2]}/d{index // 500}/f{index}", b"x" * (index % 7))
+    stack = open_stack(scratch, layers[:2])
+    for index in range(6000):
+        assert stack.resolve(f"d{index // 500}/f{index}") is not None
+    assert len(stack.view.nodes) == 6000 + 12 + 1
+    gc.collect()
+    alive = sum(1 for thing in gc.get_objects() if isinstance(thing, Entry))
+    assert alive <= LOWER_ENTRIES_KEPT + 12 + 1 + 64, alive
+    # Each node still finds its own entry, also past the ones kept at hand.
+    for index in range(6000):
+        directory = stack.view.lookup(ROOT_INO, f"d{index // 500}".encode())
+        assert directory is not None
+        node = stack.view.lookup(directory.ino, f"f{index}".encode())
+        assert node is not None and node.lower is not None
+        assert node.lower.size == index % 7
+    stack.close()
+
+
+def test_a_node_that_moves_keeps_its_lower_entry(scratch: str, layers: list[str]) -> None:
+    """A node found by its name must hold its entry before its name changes:
+    after an unlink (open files keep the data) or a rename of it."""
+    from unionfs.core.upper import UpperStore, probe_format
+
+    write(f"{layers[0]}/dir/gone", "gone data")
+    write(f"{layers[0]}/dir/moved", "moved data")
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper)
+    os.makedirs(work)
+    index = Index(os.path.join(scratch, "index"))
+    prepared = prepare_stack(index, [layers[0]])
+    store = UpperStore(upper, work, probe_format(os.fsencode(work)), index.store_id())
+    store.recover()
+    view = UnionView(index, prepared.root, prepared.layers, store)
+    directory = view.lookup(ROOT_INO, b"dir")
+    assert directory is not None
+    gone, moved = view.lookup(directory.ino, b"gone"), view.lookup(directory.ino, b"moved")
+    assert gone is not None and moved is not None
+    fd = view.open_data(gone.ino)
+    view.unlink(directory.ino, b"gone")
+    view._lower_entries.clear()  # nothing at hand: the node must hold it
+    assert view.getattr(gone.ino).size == len("gone data")
+    assert os.pread(fd, 100, 0) == b"gone data"
+    os.close(fd)
+    view.rename(directory.ino, b"moved", ROOT_INO, b"elsewhere", 0)
+    view._lower_entries.clear()
+    assert view.getattr(moved.ino).size == len("moved data")
+    fd = view.open_data(moved.ino)
+    assert os.pread(fd, 100, 0) == b"moved data"
+    os.close(fd)
+    view.close()
+    index.close()

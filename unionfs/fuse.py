@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 
 from .core.nodes import Caller, FsError, Node
+from .core.reading import DataSource
 from .core.records import Entry
 from .core.upper import RENAME_EXCHANGE
 from .core.view import UnionView
@@ -39,6 +40,7 @@ STREAMING_TIMEOUT = 1.0
 PREFETCH_MAX = 128 * 1024
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 # Whether pyfuse3 hands readdir the directory's inode when opendir is not
 # implemented (tools/pyfuse3-no-opendir.patch, which tools/setup.sh applies);
@@ -359,8 +361,9 @@ class StrataOperations(pyfuse3.Operations):
 
     async def _copy_data_up(self, ino: int) -> None:
         """Copy a lower file's data into the writable layer, in a worker thread."""
-        if self.view.lower_data_missing(ino):  # lazy pulling: fetch it off the trio thread
-            await trio.to_thread.run_sync(self.view.ensure_lower_data, ino)
+        missing = self.view.lower_data_missing(ino)
+        if missing is not None:  # lazy pulling: fetch it off the trio thread
+            await trio.to_thread.run_sync(self.view.ensure_lower_data, missing)
         if not self.view.needs_data_copy(ino):
             return
         lock = self._copy_locks.setdefault(ino, trio.Lock())
@@ -400,9 +403,10 @@ class StrataOperations(pyfuse3.Operations):
         if self.reads is not None and not self.view.node(inode).upper:
             self.reads.setdefault(self.view.rel(self.view.node(inode)), None)
         if write or truncate:
-            if not truncate and self.view.lower_data_missing(inode):
+            missing = None if truncate else self.view.lower_data_missing(inode)
+            if missing is not None:
                 # A lazily pulled file's data first, off the trio thread.
-                await trio.to_thread.run_sync(self.view.ensure_lower_data, inode)
+                await trio.to_thread.run_sync(self.view.ensure_lower_data, missing)
             # A large lower file is copied chunk by chunk: the writes copy what
             # they touch, a background task the rest.
             chunked = not truncate and self.view.start_partial(inode)
@@ -422,18 +426,36 @@ class StrataOperations(pyfuse3.Operations):
                 # The version before the open: a copy-up while the worker
                 # runs makes the first read reopen (and skip what was read).
                 version = self.view.node(inode).version
-                fd, head = await trio.to_thread.run_sync(self._open_cold, inode)
+                fd, head = await self._open_moving(inode, self._open_cold)
                 fh = self._add_handle(inode, fd, write, version)
                 self.handles[fh].head = head
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             fd = cached
         return pyfuse3.FileInfo(fh=self._add_handle(inode, fd, write), keep_cache=True)
 
-    def _open_cold(self, ino: int) -> tuple[int, bytes | None]:
-        """Open (and read a small lower file). In a worker thread."""
-        fd = self.view.open_data(ino)
-        node = self.view.nodes.get(ino)
-        if node is None or node.upper or os.fstat(fd).st_size > PREFETCH_MAX:
+    async def _open_moving(self, ino: int, opener: Callable[[DataSource], T]) -> T:
+        """Open the node's data in a worker thread, from where the request
+        thread found it. If the file moved meanwhile, that path no longer
+        leads to it (nor, beneath UPPER, through a symlink anywhere else):
+        open it again where it is now."""
+        source = self.view.data_source(ino)
+        for _ in range(2):
+            try:
+                return await trio.to_thread.run_sync(opener, source)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+                    raise
+                moved = self.view.data_source(ino)
+                if moved == source:
+                    raise
+                source = moved
+        return await trio.to_thread.run_sync(opener, source)
+
+    def _open_cold(self, source: DataSource) -> tuple[int, bytes | None]:
+        """Open (and read a small lower file). In a worker thread: it opens
+        what the request thread decided, and reads no node."""
+        fd = self.view.open_source(source)
+        if source.lower is None or os.fstat(fd).st_size > PREFETCH_MAX:
             return fd, None  # an upper file may change under the handle: read when asked
         try:
             return fd, os.pread(fd, PREFETCH_MAX + 1, 0)
@@ -455,7 +477,7 @@ class StrataOperations(pyfuse3.Operations):
         node = self.view.nodes.get(handle.ino)
         if node is not None and node.version != handle.version and not handle.write:
             version = node.version
-            fd = await trio.to_thread.run_sync(self.view.open_data, handle.ino)
+            fd = await self._open_moving(handle.ino, self.view.open_source)
             if handle.version == version:  # a concurrent read reopened it first
                 os.close(fd)
             else:

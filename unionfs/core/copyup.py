@@ -79,6 +79,7 @@ class CopyUp(ReadPath):
         if node.is_dir:
             self._copy_up_dir(node)
             return
+        node.keep_lower()  # its name will find the upper file from now on
         if node.upper:
             if data and node.metacopy:
                 job = self.prepare_copy(node)
@@ -139,6 +140,7 @@ class CopyUp(ReadPath):
         kernel's overlayfs reads the same UPPER alike.
         """
         store = self._writable()
+        node.keep_lower()
         lower = node.lower
         assert lower is not None
         link = store.link_path(node.ino)
@@ -287,7 +289,7 @@ class CopyUp(ReadPath):
         reserved = not node.upper
         self._copy_up(node, data=False, reserve=reserved)
         raw = PartialCopy.empty_map(lower.size)
-        partial = self._partial(lower, self._host(node), raw)
+        partial = self._partial(lower, self._upper_place(node), raw)
         try:
             if not reserved:  # a metadata-only copy made before
                 reserve_space(partial.upper_fd, partial.lower_fd, lower.size)
@@ -333,6 +335,7 @@ class CopyUp(ReadPath):
 
     def prepare_copy(self, node: Node, temp: bytes | None = None) -> CopyJob:
         store = self._writable()
+        node.keep_lower()
         lower = node.lower
         if lower is None:
             # An UPPER (or a layer that was one) whose metadata-only copy lost
@@ -341,7 +344,7 @@ class CopyUp(ReadPath):
                 errno.EIO, f"{os.fsdecode(self.rel(node))}: metadata-only copy whose data is gone"
             )
         if node.upper and node.metacopy:
-            fd = os.open(self._host(node), os.O_WRONLY | os.O_CLOEXEC)
+            fd = self._open_upper(node, os.O_WRONLY)
             return CopyJob(node.ino, lower, in_place=fd, partial=node.partial)
         return CopyJob(node.ino, lower, temp=temp if temp is not None else store.temp_path())
 
@@ -399,7 +402,7 @@ class CopyUp(ReadPath):
             if node is not None and node.metacopy:
                 self._drop_metacopy(node)
             return
-        if node is None or node.upper or (node.parent, node.name) not in node.names:
+        if node is None or node.upper or not node.has_name(node.parent, node.name):
             os.unlink(job.temp)  # someone else finished first, or the name is gone
             return
         parent = self.nodes[node.parent]

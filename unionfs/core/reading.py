@@ -31,12 +31,15 @@ from .records import Entry, entry_from_stat
 from .streaming import UNKNOWN, StreamedLayers
 from .upper import (
     USER_PREFIX,
+    Beneath,
     UpperStore,
     join,
     redirect_target,
 )
 
 DOT_OFFSET = 1
+# How many lower entries of nodes that do not keep theirs stay at hand (Node.find_lower).
+LOWER_ENTRIES_KEPT = 4096
 DOTDOT_OFFSET = 2
 UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
 
@@ -95,6 +98,11 @@ class ReadPath:
         top.upper = upper is not None
         self.nodes: dict[int, Node] = {ROOT_INO: top}
         self._inodes = InodeBatches(index)
+        # The lower entries of files only in the lower layers are not kept in
+        # their nodes (most nodes are such files); the last ones used are
+        # kept here, and the rest found again in the index by name.
+        self._lower_entries: dict[int, Entry] = {}
+        self._find_lower = self._lower_of_slim  # one bound method for every node
 
     @property
     def writable(self) -> bool:
@@ -168,10 +176,11 @@ class ReadPath:
         if known.is_dir:
             known.parent, known.name = parent.ino, name
         else:
-            known.names.add((parent.ino, name))
+            known.add_name(parent.ino, name)
             if found.upper or not known.upper:
                 known.parent, known.name = parent.ino, name
         if found.upper and not known.upper:  # a lower hardlink met its copy
+            known.keep_lower()
             known.upper, known.metacopy, known.version = True, found.metacopy, known.version + 1
         if known.metacopy and known.lower is None and found.lower is not None:
             known.lower = found.lower
@@ -229,7 +238,29 @@ class ReadPath:
         elif self._is_linked(lower.ino):
             # Another name of this file was copied up: all names show that copy.
             node.upper = node.linked = True
+        elif self.streaming is None:
+            node.find_lower_by(self._find_lower)
+            self._keep_lower_entry(lower)
         return node
+
+    def _keep_lower_entry(self, entry: Entry) -> None:
+        entries = self._lower_entries
+        if len(entries) >= LOWER_ENTRIES_KEPT:
+            del entries[next(iter(entries))]  # the oldest
+        entries[entry.ino] = entry
+
+    def _lower_of_slim(self, node: Node) -> Entry:
+        """The lower entry of a node that does not keep it: the file its name
+        finds in the lower layers (the node keeps its entry before it moves)."""
+        entry = self._lower_entries.get(node.ino)
+        if entry is not None:
+            return entry
+        parent = self.nodes.get(node.parent)
+        found = self._lower_child(parent, node.name) if parent is not None else None
+        if found is None or found.ino != node.ino:
+            raise FsError(errno.ESTALE, f"inode {node.ino}: its lower entry is gone from its place")
+        self._keep_lower_entry(found)
+        return found
 
     def _is_linked(self, ino: int) -> bool:
         return self.store is not None and os.path.lexists(self.store.link_path(ino))
@@ -276,7 +307,7 @@ class ReadPath:
                 node.metacopy = True
                 node.lower = lower if lower is not None and same_kind else None
                 if node.lower is not None:
-                    node.partial = self._resume_partial(path, node.lower)
+                    node.partial = self._resume_partial(rel, node.lower)
         node.upper = True
         return node
 
@@ -290,7 +321,7 @@ class ReadPath:
             self.store.set_ino(path, ino)
         return ino
 
-    def _partial(self, lower: Entry, upper_path: bytes, raw: bytes) -> PartialCopy:
+    def _partial(self, lower: Entry, place: Beneath, raw: bytes) -> PartialCopy:
         """A partial copy of *lower* into the upper file, from its chunk map."""
         store = self._writable()
         decoded = PartialCopy.decode(raw)
@@ -298,24 +329,24 @@ class ReadPath:
         chunk, _, present = decoded
         lower_fd = self.open_lower(lower)
         try:
-            upper_fd = os.open(upper_path, os.O_RDWR | os.O_CLOEXEC)
+            upper_fd = store.open_beneath(place, os.O_RDWR)
         except BaseException:
             os.close(lower_fd)
             raise
         return PartialCopy(lower_fd, upper_fd, lower.size, present,
                            lambda value: store.set_chunk_map(upper_fd, value), chunk)  # fmt: skip
 
-    def _resume_partial(self, path: bytes, lower: Entry) -> PartialCopy | None:
+    def _resume_partial(self, rel: bytes, lower: Entry) -> PartialCopy | None:
         """The chunk map of a metadata-only copy a stopped daemon was filling."""
         if self.store is None:
             return None
-        raw = self.store.chunk_map(path)
+        raw = self.store.chunk_map(self.store.path(rel))
         if raw is None:
             return None
         decoded = PartialCopy.decode(raw)
         if decoded is None or decoded[1] != lower.size:
             return None
-        return self._partial(lower, path, raw)
+        return self._partial(lower, Beneath(False, rel), raw)
 
     # Streamed layers -------------------------------------------------------
 
@@ -484,6 +515,19 @@ class ReadPath:
                 entry = override.apply(entry)
         return entry
 
+    def _upper_place(self, node: Node) -> Beneath:
+        """Where UPPER (or WORK, for a shared copy) holds the node's file."""
+        assert self.store is not None and node.upper
+        if node.linked:
+            if not os.path.lexists(self.store.link_path(node.ino)):
+                raise FsError(errno.ESTALE)  # its last name went; open files keep the data
+            return self.store.link_place(node.ino)
+        return Beneath(False, self.rel(node) if node.is_dir else self._upper_name(node))
+
+    def _open_upper(self, node: Node, flags: int) -> int:
+        assert self.store is not None
+        return self.store.open_beneath(self._upper_place(node), flags)
+
     def _host(self, node: Node) -> bytes:
         """The path of the node's upper copy."""
         assert self.store is not None and node.upper
@@ -501,11 +545,11 @@ class ReadPath:
         its latest first (a name it lost may hold another file by now)."""
         assert self.store is not None
         latest = (node.parent, node.name)
-        candidates = sorted(node.names, key=lambda item: item != latest)
+        candidates = sorted(node.all_names(), key=lambda item: item != latest)
         for parent_ino, name in candidates:
             parent = self.nodes.get(parent_ino)
             if parent is None:
-                node.names.discard((parent_ino, name))
+                node.drop_name(parent_ino, name)
                 continue
             rel = self._rel_of(parent, name)
             st = self.store.lstat(rel)
@@ -619,23 +663,25 @@ class ReadPath:
             raise FsError(errno.ESTALE, f"layer changed under the mount: {entry.path!r}")
         return fd
 
-    def lower_data_missing(self, ino: int) -> bool:
-        """Whether a lower file's data is still to be fetched (lazy pulling):
-        ensure_lower_data then has work to do. Does not block."""
+    def lower_data_missing(self, ino: int) -> Entry | None:
+        """The lower entry of a file whose data is still to be fetched (lazy
+        pulling), for ensure_lower_data; None if there is none. Does not block."""
         node = self.nodes.get(ino)
-        if not self.lazy or node is None or node.upper or node.lower is None:
-            return False
-        lazy = self.lazy.get(node.lower.layer)
-        return lazy is not None and stat.S_ISREG(node.mode) and lazy.needs(node.lower.path)
+        if not self.lazy or node is None or node.upper or not stat.S_ISREG(node.mode):
+            return None
+        lower = node.lower
+        if lower is None:
+            return None
+        lazy = self.lazy.get(lower.layer)
+        return lower if lazy is not None and lazy.needs(lower.path) else None
 
-    def ensure_lower_data(self, ino: int) -> None:
+    def ensure_lower_data(self, entry: Entry) -> None:
         """Bring a lazily pulled lower file's data into place before a copy-up
         needs it (blocking: call it in a worker thread)."""
-        if self.lower_data_missing(ino):
-            node = self.nodes[ino]
-            assert node.lower is not None
+        lazy = self.lazy.get(entry.layer)
+        if lazy is not None and lazy.needs(entry.path):
             try:
-                self.lazy[node.lower.layer].ensure(node.lower.path)
+                lazy.ensure(entry.path)
             except OSError as exc:
                 raise FsError(exc.errno or errno.EIO) from exc
 
@@ -656,22 +702,39 @@ class ReadPath:
 
         For writing, the node must be copied up (with its data) first.
         """
+        return self.open_source(self.data_source(ino, write))
+
+    def data_source(self, ino: int, write: bool = False) -> DataSource:
+        """Where the node's data is opened from, decided now (on the request
+        thread): a worker thread then opens exactly that (open_source)."""
         node = self.node(ino)
         if not stat.S_ISREG(node.mode):
             raise FsError(errno.EINVAL)
         if node.partial is not None and not write:
             # A reader outside the mount (diff, commit), maybe while the mount
             # fills this copy: it gets the data as it stands, and writes nothing.
-            return _snapshot(node.partial)
+            return DataSource(partial=node.partial)
         if node.upper and (not node.metacopy or node.partial is not None):
-            return os.open(self._host(node), (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+            return DataSource(upper=self._upper_place(node), write=write)
         if write:
             raise FsError(errno.EIO, "write to a file that is not copied up")
-        if node.lower is None:
+        lower = node.lower
+        if lower is None:
             if node.metacopy:  # metadata-only copy whose lower data is gone
                 raise FsError(errno.EIO)
             raise FsError(errno.ENOENT)
-        return self.open_lower(node.lower)
+        return DataSource(lower=lower)
+
+    def open_source(self, source: DataSource) -> int:
+        """Open what data_source decided. Blocking; safe in a worker thread:
+        it reads no node, and UPPER is opened beneath its root by descriptor."""
+        if source.partial is not None:
+            return _snapshot(source.partial)
+        if source.upper is not None:
+            assert self.store is not None
+            return self.store.open_beneath(source.upper, os.O_RDWR if source.write else os.O_RDONLY)
+        assert source.lower is not None
+        return self.open_lower(source.lower)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         node = self.node(ino)
@@ -707,6 +770,17 @@ class ReadPath:
             return os.fsdecode(self.store.root)
         top = list(self.layer_paths)[-1]  # insertion order: bottom to top
         return self.layer_fds.get(top, self.layer_paths[top])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DataSource:
+    """Where to open a node's data: its upper file, its lower entry, or the
+    partial copy in progress (a snapshot of it)."""
+
+    upper: Beneath | None = None
+    lower: Entry | None = None
+    partial: PartialCopy | None = None
+    write: bool = False
 
 
 def _merge_by_hash(

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from ..errors import StrataError
 from . import overrides
 from .data import can_reserve
-from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device
+from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device, open_beneath
 from .paths import DeepPaths
 
 TRUSTED_PREFIX = b"trusted.overlay."
@@ -150,6 +150,17 @@ def _scratch(path: bytes) -> Iterator[None]:
 
 
 @dataclass(frozen=True, slots=True)
+class Beneath:
+    """A file of UPPER (or, *in_work*, a shared copy in WORK) by its path
+    relative to that root: opened beneath it without following any symlink,
+    so a tree changed meanwhile (a directory turned into a symlink by the
+    container) can make the open fail, never reach outside."""
+
+    in_work: bool
+    rel: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class LinkCounts:
     """The counts kept on the shared copy of a hardlinked lower file."""
 
@@ -189,9 +200,20 @@ class UpperStore:
         self.redirect_xattrs = tuple(prefix + b"redirect" for prefix in PRIVATE_PREFIXES)
         self.metacopy_xattrs = tuple(prefix + b"metacopy" for prefix in PRIVATE_PREFIXES)
         self.deep = DeepPaths(self.root)
+        self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._work_fd = os.open(self.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
         self.deep.close()
+        os.close(self._root_fd)
+        os.close(self._work_fd)
+
+    def open_beneath(self, place: Beneath, flags: int) -> int:
+        """Open a file of UPPER or WORK by descriptor (safe in any thread)."""
+        return open_beneath(self._work_fd if place.in_work else self._root_fd, place.rel, flags)
+
+    def link_place(self, ino: int) -> Beneath:
+        return Beneath(True, b"strata-links/%x" % ino)
 
     # Setup ------------------------------------------------------------------
 

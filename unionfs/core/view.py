@@ -149,7 +149,7 @@ class UnionView(CopyUp):
         except BaseException:
             self._count_link(node, -1)
             raise
-        node.names.add((parent.ino, name))
+        node.add_name(parent.ino, name)
         self.remember(node)
         return node
 
@@ -196,6 +196,7 @@ class UnionView(CopyUp):
 
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
         store = self._writable()
+        node.keep_lower()  # once whited out, its name no longer finds it
         self._copy_up_dir(parent)
         parent_rel = self.rel(parent)
         hides_lower = self._lower_child(parent, name) is not None
@@ -205,7 +206,7 @@ class UnionView(CopyUp):
         elif upper_here:
             store.remove(parent_rel, name)
         count_subdir(parent, -1 if node.is_dir else 0)
-        node.names.discard((parent.ino, name))
+        node.drop_name(parent.ino, name)
 
     def rename(
         self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int
@@ -279,7 +280,7 @@ class UnionView(CopyUp):
         count_subdir(old_parent, -node.is_dir)
         count_subdir(new_parent, node.is_dir - (target is not None and target.is_dir))
         if target is not None and target is not node:
-            target.names.discard((new_parent.ino, new_name))
+            target.drop_name(new_parent.ino, new_name)
             self._count_link(target, -1)
         self._moved(node, old_parent, old_name, new_parent, new_name)
 
@@ -304,9 +305,8 @@ class UnionView(CopyUp):
     def _moved(
         self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
     ) -> None:
-        node.names.discard((old_parent.ino, old_name))
-        node.names.add((new_parent.ino, new_name))
-        node.parent, node.name = new_parent.ino, new_name
+        node.keep_lower()
+        node.move_name(old_parent.ino, old_name, new_parent.ino, new_name)
 
     def _exchange(
         self,
