@@ -80,12 +80,14 @@ class Mounted:
             raise OSError(f"no CPU clock for process {self.pid}")
         return time.clock_gettime(clock.value)
 
-    def rss_mib(self) -> float | None:
+    def rss_mib(self, field: str = "VmRSS") -> float | None:
+        """The daemon's resident memory: all of it (VmRSS), or *field* of
+        /proc/PID/status (RssAnon: its own, without the mapped files)."""
         if self.pid is None:
             return None
         with open(f"/proc/{self.pid}/status") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         return None
 

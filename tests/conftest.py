@@ -15,6 +15,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--seeds", type=int, default=0, help="run the differential tests on this many seeds"
     )
+    parser.addoption(
+        "--runslow", action="store_true", help="the long variants (more trials, larger trees)"
+    )
+
+
+@pytest.fixture
+def runslow(request: pytest.FixtureRequest) -> bool:
+    """Whether the long variants run (--runslow)."""
+    return bool(request.config.getoption("--runslow"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
