@@ -11,11 +11,12 @@ compared comes from strata, not from the kernel's page cache.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -67,6 +68,36 @@ class Model:
         if offset > len(content):
             content.extend(bytes(offset - len(content)))
         content[offset : offset + len(data)] = data
+
+
+@dataclass(frozen=True)
+class Layers:
+    """A test's lower layer, its UPPER and WORK, and its store."""
+
+    lower: str
+    upper: str
+    work: str
+    root: str
+
+    def mount(self, mountpoint: str) -> contextlib.AbstractContextManager[str]:
+        return strata_mount(self.root, [self.lower], mountpoint, "--upper", self.upper,
+                            "--work", self.work)  # fmt: skip
+
+    def assert_fsck_clean(self) -> None:
+        result = strata(self.root, "fsck", "--layer", self.lower, "--upper", self.upper,
+                        "--work", self.work, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@contextlib.contextmanager
+def small_upper(scratch: str, lower: str, options: str) -> Iterator[Layers]:
+    """UPPER and WORK on a tmpfs of the test's own (*options*: size=, nr_inodes=)."""
+    small = os.path.join(scratch, "small")
+    with tmpfs(small, options):
+        layers = Layers(lower, os.path.join(small, "upper"), os.path.join(small, "work"),
+                        os.path.join(scratch, "store"))  # fmt: skip
+        os.makedirs(layers.upper)
+        yield layers
 
 
 def _text(path: str) -> str:
@@ -312,23 +343,20 @@ def test_a_full_upper_never_serves_a_wrong_byte(scratch: str, seed: int) -> None
     lower = os.path.join(scratch, "lower")
     _lower_tree(lower, rng)
     model, before = Model.of(lower), Model.of(lower)
-    small = os.path.join(scratch, "small")
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
-    with tmpfs(small, "size=12m,nr_inodes=400"):
-        upper, work = os.path.join(small, "upper"), os.path.join(small, "work")
-        os.makedirs(upper)
+    mount = os.path.join(scratch, "mnt")
+    with small_upper(scratch, lower, "size=12m,nr_inodes=400") as layers:
         failures = 0
         for round_ in range(3):
-            with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+            with layers.mount(mount):
                 workload = Workload(mount, model, rng)
-                check(mount, model, work, f"round {round_}, after the remount")
-                failures += _run(workload, 70, FULL, lambda when: check(mount, model, work, when))
-                check(mount, model, work, f"round {round_}, at its end")
-        result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work,
-                        check=False)  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
-        with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
-            check(mount, model, work, "after the last remount")
+                check(mount, model, layers.work, f"round {round_}, after the remount")
+                failures += _run(
+                    workload, 70, FULL, lambda when: check(mount, model, layers.work, when)
+                )
+                check(mount, model, layers.work, f"round {round_}, at its end")
+        layers.assert_fsck_clean()
+        with layers.mount(mount):
+            check(mount, model, layers.work, "after the last remount")
     assert failures >= 5, f"the workload met a full UPPER only {failures} times"
     assert Model.of(lower) == before, "the lower layer changed"
 
@@ -343,12 +371,10 @@ def test_the_first_write_into_a_large_lower_file_fails_whole_on_a_full_upper(
     data = random.Random(3).randbytes(30 * MiB)
     write(f"{lower}/big", data)
     write(f"{lower}/medium", data[: 6 * MiB])
-    small = os.path.join(scratch, "small")
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
-    with tmpfs(small, "size=16m"):
-        upper, work = os.path.join(small, "upper"), os.path.join(small, "work")
-        os.makedirs(upper)
-        with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+    mount = os.path.join(scratch, "mnt")
+    with small_upper(scratch, lower, "size=16m") as layers:
+        small, upper = os.path.dirname(layers.upper), layers.upper
+        with layers.mount(mount):
             for flags in (os.O_WRONLY | os.O_APPEND, os.O_RDWR):
                 with pytest.raises(OSError) as caught:
                     os.open(f"{mount}/big", flags)
@@ -369,21 +395,16 @@ def test_the_first_write_into_a_large_lower_file_fails_whole_on_a_full_upper(
             assert read_direct(f"{mount}/medium") == data[: 6 * MiB] + b"x"
             assert read_direct(f"{mount}/big") == data
         assert os.listdir(upper) == ["medium"]
-        result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work,
-                        check=False)  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
+        layers.assert_fsck_clean()
 
 
 def test_no_inode_left_in_upper_fails_each_change_cleanly(scratch: str) -> None:
     lower = os.path.join(scratch, "lower")
     write(f"{lower}/etc/conf", "lower conf")
     write(f"{lower}/etc/other", "other")
-    small = os.path.join(scratch, "small")
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
-    with tmpfs(small, "size=8m,nr_inodes=24"):
-        upper, work = os.path.join(small, "upper"), os.path.join(small, "work")
-        os.makedirs(upper)
-        with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+    mount = os.path.join(scratch, "mnt")
+    with small_upper(scratch, lower, "size=8m,nr_inodes=24") as layers:
+        with layers.mount(mount):
             made = []
             with pytest.raises(OSError) as caught:
                 for index in range(100):
@@ -409,7 +430,7 @@ def test_no_inode_left_in_upper_fails_each_change_cleanly(scratch: str) -> None:
             assert sorted(os.listdir(mount)) == sorted(["etc", *made])
             assert sorted(os.listdir(f"{mount}/etc")) == ["conf", "other"]
             assert read_direct(f"{mount}/etc/conf") == b"lower conf"
-            assert os.listdir(os.path.join(work, "strata-tmp")) == []
+            assert os.listdir(os.path.join(layers.work, "strata-tmp")) == []
             # Inodes given back: everything works again, without a remount.
             for name in made[:4]:
                 os.unlink(f"{mount}/{name}")
@@ -418,9 +439,7 @@ def test_no_inode_left_in_upper_fails_each_change_cleanly(scratch: str) -> None:
             os.mkdir(f"{mount}/dir")
             assert read_direct(f"{mount}/etc/conf") == b"changed"
             assert sorted(os.listdir(f"{mount}/etc")) == ["conf"]
-        result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work,
-                        check=False)  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
+        layers.assert_fsck_clean()
 
 
 # Injects EIO into strata's own changes beneath UPPER and WORK, at random,
@@ -474,11 +493,11 @@ def test_io_errors_in_upper_are_reported_and_never_serve_wrong_bytes(scratch: st
         check(mount, model, work, "after the faults stopped")
     assert daemon.returncode == 0
     assert failures >= 5, f"only {failures} calls met an injected error"
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
-    with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+    layers = Layers(lower, upper, work, os.path.join(scratch, "store"))
+    mount = os.path.join(scratch, "mnt")
+    with layers.mount(mount):
         check(mount, model, work, "after a remount without faults")
-    result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    layers.assert_fsck_clean()
 
 
 # The background fill of a chunked copy-up fails at one chunk (an I/O error
@@ -531,10 +550,10 @@ def test_an_error_of_the_background_copy_reaches_the_next_fsync(scratch: str) ->
         assert "big: its copy-up could not be finished" in log.read()
     # The next mount, without the fault, finishes the copy once the file is used.
     os.unlink(os.path.join(scratch, "inject"))
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
-    with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+    layers = Layers(lower, upper, work, os.path.join(scratch, "store"))
+    mount = os.path.join(scratch, "mnt")
+    with layers.mount(mount):
         assert read_direct(f"{mount}/big") == b"new" + data[3:]
-    result = strata(root, "fsck", "--layer", lower, "--upper", upper, "--work", work, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    layers.assert_fsck_clean()
     with open(f"{upper}/big", "rb") as handle:
         assert handle.read() == b"new" + data[3:]
