@@ -32,19 +32,20 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# pyfuse3 is built from its released source with one small patch that lets a
-# filesystem leave directories unopened, so the kernel caches listings (see
-# the patch's header); strata runs on an unpatched pyfuse3 too, without that cache.
+# pyfuse3 is built from its released source with two small patches: one lets
+# a filesystem leave directories unopened, so the kernel caches listings, the
+# other lets it have the kernel cache symlink targets (see each patch's
+# header); strata runs on an unpatched pyfuse3 too, without those caches.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-pyfuse3_patch=tools/pyfuse3-no-opendir.patch
+pyfuse3_patches=(tools/pyfuse3-no-opendir.patch tools/pyfuse3-cache-symlinks.patch)
 
 # Two environments: .venv in the checkout (editable, with the test and bench
 # tools) and an installed copy in $installed for the commands on the system
 # PATH. The copy is what mount.fuse3 and containers-storage run, often as an
 # unprivileged user who cannot read a checkout under a root-only directory.
 installed=/usr/local/lib/strata
-want=$(cat pyproject.toml "$pyfuse3_patch" | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml "${pyfuse3_patches[@]}" | sha256sum | cut -d' ' -f1)
 stamp=.venv/.strata-setup
 if [[ ! -x .venv/bin/python || ! -x "$installed/bin/python" ||
       "$(cat "$stamp" 2>/dev/null)" != "$want" ||
@@ -59,7 +60,9 @@ if [[ ! -x .venv/bin/python || ! -x "$installed/bin/python" ||
   sdist="$build/pyfuse3-$pyfuse3_version.tar.gz"
   echo "$pyfuse3_sha256  $sdist" | sha256sum --check --quiet
   tar -xzf "$sdist" -C "$build"
-  patch --quiet --directory "$build/pyfuse3-$pyfuse3_version" -p1 < "$pyfuse3_patch"
+  for pyfuse3_patch in "${pyfuse3_patches[@]}"; do
+    patch --quiet --directory "$build/pyfuse3-$pyfuse3_version" -p1 < "$pyfuse3_patch"
+  done
   "${pip[@]}" wheel --no-deps --wheel-dir "$build/wheels" "$build/pyfuse3-$pyfuse3_version"
   "${pip[@]}" install "$build"/wheels/pyfuse3-*.whl
   "${pip[@]}" install -e '.[dev,bench]'

@@ -144,6 +144,12 @@ class LostWrites:
 
 
 class StrataOperations(pyfuse3.Operations):
+    # A symlink's target never changes (a new target is a new inode, and
+    # inode numbers are never reused within a mount): the kernel keeps it in
+    # its page cache and asks readlink once per inode (with the pyfuse3 patch
+    # tools/setup.sh applies; ignored by an unpatched pyfuse3).
+    enable_symlink_caching = True
+
     def __init__(
         self,
         view: UnionView,
