@@ -512,6 +512,15 @@ def _failing_fill(self, index):
         raise OSError(errno.EIO, "injected I/O error")
     return _fill(self, index)
 chunks.PartialCopy._fill = _failing_fill
+
+import unionfs.fuse as fuse
+_flushes = os.path.join(os.path.dirname(os.path.abspath(upper)), "flushes")
+_flush = fuse.StrataOperations.flush
+async def _counted_flush(self, fh):
+    with open(_flushes, "a") as counted:
+        counted.write("f")
+    return await _flush(self, fh)
+fuse.StrataOperations.flush = _counted_flush
 """
 
 
@@ -557,3 +566,37 @@ def test_an_error_of_the_background_copy_reaches_the_next_fsync(scratch: str) ->
     layers.assert_fsck_clean()
     with open(f"{upper}/big", "rb") as handle:
         assert handle.read() == b"new" + data[3:]
+
+
+def test_the_close_of_such_a_file_reports_it_and_no_other_close_asks(scratch: str) -> None:
+    """close(2) reports the background copy's error too (FOPEN_NOFLUSH on
+    every other open, so only such a close costs a flush request)."""
+    import pyfuse3
+
+    assert hasattr(pyfuse3.FileInfo, "noflush"), "pyfuse3 lacks tools/pyfuse3-noflush.patch"
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/big", random.Random(9).randbytes(6 * MiB))
+    for index in range(3):
+        write(f"{lower}/small{index}", f"small {index}")
+    log_path = os.path.join(scratch, "daemon.log")
+    flushes = os.path.join(scratch, "flushes")
+    write(flushes)
+    write(os.path.join(scratch, "inject"))
+    with patched_mount(scratch, lower, _FILL_FAILS, log_path) as (mount, daemon):
+        for index in range(3):
+            assert _text(f"{mount}/small{index}") == f"small {index}"
+            with open(f"{mount}/small{index}", "a") as handle:  # a whole copy-up
+                handle.write(" more")
+            write(f"{mount}/new{index}", "new")
+        assert _text(flushes) == "", "a close asked for a flush it did not need"
+        fd = os.open(f"{mount}/big", os.O_WRONLY)
+        os.pwrite(fd, b"new", 0)
+        deadline = time.monotonic() + 30
+        while "in the background failed" not in _text(log_path):
+            assert time.monotonic() < deadline, "the background copy did not fail"
+            time.sleep(0.05)
+        with pytest.raises(OSError) as caught:
+            os.close(fd)
+        assert caught.value.errno == errno.EIO
+        assert _text(flushes) == "f"
+    assert daemon.returncode == 0

@@ -32,13 +32,15 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# pyfuse3 is built from its released source with two small patches: one lets
-# a filesystem leave directories unopened, so the kernel caches listings, the
-# other lets it have the kernel cache symlink targets (see each patch's
-# header); strata runs on an unpatched pyfuse3 too, without those caches.
+# pyfuse3 is built from its released source with three small patches: they let
+# a filesystem leave directories unopened, so the kernel caches listings; have
+# the kernel cache symlink targets; and spare a close its flush request (see
+# each patch's header). strata runs on an unpatched pyfuse3 too, without them.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-pyfuse3_patches=(tools/pyfuse3-no-opendir.patch tools/pyfuse3-cache-symlinks.patch)
+pyfuse3_patches=(
+  tools/pyfuse3-no-opendir.patch tools/pyfuse3-cache-symlinks.patch tools/pyfuse3-noflush.patch
+)
 
 # Two environments: .venv in the checkout (editable, with the test and bench
 # tools) and an installed copy in $installed for the commands on the system

@@ -47,6 +47,11 @@ T = TypeVar("T")
 # without it, directories are opened as before, and listed from strata each time.
 OPENDIR_OPTIONAL: bool = getattr(pyfuse3, "OPENDIR_OPTIONAL", False)
 
+# Whether an open can tell the kernel its close needs no flush request
+# (FOPEN_NOFLUSH, tools/pyfuse3-noflush.patch): then only a file whose close
+# may have an error to report (a background copy-up) costs a flush.
+NOFLUSH: bool = hasattr(pyfuse3.FileInfo, "noflush")
+
 
 def _fuse_errors(handler: F) -> F:
     """Turn core and OS errors into FUSE replies with the same errno.
@@ -421,6 +426,8 @@ class StrataOperations(pyfuse3.Operations):
             fd = self.view.open_for_write(inode, truncate)
             if chunked and self.background is not None:
                 self.background.start_soon(self._fill_in_background, inode)
+            # Its close reports what the background copy meets.
+            return self._file_info(self._add_handle(inode, fd, write), flush=chunked)
         elif self.view.partial(inode) is not None:
             fd = self.view.open_data(inode, write=True)  # reads go through the partial copy
         else:
@@ -435,9 +442,18 @@ class StrataOperations(pyfuse3.Operations):
                 fd, head = await self._open_moving(inode, self._open_cold)
                 fh = self._add_handle(inode, fd, write, version)
                 self.handles[fh].head = head
-                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+                return self._file_info(fh)
             fd = cached
-        return pyfuse3.FileInfo(fh=self._add_handle(inode, fd, write), keep_cache=True)
+        return self._file_info(self._add_handle(inode, fd, write))
+
+    @staticmethod
+    def _file_info(fh: int, *, flush: bool = False) -> pyfuse3.FileInfo:
+        """What open answers: pages kept across opens; a flush at close only
+        where it may have an error to report."""
+        info = pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if NOFLUSH:
+            info.noflush = not flush
+        return info
 
     async def _open_moving(self, ino: int, opener: Callable[[DataSource], T]) -> T:
         """Open the node's data in a worker thread, from where the request
@@ -475,7 +491,7 @@ class StrataOperations(pyfuse3.Operations):
         await self._all_arrived()  # changes need the whole tree
         node, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags,
                                     self._caller(ctx))  # fmt: skip
-        info = pyfuse3.FileInfo(fh=self._add_handle(node.ino, fd, True), keep_cache=True)
+        info = self._file_info(self._add_handle(node.ino, fd, True))
         return info, self._node_attributes(node)
 
     async def _current_fd(self, handle: Handle) -> int:
@@ -551,10 +567,17 @@ class StrataOperations(pyfuse3.Operations):
         await trio.to_thread.run_sync(sync, handle.fd)
         self.lost_writes.check(handle)
 
+    @_fuse_errors
     async def flush(self, fh: int) -> None:
-        # Nothing is buffered here, so close(2) has nothing to wait for: ENOSYS
-        # tells the kernel never to send flush again (one request less per close).
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        # Nothing is buffered here, so close(2) has nothing to wait for; it
+        # reports what a background copy-up of the file met, as fsync does.
+        # Without FOPEN_NOFLUSH every close would ask: ENOSYS then tells the
+        # kernel never to send flush again (one request less per close).
+        if not NOFLUSH:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        handle = self.handles.get(fh)
+        if handle is not None:
+            self.lost_writes.check(handle)
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
