@@ -127,9 +127,11 @@ class Dry(Mounted):
 
     def __init__(self) -> None:
         super().__init__("")
+        self.created: str | None = None
 
     def call(self, operation: str, *paths: str, value: object = None) -> None:
-        return None
+        if operation == "create":
+            self.created = paths[0]
 
 
 def _step(rng: random.Random, model: Model, fs: Mounted) -> None:
@@ -317,9 +319,16 @@ def _crash_workload(
     kernel may have served it without its reply getting back)."""
     for _ in range(OPERATIONS * 4):
         replay_rng, replay_model = copy.deepcopy(rng), copy.deepcopy(model)
-        _step(replay_rng, replay_model, Dry())
+        dry = Dry()
+        _step(replay_rng, replay_model, dry)
         finished = [state for state in states if "finished" in state]
         states[:] = [*finished, model.view(), replay_model.view()]
+        if dry.created is not None:
+            # A create is open, write, close: the kill may fall after the
+            # open, leaving the new file empty.
+            opened = copy.deepcopy(replay_model)
+            opened.files[dry.created] = File(b"")
+            states.append(opened.view())
         try:
             _step(rng, model, Mounted(mount))
         except OSError:
