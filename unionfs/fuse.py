@@ -104,13 +104,14 @@ class Handle:
         # Descriptors this handle read before a copy-up moved the data: kept
         # open until release, since a read still in a worker thread may use
         # one, and a number closed under it could be reused by another file.
-        self.replaced: list[int] = []
+        self.replaced: list[int] | None = None
         # A small lower file's whole data, read with a cold open: its first
         # read is answered without another worker-thread round trip.
         self.head: bytes | None = None
 
     def close(self) -> None:
-        for fd in (self.fd, *self.replaced):
+        os.close(self.fd)
+        for fd in self.replaced or ():
             os.close(fd)
 
 
@@ -503,7 +504,7 @@ class StrataOperations(pyfuse3.Operations):
             if handle.version == version:  # a concurrent read reopened it first
                 os.close(fd)
             else:
-                handle.replaced.append(handle.fd)
+                handle.replaced = [*(handle.replaced or ()), handle.fd]
                 handle.fd, handle.version = fd, version
         return handle.fd
 

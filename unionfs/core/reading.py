@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import tempfile
+from collections import OrderedDict
 from collections.abc import Generator, Iterator, Mapping
 from typing import Protocol, cast
 
@@ -39,7 +40,7 @@ from .upper import (
 
 DOT_OFFSET = 1
 # How many lower entries of nodes that do not keep theirs stay at hand (Node.find_lower).
-LOWER_ENTRIES_KEPT = 4096
+LOWER_ENTRIES_KEPT = 8192
 DOTDOT_OFFSET = 2
 UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
 
@@ -101,7 +102,7 @@ class ReadPath:
         # The lower entries of files only in the lower layers are not kept in
         # their nodes (most nodes are such files); the last ones used are
         # kept here, and the rest found again in the index by name.
-        self._lower_entries: dict[int, Entry] = {}
+        self._lower_entries: OrderedDict[int, Entry] = OrderedDict()
         self._find_lower = self._lower_of_slim  # one bound method for every node
 
     @property
@@ -246,7 +247,7 @@ class ReadPath:
     def _keep_lower_entry(self, entry: Entry) -> None:
         entries = self._lower_entries
         if len(entries) >= LOWER_ENTRIES_KEPT:
-            del entries[next(iter(entries))]  # the oldest
+            entries.popitem(last=False)  # the oldest, in constant time
         entries[entry.ino] = entry
 
     def _lower_of_slim(self, node: Node) -> Entry:
