@@ -586,7 +586,7 @@ def check_upper(request: MountRequest, repair: bool) -> list[str]:
             with index.write() as txn:
                 return index.allocate(txn, b"next_ino")
 
-        checker = UpperChecker(index, stack.root, store, allocate)
+        checker = UpperChecker(index, stack.root, store, allocate, stack.layers)
         findings = checker.check(repair)
     finally:
         index.close()

@@ -12,8 +12,9 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .chunks import PartialCopy
 from .index import Index
-from .layer import WHITEOUT_PREFIX, is_whiteout_device
+from .layer import WHITEOUT_PREFIX, is_whiteout_device, open_beneath, open_layer_root
 from .records import Entry
 from .upper import UpperStore, join, redirect_target
 
@@ -27,12 +28,18 @@ class Finding:
 
 class UpperChecker:
     def __init__(
-        self, index: Index, lower_root: Entry, store: UpperStore, allocate: Callable[[], int]
+        self,
+        index: Index,
+        lower_root: Entry,
+        store: UpperStore,
+        allocate: Callable[[], int],
+        layers: dict[int, str] | None = None,
     ) -> None:
         self.index = index
         self.lower_root = lower_root
         self.store = store
         self.allocate = allocate
+        self.layers = layers or {}  # layer number -> its directory: where lower data is
         self.findings: list[Finding] = []
         self._inos: dict[int, int] = {}  # strata inode number -> host inode holding it
 
@@ -98,10 +105,48 @@ class UpperChecker:
                 if lower is None or not stat.S_ISREG(lower.mode):
                     # The data is lost; keeping the file shows what is left.
                     self._report(child, "metadata-only copy whose lower data is gone", False)
-                elif store.chunk_map(path) is not None:
-                    # A daemon stopped while it copied the file chunk by chunk:
-                    # the next mount reads it right and fills the rest.
-                    self._report(child, "copy-up in progress; mount it once to finish", False)
+                elif (raw := store.chunk_map(path)) is not None:
+                    # A daemon stopped while it copied the file chunk by chunk
+                    # (or could not finish it): the next mount that uses it
+                    # reads it right and fills the rest; a repair fills it now.
+                    finished = repair and self._finish_copy(path, lower, raw)
+                    self._report(child, "copy-up in progress; mount it once to finish", finished)
+
+    def _finish_copy(self, path: bytes, lower: Entry, raw: bytes) -> bool:
+        """Copy the chunks a partial copy lacks from its lower file and drop
+        its marks; False if the lower data cannot be read here."""
+        decoded = PartialCopy.decode(raw)
+        layer = self.layers.get(lower.layer)
+        if decoded is None or decoded[1] != lower.size or layer is None:
+            return False
+        chunk, _, present = decoded
+        root = open_layer_root(layer)
+        try:
+            lower_fd = open_beneath(root, lower.path, os.O_RDONLY)
+        except OSError:
+            return False  # a lazily pulled layer without this data, or gone
+        finally:
+            os.close(root)
+        try:
+            upper_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            os.close(lower_fd)
+            raise
+        store = self.store
+
+        def save(value: bytes) -> None:
+            store.set_chunk_map(upper_fd, value)
+
+        partial = PartialCopy(lower_fd, upper_fd, lower.size, present, save, chunk)
+        try:
+            while partial.fill_next():
+                pass
+            os.fdatasync(upper_fd)
+            for names in (store.metacopy_xattrs, store.redirect_xattrs, (store.chunks_xattr,)):
+                store.clear_markers(path, names)
+        finally:
+            partial.close()
+        return True
 
     def _check_ino(self, rel: bytes, path: bytes, st: os.stat_result, repair: bool) -> None:
         ino = self.store.stored_ino(path)
