@@ -524,6 +524,14 @@ fuse.StrataOperations.flush = _counted_flush
 """
 
 
+def _background_copy_failed(log_path: str) -> None:
+    """Wait until the daemon logs that the background copy failed."""
+    deadline = time.monotonic() + 30
+    while "in the background failed" not in _text(log_path):
+        assert time.monotonic() < deadline, "the background copy did not fail"
+        time.sleep(0.05)
+
+
 def test_an_error_of_the_background_copy_reaches_the_next_fsync(scratch: str) -> None:
     lower = os.path.join(scratch, "lower")
     data = random.Random(9).randbytes(6 * MiB)
@@ -535,10 +543,7 @@ def test_an_error_of_the_background_copy_reaches_the_next_fsync(scratch: str) ->
         fd = os.open(f"{mount}/big", os.O_WRONLY)
         try:
             assert os.pwrite(fd, b"new", 0) == 3
-            deadline = time.monotonic() + 30
-            while "in the background failed" not in _text(log_path):
-                assert time.monotonic() < deadline, "the background copy did not fail"
-                time.sleep(0.05)
+            _background_copy_failed(log_path)
             with pytest.raises(OSError) as caught:
                 os.fsync(fd)
             assert caught.value.errno == errno.EIO
@@ -598,10 +603,7 @@ def test_the_close_of_such_a_file_reports_it_and_no_other_close_asks(scratch: st
         assert _text(flushes) == "", "a close asked for a flush it did not need"
         fd = os.open(f"{mount}/big", os.O_WRONLY)
         os.pwrite(fd, b"new", 0)
-        deadline = time.monotonic() + 30
-        while "in the background failed" not in _text(log_path):
-            assert time.monotonic() < deadline, "the background copy did not fail"
-            time.sleep(0.05)
+        _background_copy_failed(log_path)
         with pytest.raises(OSError) as caught:
             os.close(fd)
         assert caught.value.errno == errno.EIO
