@@ -98,7 +98,7 @@ class Handle:
         self.fd = fd
         self.version = version
         self.write = write
-        # The last background error of the file this handle's fsync reported
+        # The last background error of the file this handle's fsync or close reported
         # (or that was already reported when it was opened): see LostWrites.
         self.errors_seen = errors_seen
         # Descriptors this handle read before a copy-up moved the data: kept
@@ -117,9 +117,9 @@ class Handle:
 
 class LostWrites:
     """Errors met by work done for a file after its request was answered (a
-    background copy-up), kept until an fsync reports them, as the kernel's
-    errseq does for writeback: each open file sees an error once, at its
-    next fsync; a file opened after the error was reported does not."""
+    background copy-up), kept until an fsync or close reports them, as the
+    kernel's errseq does for writeback: each open file sees an error once, at
+    its next fsync or close; a file opened after it was reported does not."""
 
     def __init__(self) -> None:
         self._serial = 0

@@ -530,16 +530,9 @@ class ReadPath:
         return self.store.open_beneath(self._upper_place(node), flags)
 
     def _host(self, node: Node) -> bytes:
-        """The path of the node's upper copy."""
-        assert self.store is not None and node.upper
-        if node.is_dir:
-            return self.store.path(self.rel(node))
-        if node.linked:
-            link = self.store.link_path(node.ino)
-            if not os.path.lexists(link):
-                raise FsError(errno.ESTALE)  # its last name went; open files keep the data
-            return link
-        return self.store.path(self._upper_name(node))
+        """The path of the node's upper copy (for calls on the request thread)."""
+        assert self.store is not None
+        return self.store.host_path(self._upper_place(node))
 
     def _upper_name(self, node: Node) -> bytes:
         """A merged path at which UPPER holds this file: one of its live names,

@@ -215,6 +215,10 @@ class UpperStore:
     def link_place(self, ino: int) -> Beneath:
         return Beneath(True, b"strata-links/%x" % ino)
 
+    def host_path(self, place: Beneath) -> bytes:
+        """A host path of *place*, for calls on the request thread."""
+        return os.path.join(self.work, place.rel) if place.in_work else self.path(place.rel)
+
     # Setup ------------------------------------------------------------------
 
     def recover(self) -> int:
