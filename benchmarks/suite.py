@@ -149,7 +149,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["workloads"][workload.id] = {
                 "name": workload.name, "title": workload.title, "samples": samples
             }  # fmt: skip
-            shutil.rmtree(os.path.join(top, workload.id))
+            # Some fixtures are kept elsewhere (W9's rootfs is cached across runs).
+            if os.path.isdir(os.path.join(top, workload.id)):
+                shutil.rmtree(os.path.join(top, workload.id))
     finally:
         shutil.rmtree(top, ignore_errors=True)
     results["load_average_after"] = os.getloadavg()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import realwork
 from drivers import drop_caches, mounted
 
 MIB = 1 << 20
@@ -467,5 +468,13 @@ WORKLOADS = [
         build_cpu,
         run_cpu,
         ("strata", "fuse-overlayfs", "unionfs-fuse", "passthrough"),
+    ),
+    Workload(
+        "W9",
+        "realwork",
+        "Real work in a container rootfs",
+        realwork.build,
+        realwork.run,
+        realwork.DRIVERS,
     ),
 ]
