@@ -51,6 +51,8 @@ if hasattr(upper_module, "open_beneath"):
     _beneath = upper_module.open_beneath
     def _slow_beneath(*args, **kwargs):
         if os.path.exists(_flag):
+            if kwargs.get("cached_only"):  # the request thread's quick try: to the worker
+                raise BlockingIOError("widened race: not cached")
             time.sleep(0.3)
         return _beneath(*args, **kwargs)
     upper_module.open_beneath = _slow_beneath

@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from .core.data import read_cached
 from .core.nodes import Caller, FsError, Node
 from .core.reading import DataSource
 from .core.records import Entry
@@ -38,6 +39,8 @@ STREAMING_TIMEOUT = 1.0
 # A lower file up to this size is read whole with a cold open (one kernel
 # read request, max_read, covers it).
 PREFETCH_MAX = 128 * 1024
+# Writes up to this size are made on the trio thread (see write).
+INLINE_WRITE_MAX = 64 * 1024
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 T = TypeVar("T")
@@ -525,6 +528,11 @@ class StrataOperations(pyfuse3.Operations):
             if data is not None:
                 return data
         fd = await self._current_fd(handle)
+        # Pages in the cache are copied here: a worker thread costs ~100x a
+        # cached read. What would wait for the disk goes to a worker.
+        data = read_cached(fd, size, off)
+        if data is not None:
+            return data
         return await trio.to_thread.run_sync(os.pread, fd, size, off)
 
     @_fuse_errors
@@ -535,6 +543,10 @@ class StrataOperations(pyfuse3.Operations):
             written = await trio.to_thread.run_sync(partial.write, off, buf)
             if written is not None:
                 return written
+        if len(buf) <= INLINE_WRITE_MAX:
+            # A small buffered write only copies into the page cache: cheaper
+            # here than the hop to a worker thread (fsync is where the disk waits).
+            return os.pwrite(handle.fd, buf, off)
         return await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off)
 
     async def _fill_in_background(self, ino: int) -> None:

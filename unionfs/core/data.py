@@ -82,6 +82,24 @@ def _copy_range(source: int, target: int, start: int, end: int) -> None:
         offset += sent
 
 
+def read_cached(fd: int, size: int, offset: int) -> bytes | None:
+    """*size* bytes at *offset* if the page cache holds them all (the read
+    cannot wait for the disk), else None: then a worker thread reads.
+    Short only at the end of the file, as a read(2) is."""
+    buffer = bytearray(size)
+    try:
+        got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    # A read the cache could serve only in part stops early: the rest is at
+    # the disk, not past the end.
+    if got < size and offset + got < os.fstat(fd).st_size:
+        return None
+    return bytes(buffer) if got == size else bytes(buffer[:got])
+
+
 def write_all(fd: int, data: bytes, offset: int) -> None:
     """pwrite all of *data*: a filesystem that runs out of space mid-way
     writes less than asked, and the rest must not be taken as written."""

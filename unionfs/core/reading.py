@@ -680,16 +680,24 @@ class ReadPath:
                 raise FsError(exc.errno or errno.EIO) from exc
 
     def open_cached(self, ino: int) -> int | None:
-        """A descriptor to read a lower file's data, if opening it cannot wait
-        for the disk (its path is in the dentry cache); else None. Warm walks
-        open many files, and a worker thread costs more than such an open."""
+        """A descriptor to read a file's data, if opening it cannot wait for
+        the disk (its path is in the dentry cache); else None. Warm walks and
+        builds open many files, and a worker thread costs more than such an open."""
         node = self.node(ino)
-        if node.upper or node.lower is None or not stat.S_ISREG(node.mode):
+        if not stat.S_ISREG(node.mode) or node.partial is not None:
             return None
         try:
+            if node.upper and not node.metacopy:
+                assert self.store is not None
+                place = self._upper_place(node)
+                return self.store.open_beneath(place, os.O_RDONLY, cached_only=True)
+            if node.lower is None:
+                return None
             return self.open_lower(node.lower, cached_only=True)
         except BlockingIOError:
             return None
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO) from exc
 
     def open_data(self, ino: int, write: bool = False) -> int:
         """A host descriptor for the node's current data. Blocking.

@@ -208,9 +208,11 @@ class UpperStore:
         os.close(self._root_fd)
         os.close(self._work_fd)
 
-    def open_beneath(self, place: Beneath, flags: int) -> int:
-        """Open a file of UPPER or WORK by descriptor (safe in any thread)."""
-        return open_beneath(self._work_fd if place.in_work else self._root_fd, place.rel, flags)
+    def open_beneath(self, place: Beneath, flags: int, *, cached_only: bool = False) -> int:
+        """Open a file of UPPER or WORK by descriptor (safe in any thread);
+        with *cached_only*, BlockingIOError where the open would wait for the disk."""
+        root = self._work_fd if place.in_work else self._root_fd
+        return open_beneath(root, place.rel, flags, cached_only=cached_only)
 
     def link_place(self, ino: int) -> Beneath:
         return Beneath(True, b"strata-links/%x" % ino)

@@ -1,0 +1,126 @@
+"""A request stays on the trio thread where it cannot wait for the disk.
+
+A hop to a worker thread costs far more than a syscall served from the page
+cache, and every handler shares the trio thread, so the daemon keeps cached
+reads, small writes and opens whose path is in the dentry cache on it, and
+sends the rest (the disk, fsync, large writes) to workers. A patched daemon
+logs every worker-thread call by name: the tests count them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tests.layers import write
+from tests.mounts import patched_mount
+from unionfs.core.data import read_cached
+
+# Logs the name of every function the daemon runs in a worker thread.
+_LOG_WORKER_CALLS = """
+import trio
+_run_sync = trio.to_thread.run_sync
+async def _logged(function, *args, **kwargs):
+    print("worker:", getattr(function, "__name__", repr(function)), flush=True)
+    return await _run_sync(function, *args, **kwargs)
+trio.to_thread.run_sync = _logged
+"""
+
+
+class WorkerCalls:
+    def __init__(self, log_path: str) -> None:
+        self.log_path, self.seen = log_path, 0
+
+    def since_last(self) -> list[str]:
+        """The worker-thread calls logged since the last look."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.seen)
+            text = log.read()
+        self.seen += len(text)
+        lines = text.decode(errors="replace").splitlines()
+        return [line.split(":", 1)[1].strip() for line in lines if line.startswith("worker:")]
+
+
+def test_warm_opens_cached_reads_and_small_writes_need_no_worker_thread(scratch: str) -> None:
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/d/small", b"s" * 4096)
+    write(f"{lower}/d/big", os.urandom(1 << 20))
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _LOG_WORKER_CALLS, log_path) as (mount, daemon):
+        calls = WorkerCalls(log_path)
+        with open(f"{mount}/d/new", "wb") as handle:  # an upper file
+            handle.write(b"n" * 8192)
+        with open(f"{mount}/d/big", "rb") as handle:
+            big = handle.read()
+        calls.since_last()
+
+        # Upper and lower files whose paths and pages the host caches: every
+        # open, read and small write is served on the trio thread.
+        for _ in range(20):
+            with open(f"{mount}/d/new", "r+b", buffering=0) as handle:
+                assert handle.read(8192) == b"n" * 8192
+                assert handle.write(b"m" * 4096) == 4096
+                handle.seek(0)
+                handle.write(b"n" * 4096)
+            with open(f"{mount}/d/big", "rb", buffering=0) as handle:
+                handle.seek(512 * 1024)
+                assert handle.read(65536) == big[512 * 1024 : 576 * 1024]
+        assert calls.since_last() == []
+
+        # What can wait for the disk still goes to a worker: fsync, and a
+        # write too large to copy on the trio thread.
+        with open(f"{mount}/d/new", "r+b", buffering=0) as handle:
+            handle.write(b"x" * 4096)
+            os.fsync(handle.fileno())
+            handle.write(os.urandom(1 << 20))
+        seen = calls.since_last()
+        assert seen.count("fsync") == 1, seen
+        assert "pwrite" in seen, seen
+        with open(f"{mount}/d/new", "rb") as handle:
+            data = handle.read()
+        assert data[:4096] == b"x" * 4096 and len(data) == 4096 + (1 << 20)
+    assert daemon.returncode == 0
+
+
+def test_a_cold_open_and_an_uncached_read_go_to_a_worker_thread(scratch: str) -> None:
+    lower = os.path.join(scratch, "lower")
+    data = os.urandom(4 << 20)
+    write(f"{lower}/d/big", data)
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _LOG_WORKER_CALLS, log_path) as (mount, daemon):
+        calls = WorkerCalls(log_path)
+        os.lstat(f"{mount}/d/big")
+        os.sync()  # dirty pages stay in the cache
+        with open("/proc/sys/vm/drop_caches", "w") as caches:
+            caches.write("3\n")
+        calls.since_last()
+        with open(f"{mount}/d/big", "rb", buffering=0) as handle:
+            handle.seek(1 << 20)
+            assert handle.read(65536) == data[1 << 20 : (1 << 20) + 65536]
+        seen = calls.since_last()
+        assert "_open_cold" in seen and "pread" in seen, seen
+    assert daemon.returncode == 0
+
+
+def test_a_cached_read_is_short_only_at_the_end_of_the_file(scratch: str) -> None:
+    path = os.path.join(scratch, "f")
+    data = os.urandom(64 * 4096 + 100)
+    write(path, data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.read(fd, len(data))  # every page in the cache
+        assert read_cached(fd, 8192, 4096) == data[4096:12288]
+        assert read_cached(fd, 8192, 64 * 4096) == data[64 * 4096 :]
+        assert read_cached(fd, 4096, len(data) + 10) == b""
+        # Only pages 0-15 and 40 back in the cache (no readahead): a read
+        # across the others is not served in part.
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for page in [*range(16), 40]:
+            os.pread(fd, 4096, page * 4096)
+        assert read_cached(fd, 4096, 20 * 4096) is None
+        assert read_cached(fd, 8 * 4096, 12 * 4096) is None
+        assert read_cached(fd, 8 * 4096, 0) == data[: 8 * 4096]
+        assert read_cached(fd, 4096, 40 * 4096) == data[40 * 4096 : 41 * 4096]
+    finally:
+        os.close(fd)
