@@ -42,7 +42,7 @@ DRIVERS = ("strata", "overlay", "fuse-overlayfs", "native")
 FUSE_DRIVERS = ("strata", "fuse-overlayfs")
 SUITE = "bookworm"
 FULL_PACKAGES = ("gcc", "make", "libc6-dev", "python3", "python3-venv", "git")
-DEBS_FULL = ("vim-runtime", "python3-pygments")
+DEBS_FULL = ("vim-runtime", "python3-pygments", "python3-pkg-resources")
 DEBS_QUICK = ("less",)
 WHEELS = ("rich", "requests")
 HELLO = "pool/main/h/hello/hello_2.10.orig.tar.gz"
@@ -203,7 +203,10 @@ def steps(quick: bool) -> list[Step]:
             Step("du -s / afterwards", "du -sx / >/dev/null"),
         ]
     return [
-        Step("dpkg -i of vim-runtime and python3-pygments", "dpkg -i /srv/debs/*.deb >/dev/null"),
+        Step(
+            "dpkg -i of vim-runtime, python3-pygments and python3-pkg-resources",
+            "dpkg -i /srv/debs/*.deb >/dev/null",
+        ),
         Step(
             "python3 -m venv and pip install of rich and requests",
             "python3 -m venv /root/venv && /root/venv/bin/pip install --quiet --no-index"
