@@ -9,11 +9,28 @@ logs every worker-thread call by name: the tests count them.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
+import signal
+import subprocess
+import time
 
 from tests.layers import write
 from tests.mounts import patched_mount
 from unionfs.core.data import read_cached
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _AT_STATX_FORCE_SYNC, _STATX_BASIC_STATS = -100, 0x2000, 0x7FF
+
+
+def forced_getattr(path: str) -> None:
+    """statx with AT_STATX_FORCE_SYNC: the kernel asks the daemon (a GETATTR)."""
+    buffer = ctypes.create_string_buffer(256)
+    flags = _AT_STATX_FORCE_SYNC
+    if _libc.statx(_AT_FDCWD, os.fsencode(path), flags, _STATX_BASIC_STATS, buffer) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), path)
+
 
 # Logs the name of every function the daemon runs in a worker thread.
 _LOG_WORKER_CALLS = """
@@ -124,3 +141,56 @@ def test_a_cached_read_is_short_only_at_the_end_of_the_file(scratch: str) -> Non
         assert read_cached(fd, 4096, 40 * 4096) == data[40 * 4096 : 41 * 4096]
     finally:
         os.close(fd)
+
+
+def test_queued_requests_are_read_without_a_trip_through_the_event_loop(scratch: str) -> None:
+    """Under requests from several processes at once the daemon reads each
+    queued request straight away (pyfuse3-direct-reads.patch) and waits in
+    trio's event loop (epoll) only when the queue is empty or at every 16th
+    read, so other tasks still get their turn: strace counts the calls."""
+    lower = os.path.join(scratch, "lower")
+    for index in range(64):
+        write(f"{lower}/small/f{index}", b"x")
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, "", log_path) as (mount, daemon):
+        files = [f"{mount}/small/f{index}" for index in range(64)]
+        counts = os.path.join(scratch, "strace.txt")
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-e", "trace=read,epoll_wait", "-o", counts,
+             "-p", str(daemon.pid)],
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        flooders = [multiprocessing.Process(target=_flood, args=(files,)) for _ in range(6)]
+        try:
+            time.sleep(0.5)  # attached
+            for process in flooders:
+                process.start()
+            time.sleep(2)
+        finally:
+            for process in flooders:
+                process.kill()
+                process.join()
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
+        calls = _syscall_counts(counts)
+    assert daemon.returncode == 0
+    assert calls["read"] > 1000, calls  # requests were served
+    assert calls["epoll_wait"] < calls["read"] / 4, calls
+    assert calls["epoll_wait"] > calls["read"] / 40, calls  # and it still yields
+
+
+def _flood(files: list[str]) -> None:
+    while True:
+        for path in files:
+            forced_getattr(path)
+
+
+def _syscall_counts(path: str) -> dict[str, int]:
+    """`strace -c`'s table: syscall name -> calls."""
+    counts = {"read": 0, "epoll_wait": 0}
+    with open(path) as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 5 and fields[-1] in counts and fields[3].isdigit():
+                counts[fields[-1]] = int(fields[3])
+    return counts

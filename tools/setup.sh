@@ -12,11 +12,12 @@ cd "$(dirname "$0")/.."
 # openssl-made CA) and build and check images with skopeo, umoci,
 # busybox-static and debootstrap; the runtime tests run containers on strata
 # mounts with runc, crun, bubblewrap and podman; the rootless podman and buildah
-# tests need uidmap's newuidmap/newgidmap for a user made by the test.
+# tests need uidmap's newuidmap/newgidmap for a user made by the test; strace
+# counts the daemon's syscalls in a test of its request loop.
 packages=(
   python3 python3-venv python3-dev gcc pkg-config patch
   fuse3 libfuse3-dev fuse-overlayfs unionfs-fuse
-  util-linux mount procps ca-certificates
+  util-linux mount procps ca-certificates strace
   docker-registry skopeo umoci busybox-static debootstrap apache2-utils openssl zstd
   runc crun bubblewrap podman buildah uidmap
 )
@@ -32,14 +33,16 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# pyfuse3 is built from its released source with three small patches: they let
+# pyfuse3 is built from its released source with four small patches: they let
 # a filesystem leave directories unopened, so the kernel caches listings; have
-# the kernel cache symlink targets; and spare a close its flush request (see
-# each patch's header). strata runs on an unpatched pyfuse3 too, without them.
+# the kernel cache symlink targets; spare a close its flush request; and read
+# a queued request without a trip through the event loop (see each patch's
+# header). strata runs on an unpatched pyfuse3 too, without them.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 pyfuse3_patches=(
   tools/pyfuse3-no-opendir.patch tools/pyfuse3-cache-symlinks.patch tools/pyfuse3-noflush.patch
+  tools/pyfuse3-direct-reads.patch
 )
 
 # Two environments: .venv in the checkout (editable, with the test and bench
