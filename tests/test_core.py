@@ -409,3 +409,135 @@ def test_a_node_that_moves_keeps_its_lower_entry(scratch: str, layers: list[str]
     os.close(fd)
     view.close()
     index.close()
+
+
+def _writable_view(scratch: str, lower: str) -> tuple[Index, UnionView, str]:
+    from unionfs.core.upper import UpperStore, probe_format
+
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper)
+    os.makedirs(work)
+    index = Index(os.path.join(scratch, "index"))
+    prepared = prepare_stack(index, [lower])
+    store = UpperStore(upper, work, probe_format(os.fsencode(work)), index.store_id())
+    store.recover()
+    return index, UnionView(index, prepared.root, prepared.layers, store), upper
+
+
+def test_new_objects_are_built_in_place_unless_they_replace_a_whiteout(
+    scratch: str, layers: list[str]
+) -> None:
+    """Where nothing below has the name, a new object is made where it goes
+    (no temporary in WORK, no rename), as overlayfs does; over a whiteout it is
+    built in WORK and swapped in. Either way it is numbered, owned and chmod'd."""
+    from unionfs.core.nodes import Caller
+
+    write(f"{layers[0]}/etc/old", "old")
+    os.mkdir(f"{layers[0]}/etc/olddir")
+    index, view, upper = _writable_view(scratch, layers[0])
+    store = view.store
+    assert store is not None
+    temporaries: list[bytes] = []
+    take = store.temp_path
+    store.temp_path = lambda: temporaries.append(take()) or temporaries[-1]  # type: ignore[method-assign]
+    caller = Caller(1234, 5678)
+    etc = view.lookup(ROOT_INO, b"etc")
+    assert etc is not None
+    view.setattr(etc.ino, mode=0o755)  # the directory's copy-up is built in WORK
+    temporaries.clear()
+
+    node, fd = view.create(etc.ino, b"new", 0o640, os.O_WRONLY, caller)
+    os.write(fd, b"fresh")
+    os.close(fd)
+    directory = view.mkdir(etc.ino, b"newdir", 0o750, caller)
+    link = view.symlink(etc.ino, b"newlink", b"target", caller)
+    made_in_place = list(temporaries)
+    for made, name, mode in (
+        (node, "new", 0o640),
+        (directory, "newdir", 0o750),
+        (link, "newlink", None),
+    ):
+        st = os.lstat(f"{upper}/etc/{name}")
+        assert (st.st_uid, st.st_gid) == (1234, 5678), name
+        if mode is not None:
+            assert stat.S_IMODE(st.st_mode) == mode, name
+            assert store.stored_ino(os.fsencode(f"{upper}/etc/{name}")) == made.ino
+    assert view.getattr(node.ino).size == 5
+
+    view.unlink(etc.ino, b"old")  # a whiteout now hides the lower file
+    view.rmdir(etc.ino, b"olddir")
+    again, fd = view.create(etc.ino, b"old", 0o600, os.O_WRONLY, caller)
+    os.close(fd)
+    opaque = view.mkdir(etc.ino, b"olddir", 0o700, caller)
+    assert made_in_place == []
+    assert len(temporaries) == 4  # two whiteouts, then the two objects that replace them
+    assert view.getattr(again.ino).size == 0
+    assert opaque.opaque and store.is_opaque(b"etc/olddir")
+    assert sorted(os.listdir(f"{upper}/etc")) == ["new", "newdir", "newlink", "old", "olddir"]
+    assert os.listdir(store.tmp) == []
+    view.close()
+    index.close()
+
+
+def test_a_new_object_that_cannot_be_finished_is_not_left_half_made(
+    scratch: str, layers: list[str]
+) -> None:
+    """Built in place, an object whose numbering fails (EIO, a full UPPER)
+    is removed again: the name stays free, in UPPER as in the view."""
+    from unionfs.core.nodes import Caller
+
+    os.mkdir(f"{layers[0]}/etc")
+    index, view, upper = _writable_view(scratch, layers[0])
+    store = view.store
+    assert store is not None
+    etc = view.lookup(ROOT_INO, b"etc")
+    assert etc is not None
+    view.setattr(etc.ino, mode=0o755)  # copied up before the faults begin
+
+    def failing(*args: object) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    store.set_ino_fd = failing  # type: ignore[method-assign]
+    store.set_ino = failing  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        view.create(etc.ino, b"file", 0o644, os.O_WRONLY, Caller(0, 0))
+    with pytest.raises(OSError):
+        view.mkdir(etc.ino, b"dir", 0o755, Caller(0, 0))
+    assert os.listdir(f"{upper}/etc") == []
+    assert view.lookup(etc.ino, b"file") is None and view.lookup(etc.ino, b"dir") is None
+    view.close()
+    index.close()
+
+
+def test_a_lookup_of_an_upper_name_takes_one_lstat_of_it(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attributes a lookup answers with come from the lstat that found
+    the name in UPPER, not from a second one."""
+    from unionfs.core.nodes import Caller
+
+    os.mkdir(f"{layers[0]}/etc")
+    index, view, upper = _writable_view(scratch, layers[0])
+    etc = view.lookup(ROOT_INO, b"etc")
+    assert etc is not None
+    node, fd = view.create(etc.ino, b"file", 0o644, os.O_WRONLY, Caller(0, 0))
+    os.write(fd, b"twelve bytes")
+    os.close(fd)
+    view.forget(node.ino, 1)
+    assert node.ino not in view.nodes
+    calls: list[bytes] = []
+    real_lstat = os.lstat
+
+    def counting_lstat(path: bytes, *args: object, **kwargs: object) -> os.stat_result:
+        calls.append(os.fsencode(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    found = view.lookup_with_attributes(etc.ino, b"file")
+    monkeypatch.undo()
+    assert found is not None
+    again, entry = found
+    assert again.ino == node.ino and entry.size == 12 and entry.ino == node.ino
+    assert [path for path in calls if path.endswith(b"/file")] == [os.fsencode(f"{upper}/etc/file")]
+    view.close()
+    index.close()

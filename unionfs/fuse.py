@@ -301,8 +301,8 @@ class StrataOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(
                 self.view.wait_lookup, parent_inode, name, abandon_on_cancel=True
             )
-        node = self.view.lookup(parent_inode, name)
-        if node is None:
+        found = self.view.lookup_with_attributes(parent_inode, name)
+        if found is None:
             # st_ino 0 with a timeout: the kernel caches the miss.
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
@@ -311,7 +311,7 @@ class StrataOperations(pyfuse3.Operations):
             streaming = self.view.streaming is not None
             negative.entry_timeout = STREAMING_TIMEOUT if streaming else self.timeout
             return negative
-        return self._node_attributes(node)
+        return self._attributes(found[1])
 
     async def forget(self, inode_list: Any) -> None:
         # forget has no reply to carry an error: a bug here is logged, never raised.

@@ -212,6 +212,10 @@ class ReadPath:
 
     def _resolve(self, parent: Node, name: bytes) -> Node | None:
         """What NAME in PARENT is, without counting a reference."""
+        return self._resolve_stat(parent, name)[0]
+
+    def _resolve_stat(self, parent: Node, name: bytes) -> tuple[Node | None, os.stat_result | None]:
+        """_resolve, and the lstat of NAME in UPPER if UPPER has it."""
         up_st: os.stat_result | None = None
         if self.store is not None and parent.upper:
             parent_rel = self.rel(parent)
@@ -219,16 +223,16 @@ class ReadPath:
             lower = self._lower_child(parent, name)
             if up_st is None:
                 if lower is None or self.store.is_whited_out(parent_rel, name, None):
-                    return None
+                    return None, None
             elif self.store.is_whited_out(parent_rel, name, up_st):
-                return None
+                return None, None
         else:
             lower = self._lower_child(parent, name)
         if up_st is None:
             if lower is None:
-                return None
-            return self._lower_node(parent, name, lower)
-        return self._upper_node(parent, name, up_st, lower)
+                return None, None
+            return self._lower_node(parent, name, lower), None
+        return self._upper_node(parent, name, up_st, lower), up_st
 
     def _lower_node(self, parent: Node, name: bytes, lower: Entry) -> Node:
         node = Node(lower.ino, lower.mode, parent.ino, name)
@@ -416,17 +420,35 @@ class ReadPath:
 
     def lookup(self, parent_ino: int, name: bytes) -> Node | None:
         """Resolve NAME in PARENT and count the reference; None if it does not exist."""
+        found = self._lookup_stat(parent_ino, name)
+        return None if found is None else found[0]
+
+    def lookup_with_attributes(self, parent_ino: int, name: bytes) -> tuple[Node, Entry] | None:
+        """lookup, and the node's attributes from the lstat that resolved an
+        upper NAME: a lookup answers with one lstat of it, not two."""
+        found = self._lookup_stat(parent_ino, name)
+        if found is None:
+            return None
+        node, up_st = found
+        return node, self.attributes(node, up_st)
+
+    def _lookup_stat(
+        self, parent_ino: int, name: bytes
+    ) -> tuple[Node, os.stat_result | None] | None:
+        """The counted node, and the lstat of its upper file if the lookup took one."""
         parent = self._directory(parent_ino)
+        up_st = None
         if name == b".":
             node: Node | None = parent
         elif name == b"..":
             node = self.node(parent.parent)
         else:
-            found = self._resolve(parent, name)
+            found, up_st = self._resolve_stat(parent, name)
             node = None if found is None else self._adopt(found, parent, name)
-        if node is not None:
-            self.remember(node)
-        return node
+        if node is None:
+            return None
+        self.remember(node)
+        return node, up_st if node.upper else None
 
     def peek(self, parent_ino: int, name: bytes) -> Node | None:
         """Like lookup, without counting: the node an operation is about to change."""
@@ -436,7 +458,8 @@ class ReadPath:
 
     # Attributes -------------------------------------------------------------
 
-    def attributes(self, node: Node) -> Entry:
+    def attributes(self, node: Node, st: os.stat_result | None = None) -> Entry:
+        """The node's attributes; *st*: an lstat of its upper file just taken."""
         if not node.upper:
             assert node.lower is not None
             if self.streaming is not None and not node.is_dir:
@@ -447,7 +470,8 @@ class ReadPath:
                 entry = dataclasses.replace(entry, nlink=2 + node.subdirs)
             return entry
         assert self.store is not None
-        st = os.lstat(self._host(node))
+        if st is None:
+            st = os.lstat(self._host(node))
         nlink = st.st_nlink
         if node.linked:
             counts = self.store.link_counts(node.ino)

@@ -25,6 +25,8 @@ from .upper import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
+    UpperStore,
+    discard,
     join,
     renameat2,
 )
@@ -42,7 +44,9 @@ class UnionView(CopyUp):
         mode: int,
         rdev: int = 0,
     ) -> tuple[Node, int | None]:
-        """Create NAME in PARENT: built complete in WORK, then moved in place."""
+        """Create NAME in PARENT. Where nothing below has NAME it is built in
+        place, as overlayfs does; over a whiteout it is built complete in WORK
+        and then moved in, replacing the whiteout in one step."""
         store = self._writable()
         if name in (b".", b"..") or name.startswith(WHITEOUT_PREFIX):
             raise FsError(errno.EINVAL if name.startswith(WHITEOUT_PREFIX) else errno.EEXIST)
@@ -57,30 +61,44 @@ class UnionView(CopyUp):
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         ino = self._allocate_ino()
+        lower = self._lower_child(parent, name)
+        target = store.path(join(parent_rel, name))
+        new = _NewObject(ino, mode, caller.uid, gid, rdev)
         fd = None
         try:
-            # Whatever fails (a full UPPER, no inode left) leaves nothing made.
-            with store.temp() as temp:
-                fd = make(temp)
-                store.set_ino(temp, ino)
-                placeholder = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                placeholder = placeholder and stat.S_ISREG(os.lstat(temp).st_mode)
-                if placeholder:  # rootless: a plain file stands for the device
-                    overrides.write(temp, overrides.StatOverride(mode, caller.uid, gid, rdev))
-                else:
-                    overrides.set_owner(temp, mode, caller.uid, gid)
-                if not stat.S_ISLNK(mode):
-                    os.chmod(temp, stat.S_IMODE(mode))
-                lower = self._lower_child(parent, name)
-                if stat.S_ISDIR(mode) and lower is not None:
-                    store.set_marker(temp, b"opaque", b"y")  # the old lower dir stays hidden
-                store.place(temp, parent_rel, name)
+            in_place = False
+            if lower is None:
+                # No whiteout is needed, so none is replaced. A crash before
+                # this returns leaves an object that is not the caller's yet
+                # (the daemon's, mode at most 0700), numbered when next seen.
+                try:
+                    fd = make(target)
+                    in_place = True
+                except FileExistsError:
+                    pass  # a whiteout left where nothing lies below: replaced below
+            if in_place:
+                try:
+                    new.dress(store, target, fd)
+                except BaseException:
+                    discard(target)  # a failed change leaves nothing half-made
+                    raise
+            else:
+                # Whatever fails (a full UPPER, no inode left) leaves nothing made.
+                with store.temp() as temp:
+                    fd = make(temp)
+                    new.dress(store, temp, fd)
+                    if stat.S_ISDIR(mode) and lower is not None:
+                        store.set_marker(temp, b"opaque", b"y")  # the old lower dir stays hidden
+                    store.place(temp, parent_rel, name)
         except BaseException:
             if fd is not None:
                 os.close(fd)
             raise
         count_subdir(parent, +1 if stat.S_ISDIR(mode) else 0)
-        shown = mode if placeholder else os.lstat(store.path(join(parent_rel, name))).st_mode
+        if new.placeholder:
+            shown = mode
+        else:
+            shown = (os.fstat(fd) if fd is not None else os.lstat(target)).st_mode
         node = Node(ino, shown, parent.ino, name)
         node.upper = True
         node.opaque = stat.S_ISDIR(mode) and lower is not None
@@ -426,3 +444,30 @@ class UnionView(CopyUp):
             self.getxattr(ino, name)  # ENODATA before anything is copied
         self._copy_up(node, data=False)
         os.removexattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
+
+
+class _NewObject:
+    """What a new object gets before anyone sees it: its number, owner and mode."""
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, rdev: int) -> None:
+        self.ino, self.mode, self.uid, self.gid, self.rdev = ino, mode, uid, gid, rdev
+        self.placeholder = False  # a plain file standing for a device (rootless)
+
+    def dress(self, store: UpperStore, path: bytes, fd: int | None) -> None:
+        """Number, own and chmod the object just made at *path* (open as *fd*)."""
+        mode = self.mode
+        if fd is not None:
+            store.set_ino_fd(fd, self.ino)
+        else:
+            store.set_ino(path, self.ino)
+        device = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        self.placeholder = device and stat.S_ISREG(os.lstat(path).st_mode)
+        target: bytes | int = fd if fd is not None else path
+        if self.placeholder:
+            overrides.write(path, overrides.StatOverride(mode, self.uid, self.gid, self.rdev))
+        else:
+            overrides.set_owner(target, mode, self.uid, self.gid)
+        if fd is not None:
+            os.fchmod(fd, stat.S_IMODE(mode))
+        elif not stat.S_ISLNK(mode):
+            os.chmod(path, stat.S_IMODE(mode))
