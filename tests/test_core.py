@@ -439,7 +439,12 @@ def test_new_objects_are_built_in_place_unless_they_replace_a_whiteout(
     assert store is not None
     temporaries: list[bytes] = []
     take = store.temp_path
-    store.temp_path = lambda: temporaries.append(take()) or temporaries[-1]  # type: ignore[method-assign]
+
+    def counted_temp_path() -> bytes:
+        temporaries.append(take())
+        return temporaries[-1]
+
+    store.temp_path = counted_temp_path  # type: ignore[method-assign]
     caller = Caller(1234, 5678)
     etc = view.lookup(ROOT_INO, b"etc")
     assert etc is not None
@@ -497,8 +502,8 @@ def test_a_new_object_that_cannot_be_finished_is_not_left_half_made(
     def failing(*args: object) -> None:
         raise OSError(errno.EIO, "injected")
 
-    store.set_ino_fd = failing  # type: ignore[method-assign]
-    store.set_ino = failing  # type: ignore[method-assign]
+    store.set_ino_fd = failing  # type: ignore[method-assign,assignment]
+    store.set_ino = failing  # type: ignore[method-assign,assignment]
     with pytest.raises(OSError):
         view.create(etc.ino, b"file", 0o644, os.O_WRONLY, Caller(0, 0))
     with pytest.raises(OSError):
@@ -539,5 +544,37 @@ def test_a_lookup_of_an_upper_name_takes_one_lstat_of_it(
     again, entry = found
     assert again.ino == node.ino and entry.size == 12 and entry.ino == node.ino
     assert [path for path in calls if path.endswith(b"/file")] == [os.fsencode(f"{upper}/etc/file")]
+    view.close()
+    index.close()
+
+
+def test_a_listing_answers_with_the_stats_it_took_of_upper(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """readdirplus: the attributes of an upper entry come from the stat the
+    listing of the upper directory took, not from an lstat per entry."""
+    from unionfs.core.nodes import Caller
+
+    write(f"{layers[0]}/etc/lower", "lower")
+    index, view, _ = _writable_view(scratch, layers[0])
+    etc = view.lookup(ROOT_INO, b"etc")
+    assert etc is not None
+    for name in (b"a", b"b", b"c"):
+        _, fd = view.create(etc.ino, name, 0o644, os.O_WRONLY, Caller(0, 0))
+        os.write(fd, name * 3)
+        os.close(fd)
+    calls: list[bytes] = []
+    real_lstat = os.lstat
+
+    def counting_lstat(path: bytes, *args: object, **kwargs: object) -> os.stat_result:
+        calls.append(os.fsencode(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    listed = {name: entry for _, name, _, entry in view.listdir_with_attributes(etc.ino)}
+    monkeypatch.undo()
+    assert sorted(listed) == [b".", b"..", b"a", b"b", b"c", b"lower"]
+    assert [listed[name].size for name in (b"a", b"b", b"c", b"lower")] == [3, 3, 3, 5]
+    assert not [path for path in calls if path.rsplit(b"/", 1)[-1] in (b"a", b"b", b"c")]
     view.close()
     index.close()

@@ -10,11 +10,14 @@ logs every worker-thread call by name: the tests count them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import multiprocessing
 import os
 import signal
 import subprocess
 import time
+
+import pytest
 
 from tests.layers import write
 from tests.mounts import patched_mount
@@ -143,6 +146,50 @@ def test_a_cached_read_is_short_only_at_the_end_of_the_file(scratch: str) -> Non
         os.close(fd)
 
 
+def test_opening_a_lower_file_costs_no_system_call_until_a_read_reaches_the_daemon(
+    scratch: str,
+) -> None:
+    """The kernel keeps a lower file's pages across opens, so most opens
+    never read through the daemon: the descriptor is opened at the first
+    read that comes (strace counts), and that read returns the data as it is
+    then, after a copy-up too."""
+    lower = os.path.join(scratch, "lower")
+    data = os.urandom(256 << 10)
+    write(f"{lower}/d/lib.so", data)
+    write(f"{lower}/d/conf", b"lower conf\n")
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, "", log_path) as (mount, daemon):
+        with open(f"{mount}/d/lib.so", "rb") as handle:
+            assert handle.read() == data  # the pages are cached now
+        counts = os.path.join(scratch, "strace.txt")
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-e", "trace=open,openat,openat2,close", "-o", counts,
+             "-p", str(daemon.pid)],
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            time.sleep(0.5)  # attached
+            for _ in range(200):
+                with open(f"{mount}/d/lib.so", "rb") as handle:
+                    assert handle.read(4096) == data[:4096]
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
+        calls = _syscall_counts(counts, ("open", "openat", "openat2", "close"))
+        assert sum(calls.values()) < 20, calls  # 200 opens and closes
+        with open(f"{mount}/d/conf", "rb", buffering=0) as early:
+            with open(f"{mount}/d/conf", "r+b", buffering=0) as writer:
+                writer.write(b"UPPER")  # a copy-up after the first open
+            with open("/proc/sys/vm/drop_caches", "w") as caches:
+                caches.write("3\n")  # the next read reaches the daemon
+            assert early.read() == b"UPPER conf\n"
+        for path in (f"{mount}/d/conf", f"{mount}/d/lib.so"):  # upper, lower
+            with pytest.raises(OSError) as missing:
+                os.getxattr(path, "user.none")
+            assert missing.value.errno == errno.ENODATA
+    assert daemon.returncode == 0
+
+
 def test_queued_requests_are_read_without_a_trip_through_the_event_loop(scratch: str) -> None:
     """Under requests from several processes at once the daemon reads each
     queued request straight away (pyfuse3-direct-reads.patch) and waits in
@@ -185,9 +232,9 @@ def _flood(files: list[str]) -> None:
             forced_getattr(path)
 
 
-def _syscall_counts(path: str) -> dict[str, int]:
+def _syscall_counts(path: str, names: tuple[str, ...] = ("read", "epoll_wait")) -> dict[str, int]:
     """`strace -c`'s table: syscall name -> calls."""
-    counts = {"read": 0, "epoll_wait": 0}
+    counts = dict.fromkeys(names, 0)
     with open(path) as table:
         for line in table:
             fields = line.split()

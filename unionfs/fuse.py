@@ -91,6 +91,10 @@ def _invalidate_attributes(inodes: list[int]) -> None:
             pyfuse3.invalidate_inode(ino, attr_only=True)
 
 
+# The descriptor of a handle whose file has not been read yet.
+NOT_OPENED = -1
+
+
 class Handle:
     """An open file: the host descriptor and which copy of the data it reads."""
 
@@ -112,10 +116,16 @@ class Handle:
         # read is answered without another worker-thread round trip.
         self.head: bytes | None = None
 
+    @property
+    def opened(self) -> bool:
+        """Whether the descriptor is open: a lower file's is opened at its
+        first read (NOT_OPENED until then)."""
+        return self.fd != NOT_OPENED
+
     def close(self) -> None:
-        os.close(self.fd)
-        for fd in self.replaced or ():
-            os.close(fd)
+        for fd in (self.fd, *(self.replaced or ())):
+            if fd >= 0:
+                os.close(fd)
 
 
 class LostWrites:
@@ -330,7 +340,7 @@ class StrataOperations(pyfuse3.Operations):
         except FsError as exc:
             # A file unlinked while open has no name left in UPPER: its open
             # descriptor still answers (fstat after unlink).
-            handle = next((h for h in self.handles.values() if h.ino == inode), None)
+            handle = next((h for h in self.handles.values() if h.ino == inode and h.opened), None)
             if exc.errno != errno.ESTALE or handle is None:
                 raise
             return self._attributes(self.view.attributes_of_open(inode, handle.fd))
@@ -356,10 +366,10 @@ class StrataOperations(pyfuse3.Operations):
         if not self.view.listing_ready(fh):
             # A streamed layer may still bring names here: wait off the trio thread.
             await trio.to_thread.run_sync(self.view.wait_listing, fh, abandon_on_cancel=True)
-        listing = self.view.listdir(fh, start_id)
+        listing = self.view.listdir_with_attributes(fh, start_id)
         try:
-            for offset, name, node in listing:
-                if not pyfuse3.readdir_reply(token, name, self._node_attributes(node), offset):
+            for offset, name, node, entry in listing:
+                if not pyfuse3.readdir_reply(token, name, self._attributes(entry), offset):
                     break
                 if name not in (b".", b".."):  # the kernel takes no reference for these
                     self.view.remember(node)
@@ -434,6 +444,11 @@ class StrataOperations(pyfuse3.Operations):
             return self._file_info(self._add_handle(inode, fd, write), flush=chunked)
         elif self.view.partial(inode) is not None:
             fd = self.view.open_data(inode, write=True)  # reads go through the partial copy
+        elif self.view.lower_data_is_fixed(inode):
+            # Opened at the first read that reaches the daemon: most opens of
+            # a lower file read pages the kernel keeps (keep_cache), and then
+            # neither the open nor the close costs a system call here.
+            fd = NOT_OPENED
         else:
             cached = self.view.open_cached(inode)
             if cached is None:
@@ -496,7 +511,22 @@ class StrataOperations(pyfuse3.Operations):
         node, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags,
                                     self._caller(ctx))  # fmt: skip
         info = self._file_info(self._add_handle(node.ino, fd, True))
-        return info, self._node_attributes(node)
+        return info, self._attributes(self.view.attributes(node, os.fstat(fd)))
+
+    async def _open_late(self, handle: Handle) -> None:
+        """Open the descriptor of a handle opened without one, at its first
+        read: where its data is now (a copy-up since the open reads the copy)."""
+        version = self.view.node(handle.ino).version
+        cached = self.view.open_cached(handle.ino)
+        head = None
+        if cached is None:
+            fd, head = await self._open_moving(handle.ino, self._open_cold)
+        else:
+            fd = cached
+        if handle.opened:  # a concurrent read of the same handle opened it first
+            os.close(fd)
+            return
+        handle.fd, handle.version, handle.head = fd, version, head
 
     async def _current_fd(self, handle: Handle) -> int:
         """The handle's descriptor, reopened if the data moved up since it was opened."""
@@ -514,6 +544,8 @@ class StrataOperations(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
+        if not handle.opened:
+            await self._open_late(handle)
         if handle.head is not None:
             head = handle.head
             node = self.view.nodes.get(handle.ino)
@@ -576,8 +608,9 @@ class StrataOperations(pyfuse3.Operations):
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
-        sync = os.fdatasync if datasync else os.fsync
-        await trio.to_thread.run_sync(sync, handle.fd)
+        if handle.opened:  # else a lower file, never read: nothing to sync
+            sync = os.fdatasync if datasync else os.fsync
+            await trio.to_thread.run_sync(sync, handle.fd)
         self.lost_writes.check(handle)
 
     @_fuse_errors
@@ -693,7 +726,10 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.view.getxattr(inode, name)
+        value = self.view.find_xattr(inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

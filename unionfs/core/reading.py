@@ -10,6 +10,7 @@ it, and an inode number is never handed out twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -584,18 +585,35 @@ class ReadPath:
         An offset is the name's hash and its place among equal hashes, so it
         stays valid while the directory changes (telldir/seekdir work).
         """
+        with contextlib.closing(self._listing(ino, offset)) as listing:
+            for here, name, node, _ in listing:
+                yield here, name, node
+
+    def listdir_with_attributes(
+        self, ino: int, offset: int = 0
+    ) -> Generator[tuple[int, bytes, Node, Entry], None, None]:
+        """listdir, each node with its attributes (readdirplus); an upper
+        entry's come from the stat the listing of UPPER took."""
+        with contextlib.closing(self._listing(ino, offset)) as listing:
+            for here, name, node, up_st in listing:
+                yield here, name, node, self.attributes(node, up_st)
+
+    def _listing(
+        self, ino: int, offset: int
+    ) -> Generator[tuple[int, bytes, Node, os.stat_result | None], None, None]:
         directory = self._directory(ino)
         if offset < DOT_OFFSET:
-            yield DOT_OFFSET, b".", directory
+            yield DOT_OFFSET, b".", directory, None
         if offset < DOTDOT_OFFSET:
-            yield DOTDOT_OFFSET, b"..", self.node(directory.parent)
+            yield DOTDOT_OFFSET, b"..", self.node(directory.parent), None
         for here, name, up_st, lower in self._merged(directory, offset):
             if up_st is None:
                 assert lower is not None
                 found = self._lower_node(directory, name, lower)
             else:
                 found = self._upper_node(directory, name, up_st, lower)
-            yield here, name, self._adopt(found, directory, name)
+            node = self._adopt(found, directory, name)
+            yield here, name, node, up_st if found.upper and node.upper else None
 
     def _merged(
         self, directory: Node, offset: int
@@ -703,6 +721,19 @@ class ReadPath:
             except OSError as exc:
                 raise FsError(exc.errno or errno.EIO) from exc
 
+    def lower_data_is_fixed(self, ino: int) -> bool:
+        """Whether the node's data is a lower file that can be opened at any
+        later time just as now: no copy of it in UPPER, no layer that fills
+        it in (lazy pulling) or still streams in."""
+        node = self.node(ino)
+        return (
+            not node.upper
+            and stat.S_ISREG(node.mode)
+            and node.lower is not None
+            and self.streaming is None
+            and node.lower.layer not in self.lazy
+        )
+
     def open_cached(self, ino: int) -> int | None:
         """A descriptor to read a file's data, if opening it cannot wait for
         the disk (its path is in the dentry cache); else None. Warm walks and
@@ -763,19 +794,29 @@ class ReadPath:
         return self.open_lower(source.lower)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        value = self.find_xattr(ino, name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def find_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """getxattr, None where the file has no such attribute: the kernel
+        asks for security.capability before writes, and mostly there is none."""
         node = self.node(ino)
         if name.startswith(HIDDEN_XATTR_PREFIXES):
-            raise FsError(errno.ENODATA)
+            return None
         if node.upper:
             try:
                 return os.getxattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
             except OSError as exc:
+                if exc.errno == errno.ENODATA:
+                    return None
                 raise FsError(exc.errno or errno.EIO) from None
         assert node.lower is not None
         for key, value in node.lower.xattrs:
             if key == name:
                 return value
-        raise FsError(errno.ENODATA)
+        return None
 
     def listxattr(self, ino: int) -> list[bytes]:
         node = self.node(ino)
