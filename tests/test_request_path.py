@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import multiprocessing
 import os
 import signal
@@ -188,6 +189,91 @@ def test_opening_a_lower_file_costs_no_system_call_until_a_read_reaches_the_daem
                 os.getxattr(path, "user.none")
             assert missing.value.errno == errno.ENODATA
     assert daemon.returncode == 0
+
+
+# Logs every read request that reaches the daemon.
+_LOG_READS = """
+import unionfs.fuse
+_read = unionfs.fuse.StrataOperations.read
+async def _logged(self, fh, offset, size):
+    print("read:", offset, size, flush=True)
+    return await _read(self, fh, offset, size)
+unionfs.fuse.StrataOperations.read = _logged
+"""
+
+
+def test_a_file_written_through_the_mount_is_read_back_from_the_kernels_cache(
+    scratch: str,
+) -> None:
+    """Every write changes the mtime the next getattr reports; the kernel
+    keeps the pages it has written all the same (pyfuse3-keep-data.patch),
+    and still shows every change made through the mount, whichever way."""
+    lower = os.path.join(scratch, "lower")
+    old = os.urandom(64 << 10)
+    write(f"{lower}/d/lower", old)
+    write(f"{lower}/d/gone", b"g" * 8192)
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _LOG_READS, log_path) as (mount, daemon):
+        new, data = f"{mount}/d/new", os.urandom(64 << 10)
+        with open(new, "wb") as handle:
+            handle.write(data)
+        forced_getattr(new)  # a new mtime
+        with open(new, "rb") as handle:
+            assert handle.read() == data
+        with open(new, "r+b") as handle:
+            handle.seek(4096)
+            handle.write(b"w" * 4096)
+        forced_getattr(new)
+        data = data[:4096] + b"w" * 4096 + data[8192:]
+        with open(new, "rb") as handle:
+            assert handle.read() == data
+        seen = _lines(log_path, "read:")
+        assert seen == [], seen
+
+        # What the kernel keeps never hides a change made through the mount.
+        path = f"{mount}/d/lower"
+        with open(path, "rb", buffering=0) as early:
+            assert early.read() == old  # the lower file's pages are cached
+            with open(path, "r+b", buffering=0) as writer:
+                writer.seek(100)
+                writer.write(b"copied up")  # a copy-up while the pages are kept
+            forced_getattr(path)
+            early.seek(0)
+            expected = old[:100] + b"copied up" + old[109:]
+            assert early.read() == expected
+        os.truncate(path, 1000)
+        with open(path, "r+b") as writer:
+            writer.seek(3000)
+            writer.write(b"end")
+        forced_getattr(path)
+        expected = expected[:1000] + bytes(2000) + b"end"
+        with open(path, "rb") as handle:
+            assert handle.read() == expected
+        with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), 0) as mapped:
+            mapped[0:6] = b"mapped"
+            mapped.flush()
+        forced_getattr(path)
+        with open(path, "rb") as handle:
+            assert handle.read() == b"mapped" + expected[6:]
+        gone = f"{mount}/d/gone"
+        with open(gone, "rb") as handle:
+            assert handle.read() == b"g" * 8192
+        os.unlink(gone)
+        with open(gone, "wb") as handle:  # the same name and size, new bytes
+            handle.write(b"h" * 8192)
+        with open(gone, "rb") as handle:
+            assert handle.read() == b"h" * 8192
+        with open(f"{mount}/d/other", "wb") as handle:
+            handle.write(b"o" * 8192)
+        os.rename(f"{mount}/d/other", gone)
+        with open(gone, "rb") as handle:
+            assert handle.read() == b"o" * 8192
+    assert daemon.returncode == 0
+
+
+def _lines(path: str, prefix: str) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace") as log:
+        return [line for line in log if line.startswith(prefix)]
 
 
 def test_queued_requests_are_read_without_a_trip_through_the_event_loop(scratch: str) -> None:

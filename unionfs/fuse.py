@@ -168,6 +168,13 @@ class StrataOperations(pyfuse3.Operations):
     # its page cache and asks readlink once per inode (with the pyfuse3 patch
     # tools/setup.sh applies; ignored by an unpatched pyfuse3).
     enable_symlink_caching = True
+    # A file's data changes only through this mount (the layers never change;
+    # a copy-up copies the same bytes), and the kernel keeps its page cache
+    # right through writes, truncation and mmap. So a new mtime in a getattr
+    # reply is no reason to drop the pages just written: without this a file
+    # read right after it is written (an object file, an unpacked package) is
+    # read through the daemon again (tools/pyfuse3-keep-data.patch).
+    auto_invalidate_data = False
 
     def __init__(
         self,
