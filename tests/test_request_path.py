@@ -215,18 +215,15 @@ def test_a_file_written_through_the_mount_is_read_back_from_the_kernels_cache(
     log_path = os.path.join(scratch, "daemon.log")
     with patched_mount(scratch, lower, _LOG_READS, log_path) as (mount, daemon):
         new, data = f"{mount}/d/new", os.urandom(64 << 10)
-        with open(new, "wb") as handle:
-            handle.write(data)
+        write(new, data)
         forced_getattr(new)  # a new mtime
-        with open(new, "rb") as handle:
-            assert handle.read() == data
-        with open(new, "r+b") as handle:
-            handle.seek(4096)
-            handle.write(b"w" * 4096)
+        assert _read(new) == data
+        with open(new, "r+b") as rewriter:
+            rewriter.seek(4096)
+            rewriter.write(b"w" * 4096)
         forced_getattr(new)
         data = data[:4096] + b"w" * 4096 + data[8192:]
-        with open(new, "rb") as handle:
-            assert handle.read() == data
+        assert _read(new) == data
         seen = _lines(log_path, "read:")
         assert seen == [], seen
 
@@ -242,33 +239,31 @@ def test_a_file_written_through_the_mount_is_read_back_from_the_kernels_cache(
             expected = old[:100] + b"copied up" + old[109:]
             assert early.read() == expected
         os.truncate(path, 1000)
-        with open(path, "r+b") as writer:
-            writer.seek(3000)
-            writer.write(b"end")
+        with open(path, "r+b") as extender:
+            extender.seek(3000)
+            extender.write(b"end")
         forced_getattr(path)
         expected = expected[:1000] + bytes(2000) + b"end"
-        with open(path, "rb") as handle:
-            assert handle.read() == expected
-        with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), 0) as mapped:
+        assert _read(path) == expected
+        with open(path, "r+b") as mapper, mmap.mmap(mapper.fileno(), 0) as mapped:
             mapped[0:6] = b"mapped"
             mapped.flush()
         forced_getattr(path)
-        with open(path, "rb") as handle:
-            assert handle.read() == b"mapped" + expected[6:]
+        assert _read(path) == b"mapped" + expected[6:]
         gone = f"{mount}/d/gone"
-        with open(gone, "rb") as handle:
-            assert handle.read() == b"g" * 8192
+        assert _read(gone) == b"g" * 8192
         os.unlink(gone)
-        with open(gone, "wb") as handle:  # the same name and size, new bytes
-            handle.write(b"h" * 8192)
-        with open(gone, "rb") as handle:
-            assert handle.read() == b"h" * 8192
-        with open(f"{mount}/d/other", "wb") as handle:
-            handle.write(b"o" * 8192)
+        write(gone, b"h" * 8192)  # the same name and size, new bytes
+        assert _read(gone) == b"h" * 8192
+        write(f"{mount}/d/other", b"o" * 8192)
         os.rename(f"{mount}/d/other", gone)
-        with open(gone, "rb") as handle:
-            assert handle.read() == b"o" * 8192
+        assert _read(gone) == b"o" * 8192
     assert daemon.returncode == 0
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _lines(path: str, prefix: str) -> list[str]:
@@ -327,3 +322,37 @@ def _syscall_counts(path: str, names: tuple[str, ...] = ("read", "epoll_wait")) 
             if len(fields) >= 5 and fields[-1] in counts and fields[3].isdigit():
                 counts[fields[-1]] = int(fields[3])
     return counts
+
+
+def test_a_listing_read_in_many_requests_lstats_each_upper_entry_once(scratch: str) -> None:
+    """The kernel reads a large directory in many readdirplus requests, each
+    from the offset the last one reached. Each lists UPPER's directory again
+    (its names may have changed), but lstats only the entries it returns:
+    strace counts the daemon's stats."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/big/from-lower", b"l")
+    names = {f"file-{number:05d}" for number in range(3000)}
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, "", log_path) as (mount, daemon):
+        for name in names:
+            os.close(os.open(f"{mount}/big/{name}", os.O_CREAT | os.O_WRONLY, 0o644))
+        with open("/proc/sys/vm/drop_caches", "w") as caches:
+            caches.write("3\n")  # the kernel's cached listing and entries go
+        counts = os.path.join(scratch, "strace.txt")
+        stats = ("newfstatat", "statx", "lstat", "stat")
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-e", f"trace=getdents64,{','.join(stats)}", "-o", counts,
+             "-p", str(daemon.pid)],
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            time.sleep(0.5)  # attached
+            listed = set(os.listdir(f"{mount}/big"))
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
+        assert listed == names | {"from-lower"}
+        calls = _syscall_counts(counts, ("getdents64", *stats))
+        assert calls["getdents64"] >= 2 * 20, calls  # listed again by each of many requests
+        assert sum(calls[name] for name in stats) < 1.2 * len(names), calls
+    assert daemon.returncode == 0

@@ -143,14 +143,13 @@ class CopyUp(ReadPath):
         node.keep_lower()
         lower = node.lower
         assert lower is not None
-        link = store.link_path(node.ino)
-        if not os.path.lexists(link):
+        if not store.has_link(node.ino):
             with store.temp() as temp:
                 if stat.S_ISREG(lower.mode):
                     self.fill(self.prepare_copy(node, temp))
                 else:
                     self._copy_special(temp, node.ino, lower)
-                os.rename(temp, link)
+                store.place_link(temp, node.ino)
         with self.index.read() as txn:
             aliases = self.index.aliases_of(txn, node.ino)
             if store.link_counts(node.ino) is None:

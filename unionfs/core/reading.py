@@ -269,7 +269,7 @@ class ReadPath:
         return found
 
     def _is_linked(self, ino: int) -> bool:
-        return self.store is not None and os.path.lexists(self.store.link_path(ino))
+        return self.store is not None and self.store.has_link(ino)
 
     def _upper_node(
         self, parent: Node, name: bytes, st: os.stat_result, lower: Entry | None
@@ -514,11 +514,16 @@ class ReadPath:
         if directory.subdirs is None:
             if self.streaming is not None and not self.listing_ready(directory.ino):
                 return False
-            directory.subdirs = sum(
-                1
-                for _, _, up_st, lower in self._merged(directory, 0)
-                if (stat.S_ISDIR(up_st.st_mode) if up_st else lower is not None and lower.is_dir)
-            )
+            with contextlib.closing(self._merged(directory, 0)) as merged:
+                directory.subdirs = sum(
+                    1
+                    for _, _, upper, lower in merged
+                    if (
+                        upper.is_dir(follow_symlinks=False)
+                        if upper is not None
+                        else lower is not None and lower.is_dir
+                    )
+                )
         return True
 
     def getattr(self, ino: int) -> Entry:
@@ -545,7 +550,7 @@ class ReadPath:
         """Where UPPER (or WORK, for a shared copy) holds the node's file."""
         assert self.store is not None and node.upper
         if node.linked:
-            if not os.path.lexists(self.store.link_path(node.ino)):
+            if not self.store.has_link(node.ino):
                 raise FsError(errno.ESTALE)  # its last name went; open files keep the data
             return self.store.link_place(node.ino)
         return Beneath(False, self.rel(node) if node.is_dir else self._upper_name(node))
@@ -606,27 +611,42 @@ class ReadPath:
             yield DOT_OFFSET, b".", directory, None
         if offset < DOTDOT_OFFSET:
             yield DOTDOT_OFFSET, b"..", self.node(directory.parent), None
-        for here, name, up_st, lower in self._merged(directory, offset):
-            if up_st is None:
-                assert lower is not None
-                found = self._lower_node(directory, name, lower)
-            else:
-                found = self._upper_node(directory, name, up_st, lower)
-            node = self._adopt(found, directory, name)
-            yield here, name, node, up_st if found.upper and node.upper else None
+        with contextlib.closing(self._merged(directory, offset)) as merged:
+            for here, name, upper, lower in merged:
+                up_st: os.stat_result | None = None
+                if upper is None:
+                    assert lower is not None
+                    found = self._lower_node(directory, name, lower)
+                else:
+                    up_st = upper.stat(follow_symlinks=False)
+                    found = self._upper_node(directory, name, up_st, lower)
+                node = self._adopt(found, directory, name)
+                yield here, name, node, up_st if found.upper and node.upper else None
 
     def _merged(
         self, directory: Node, offset: int
-    ) -> Generator[tuple[int, bytes, os.stat_result | None, Entry | None], None, None]:
+    ) -> Generator[tuple[int, bytes, os.DirEntry[str] | None, Entry | None], None, None]:
         """The merged entries of a directory in offset order: for each name its
-        upper status (None if only the lower layers have it) and lower entry."""
-        upper_entries: dict[int, list[tuple[bytes, os.stat_result]]] = {}
-        whiteouts: set[bytes] = set()
-        if self.store is not None and directory.upper:
-            upper_dir = self.store.read_dir(self.rel(directory))
-            whiteouts = upper_dir.whiteouts
-            for name, st in upper_dir.entries.items():
-                upper_entries.setdefault(name_hash(name), []).append((name, st))
+        upper entry (None if only the lower layers have it) and lower entry.
+        An upper entry is lstat'ed only if asked: a listing read in several
+        requests takes the stats of what each request returns, not of all."""
+        with contextlib.ExitStack() as scans:
+            upper_entries: dict[int, list[tuple[bytes, os.DirEntry[str]]]] = {}
+            whiteouts: set[bytes] = set()
+            if self.store is not None and directory.upper:
+                upper_dir = scans.enter_context(self.store.scan_dir(self.rel(directory)))
+                whiteouts = upper_dir.whiteouts
+                for name, item in upper_dir.entries.items():
+                    upper_entries.setdefault(name_hash(name), []).append((name, item))
+            yield from self._merge_with_lower(directory, offset, upper_entries, whiteouts)
+
+    def _merge_with_lower(
+        self,
+        directory: Node,
+        offset: int,
+        upper_entries: dict[int, list[tuple[bytes, os.DirEntry[str]]]],
+        whiteouts: set[bytes],
+    ) -> Generator[tuple[int, bytes, os.DirEntry[str] | None, Entry | None], None, None]:
         start = offset >> 8
         upper_hashes = sorted(h for h in upper_entries if h >= start)
         with self.index.read() as txn:
@@ -642,7 +662,7 @@ class ReadPath:
                 else:
                     lower_buckets = self.index.scan(txn, directory.lower.listing, start)
             for hashed, lowers in _merge_by_hash(lower_buckets, upper_hashes):
-                names: dict[bytes, tuple[os.stat_result | None, Entry | None]] = {}
+                names: dict[bytes, tuple[os.DirEntry[str] | None, Entry | None]] = {}
                 for name, entry in lowers:
                     if name not in whiteouts:
                         names[name] = (None, entry)
@@ -655,9 +675,8 @@ class ReadPath:
                     yield here, name, *names[name]
 
     def _is_empty(self, directory: Node) -> bool:
-        for _ in self._merged(directory, 0):
-            return False
-        return True
+        with contextlib.closing(self._merged(directory, 0)) as merged:
+            return next(merged, None) is None
 
     # Contents ---------------------------------------------------------------
 

@@ -179,6 +179,18 @@ class UpperDir:
     stale_markers: set[bytes]
 
 
+@dataclass(slots=True)
+class UpperNames:
+    """The names of one directory of UPPER, read by `scan_dir`: each entry
+    lstats itself when asked (`DirEntry.stat`, relative to the directory's
+    descriptor) and knows from the listing alone whether it is a directory."""
+
+    entries: dict[bytes, os.DirEntry[str]]
+    whiteouts: set[bytes]
+    stale_markers: set[bytes]
+    opaque_marker: bool  # fuse-overlayfs's rootless form of an opaque directory
+
+
 class UpperStore:
     """Primitive, crash-safe changes to UPPER, with temporaries in WORK."""
 
@@ -189,6 +201,9 @@ class UpperStore:
         # One name per copied-up hardlinked lower file, by inode number: the
         # copy all its names share, found again after a remount.
         self.links = os.path.join(self.work, b"strata-links")
+        # Their inode numbers, read once: only this store changes WORK, and a
+        # lookup of any lower file asks whether it has such a copy.
+        self._linked: set[int] | None = None
         self.nlink_xattr = fmt.name(b"strata.nlink")
         self.format = fmt
         self.store_id = store_id
@@ -245,6 +260,30 @@ class UpperStore:
     def link_path(self, ino: int) -> bytes:
         return b"%s/%x" % (self.links, ino)
 
+    def has_link(self, ino: int) -> bool:
+        """Whether WORK holds the shared copy of a hardlinked file of this number."""
+        if self._linked is None:
+            self._linked = {ino for _, ino in self._links()}
+        return ino in self._linked
+
+    def place_link(self, temp: bytes, ino: int) -> None:
+        """Make the complete copy *temp* the shared copy of file *ino*."""
+        os.rename(temp, self.link_path(ino))
+        if self._linked is not None:
+            self._linked.add(ino)
+
+    def _links(self) -> list[tuple[bytes, int]]:
+        """The shared copies in WORK: (name, inode number)."""
+        found: list[tuple[bytes, int]] = []
+        if not os.path.isdir(self.links):  # a store never mounted writable
+            return found
+        for name in sorted(os.listdir(self.links)):
+            try:
+                found.append((name, int(name, 16)))
+            except ValueError:
+                continue
+        return found
+
     def link_counts(self, ino: int) -> LinkCounts | None:
         raw = get_xattr(self.link_path(ino), self.nlink_xattr)
         if not raw:
@@ -266,17 +305,15 @@ class UpperStore:
         """Remove a shared copy no name uses any more (open files keep their data)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.link_path(ino))
+        if self._linked is not None:
+            self._linked.discard(ino)
 
     def unused_links(self, *, uncounted: bool = True) -> list[tuple[bytes, int]]:
         """Shared copies no name uses: (name in WORK/strata-links, inode number).
         With *uncounted*, also copies from before names were counted that have
         no upper link left."""
         unused = []
-        for name in sorted(os.listdir(self.links)):
-            try:
-                ino = int(name, 16)
-            except ValueError:
-                continue
+        for name, ino in self._links():
             counts = self.link_counts(ino)
             names = None if counts is None else counts.names
             if names == 0 or (
@@ -330,8 +367,22 @@ class UpperStore:
         return os.path.lexists(self.path(join(parent_rel, WHITEOUT_PREFIX + name)))
 
     def read_dir(self, rel: bytes) -> UpperDir:
-        entries: dict[bytes, os.stat_result] = {}
+        """A directory's entries, each lstat'ed, and its markers."""
+        with self.scan_dir(rel) as names:
+            entries = {
+                name: item.stat(follow_symlinks=False) for name, item in names.entries.items()
+            }
+        opaque = names.opaque_marker or self.is_opaque(rel)
+        return UpperDir(entries, names.whiteouts, opaque, names.stale_markers)
+
+    @contextlib.contextmanager
+    def scan_dir(self, rel: bytes) -> Iterator[UpperNames]:
+        """A directory's names and whiteouts from one pass of getdents: only
+        a character device is lstat'ed here (a whiteout is one); the other
+        entries lstat themselves when asked, while the block lasts. A listing
+        answered in several requests asks only for the names it returns."""
         whiteouts: set[bytes] = set()
+        entries: dict[bytes, os.DirEntry[str]] = {}
         opaque = False
         # By descriptor: each entry's stat is relative to it, at any depth.
         fd = os.open(self.path(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -345,16 +396,20 @@ class UpperStore:
                         elif not name.startswith(b".wh..wh."):
                             whiteouts.add(name[len(WHITEOUT_PREFIX) :])
                         continue
-                    st = item.stat(follow_symlinks=False)
-                    if is_whiteout_device(st):
+                    plain = (
+                        item.is_dir(follow_symlinks=False)
+                        or item.is_file(follow_symlinks=False)
+                        or item.is_symlink()
+                    )
+                    if not plain and is_whiteout_device(item.stat(follow_symlinks=False)):
                         whiteouts.add(name)
                     else:
-                        entries[name] = st
+                        entries[name] = item
+            stale = whiteouts & entries.keys()
+            whiteouts -= stale  # a real entry beats a stale marker
+            yield UpperNames(entries, whiteouts, stale, opaque)
         finally:
             os.close(fd)
-        stale = whiteouts & entries.keys()
-        whiteouts -= stale  # a real entry beats a stale marker
-        return UpperDir(entries, whiteouts, opaque or self.is_opaque(rel), stale)
 
     def is_opaque(self, rel: bytes) -> bool:
         path = self.path(rel)
