@@ -154,8 +154,26 @@ def test_mount_type_fuse_strata_and_fstab(scratch: str) -> None:
         assert sorted(os.listdir(f"{scratch}/mp/a")) == ["deep", "f", "g"]
         assert not os.path.exists(f"{scratch}/mp/gone")
         assert find_mount(f"{scratch}/mp") is not None
+        assert _findmnt("-n", "-o", "SOURCE", "--mountpoint", f"{scratch}/mp") == "overlay"
     finally:
         unmount(f"{scratch}/root", f"{scratch}/mp")
+    # fsname= names the mount for the tools that find one by its source.
+    source = f"strata-test-{os.getpid()}-{os.path.basename(scratch)}"
+    command = ["strata-overlayfs", "-o", f"{options},fsname={source}", f"{scratch}/mp"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert _findmnt("-n", "-o", "TARGET", "--source", source) == f"{scratch}/mp"
+        df = subprocess.run(
+            ["df", "--output=source", f"{scratch}/mp"], capture_output=True, text=True
+        )
+        assert df.stdout.split()[-1] == source, df.stdout
+        umount = subprocess.run(["umount", source], capture_output=True, text=True)
+        assert umount.returncode == 0, umount.stderr
+        assert find_mount(f"{scratch}/mp") is None
+    finally:
+        if find_mount(f"{scratch}/mp") is not None:
+            unmount(f"{scratch}/root", f"{scratch}/mp")
     with open(f"{scratch}/fstab", "w") as handle:
         handle.write(f"overlay {scratch}/mp fuse.strata {options},noauto 0 0\n")
     fstab_command = ["mount", "-T", f"{scratch}/fstab", f"{scratch}/mp"]
@@ -166,6 +184,10 @@ def test_mount_type_fuse_strata_and_fstab(scratch: str) -> None:
             assert handle.read() == "two\n"
     finally:
         unmount(f"{scratch}/root", f"{scratch}/mp")
+
+
+def _findmnt(*arguments: str) -> str:
+    return subprocess.run(["findmnt", *arguments], capture_output=True, text=True).stdout.strip()
 
 
 def test_volumes_bypass_the_container_layer(scratch: str, busybox_store: str) -> None:
@@ -423,6 +445,9 @@ def test_overlayfs_options_parse_as_fuse_overlayfs_writes_them() -> None:
     # mount.fuse3's form: SOURCE MOUNTPOINT -o OPTIONS (dev,suid added by it).
     helper = parse_arguments(["overlay", "/mnt", "-o", "lowerdir=/l,dev,suid"])
     assert helper.mountpoint == "/mnt" and helper.upper is None and helper.warnings == []
+    assert helper.source == "overlay" and request.source == "strata"  # the default
+    named = parse_arguments(["overlay", "/mnt", "-o", r"lowerdir=/l,fsname=a\,b"])
+    assert named.source == "a,b"
     for bad, message in (
         (["-o", "upperdir=/u", "/mnt"], "lowerdir= is required"),
         (["-o", "lowerdir=/l,upperdir=/u", "/mnt"], "go together"),
@@ -430,6 +455,8 @@ def test_overlayfs_options_parse_as_fuse_overlayfs_writes_them() -> None:
         (["-o", "lowerdir=/l,uidmapping=0:1000", "/mnt"], "STORED:SHOWN:LENGTH"),
         (["-o", "lowerdir=/l,squash_to_uid=x", "/mnt"], "squash_to_uid needs an id"),
         (["-o", "lowerdir=/l"], "no mountpoint"),
+        (["-o", "lowerdir=/l,fsname=caf\u00e9", "/mnt"], "printable ASCII"),
+        (["-o", "lowerdir=/l,fsname=", "/mnt"], "fsname needs a value"),
     ):
         with pytest.raises(StrataError, match=message):
             parse_arguments(bad)

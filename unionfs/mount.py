@@ -49,6 +49,10 @@ class WritableLayer:
     whiteouts: str = "auto"  # device, file
 
 
+# What a mount shows as its source (findmnt, df) unless given one.
+DEFAULT_SOURCE = "strata"
+
+
 @dataclass(frozen=True, slots=True)
 class MountRequest:
     root: str
@@ -76,6 +80,8 @@ class MountRequest:
     record_reads: str | None = None
     # Plain layers (the image's top ones) that stream in while the mount serves.
     stream: LayerStreamSource | None = None
+    # The mount's source as findmnt, df and umount show it (fsname=).
+    source: str = DEFAULT_SOURCE
 
 
 class LazyLayerSource(Protocol):
@@ -235,8 +241,20 @@ def restrictions_of(args: object) -> frozenset[str]:
     return frozenset(flag for flag in RESTRICTIONS if getattr(args, flag, False))
 
 
-def fuse_options(read_only: bool, restrictions: frozenset[str] = frozenset()) -> set[str]:
-    options = {"fsname=strata", "subtype=strata", "default_permissions", "noatime"}
+def checked_source(source: str) -> str:
+    """A mount source (fsname=) libfuse and /proc/mounts take as it is."""
+    if not source or not source.isascii() or not source.isprintable() or " " in source:
+        raise StrataError(f"the mount's source must be printable ASCII without spaces: {source!r}")
+    return source
+
+
+def fuse_options(
+    read_only: bool, restrictions: frozenset[str] = frozenset(), source: str = DEFAULT_SOURCE
+) -> set[str]:
+    escaped = (
+        checked_source(source).replace("\\", "\\\\").replace(",", "\\,")
+    )  # libfuse splits at commas
+    options = {f"fsname={escaped}", "subtype=strata", "default_permissions", "noatime"}
     if read_only:
         options.add("ro")
     if os.geteuid() == 0:
@@ -402,7 +420,9 @@ def serve(request: MountRequest, notify: Notify) -> None:
             pyfuse3.init(
                 operations,
                 request.mountpoint,
-                fuse_options(store is None or request.read_only, request.restrictions),
+                fuse_options(
+                    store is None or request.read_only, request.restrictions, request.source
+                ),
             )
         except RuntimeError as exc:
             raise StrataError(f"cannot mount on {request.mountpoint}: {exc}") from exc

@@ -12,13 +12,14 @@ behaviour. The table is OPTIONS; the README prints it.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import StrataError, error_line
 from .idmap import ID_MAX, IdMap, Ownership, overflow_id, parse_ranges
-from .mount import RESTRICTIONS
+from .mount import DEFAULT_SOURCE, RESTRICTIONS, checked_source
 
 SUPPORTED, IGNORED, REFUSED = "supported", "ignored with a warning", "refused"
 
@@ -56,6 +57,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "redirect_dir": (IGNORED, "directory renames always use redirects"),
     "timeout": (IGNORED, "strata sets its own cache timeouts (long: lower layers never change)"),
     "debug": (SUPPORTED, "serve in the foreground, logging every request"),
+    "fsname": (
+        SUPPORTED,
+        "the mount's source as findmnt, df and umount show it; by default the SOURCE"
+        " mount.fuse3 passes (`overlay` in `mount -t fuse.strata overlay ...`), else `strata`",
+    ),
     "ro": (SUPPORTED, "read-only even with an upper directory"),
     "rw": (SUPPORTED, "the default"),
     "allow_other": (SUPPORTED, "always on as root, as fuse-overlayfs does"),
@@ -88,6 +94,7 @@ class OverlayRequest:
     restrictions: frozenset[str] = frozenset()
     ownership: Ownership | None = None
     metacopy: bool = False
+    source: str = DEFAULT_SOURCE
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:
@@ -155,6 +162,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
         raise StrataError("no mountpoint given")
     # mount.fuse3 passes SOURCE MOUNTPOINT; fuse-overlayfs takes MOUNTPOINT.
     mountpoint = positional[-1]
+    source = positional[0] if len(positional) > 1 else None
     lower: list[str] = []
     upper = work = None
     read_only = False
@@ -184,6 +192,10 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             read_only = False
         elif key == "debug":
             foreground = True
+        elif key == "fsname":
+            if not value:
+                raise StrataError("option fsname needs a value")
+            source = re.sub(r"\\(.)", r"\1", value)  # `\,` is a comma in it
         elif key in ("uidmapping", "gidmapping"):
             if not value:
                 raise StrataError(f"option {key} needs a value")
@@ -205,6 +217,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             restrictions.discard("no" + key)  # the last one given wins, as in mount(8)
     if not lower:
         raise StrataError("lowerdir= is required")
+    source = checked_source(source) if source is not None else DEFAULT_SOURCE
     if (upper is None) != (work is None):
         raise StrataError("upperdir and workdir go together")
     ownership = None
@@ -231,6 +244,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
         frozenset(restrictions),
         ownership,
         metacopy,
+        source,
     )
 
 
@@ -265,6 +279,7 @@ def run(argv: Sequence[str]) -> int:
                 restrictions=request.restrictions,
                 ownership=request.ownership,
                 metacopy=request.metacopy,
+                source=request.source,
             )
         )
     except StrataError as exc:
