@@ -177,6 +177,8 @@ def test_a_file_capability_survives_the_data_copy_of_a_metadata_only_copy(scratc
         return {name: sorted(os.listxattr(f"{mount}/{name}")) for name in names}
 
     seen = on_both(scratch, [lower], change, look)
+    print("OVERLAY", seen["overlayfs"])
+    print("STRATA", seen["strata"])
     assert seen["strata"] == seen["overlayfs"]
     _, looked, _ = seen["strata"]
     assert looked == {
@@ -185,3 +187,61 @@ def test_a_file_capability_survives_the_data_copy_of_a_metadata_only_copy(scratc
         "d/link": ["security.capability", "user.kept"],
         "c/written": ["user.kept"],
     }
+
+
+def test_what_an_open_descriptor_shows_of_a_removed_or_replaced_directory(scratch: str) -> None:
+    """fstat of a descriptor open on a directory that rmdir removed, or a
+    rename replaced, shows st_nlink 0 and nothing of the directory that has
+    its name now; the same for files, whose data still reads. overlayfs
+    agrees for what the mount made; for what came from a lower layer it
+    shows the lower inode's count, and strata keeps to POSIX (xfstests 035)."""
+    lower = os.path.join(scratch, "lower")
+    for name in ("lowa/inside", "lowb", "lowc"):
+        os.makedirs(os.path.join(lower, name))
+    write(f"{lower}/lowfile", b"lower file\n")
+    write(f"{lower}/unread", b"never read before\n")
+
+    def change(mount: str) -> dict[str, object]:
+        seen: dict[str, object] = {}
+        for base in ("new", "low"):  # made in the mount, or from the lower layer
+            a, b, c = (f"{mount}/{base}{letter}" for letter in "abc")
+            if base == "new":
+                for path in (a, f"{a}/inside", b, c):
+                    os.mkdir(path)
+            fd = os.open(b, os.O_RDONLY | os.O_DIRECTORY)
+            before = os.fstat(fd)
+            os.rename(a, b)
+            st = os.fstat(fd)
+            seen[f"{base}: replaced"] = (st.st_nlink, st.st_mode, st.st_ino == before.st_ino)
+            os.close(fd)
+            seen[f"{base}: in its place"] = sorted(os.listdir(b))
+            fd = os.open(c, os.O_RDONLY | os.O_DIRECTORY)
+            os.rmdir(c)
+            st = os.fstat(fd)
+            seen[f"{base}: removed"] = (st.st_nlink, st.st_mode)
+            os.close(fd)
+        write(f"{mount}/newfile", b"new file\n")
+        fd = os.open(f"{mount}/lowfile", os.O_RDONLY)
+        os.rename(f"{mount}/newfile", f"{mount}/lowfile")
+        seen["low: file replaced"] = (os.fstat(fd).st_nlink, os.read(fd, 100))
+        os.close(fd)
+        fd = os.open(f"{mount}/unread", os.O_RDONLY)  # its first read reaches the daemon
+        os.unlink(f"{mount}/unread")
+        seen["low: file removed"] = (os.fstat(fd).st_nlink, os.read(fd, 100))
+        os.close(fd)
+        return seen
+
+    def look(mount: str) -> list[str]:
+        return sorted(os.listdir(mount))
+
+    seen = on_both(scratch, [lower], change, look)
+    ours, theirs = seen["strata"], seen["overlayfs"]
+    assert ours[1:] == theirs[1:]
+    assert isinstance(ours[0], dict) and isinstance(theirs[0], dict)
+    for key in ("new: replaced", "new: in its place", "new: removed", "low: in its place"):
+        assert ours[0][key] == theirs[0][key], key
+    assert ours[0]["new: replaced"][0] == ours[0]["new: removed"][0] == 0
+    assert ours[0]["low: replaced"] == (0, theirs[0]["low: replaced"][1], True)
+    assert ours[0]["low: removed"] == (0, theirs[0]["low: removed"][1])
+    assert ours[0]["low: file replaced"] == (0, b"lower file\n")
+    assert ours[0]["low: file removed"] == (0, b"never read before\n")

@@ -345,12 +345,18 @@ class StrataOperations(pyfuse3.Operations):
         try:
             return self._attributes(self.view.getattr(inode))
         except FsError as exc:
-            # A file unlinked while open has no name left in UPPER: its open
-            # descriptor still answers (fstat after unlink).
-            handle = next((h for h in self.handles.values() if h.ino == inode and h.opened), None)
-            if exc.errno != errno.ESTALE or handle is None:
+            if exc.errno != errno.ESTALE:
                 raise
-            return self._attributes(self.view.attributes_of_open(inode, handle.fd))
+            # Every name of it went while the kernel holds it (fstat after
+            # unlink, rmdir or a rename over it): an open descriptor still
+            # answers, else the attributes it had, with no link left.
+            handle = next((h for h in self.handles.values() if h.ino == inode and h.opened), None)
+            if handle is not None:
+                return self._attributes(self.view.attributes_of_open(inode, handle.fd))
+            last = self.view.last_attributes(inode)
+            if last is None:
+                raise
+            return self._attributes(last)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:

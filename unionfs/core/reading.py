@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Generator, Iterator, Mapping
 from typing import Protocol, cast
@@ -105,6 +106,11 @@ class ReadPath:
         # kept here, and the rest found again in the index by name.
         self._lower_entries: OrderedDict[int, Entry] = OrderedDict()
         self._find_lower = self._lower_of_slim  # one bound method for every node
+        # Inodes whose last name went (unlink, rmdir, rename over) while the
+        # kernel still holds them, as an open descriptor does: their last
+        # attributes, with st_nlink 0, until forgotten. Their old place may hold
+        # another file now, so nothing else is done to them (ENOENT).
+        self._gone: dict[int, Entry] = {}
 
     @property
     def writable(self) -> bool:
@@ -148,6 +154,8 @@ class ReadPath:
 
     def rel(self, node: Node) -> bytes:
         """The node's path in the merged view (its latest name for a file)."""
+        if self._gone and node.ino in self._gone:
+            raise FsError(errno.ENOENT)  # its old place may hold another file now
         parts: list[bytes] = []
         while node.ino != ROOT_INO:
             parts.append(node.name)
@@ -164,6 +172,7 @@ class ReadPath:
         node.lookups -= count
         if node.lookups <= 0 and node.partial is None:  # a partial copy stays until filled
             del self.nodes[ino]
+            self._gone.pop(ino, None)
 
     def remember(self, node: Node) -> None:
         """Count one more kernel reference (lookup, create, readdirplus)."""
@@ -527,7 +536,26 @@ class ReadPath:
         return True
 
     def getattr(self, ino: int) -> Entry:
+        """The node's attributes; ESTALE once its last name went (an open
+        descriptor may know better: `last_attributes` is the fallback)."""
+        if ino in self._gone:
+            raise FsError(errno.ESTALE, f"inode {ino}: every name of it went")
         return self.attributes(self.node(ino))
+
+    def last_attributes(self, ino: int) -> Entry | None:
+        """What an inode whose last name went shows: as it was, with no link."""
+        return self._gone.get(ino)
+
+    def _removing(self, node: Node) -> Entry | None:
+        """The attributes a node will show once the name about to go is gone,
+        if it is its last and the kernel holds the node (else None)."""
+        if self.nodes.get(node.ino) is not node or len(node.all_names()) > 1:
+            return None
+        return dataclasses.replace(self.attributes(node), nlink=0)
+
+    def _removed(self, node: Node, last: Entry | None) -> None:
+        if last is not None and not node.all_names():
+            self._gone[node.ino] = dataclasses.replace(last, ctime_ns=time.time_ns())
 
     def _lower_blocks(self, entry: Entry) -> Entry:
         """A lazily pulled file was indexed sparse, before its data came: it

@@ -198,8 +198,10 @@ class UnionView(CopyUp):
         if node.is_dir:
             raise FsError(errno.EISDIR)
         self._index_group(node)
+        last = self._removing(node)
         self._remove(parent, name, node)
         self._count_link(node, -1)
+        self._removed(node, last)
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self._directory(parent_ino)
@@ -210,7 +212,9 @@ class UnionView(CopyUp):
             raise FsError(errno.ENOTDIR)
         if not self._is_empty(node):
             raise FsError(errno.ENOTEMPTY)
+        last = self._removing(node)
         self._remove(parent, name, node)
+        self._removed(node, last)
 
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
         store = self._writable()
@@ -261,8 +265,10 @@ class UnionView(CopyUp):
                 raise FsError(errno.ENOTEMPTY)
         self._prepare_move(node)
         self._name_in_upper(old_parent, old_name, node)
+        replaced = None
         if target is not None and target is not node:
             self._index_group(target)
+            replaced = self._removing(target)
         self._copy_up_dir(new_parent)
         old_rel = self._rel_of(old_parent, old_name)
         new_parent_rel = self.rel(new_parent)
@@ -300,6 +306,7 @@ class UnionView(CopyUp):
         if target is not None and target is not node:
             target.drop_name(new_parent.ino, new_name)
             self._count_link(target, -1)
+            self._removed(target, replaced)
         self._moved(node, old_parent, old_name, new_parent, new_name)
 
     def _prepare_move(self, node: Node) -> None:
