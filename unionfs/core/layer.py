@@ -196,7 +196,12 @@ _openat2_works = True
 
 
 def open_beneath(
-    dir_fd: int, relpath: bytes, flags: int = os.O_RDONLY, *, cached_only: bool = False
+    dir_fd: int,
+    relpath: bytes,
+    flags: int = os.O_RDONLY,
+    *,
+    cached_only: bool = False,
+    noatime: bool = True,
 ) -> int:
     """Open *relpath* under *dir_fd* without following any symlink on the way.
 
@@ -204,8 +209,12 @@ def open_beneath(
     reach the host, so every component must be a real directory of the layer.
     With *cached_only* the open never waits for the disk: BlockingIOError
     unless every component is in the kernel's dentry cache (RESOLVE_CACHED).
+    Reads through the descriptor leave the file's atime as it is (O_NOATIME):
+    the mount's atime is its own, never the host's, whose rules differ.
     """
     global _openat2_works
+    if noatime and flags & os.O_ACCMODE != os.O_WRONLY:
+        flags |= os.O_NOATIME
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
     resolve = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
     if cached_only:
@@ -224,6 +233,11 @@ def open_beneath(
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
+        if err == errno.EPERM and flags & os.O_NOATIME:
+            # Not the owner, without CAP_FOWNER (an id a user namespace does not
+            # map): opened as any reader would be.
+            return open_beneath(dir_fd, relpath, flags & ~os.O_NOATIME, cached_only=cached_only,
+                                noatime=False)  # fmt: skip
         if cached_only and err in (errno.EAGAIN, errno.EINVAL):  # EINVAL: before Linux 5.12
             raise BlockingIOError(errno.EAGAIN, "not in the dentry cache", relpath)
         if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
@@ -247,7 +261,12 @@ def _open_by_components(dir_fd: int, relpath: bytes, flags: int) -> int:
             if current != dir_fd:
                 os.close(current)
             current = nxt
-        return os.open(parts[-1], flags, dir_fd=current)
+        try:
+            return os.open(parts[-1], flags, dir_fd=current)
+        except PermissionError as exc:
+            if exc.errno != errno.EPERM or not flags & os.O_NOATIME:
+                raise
+            return os.open(parts[-1], flags & ~os.O_NOATIME, dir_fd=current)  # as above
     finally:
         if current != dir_fd:
             os.close(current)
