@@ -33,16 +33,17 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# pyfuse3 is built from its released source with five small patches: they let
+# pyfuse3 is built from its released source with six small patches: they let
 # a filesystem leave directories unopened, so the kernel caches listings; have
 # the kernel cache symlink targets; spare a close its flush request; read
-# a queued request without a trip through the event loop; and keep a file's
-# cached pages when its mtime changes (see each patch's header). strata runs on an unpatched pyfuse3 too, without them.
+# a queued request without a trip through the event loop; keep a file's
+# cached pages when its mtime changes; and serve fallocate (see each patch's
+# header). strata runs on an unpatched pyfuse3 too, without them.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 pyfuse3_patches=(
   tools/pyfuse3-no-opendir.patch tools/pyfuse3-cache-symlinks.patch tools/pyfuse3-noflush.patch
-  tools/pyfuse3-direct-reads.patch tools/pyfuse3-keep-data.patch
+  tools/pyfuse3-direct-reads.patch tools/pyfuse3-keep-data.patch tools/pyfuse3-fallocate.patch
 )
 
 # Two environments: .venv in the checkout (editable, with the test and bench

@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from .core.data import read_cached
+from .core.data import fallocate, read_cached
 from .core.nodes import Caller, FsError, Node
 from .core.reading import DataSource
 from .core.records import Entry
@@ -617,6 +617,20 @@ class StrataOperations(pyfuse3.Operations):
         """Finish a partial copy before a change that needs the whole data."""
         if ino is not None and self.view.partial(ino) is not None:
             await self._copy_data_up(ino)
+
+    @_fuse_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the upper copy a write handle has (the kernel sends
+        allocation, KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE); the host answers
+        for what its filesystem supports, as under overlayfs."""
+        await self._all_arrived()  # changes need the whole tree
+        handle = self.handles[fh]
+        if not handle.write:
+            raise FsError(errno.EBADF)
+        # The whole data first: a punched or zeroed range of a chunked copy
+        # must never be filled from the lower file afterwards.
+        await self._copy_data_up(handle.ino)
+        await trio.to_thread.run_sync(fallocate, handle.fd, mode, offset, length)
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
