@@ -8,8 +8,10 @@ never again however many entries it has or how often it changes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
@@ -18,7 +20,7 @@ from tests.layers import write
 from unionfs.core.index import ROOT_INO, Index
 from unionfs.core.nodes import Caller
 from unionfs.core.stack import prepare_stack
-from unionfs.core.upper import UpperDir, UpperStore, probe_format
+from unionfs.core.upper import UpperNames, UpperStore, probe_format
 from unionfs.core.view import UnionView
 
 ROOT = Caller(0, 0)
@@ -29,9 +31,11 @@ class CountingStore(UpperStore):
 
     listed: ClassVar[list[bytes]] = []
 
-    def read_dir(self, rel: bytes) -> UpperDir:
+    @contextlib.contextmanager
+    def scan_dir(self, rel: bytes) -> Iterator[UpperNames]:  # every listing reads through it
         CountingStore.listed.append(rel)
-        return super().read_dir(rel)
+        with super().scan_dir(rel) as names:
+            yield names
 
 
 def _listings(of: bytes) -> int:
