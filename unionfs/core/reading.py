@@ -551,7 +551,10 @@ class ReadPath:
         if it is its last and the kernel holds the node (else None)."""
         if self.nodes.get(node.ino) is not node or len(node.all_names()) > 1:
             return None
-        return dataclasses.replace(self.attributes(node), nlink=0)
+        try:
+            return dataclasses.replace(self.attributes(node), nlink=0)
+        except (FsError, OSError):
+            return None  # nothing to show: the removal itself must not fail for it
 
     def _removed(self, node: Node, last: Entry | None) -> None:
         if last is not None and not node.all_names():
