@@ -234,8 +234,7 @@ def open_beneath(
             return int(fd)
         err = ctypes.get_errno()
         if err == errno.EPERM and flags & os.O_NOATIME:
-            # Not the owner, without CAP_FOWNER (an id a user namespace does not
-            # map): opened as any reader would be.
+            # As open_noatime: not the owner, without CAP_FOWNER.
             return open_beneath(dir_fd, relpath, flags & ~os.O_NOATIME, cached_only=cached_only,
                                 noatime=False)  # fmt: skip
         if cached_only and err in (errno.EAGAIN, errno.EINVAL):  # EINVAL: before Linux 5.12
@@ -246,6 +245,18 @@ def open_beneath(
         if cached_only:
             raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
     return _open_by_components(dir_fd, relpath, flags)
+
+
+def open_noatime(path: bytes, flags: int, *, dir_fd: int | None = None) -> int:
+    """os.open whose reads leave the file's atime alone (O_NOATIME), or a
+    plain open where the daemon may not ask for that: not the owner, without
+    CAP_FOWNER (an id a user namespace does not map)."""
+    try:
+        return os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+        return os.open(path, flags, dir_fd=dir_fd)
 
 
 def _open_by_components(dir_fd: int, relpath: bytes, flags: int) -> int:
@@ -261,12 +272,9 @@ def _open_by_components(dir_fd: int, relpath: bytes, flags: int) -> int:
             if current != dir_fd:
                 os.close(current)
             current = nxt
-        try:
-            return os.open(parts[-1], flags, dir_fd=current)
-        except PermissionError as exc:
-            if exc.errno != errno.EPERM or not flags & os.O_NOATIME:
-                raise
-            return os.open(parts[-1], flags & ~os.O_NOATIME, dir_fd=current)  # as above
+        if flags & os.O_NOATIME:
+            return open_noatime(parts[-1], flags & ~os.O_NOATIME, dir_fd=current)
+        return os.open(parts[-1], flags, dir_fd=current)
     finally:
         if current != dir_fd:
             os.close(current)

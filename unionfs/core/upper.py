@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from ..errors import StrataError
 from . import overrides
 from .data import can_reserve
-from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device, open_beneath
+from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device, open_beneath, open_noatime
 from .paths import DeepPaths
 
 TRUSTED_PREFIX = b"trusted.overlay."
@@ -375,17 +375,6 @@ class UpperStore:
         opaque = names.opaque_marker or self.is_opaque(rel)
         return UpperDir(entries, names.whiteouts, opaque, names.stale_markers)
 
-    def _open_directory(self, rel: bytes) -> int:
-        """A directory of UPPER to list; listing it leaves its atime alone (the
-        mount's atime is its own), unless the daemon may not ask for that."""
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        try:
-            return os.open(self.path(rel), flags | os.O_NOATIME)
-        except PermissionError as exc:
-            if exc.errno != errno.EPERM:
-                raise
-            return os.open(self.path(rel), flags)
-
     @contextlib.contextmanager
     def scan_dir(self, rel: bytes) -> Iterator[UpperNames]:
         """A directory's names and whiteouts from one pass of getdents: only
@@ -396,7 +385,8 @@ class UpperStore:
         entries: dict[bytes, os.DirEntry[str]] = {}
         opaque = False
         # By descriptor: each entry's stat is relative to it, at any depth.
-        fd = self._open_directory(rel)
+        # Listing it leaves its atime alone: the mount's atime is its own.
+        fd = open_noatime(self.path(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             with os.scandir(fd) as listing:  # names as str: scandir of a descriptor
                 for item in listing:
