@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 # python3-dev, gcc, pkg-config, libfuse3-dev and patch build pyfuse3; fuse3 brings
 # fusermount3 and /dev/fuse support; fuse-overlayfs and unionfs-fuse are
-# benchmark peers.
+# benchmark peers; dpkg-dev, xz-utils and debian-archive-keyring fetch and
+# unpack the libfuse source that passthrough needs (see below).
 # The image tests run a real registry (docker-registry, with htpasswd and an
 # openssl-made CA) and build and check images with skopeo, umoci,
 # busybox-static and debootstrap; the runtime tests run containers on strata
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 packages=(
   python3 python3-venv python3-dev gcc pkg-config patch
   fuse3 libfuse3-dev fuse-overlayfs unionfs-fuse
-  util-linux mount procps ca-certificates strace
+  util-linux mount procps ca-certificates strace dpkg-dev xz-utils debian-archive-keyring
   docker-registry skopeo umoci busybox-static debootstrap apache2-utils openssl zstd
   runc crun bubblewrap podman buildah uidmap
 )
@@ -33,25 +34,93 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# FUSE passthrough (the kernel reads and writes a file's host copy itself)
+# needs libfuse 3.17; Debian 12 has 3.14. Where the system's is older, libfuse
+# is built from Debian 13's fuse3 source package into $libfuse_prefix, fetched
+# with a private apt configuration that leaves the machine's untouched, and
+# pyfuse3 is linked against it. STRATA_LIBFUSE=system skips that (as on a
+# machine that cannot fetch the source): strata then runs without passthrough.
+libfuse_prefix=/usr/local/lib/strata-libfuse
+
+# Prints the mirror the machine's apt uses for Debian itself.
+debian_mirror() {
+  local uri
+  uri=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+          /etc/apt/sources.list.d/*.sources | grep -v security |
+        sed -E 's/^URIs:[[:space:]]*//; s/^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?//' |
+        awk '{print $1; exit}')
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
+# Builds libfuse from Debian 13's source package into $libfuse_prefix.
+build_libfuse() {
+  local work apt_opts source
+  work=$(mktemp -d)
+  mkdir -p "$work/apt/lists/partial" "$work/apt/cache/archives/partial" "$work/apt/parts" "$work/src"
+  printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: %s\n' \
+    "$(debian_mirror)" /usr/share/keyrings/debian-archive-keyring.gpg > "$work/apt/parts/trixie.sources"
+  apt_opts=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$work/apt/parts"
+            -o "Dir::State::Lists=$work/apt/lists" -o "Dir::Cache=$work/apt/cache"
+            -o APT::Sandbox::User=root)
+  if apt-get "${apt_opts[@]}" update -qq &&
+     (cd "$work/src" && apt-get "${apt_opts[@]}" source -qq --download-only fuse3) &&
+     source=$(cd "$work/src" && compgen -G 'fuse3_3.1[7-9]*.dsc' | head -n 1) &&
+     [[ -n "$source" ]] &&
+     (cd "$work/src" && dpkg-source --no-check -x "$source" fuse3 >/dev/null 2>&1) &&
+     /usr/bin/python3 -m venv "$work/tools" &&
+     "$work/tools/bin/python" -m pip --quiet --disable-pip-version-check install meson ninja &&
+     (cd "$work/src/fuse3" && PATH="$work/tools/bin:$PATH" meson setup build \
+        --prefix="$libfuse_prefix" --libdir=lib -Dutils=false -Dtests=false -Dexamples=false \
+        -Dinitscriptdir= -Duseroot=false >/dev/null &&
+      PATH="$work/tools/bin:$PATH" ninja -C build install >/dev/null); then
+    rm -rf "$work"
+    return 0
+  fi
+  rm -rf "$work" "$libfuse_prefix"
+  return 1
+}
+
+pyfuse3_env=()
+passthrough=no
+if pkg-config --atleast-version=3.17 fuse3; then
+  passthrough=yes  # the system's libfuse can
+elif [[ "${STRATA_LIBFUSE:-build}" != system ]]; then
+  if [[ ! -f "$libfuse_prefix/lib/pkgconfig/fuse3.pc" ]]; then
+    echo "setup: building libfuse 3.17 (Debian 13) for FUSE passthrough" >&2
+    build_libfuse || echo "setup: could not build libfuse 3.17; strata runs without passthrough" >&2
+  fi
+  if [[ -f "$libfuse_prefix/lib/pkgconfig/fuse3.pc" ]]; then
+    passthrough=yes
+    # -L first: the Python build puts the system library directory before the
+    # extension's own flags.
+    pyfuse3_env=(PKG_CONFIG_PATH="$libfuse_prefix/lib/pkgconfig"
+                 LDFLAGS="-L$libfuse_prefix/lib -Wl,-rpath,$libfuse_prefix/lib")
+  fi
+fi
+
 # pyfuse3 is built from its released source with six small patches: they let
 # a filesystem leave directories unopened, so the kernel caches listings; have
 # the kernel cache symlink targets; spare a close its flush request; read
 # a queued request without a trip through the event loop; keep a file's
 # cached pages when its mtime changes; and serve fallocate (see each patch's
-# header). strata runs on an unpatched pyfuse3 too, without them.
+# header). With libfuse 3.17 a seventh gives it passthrough. strata runs on an
+# unpatched pyfuse3 too, without them.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 pyfuse3_patches=(
   tools/pyfuse3-no-opendir.patch tools/pyfuse3-cache-symlinks.patch tools/pyfuse3-noflush.patch
   tools/pyfuse3-direct-reads.patch tools/pyfuse3-keep-data.patch tools/pyfuse3-fallocate.patch
 )
+if [[ $passthrough == yes ]]; then
+  pyfuse3_patches+=(tools/pyfuse3-passthrough.patch)
+fi
 
 # Two environments: .venv in the checkout (editable, with the test and bench
 # tools) and an installed copy in $installed for the commands on the system
 # PATH. The copy is what mount.fuse3 and containers-storage run, often as an
 # unprivileged user who cannot read a checkout under a root-only directory.
 installed=/usr/local/lib/strata
-want=$(cat pyproject.toml "${pyfuse3_patches[@]}" | sha256sum | cut -d' ' -f1)
+want=$( (cat pyproject.toml "${pyfuse3_patches[@]}"; echo "${pyfuse3_env[*]}") | sha256sum | cut -d' ' -f1)
 stamp=.venv/.strata-setup
 if [[ ! -x .venv/bin/python || ! -x "$installed/bin/python" ||
       "$(cat "$stamp" 2>/dev/null)" != "$want" ||
@@ -69,7 +138,7 @@ if [[ ! -x .venv/bin/python || ! -x "$installed/bin/python" ||
   for pyfuse3_patch in "${pyfuse3_patches[@]}"; do
     patch --quiet --directory "$build/pyfuse3-$pyfuse3_version" -p1 < "$pyfuse3_patch"
   done
-  "${pip[@]}" wheel --no-deps --wheel-dir "$build/wheels" "$build/pyfuse3-$pyfuse3_version"
+  env "${pyfuse3_env[@]}" "${pip[@]}" wheel --no-deps --wheel-dir "$build/wheels" "$build/pyfuse3-$pyfuse3_version"
   "${pip[@]}" install "$build"/wheels/pyfuse3-*.whl
   "${pip[@]}" install -e '.[dev,bench]'
   echo "$want" > "$stamp"
