@@ -68,28 +68,41 @@ _PATCHED_DAEMON = """
 import sys
 from unionfs.mount import MountRequest, WritableLayer, mount
 
-root, lower, upper, work, mountpoint, patch = sys.argv[1:7]
+root, lower, upper, work, mountpoint, patch, passthrough = sys.argv[1:8]
 exec(patch)
 mount(MountRequest(root, [lower], mountpoint, foreground=True,
-                   writable=WritableLayer(upper, work)))
+                   writable=WritableLayer(upper, work) if upper else None,
+                   passthrough=passthrough))
 """
 
 
 @contextlib.contextmanager
 def patched_mount(
-    scratch: str, lower: str, patch: str, log_path: str
+    scratch: str,
+    lower: str,
+    patch: str,
+    log_path: str,
+    *,
+    passthrough: str = "off",
+    writable: bool = True,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A writable strata mount of *lower* served by a child Python that runs
+    """A strata mount of *lower* (writable unless told) served by a child Python that runs
     *patch* (source that wraps or breaks part of strata) before the real mount
     code; its output goes to *log_path*. Yields the mountpoint and the daemon,
-    which has exited when the block ends."""
+    which has exited when the block ends. The patches watch the daemon's own
+    reads and writes: passthrough (which leaves them to the kernel) is off
+    unless asked for."""
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
-    os.makedirs(upper, exist_ok=True)
+    if writable:
+        os.makedirs(upper, exist_ok=True)
+    else:
+        upper = work = ""
     root, mountpoint = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
     os.makedirs(mountpoint, exist_ok=True)
     with open(log_path, "wb") as log:
+        arguments = [root, lower, upper, work, mountpoint, patch, passthrough]
         daemon = subprocess.Popen(
-            [sys.executable, "-c", _PATCHED_DAEMON, root, lower, upper, work, mountpoint, patch],
+            [sys.executable, "-c", _PATCHED_DAEMON, *arguments],
             stdout=log,
             stderr=log,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

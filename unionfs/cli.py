@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="lazy layers: fetch only what is read (a later pull or push completes them)",
     )
+    mount.add_argument(
+        "--passthrough",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="FUSE passthrough: the kernel reads and writes files' host copies itself"
+        " (Linux 6.9+, libfuse 3.17, real root); auto uses it where it can, on refuses to"
+        " mount without it (default: auto)",
+    )
     _registry_arguments(mount)
     mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     mount.add_argument("targets", nargs="+", metavar="[IMAGE] MOUNTPOINT")
@@ -222,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     volumes=volumes,
                     restrictions=restrictions_of(args),
                     record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
+                    passthrough=args.passthrough,
                 )
             )
         elif args.verb == "fsck":

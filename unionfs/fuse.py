@@ -26,6 +26,7 @@ from .core.upper import RENAME_EXCHANGE
 from .core.view import UnionView
 from .errors import shorten
 from .idmap import IdMap, Ownership
+from .passthrough import CACHED, PASSTHROUGH, Busy, Passthrough
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ NOT_OPENED = -1
 class Handle:
     """An open file: the host descriptor and which copy of the data it reads."""
 
-    __slots__ = ("errors_seen", "fd", "head", "ino", "replaced", "version", "write")
+    __slots__ = ("errors_seen", "fd", "head", "ino", "io", "replaced", "version", "write")
 
     def __init__(self, ino: int, fd: int, version: int, write: bool, errors_seen: int) -> None:
         self.ino = ino
@@ -115,6 +116,8 @@ class Handle:
         # A small lower file's whole data, read with a cold open: its first
         # read is answered without another worker-thread round trip.
         self.head: bytes | None = None
+        # How the kernel does this handle's I/O (passthrough.py); None: passthrough is off.
+        self.io: int | None = None
 
     @property
     def opened(self) -> bool:
@@ -203,6 +206,10 @@ class StrataOperations(pyfuse3.Operations):
         self.streams_lost: str | None = None
         # What indexes the streamed layers once here (mount.py sets it).
         self.stream_finish: Callable[[], tuple[Entry, dict[int, str]]] | None = None
+        # Whether to ask the kernel for passthrough at init, and once it is in
+        # use (mount.py starts it), the backing files.
+        self.enable_passthrough = False
+        self.passthrough: Passthrough | None = None
         if view.streaming is None:
             self.streams_arrived.set()
 
@@ -337,6 +344,8 @@ class StrataOperations(pyfuse3.Operations):
                 self.view.forget(ino, count)
                 if ino not in self.view.nodes:
                     self.lost_writes.forget(ino)
+                    if self.passthrough is not None:
+                        self.passthrough.files.forget(ino)
         except Exception:
             log.exception("forget failed")
 
@@ -454,7 +463,11 @@ class StrataOperations(pyfuse3.Operations):
             if chunked and self.background is not None:
                 self.background.start_soon(self._fill_in_background, inode)
             # Its close reports what the background copy meets.
-            return self._file_info(self._add_handle(inode, fd, write), flush=chunked)
+            return await self._answer(self._add_handle(inode, fd, write), flush=chunked)
+        elif self.passthrough is not None and self._backable(inode):
+            # The kernel reads the host file itself: nothing to open here but
+            # the file it registers.
+            return await self._answer(self._add_handle(inode, NOT_OPENED, write))
         elif self.view.partial(inode) is not None:
             fd = self.view.open_data(inode, write=True)  # reads go through the partial copy
         elif self.view.lower_data_is_fixed(inode):
@@ -474,15 +487,86 @@ class StrataOperations(pyfuse3.Operations):
                 fd, head = await self._open_moving(inode, self._open_cold)
                 fh = self._add_handle(inode, fd, write, version)
                 self.handles[fh].head = head
-                return self._file_info(fh)
+                return await self._answer(fh)
             fd = cached
-        return self._file_info(self._add_handle(inode, fd, write))
+        return await self._answer(self._add_handle(inode, fd, write))
 
     @staticmethod
-    def _file_info(fh: int, *, flush: bool = False) -> pyfuse3.FileInfo:
-        """What open answers: pages kept across opens; a flush at close only
-        where it may have an error to report."""
-        info = pyfuse3.FileInfo(fh=fh, keep_cache=True)
+    def _file_info(fh: int, *, flush: bool = False, keep_cache: bool = True) -> pyfuse3.FileInfo:
+        """What open answers without passthrough: pages kept across opens; a
+        flush at close only where it may have an error to report."""
+        info = pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        if NOFLUSH:
+            info.noflush = not flush
+        return info
+
+    def _backable(self, ino: int) -> bool:
+        """Whether the kernel may read and write the node's data itself (see
+        passthrough.py): a whole upper file, or a lower file here (not still
+        to be pulled or streamed in) on a mount that cannot change it."""
+        assert self.passthrough is not None
+        node = self.view.node(ino)
+        if node.partial is not None or self.view.streaming is not None:
+            return False
+        if node.upper and not node.metacopy:
+            return True
+        return self.passthrough.lower and self.view.lower_data_missing(ino) is None
+
+    async def _answer(self, fh: int, *, flush: bool = False) -> pyfuse3.FileInfo:
+        """What open and create answer for a new handle: with passthrough
+        where the inode's open files allow it (see passthrough.py), else
+        cached. A handle whose open fails here is dropped."""
+        passthrough = self.passthrough
+        if passthrough is None:
+            return self._file_info(fh, flush=flush)
+        handle = self.handles[fh]
+        try:
+            outstanding = passthrough.files.outstanding(handle.ino)
+            if outstanding is None and self._backable(handle.ino):
+                info = await self._answer_backed(passthrough, handle, fh, flush)
+                if info is not None:
+                    return info
+            elif outstanding is not None and outstanding != CACHED:
+                info = await self._answer_backed(passthrough, handle, fh, flush)
+                if info is not None:
+                    return info
+                raise FsError(errno.EIO, "passthrough failed for a file open through it")
+            handle.io = CACHED
+            keep = passthrough.files.open_cached(handle.ino)
+            return self._file_info(fh, flush=flush, keep_cache=keep)
+        except BaseException:
+            del self.handles[fh]
+            handle.close()
+            raise
+
+    async def _answer_backed(
+        self, passthrough: Passthrough, handle: Handle, fh: int, flush: bool
+    ) -> pyfuse3.FileInfo | None:
+        """Answer with the inode's backing file (registered now if it has
+        none); None where registering fails, which ends passthrough here."""
+        source = self.view.data_source(handle.ino, write=handle.write)
+        fd = None
+        if source.partial is None:
+            try:
+                fd = passthrough.trees.open(source, cached_only=True)
+            except BlockingIOError:
+                fd = await self._open_moving(handle.ino, passthrough.trees.open)
+        try:
+            backing_id = passthrough.files.open_backed(handle.ino, fd)
+        except Busy:
+            raise FsError(
+                errno.EIO, "its open files use another backing file than its data now"
+            ) from None
+        except OSError as exc:
+            log.error("passthrough: cannot register a backing file (%s); not used any more",
+                      exc.strerror)  # fmt: skip
+            self.passthrough = None
+            return None
+        finally:
+            if fd is not None:
+                os.close(fd)
+        handle.io = PASSTHROUGH
+        info = pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=backing_id)
         if NOFLUSH:
             info.noflush = not flush
         return info
@@ -523,8 +607,8 @@ class StrataOperations(pyfuse3.Operations):
         await self._all_arrived()  # changes need the whole tree
         node, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags,
                                     self._caller(ctx))  # fmt: skip
-        info = self._file_info(self._add_handle(node.ino, fd, True))
-        return info, self._attributes(self.view.attributes(node, os.fstat(fd)))
+        attributes = self._attributes(self.view.attributes(node, os.fstat(fd)))
+        return await self._answer(self._add_handle(node.ino, fd, True)), attributes
 
     async def _open_late(self, handle: Handle) -> None:
         """Open the descriptor of a handle opened without one, at its first
@@ -635,10 +719,23 @@ class StrataOperations(pyfuse3.Operations):
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
-        if handle.opened:  # else a lower file, never read: nothing to sync
-            sync = os.fdatasync if datasync else os.fsync
+        sync = os.fdatasync if datasync else os.fsync
+        if handle.opened:
             await trio.to_thread.run_sync(sync, handle.fd)
+        elif handle.io == PASSTHROUGH and self._is_upper(handle.ino):
+            # A backed handle opened for reading keeps no descriptor here, but
+            # fsync covers what other descriptors wrote to the file.
+            fd = await self._open_moving(handle.ino, self.view.open_source)
+            try:
+                await trio.to_thread.run_sync(sync, fd)
+            finally:
+                os.close(fd)
+        # Else a lower file, never read here: nothing to sync.
         self.lost_writes.check(handle)
+
+    def _is_upper(self, ino: int) -> bool:
+        node = self.view.nodes.get(ino)
+        return node is not None and node.upper
 
     @_fuse_errors
     async def flush(self, fh: int) -> None:
@@ -657,6 +754,8 @@ class StrataOperations(pyfuse3.Operations):
         handle = self.handles.pop(fh, None)
         if handle is not None:
             handle.close()
+            if handle.io is not None and self.passthrough is not None:
+                self.passthrough.files.release(handle.ino, handle.io)
 
     # Changes ----------------------------------------------------------------
 

@@ -450,6 +450,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         lazy=lazy,
         record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
         stream=stream,
+        passthrough=args.passthrough,
     )
     if record is None:
         mount(request)

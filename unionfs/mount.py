@@ -82,6 +82,9 @@ class MountRequest:
     stream: LayerStreamSource | None = None
     # The mount's source as findmnt, df and umount show it (fsname=).
     source: str = DEFAULT_SOURCE
+    # FUSE passthrough (passthrough.py): "auto" uses it where the kernel,
+    # libfuse and privileges allow, "on" refuses to mount without it, "off".
+    passthrough: str = "auto"
 
 
 class LazyLayerSource(Protocol):
@@ -414,6 +417,7 @@ def serve(request: MountRequest, notify: Notify) -> None:
             streaming=streaming,
         )
         operations = StrataOperations(view, ownership=request.ownership)
+        operations.enable_passthrough = request.passthrough != "off"
         if request.record_reads is not None:
             operations.reads = {}
         try:
@@ -695,6 +699,7 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
                 # A request through the kernel proves the mount serves.
                 st = await trio.to_thread.run_sync(os.stat, request.mountpoint)
                 set_readahead(st.st_dev)
+                _start_passthrough(request, operations)
                 notify("ready")
 
         trio.run(run)
@@ -705,6 +710,39 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
         pyfuse3.close(unmount=terminated)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pidfile)
+        if operations.passthrough is not None:
+            files = operations.passthrough.files
+            # Every backing id is dropped with the last release of its inode:
+            # a leak shows here (the tests read this line).
+            log.info("passthrough: %d backing files registered, %d still registered at the end",
+                     files.registered, files.open_ids)  # fmt: skip
+            operations.passthrough.close()
+
+
+def _start_passthrough(request: MountRequest, operations: StrataOperations) -> None:
+    """Passthrough once the kernel has initialised the mount (it agreed to it
+    or not then): one line in the log where it cannot be used, and with
+    `--passthrough on` no mount."""
+    from .passthrough import start
+
+    if request.passthrough == "off":
+        return
+    view = operations.view
+    store = view.store
+    passthrough, reason = start(
+        dict(view.layer_paths),
+        os.fsdecode(store.root) if store is not None else None,
+        os.fsdecode(store.work) if store is not None else None,
+        os.path.join(request.root, "index", "data.mdb"),
+        lower=store is None or request.read_only,
+    )
+    if passthrough is None:
+        if request.passthrough == "on":
+            raise StrataError(f"passthrough is not available: {reason}")
+        log.info("passthrough: not used: %s", reason)
+        return
+    operations.passthrough = passthrough
+    log.info("passthrough: in use")
 
 
 def unmount(mountpoint: str, *, timeout: float = 30.0) -> None:

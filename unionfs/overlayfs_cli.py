@@ -62,6 +62,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "the mount's source as findmnt, df and umount show it; by default the SOURCE"
         " mount.fuse3 passes (`overlay` in `mount -t fuse.strata overlay ...`), else `strata`",
     ),
+    "passthrough": (
+        SUPPORTED,
+        "auto (the default), on or off: FUSE passthrough, the kernel reading and writing"
+        " files' host copies itself; on refuses to mount without it",
+    ),
     "ro": (SUPPORTED, "read-only even with an upper directory"),
     "rw": (SUPPORTED, "the default"),
     "allow_other": (SUPPORTED, "always on as root, as fuse-overlayfs does"),
@@ -95,6 +100,7 @@ class OverlayRequest:
     ownership: Ownership | None = None
     metacopy: bool = False
     source: str = DEFAULT_SOURCE
+    passthrough: str = "auto"
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:
@@ -171,6 +177,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
     mappings: dict[str, str] = {}
     squash: dict[str, int] = {}
     metacopy = False
+    passthrough = "auto"
     for key, value in options:
         verdict, reason = OPTIONS.get(key, (IGNORED, "strata does not know this option"))
         if verdict == REFUSED:
@@ -211,6 +218,10 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             if value not in ("on", "off"):
                 raise StrataError("option metacopy is on or off")
             metacopy = value == "on"
+        elif key == "passthrough":
+            if value not in ("auto", "on", "off"):
+                raise StrataError("option passthrough is auto, on or off")
+            passthrough = value
         elif key in RESTRICTIONS:
             restrictions.add(key)
         elif key in ("dev", "suid", "exec"):
@@ -245,6 +256,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
         ownership,
         metacopy,
         source,
+        passthrough,
     )
 
 
@@ -280,6 +292,7 @@ def run(argv: Sequence[str]) -> int:
                 ownership=request.ownership,
                 metacopy=request.metacopy,
                 source=request.source,
+                passthrough=request.passthrough,
             )
         )
     except StrataError as exc:

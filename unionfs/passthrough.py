@@ -1,0 +1,292 @@
+"""FUSE passthrough: the kernel reads, writes and maps a file's host copy
+itself, so no READ or WRITE request of an open file reaches the daemon.
+
+At open the daemon registers the host file and answers with its id. The
+kernel allows one backing file per FUSE inode while any open of it uses one,
+offers no way to switch an open file to another, and refuses an open without
+passthrough beside those (and one with it beside cached opens). What strata
+serves through it follows from that:
+
+- upper files whose data is whole (no chunked copy in progress, no metadata-
+  only copy): their host file stays the same inode for good, whatever is
+  written, renamed or linked;
+- lower files, on a mount that cannot change them (no writable layer, or
+  mounted read-only). On a writable mount a lower file open for reading may
+  be copied up and written: overlayfs shows such a reader the new data, but
+  a reader whose kernel file reads the lower copy would keep reading it. So
+  there lower files are read through the daemon, as without passthrough.
+
+An inode's open files share one mode: the first open decides, cached (no
+backing file) or with one, until the last is released; a file copied up while
+cached opens are outstanding stays cached until then.
+
+The files registered are opened through private detached mounts of the
+layers, UPPER and WORK, made noatime: the kernel opens each backing file again
+per FUSE file, and its reads then leave the host files' atimes alone, as the
+daemon's own do (strata mounts noatime).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .core.layer import open_beneath
+from .core.reading import DataSource
+
+# How a handle does its I/O: through the daemon and the kernel's page cache
+# of the mount, or the kernel on the backing file.
+CACHED = 0
+PASSTHROUGH = 1
+
+_SYS_OPEN_TREE = 428
+_SYS_MOUNT_SETATTR = 442
+_OPEN_TREE_CLONE = 1
+_AT_EMPTY_PATH = 0x1000
+_AT_FDCWD = -100
+_MOUNT_ATTR_NOATIME = 0x10
+_MOUNT_ATTR__ATIME = 0x70
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def detached_mount(path: str) -> int:
+    """A private noatime copy of the mount at *path* (rooted there, in no
+    namespace, gone with its last user): an O_PATH descriptor."""
+    fd = _libc.syscall(
+        _SYS_OPEN_TREE,
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot clone the mount of {path}: {os.strerror(err)}")
+    attr = _MountAttr(_MOUNT_ATTR_NOATIME, _MOUNT_ATTR__ATIME, 0, 0)
+    done = _libc.syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(_AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if done < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"cannot make a private mount of {path} noatime: {os.strerror(err)}")
+    return int(fd)
+
+
+class BackingTrees:
+    """Where backing files are opened: the detached mounts of each layer, of
+    UPPER and of WORK."""
+
+    def __init__(self, layers: dict[int, str], upper: str | None, work: str | None) -> None:
+        self._layers: dict[int, int] = {}
+        self._upper: int | None = None
+        self._work: int | None = None
+        try:
+            for number, path in layers.items():
+                self._layers[number] = detached_mount(path)
+            if upper is not None and work is not None:
+                self._upper = detached_mount(upper)
+                self._work = detached_mount(work)
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self, source: DataSource, *, cached_only: bool = False) -> int:
+        """Open what *source* names (an upper file or a lower entry) read-only
+        through the private mounts (the kernel opens it again with each FUSE
+        file's flags). Blocking unless *cached_only*; safe in a worker thread."""
+        if source.upper is not None:
+            root = self._work if source.upper.in_work else self._upper
+            assert root is not None
+            return open_beneath(root, source.upper.rel, os.O_RDONLY, cached_only=cached_only)
+        lower = source.lower
+        assert lower is not None
+        root = self._layers[lower.layer]
+        fd = open_beneath(root, lower.path, os.O_RDONLY, cached_only=cached_only)
+        if os.fstat(fd).st_ino != lower.host_ino:
+            os.close(fd)  # as UnionView.open_lower: never serve a layer changed under the mount
+            raise OSError(errno.ESTALE, f"layer changed under the mount: {lower.path!r}")
+        return fd
+
+    def close(self) -> None:
+        for fd in (*self._layers.values(), self._upper, self._work):
+            if fd is not None:
+                os.close(fd)
+        self._layers.clear()
+        self._upper = self._work = None
+
+
+@dataclass(slots=True)
+class Backing:
+    """A registered backing file: its id and the host file it is."""
+
+    id: int
+    identity: tuple[int, int]  # st_dev, st_ino
+
+
+class _InodeIO:
+    __slots__ = ("backing", "cached", "passthrough")
+
+    def __init__(self) -> None:
+        self.cached = 0  # handles answered without passthrough
+        self.passthrough = 0  # handles answered with the backing file
+        self.backing: Backing | None = None
+
+
+class Busy(Exception):
+    """The open would need another backing file than the inode's open files
+    use (the rules above should make it never happen)."""
+
+
+class BackingFiles:
+    """The I/O mode of every inode with open files, and their backing files.
+
+    A backing id is dropped when the last handle using it is released: the
+    kernel looks the id up after the open's reply, so never sooner.
+    """
+
+    def __init__(self, register: Callable[[int], int], unregister: Callable[[int], None]) -> None:
+        self._register = register
+        self._unregister = unregister
+        self._inodes: dict[int, _InodeIO] = {}
+        # Inodes that had passthrough opens since their last cached open: a
+        # cached open must not keep pages the kernel cached before (writes
+        # through the backing file did not go through them).
+        self._stale_pages: set[int] = set()
+        self.registered = 0
+        self.unregistered = 0
+
+    def outstanding(self, ino: int) -> Backing | int | None:
+        """The backing file the inode's open files use, CACHED if they use
+        none, None if it has no open file."""
+        io = self._inodes.get(ino)
+        if io is None:
+            return None
+        if io.backing is not None:
+            return io.backing
+        return CACHED if io.cached else None
+
+    def open_cached(self, ino: int) -> bool:
+        """Count a cached open; whether it may keep the pages the kernel has."""
+        io = self._inodes.get(ino)
+        if io is None:
+            io = self._inodes[ino] = _InodeIO()
+        assert io.backing is None
+        io.cached += 1
+        if ino in self._stale_pages:
+            self._stale_pages.discard(ino)
+            return False
+        return True
+
+    def open_backed(self, ino: int, fd: int | None) -> int:
+        """Count an open of the inode whose data is the host file *fd* (None:
+        in no one host file, a chunked copy in progress) and return the
+        backing id to answer with. Busy where the open files use another."""
+        identity = None
+        if fd is not None:
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino)
+        io = self._inodes.get(ino)
+        if io is None:
+            io = self._inodes[ino] = _InodeIO()
+        assert not io.cached
+        backing = io.backing
+        if backing is None:
+            assert fd is not None and identity is not None
+            try:
+                backing = Backing(self._register(fd), identity)
+            except BaseException:
+                if not io.passthrough:
+                    del self._inodes[ino]
+                raise
+            self.registered += 1
+            io.backing = backing
+        if backing.identity != identity:
+            raise Busy
+        io.passthrough += 1
+        self._stale_pages.add(ino)
+        return backing.id
+
+    def release(self, ino: int, mode: int) -> None:
+        io = self._inodes.get(ino)
+        if io is None:
+            return
+        if mode == CACHED:
+            io.cached -= 1
+        else:
+            io.passthrough -= 1
+            if not io.passthrough and io.backing is not None:
+                backing, io.backing = io.backing, None
+                self.unregistered += 1
+                self._unregister(backing.id)
+        if not io.cached and not io.passthrough:
+            del self._inodes[ino]
+
+    def forget(self, ino: int) -> None:
+        self._stale_pages.discard(ino)
+
+    @property
+    def open_ids(self) -> int:
+        return self.registered - self.unregistered
+
+
+class Passthrough:
+    """Passthrough as a mount uses it: where backing files are opened, the
+    I/O mode of each inode with open files, and whether lower files are
+    served through it (on a mount that cannot change them)."""
+
+    def __init__(self, trees: BackingTrees, files: BackingFiles, *, lower: bool) -> None:
+        self.trees = trees
+        self.files = files
+        self.lower = lower
+
+    def close(self) -> None:
+        self.trees.close()
+
+
+def start(
+    layers: dict[int, str], upper: str | None, work: str | None, probe: str, *, lower: bool
+) -> tuple[Passthrough | None, str]:
+    """Passthrough for a mount the kernel has initialised, or why it cannot
+    be used. *probe*: a regular file on the store's filesystem, registered
+    and dropped once to learn whether this process may register files."""
+    import pyfuse3
+
+    if not getattr(pyfuse3, "PASSTHROUGH_SUPPORTED", False):
+        return None, "pyfuse3 is built without it (libfuse older than 3.17; see tools/setup.sh)"
+    if not pyfuse3.passthrough_enabled():
+        return None, "the kernel does not offer it (Linux 6.9 or later, CONFIG_FUSE_PASSTHROUGH)"
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pyfuse3.backing_close(pyfuse3.backing_open(fd))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            return None, "a backing file needs CAP_SYS_ADMIN in the initial user namespace"
+        return None, f"registering a backing file failed: {exc.strerror}"
+    try:
+        trees = BackingTrees(layers, upper, work)
+    except OSError as exc:
+        return None, str(exc.strerror)
+    files = BackingFiles(pyfuse3.backing_open, pyfuse3.backing_close)
+    return Passthrough(trees, files, lower=lower), ""
