@@ -1,6 +1,8 @@
 """The systems a benchmark compares: strata and its peers on the same layers.
 
-strata, overlay (the kernel's overlayfs), fuse-overlayfs, unionfs-fuse,
+strata, strata-no-passthrough (strata with `--passthrough off`: every byte
+through the daemon, so the gain of passthrough shows beside it),
+overlay (the kernel's overlayfs), fuse-overlayfs, unionfs-fuse,
 native (no union: the layers copied into one plain directory, the floor), and
 passthrough (a minimal pyfuse3 filesystem over one layer: the floor of a
 Python FUSE daemon, benchmarks/passthrough.py).
@@ -27,9 +29,25 @@ from unionfs.mount import find_mount, pid_file  # noqa: E402
 
 STRATA = [sys.executable, "-m", "unionfs"]
 _libc = ctypes.CDLL(None, use_errno=True)
-DRIVERS = ("strata", "overlay", "fuse-overlayfs", "unionfs-fuse", "native", "passthrough")
+DRIVERS = (
+    "strata",
+    "strata-no-passthrough",
+    "overlay",
+    "fuse-overlayfs",
+    "unionfs-fuse",
+    "native",
+    "passthrough",
+)
+STRATA_DRIVERS = ("strata", "strata-no-passthrough")
 # What every ratio is taken against, when it ran.
-PEERS = ("overlay", "fuse-overlayfs", "unionfs-fuse", "native", "passthrough")
+PEERS = (
+    "overlay",
+    "fuse-overlayfs",
+    "unionfs-fuse",
+    "native",
+    "passthrough",
+    "strata-no-passthrough",
+)
 PASSTHROUGH = os.path.join(REPO, "benchmarks", "passthrough.py")
 
 
@@ -136,10 +154,12 @@ def mounted(
     started = time.perf_counter()
     if driver == "native":
         _native_copy(layers, mountpoint)
-    elif driver == "strata":
+    elif driver in STRATA_DRIVERS:
         args = [arg for layer in layers for arg in ("--layer", layer)]
         if writable:
             args += ["--upper", upper, "--work", work]
+        if driver == "strata-no-passthrough":
+            args += ["--passthrough", "off"]
         subprocess.run([*STRATA, "--root", store, "mount", *args, mountpoint], check=True)
     elif driver == "overlay":
         if len(lowers) == 1 and not writable:
@@ -175,7 +195,7 @@ def mounted(
         raise ValueError(driver)
     seconds = time.perf_counter() - started
     pid = daemon.pid if daemon is not None else None
-    if driver == "strata":
+    if driver in STRATA_DRIVERS:
         with open(pid_file(os.path.abspath(mountpoint))) as handle:
             pid = int(handle.read())
     try:
@@ -183,7 +203,7 @@ def mounted(
     finally:
         if driver == "native":
             shutil.rmtree(mountpoint)
-        elif driver == "strata":
+        elif driver in STRATA_DRIVERS:
             subprocess.run([*STRATA, "--root", store, "umount", mountpoint], check=False)
         _unmount(mountpoint)
         if daemon is not None:

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from drivers import Mounted, drop_caches, mounted
 
 Metrics = dict[str, float]
-DRIVERS = ("strata", "overlay", "fuse-overlayfs", "native")
-FUSE_DRIVERS = ("strata", "fuse-overlayfs")
+DRIVERS = ("strata", "strata-no-passthrough", "overlay", "fuse-overlayfs", "native")
+FUSE_DRIVERS = ("strata", "strata-no-passthrough", "fuse-overlayfs")
 SUITE = "bookworm"
 FULL_PACKAGES = ("gcc", "make", "libc6-dev", "python3", "python3-venv", "git")
 DEBS_FULL = ("vim-runtime", "python3-pygments", "python3-pkg-resources")
