@@ -64,6 +64,9 @@ def _differences_but_hardlinks(expected: Snapshot, actual: Snapshot) -> list[str
 
 
 def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
+    """Random operations on strata and on overlayfs over the same layers give
+    the same results and trees: with passthrough (upper files backed) for even
+    seeds, without it for odd ones."""
     layers = render(generate(seed), os.path.join(scratch, "layers"), for_kernel=True)
     before = snapshot(os.path.join(scratch, "layers"))
     store = os.path.join(scratch, "store")
@@ -72,7 +75,9 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
     os.makedirs(kernel_upper)
     os.makedirs(upper)
     overlay_point, strata_point = os.path.join(scratch, "overlay"), os.path.join(scratch, "strata")
+    passthrough = "off" if seed % 2 else "auto"
     ours_args = ("--upper", upper, "--work", work)
+    mount_args = (*ours_args, "--passthrough", passthrough)
     rng = random.Random(seed)
     log: list[str] = []
     since = time.time_ns()
@@ -80,7 +85,7 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
         overlay_mount(
             layers, overlay_point, options=WRITABLE_OVERLAY, upper=kernel_upper, work=kernel_work
         ) as oracle,
-        strata_mount(store, layers, strata_point, *ours_args) as ours,
+        strata_mount(store, layers, strata_point, *mount_args) as ours,
     ):
         for step in range(1, OPERATIONS + 1):
             paths, dirs = tree_paths(oracle)
@@ -105,7 +110,7 @@ def test_operations_match_overlayfs(scratch: str, seed: int) -> None:
         overlay_mount(
             layers, overlay_point, options=WRITABLE_OVERLAY, upper=kernel_upper, work=kernel_work
         ) as oracle,
-        strata_mount(store, layers, strata_point, *ours_args) as ours,
+        strata_mount(store, layers, strata_point, *mount_args) as ours,
     ):
         assert _tree_differences(oracle, ours, since) == [], "after remounting both"
         expected = snapshot(oracle)

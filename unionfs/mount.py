@@ -734,7 +734,9 @@ def _start_passthrough(request: MountRequest, operations: StrataOperations) -> N
         os.fsdecode(store.root) if store is not None else None,
         os.fsdecode(store.work) if store is not None else None,
         os.path.join(request.root, "index", "data.mdb"),
-        lower=store is None or request.read_only,
+        # Streamed layers move to their place in the store once whole, after
+        # the private mounts are made: their files stay with the daemon.
+        lower=(store is None or request.read_only) and request.stream is None,
     )
     if passthrough is None:
         if request.passthrough == "on":
