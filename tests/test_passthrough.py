@@ -321,3 +321,5 @@ def test_passthrough_on_mounts_with_it_or_refuses_in_one_line(scratch: str, lowe
             assert _digest_tree(mountpoint) == _digest_tree(lower)
     logs = daemon_logs(root)
     assert ("passthrough: in use" in logs) == (_WHY_NOT is None)
+    # auto says in one line why it goes without.
+    assert ("passthrough: not used: " in logs) == (_WHY_NOT is not None)
