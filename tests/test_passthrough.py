@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -43,6 +44,15 @@ def _synced(fd):
     print("synced:", os.readlink(f"/proc/self/fd/{fd}"), flush=True)
     return _fsync(fd)
 os.fsync = _synced
+import pyfuse3
+_open, _close = pyfuse3.backing_open, pyfuse3.backing_close
+def _registered(fd):
+    print("registered:", fd, flush=True)
+    return _open(fd)
+def _unregistered(backing_id):
+    print("unregistered:", backing_id, flush=True)
+    return _close(backing_id)
+pyfuse3.backing_open, pyfuse3.backing_close = _registered, _unregistered
 """
 
 MiB = 1 << 20
@@ -72,6 +82,20 @@ _WHY_NOT = _available()
 needs_passthrough = pytest.mark.skipif(
     _WHY_NOT is not None, reason=f"passthrough not available here: {_WHY_NOT}"
 )
+
+
+def _in_use(log_path: str) -> None:
+    """Wait until the daemon has started passthrough: the mount serves from
+    the kernel's INIT on, and the first requests may come before it."""
+    deadline = time.monotonic() + 30
+    while not _logged(log_path, "passthrough: in use"):
+        assert time.monotonic() < deadline, "passthrough did not start"
+        time.sleep(0.02)
+
+
+def _logged(log_path: str, text: str) -> bool:
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        return any(text in line for line in log)
 
 
 def _served(log_path: str, name: str) -> list[str]:
@@ -115,6 +139,7 @@ def test_no_read_or_write_request_reaches_the_daemon_for_a_passthrough_file(
     expected = _digest_tree(lower)
     with patched_mount(scratch, lower, _LOG_DATA, log_path, passthrough="on",
                        writable=False) as (mount, _):  # fmt: skip
+        _in_use(log_path)
         _drop_caches()
         assert _digest_tree(mount) == expected
         with open(f"{mount}/big", "rb") as handle:
@@ -125,6 +150,7 @@ def test_no_read_or_write_request_reaches_the_daemon_for_a_passthrough_file(
     assert _served(log_path, "read") == []
 
     with patched_mount(scratch, lower, _LOG_DATA, log_path, passthrough="on") as (mount, _):
+        _in_use(log_path)
         data = os.urandom(3 * MiB + 5)
         write(f"{mount}/new", data)
         with open(f"{mount}/new", "r+b") as handle:
@@ -167,6 +193,7 @@ def test_a_reader_open_before_a_copy_up_sees_the_new_data_and_no_layer_changes(
     before = _digest_tree(lower)
     log_path = os.path.join(scratch, "daemon.log")
     with patched_mount(scratch, lower, _LOG_DATA, log_path, passthrough="on") as (mount, _):
+        _in_use(log_path)
         with open(f"{lower}/big", "rb") as original:
             lower_data = original.read()
         reader = os.open(f"{mount}/big", os.O_RDONLY)
@@ -215,6 +242,7 @@ def test_sizes_and_times_written_through_passthrough_show(scratch: str, lower: s
     through the mount shows the size and mtime the upper file has."""
     log_path = os.path.join(scratch, "daemon.log")
     with patched_mount(scratch, lower, _LOG_DATA, log_path, passthrough="on") as (mount, _):
+        _in_use(log_path)
         write(f"{mount}/grown", b"x" * 100)
         first = os.stat(f"{mount}/grown")
         with open(f"{mount}/grown", "ab") as handle:
@@ -227,6 +255,50 @@ def test_sizes_and_times_written_through_passthrough_show(scratch: str, lower: s
         assert after.st_mtime_ns == host.st_mtime_ns
         assert after.st_mtime_ns >= first.st_mtime_ns
         assert _served(log_path, "write") == []
+
+
+# Passthrough starts 1.5 s after the mount serves, as if INIT and the start
+# were that far apart.
+_LATE_START = """
+import trio
+import unionfs.mount
+_start = unionfs.mount._start_passthrough
+def _later(request, operations):
+    async def start():
+        await trio.sleep(1.5)
+        _start(request, operations)
+    operations.background.start_soon(start)
+unionfs.mount._start_passthrough = _later
+"""
+
+
+@needs_passthrough
+def test_files_opened_before_passthrough_starts_keep_their_inode_cached(
+    scratch: str, lower: str
+) -> None:
+    """The mount serves requests before passthrough starts (from the kernel's
+    INIT on). A file opened then stays open: a later open of it must not be
+    backed (the kernel would refuse it with EIO); once it is closed, the next is."""
+    log_path = os.path.join(scratch, "daemon.log")
+    write(f"{scratch}/upper/early", b"e" * 10000)
+    with patched_mount(scratch, lower, _LOG_DATA + _LATE_START, log_path,
+                       passthrough="on") as (mount, _):  # fmt: skip
+        early = os.open(f"{mount}/early", os.O_RDWR)
+        try:
+            assert not _logged(log_path, "passthrough: in use")
+            _in_use(log_path)
+            with open(f"{mount}/early", "r+b") as later:
+                later.write(b"L")
+                assert later.read(4) == b"eeee"
+            assert os.pread(early, 2, 0) == b"Le"
+        finally:
+            os.close(early)
+        before = len(_served(log_path, "write"))
+        with open(f"{mount}/early", "r+b") as backed:
+            backed.write(b"B")
+        assert len(_served(log_path, "write")) == before  # backed now
+    with open(f"{scratch}/upper/early", "rb") as handle:
+        assert handle.read(3) == b"Bee"
 
 
 def _workload(mount: str, seed: int) -> None:
@@ -264,6 +336,7 @@ def test_every_backing_file_is_dropped_with_its_last_open(scratch: str, lower: s
     the daemon has dropped every backing file it registered."""
     log_path = os.path.join(scratch, "daemon.log")
     with patched_mount(scratch, lower, _LOG_DATA, log_path, passthrough="on") as (mount, _):
+        _in_use(log_path)
         context = multiprocessing.get_context("fork")
         workers = [context.Process(target=_workload, args=(mount, seed)) for seed in range(4)]
         for worker in workers:
@@ -271,11 +344,47 @@ def test_every_backing_file_is_dropped_with_its_last_open(scratch: str, lower: s
         for worker in workers:
             worker.join(timeout=120)
             assert worker.exitcode == 0
+    registered, still = _end_counts(log_path)
+    assert registered >= 5 and still == 0
+
+
+def _end_counts(log_path: str) -> tuple[int, int]:
+    """What the daemon's last line about backing files says: how many it
+    registered, and how many were still in use at the end."""
     with open(log_path) as log:
         ends = [line for line in log if "backing files registered" in line]
     assert len(ends) == 1, ends
     registered, still = (int(word) for word in ends[0].split() if word.isdigit())
-    assert registered >= 5 and still == 0, ends[0]
+    return registered, still
+
+
+@needs_passthrough
+def test_a_backing_file_is_registered_once_while_the_kernel_knows_its_inode(
+    scratch: str, lower: str
+) -> None:
+    """Opening the same files again and again registers each once: the id
+    stays registered while no file is open (the daemon makes no open and no
+    ioctl for the next open), and goes when the kernel forgets the inode."""
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _LOG_DATA, log_path, passthrough="on",
+                       writable=False) as (mount, _):  # fmt: skip
+        _in_use(log_path)
+        probe = len(_served(log_path, "registered"))  # the mount's own check
+        for _ in range(50):
+            for index in range(3):
+                with open(f"{mount}/small/f{index}", "rb") as handle:
+                    handle.read()
+        assert len(_served(log_path, "registered")) == probe + 3
+        _drop_caches()  # the kernel forgets the inodes: their ids go
+        deadline = time.monotonic() + 30
+        while len(_served(log_path, "unregistered")) < probe + 3:
+            assert time.monotonic() < deadline, "forgotten inodes kept their backing ids"
+            time.sleep(0.05)
+        for index in range(3):
+            with open(f"{mount}/small/f{index}", "rb") as handle:
+                handle.read()
+        assert len(_served(log_path, "registered")) == probe + 6
+    assert _end_counts(log_path) == (6, 0)
 
 
 @needs_passthrough

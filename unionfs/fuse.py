@@ -26,7 +26,7 @@ from .core.upper import RENAME_EXCHANGE
 from .core.view import UnionView
 from .errors import shorten
 from .idmap import IdMap, Ownership
-from .passthrough import CACHED, PASSTHROUGH, Busy, Passthrough
+from .passthrough import CACHED, PASSTHROUGH, BackingFiles, Busy, Identity, Passthrough
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,11 @@ class StrataOperations(pyfuse3.Operations):
         self.streams_lost: str | None = None
         # What indexes the streamed layers once here (mount.py sets it).
         self.stream_finish: Callable[[], tuple[Entry, dict[int, str]]] | None = None
-        # Whether to ask the kernel for passthrough at init, and once it is in
-        # use (mount.py starts it), the backing files.
+        # Whether to ask the kernel for passthrough at init; each inode's I/O
+        # mode, kept from the first request when passthrough may come; and
+        # once it is in use (mount.py starts it), where backing files come from.
         self.enable_passthrough = False
+        self.backing_files: BackingFiles | None = None
         self.passthrough: Passthrough | None = None
         if view.streaming is None:
             self.streams_arrived.set()
@@ -344,8 +346,8 @@ class StrataOperations(pyfuse3.Operations):
                 self.view.forget(ino, count)
                 if ino not in self.view.nodes:
                     self.lost_writes.forget(ino)
-                    if self.passthrough is not None:
-                        self.passthrough.files.forget(ino)
+                    if self.backing_files is not None:
+                        self.backing_files.forget(ino)
         except Exception:
             log.exception("forget failed")
 
@@ -506,7 +508,7 @@ class StrataOperations(pyfuse3.Operations):
         to be pulled or streamed in) on a mount that cannot change it."""
         assert self.passthrough is not None
         node = self.view.node(ino)
-        if node.partial is not None or self.view.streaming is not None:
+        if self.passthrough.failed or node.partial is not None or self.view.streaming is not None:
             return False
         if node.upper and not node.metacopy:
             return True
@@ -516,23 +518,24 @@ class StrataOperations(pyfuse3.Operations):
         """What open and create answer for a new handle: with passthrough
         where the inode's open files allow it (see passthrough.py), else
         cached. A handle whose open fails here is dropped."""
-        passthrough = self.passthrough
-        if passthrough is None:
+        files, passthrough = self.backing_files, self.passthrough
+        if files is None:
             return self._file_info(fh, flush=flush)
         handle = self.handles[fh]
         try:
-            outstanding = passthrough.files.outstanding(handle.ino)
-            if outstanding is None and self._backable(handle.ino):
-                info = await self._answer_backed(passthrough, handle, fh, flush)
-                if info is not None:
-                    return info
-            elif outstanding is not None and outstanding != CACHED:
+            outstanding = files.outstanding(handle.ino)
+            if outstanding is not None and outstanding != CACHED:
+                assert passthrough is not None  # backing files come only once it is in use
                 info = await self._answer_backed(passthrough, handle, fh, flush)
                 if info is not None:
                     return info
                 raise FsError(errno.EIO, "passthrough failed for a file open through it")
+            if outstanding is None and passthrough is not None and self._backable(handle.ino):
+                info = await self._answer_backed(passthrough, handle, fh, flush)
+                if info is not None:
+                    return info
             handle.io = CACHED
-            keep = passthrough.files.open_cached(handle.ino)
+            keep = files.open_cached(handle.ino)
             return self._file_info(fh, flush=flush, keep_cache=keep)
         except BaseException:
             del self.handles[fh]
@@ -543,33 +546,57 @@ class StrataOperations(pyfuse3.Operations):
         self, passthrough: Passthrough, handle: Handle, fh: int, flush: bool
     ) -> pyfuse3.FileInfo | None:
         """Answer with the inode's backing file (registered now if it has
-        none); None where registering fails, which ends passthrough here."""
+        none); None: answer cached (cached opens came meanwhile, or
+        registering failed, which ends passthrough here)."""
         source = self.view.data_source(handle.ino, write=handle.write)
-        fd = None
-        if source.partial is None:
-            try:
-                fd = passthrough.trees.open(source, cached_only=True)
-            except BlockingIOError:
-                fd = await self._open_moving(handle.ino, passthrough.trees.open)
         try:
-            backing_id = passthrough.files.open_backed(handle.ino, fd)
+            backing_id = passthrough.files.attach(handle.ino, self._identity(handle, source))
+            if backing_id is None:
+                backing_id = await self._register(passthrough, handle.ino, source)
         except Busy:
             raise FsError(
                 errno.EIO, "its open files use another backing file than its data now"
             ) from None
-        except OSError as exc:
-            log.error("passthrough: cannot register a backing file (%s); not used any more",
-                      exc.strerror)  # fmt: skip
-            self.passthrough = None
+        if backing_id is None:
             return None
-        finally:
-            if fd is not None:
-                os.close(fd)
         handle.io = PASSTHROUGH
         info = pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=backing_id)
         if NOFLUSH:
             info.noflush = not flush
         return info
+
+    def _identity(self, handle: Handle, source: DataSource) -> Identity | None:
+        """The host file holding the data *source* names (None: no one file)."""
+        assert self.passthrough is not None
+        if source.lower is not None:
+            return self.passthrough.trees.lower_identity(source.lower)
+        if source.upper is None:
+            return None
+        if handle.opened:
+            st = os.fstat(handle.fd)
+        else:
+            assert self.view.store is not None
+            st = os.lstat(self.view.store.host_path(source.upper))
+        return (st.st_dev, st.st_ino)
+
+    async def _register(self, passthrough: Passthrough, ino: int, source: DataSource) -> int | None:
+        """Open the host file *source* names through the private mounts and
+        register it: its backing id, or None (see _answer_backed)."""
+        if source.partial is not None:
+            return None
+        try:
+            fd = passthrough.trees.open(source, cached_only=True)
+        except BlockingIOError:
+            fd = await self._open_moving(ino, passthrough.trees.open)
+        try:
+            return passthrough.files.register(ino, fd)
+        except OSError as exc:
+            log.error("passthrough: cannot register a backing file (%s); not used any more",
+                      exc.strerror)  # fmt: skip
+            passthrough.failed = True
+            return None
+        finally:
+            os.close(fd)
 
     async def _open_moving(self, ino: int, opener: Callable[[DataSource], T]) -> T:
         """Open the node's data in a worker thread, from where the request
@@ -754,8 +781,8 @@ class StrataOperations(pyfuse3.Operations):
         handle = self.handles.pop(fh, None)
         if handle is not None:
             handle.close()
-            if handle.io is not None and self.passthrough is not None:
-                self.passthrough.files.release(handle.ino, handle.io)
+            if handle.io is not None and self.backing_files is not None:
+                self.backing_files.release(handle.ino, handle.io)
 
     # Changes ----------------------------------------------------------------
 

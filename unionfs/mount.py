@@ -417,7 +417,11 @@ def serve(request: MountRequest, notify: Notify) -> None:
             streaming=streaming,
         )
         operations = StrataOperations(view, ownership=request.ownership)
-        operations.enable_passthrough = request.passthrough != "off"
+        if request.passthrough != "off":
+            from .passthrough import kernel_backing_files
+
+            operations.enable_passthrough = True
+            operations.backing_files = kernel_backing_files()
         if request.record_reads is not None:
             operations.reads = {}
         try:
@@ -711,12 +715,12 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pidfile)
         if operations.passthrough is not None:
-            files = operations.passthrough.files
-            # Every backing id is dropped with the last release of its inode:
-            # a leak shows here (the tests read this line).
-            log.info("passthrough: %d backing files registered, %d still registered at the end",
-                     files.registered, files.open_ids)  # fmt: skip
             operations.passthrough.close()
+            files = operations.passthrough.files
+            # Every backing id in use is dropped with the last release of its
+            # inode: a leak shows here (the tests read this line).
+            log.info("passthrough: %d backing files registered, %d still in use at the end",
+                     files.registered, files.open_ids)  # fmt: skip
 
 
 def _start_passthrough(request: MountRequest, operations: StrataOperations) -> None:
@@ -725,11 +729,12 @@ def _start_passthrough(request: MountRequest, operations: StrataOperations) -> N
     `--passthrough on` no mount."""
     from .passthrough import start
 
-    if request.passthrough == "off":
+    if operations.backing_files is None:
         return
     view = operations.view
     store = view.store
     passthrough, reason = start(
+        operations.backing_files,
         dict(view.layer_paths),
         os.fsdecode(store.root) if store is not None else None,
         os.fsdecode(store.work) if store is not None else None,

@@ -31,11 +31,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .core.layer import open_beneath
 from .core.reading import DataSource
+from .core.records import Entry
 
 # How a handle does its I/O: through the daemon and the kernel's page cache
 # of the mount, or the kernel on the backing file.
@@ -49,6 +51,8 @@ _AT_EMPTY_PATH = 0x1000
 _AT_FDCWD = -100
 _MOUNT_ATTR_NOATIME = 0x10
 _MOUNT_ATTR__ATIME = 0x70
+
+Identity = tuple[int, int]  # a host file's st_dev, st_ino
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -97,11 +101,13 @@ class BackingTrees:
 
     def __init__(self, layers: dict[int, str], upper: str | None, work: str | None) -> None:
         self._layers: dict[int, int] = {}
+        self._layer_devices: dict[int, int] = {}
         self._upper: int | None = None
         self._work: int | None = None
         try:
             for number, path in layers.items():
                 self._layers[number] = detached_mount(path)
+                self._layer_devices[number] = os.fstat(self._layers[number]).st_dev
             if upper is not None and work is not None:
                 self._upper = detached_mount(upper)
                 self._work = detached_mount(work)
@@ -126,6 +132,11 @@ class BackingTrees:
             raise OSError(errno.ESTALE, f"layer changed under the mount: {lower.path!r}")
         return fd
 
+    def lower_identity(self, lower: Entry) -> Identity:
+        """The host file of a lower entry, without a system call (the index
+        keeps its inode number, checked at every open)."""
+        return (self._layer_devices[lower.layer], lower.host_ino)
+
     def close(self) -> None:
         for fd in (*self._layers.values(), self._upper, self._work):
             if fd is not None:
@@ -139,7 +150,7 @@ class Backing:
     """A registered backing file: its id and the host file it is."""
 
     id: int
-    identity: tuple[int, int]  # st_dev, st_ino
+    identity: Identity
 
 
 class _InodeIO:
@@ -159,14 +170,22 @@ class Busy(Exception):
 class BackingFiles:
     """The I/O mode of every inode with open files, and their backing files.
 
-    A backing id is dropped when the last handle using it is released: the
-    kernel looks the id up after the open's reply, so never sooner.
+    A backing id is never dropped before the last handle using it is
+    released (the kernel looks the id up after the open's reply). It stays
+    registered, idle, for the next open of its inode while the kernel knows
+    the inode (a registration costs the daemon an open and two ioctls), up to
+    IDLE_MAX of them, and is dropped at an open that finds the inode's data
+    in another host file.
     """
+
+    IDLE_MAX = 4096
 
     def __init__(self, register: Callable[[int], int], unregister: Callable[[int], None]) -> None:
         self._register = register
         self._unregister = unregister
         self._inodes: dict[int, _InodeIO] = {}
+        # Backing files no open uses, least recently released first.
+        self._idle: OrderedDict[int, Backing] = OrderedDict()
         # Inodes that had passthrough opens since their last cached open: a
         # cached open must not keep pages the kernel cached before (writes
         # through the backing file did not go through them).
@@ -196,34 +215,56 @@ class BackingFiles:
             return False
         return True
 
-    def open_backed(self, ino: int, fd: int | None) -> int:
-        """Count an open of the inode whose data is the host file *fd* (None:
-        in no one host file, a chunked copy in progress) and return the
-        backing id to answer with. Busy where the open files use another."""
-        identity = None
-        if fd is not None:
-            st = os.fstat(fd)
-            identity = (st.st_dev, st.st_ino)
+    def attach(self, ino: int, identity: Identity | None) -> int | None:
+        """Count an open of the inode whose data is the host file *identity*
+        (None: in no one host file, a chunked copy in progress) with the
+        backing file registered for it, used or idle, and return its id;
+        None if there is none (register one). Busy where the inode's open
+        files use another."""
+        io = self._inodes.get(ino)
+        if io is not None and io.backing is not None:
+            if io.backing.identity != identity:
+                raise Busy
+            io.passthrough += 1
+            return io.backing.id
+        idle = self._idle.pop(ino, None)
+        if idle is not None:
+            if idle.identity == identity:
+                self._use(ino, idle)
+                return idle.id
+            self._drop(idle)
+        return None
+
+    def register(self, ino: int, fd: int) -> int | None:
+        """Register the host file *fd* for an open of the inode and count
+        the open; None if cached opens of it came meanwhile (answer it
+        cached too). Busy if other opens registered another file meanwhile."""
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        io = self._inodes.get(ino)
+        if io is not None and io.cached:
+            return None
+        if io is not None and io.backing is not None:  # registered meanwhile
+            if io.backing.identity != identity:
+                raise Busy
+            io.passthrough += 1
+            return io.backing.id
+        backing = Backing(self._register(fd), identity)
+        self.registered += 1
+        self._use(ino, backing)
+        return backing.id
+
+    def _use(self, ino: int, backing: Backing) -> None:
         io = self._inodes.get(ino)
         if io is None:
             io = self._inodes[ino] = _InodeIO()
-        assert not io.cached
-        backing = io.backing
-        if backing is None:
-            assert fd is not None and identity is not None
-            try:
-                backing = Backing(self._register(fd), identity)
-            except BaseException:
-                if not io.passthrough:
-                    del self._inodes[ino]
-                raise
-            self.registered += 1
-            io.backing = backing
-        if backing.identity != identity:
-            raise Busy
+        io.backing = backing
         io.passthrough += 1
         self._stale_pages.add(ino)
-        return backing.id
+
+    def _drop(self, backing: Backing) -> None:
+        self.unregistered += 1
+        self._unregister(backing.id)
 
     def release(self, ino: int, mode: int) -> None:
         io = self._inodes.get(ino)
@@ -234,18 +275,37 @@ class BackingFiles:
         else:
             io.passthrough -= 1
             if not io.passthrough and io.backing is not None:
-                backing, io.backing = io.backing, None
-                self.unregistered += 1
-                self._unregister(backing.id)
+                self._idle[ino], io.backing = io.backing, None
+                if len(self._idle) > self.IDLE_MAX:
+                    self._drop(self._idle.popitem(last=False)[1])
         if not io.cached and not io.passthrough:
             del self._inodes[ino]
 
     def forget(self, ino: int) -> None:
+        """The kernel dropped the inode: no open of it can come."""
         self._stale_pages.discard(ino)
+        idle = self._idle.pop(ino, None)
+        if idle is not None:
+            self._drop(idle)
+
+    def closed(self) -> None:
+        """The session ended: the kernel dropped every id with it."""
+        self.unregistered += len(self._idle)
+        self._idle.clear()
 
     @property
     def open_ids(self) -> int:
         return self.registered - self.unregistered
+
+
+def kernel_backing_files() -> BackingFiles:
+    """BackingFiles registering with the kernel through pyfuse3's session."""
+    import pyfuse3
+
+    return BackingFiles(
+        lambda fd: int(pyfuse3.backing_open(fd)),
+        lambda backing_id: pyfuse3.backing_close(backing_id),
+    )
 
 
 class Passthrough:
@@ -257,17 +317,28 @@ class Passthrough:
         self.trees = trees
         self.files = files
         self.lower = lower
+        # Set when registering a file failed: no inode gets a backing file
+        # any more (those that have one keep it until their opens are closed).
+        self.failed = False
 
     def close(self) -> None:
+        self.files.closed()
         self.trees.close()
 
 
 def start(
-    layers: dict[int, str], upper: str | None, work: str | None, probe: str, *, lower: bool
+    files: BackingFiles,
+    layers: dict[int, str],
+    upper: str | None,
+    work: str | None,
+    probe: str,
+    *,
+    lower: bool,
 ) -> tuple[Passthrough | None, str]:
     """Passthrough for a mount the kernel has initialised, or why it cannot
-    be used. *probe*: a regular file on the store's filesystem, registered
-    and dropped once to learn whether this process may register files."""
+    be used. *files*: the modes of the files opened so far (all cached).
+    *probe*: a regular file on the store's filesystem, registered and
+    dropped once to learn whether this process may register files."""
     import pyfuse3
 
     if not getattr(pyfuse3, "PASSTHROUGH_SUPPORTED", False):
@@ -288,5 +359,4 @@ def start(
         trees = BackingTrees(layers, upper, work)
     except OSError as exc:
         return None, str(exc.strerror)
-    files = BackingFiles(pyfuse3.backing_open, pyfuse3.backing_close)
     return Passthrough(trees, files, lower=lower), ""
