@@ -589,7 +589,7 @@ class StrataOperations(pyfuse3.Operations):
         except BlockingIOError:
             fd = await self._open_moving(ino, passthrough.trees.open)
         try:
-            return passthrough.files.register(ino, fd)
+            return passthrough.files.register(ino, fd, lower=source.lower is not None)
         except OSError as exc:
             log.error("passthrough: cannot register a backing file (%s); not used any more",
                       exc.strerror)  # fmt: skip

@@ -151,6 +151,9 @@ class Backing:
 
     id: int
     identity: Identity
+    # A lower file's: kept registered while idle (an upper file's would keep
+    # its space and inode taken after an unlink until the kernel forgets it).
+    lower: bool
 
 
 class _InodeIO:
@@ -171,11 +174,10 @@ class BackingFiles:
     """The I/O mode of every inode with open files, and their backing files.
 
     A backing id is never dropped before the last handle using it is
-    released (the kernel looks the id up after the open's reply). It stays
-    registered, idle, for the next open of its inode while the kernel knows
-    the inode (a registration costs the daemon an open and two ioctls), up to
-    IDLE_MAX of them, and is dropped at an open that finds the inode's data
-    in another host file.
+    released (the kernel looks the id up after the open's reply). A lower
+    file's then stays registered, idle, for the next open of its inode while
+    the kernel knows the inode (a registration costs the daemon an open and
+    two ioctls), up to IDLE_MAX of them; an upper file's is dropped then.
     """
 
     IDLE_MAX = 4096
@@ -235,7 +237,7 @@ class BackingFiles:
             self._drop(idle)
         return None
 
-    def register(self, ino: int, fd: int) -> int | None:
+    def register(self, ino: int, fd: int, *, lower: bool) -> int | None:
         """Register the host file *fd* for an open of the inode and count
         the open; None if cached opens of it came meanwhile (answer it
         cached too). Busy if other opens registered another file meanwhile."""
@@ -249,7 +251,7 @@ class BackingFiles:
                 raise Busy
             io.passthrough += 1
             return io.backing.id
-        backing = Backing(self._register(fd), identity)
+        backing = Backing(self._register(fd), identity, lower)
         self.registered += 1
         self._use(ino, backing)
         return backing.id
@@ -275,9 +277,13 @@ class BackingFiles:
         else:
             io.passthrough -= 1
             if not io.passthrough and io.backing is not None:
-                self._idle[ino], io.backing = io.backing, None
-                if len(self._idle) > self.IDLE_MAX:
-                    self._drop(self._idle.popitem(last=False)[1])
+                backing, io.backing = io.backing, None
+                if not backing.lower:
+                    self._drop(backing)
+                else:
+                    self._idle[ino] = backing
+                    if len(self._idle) > self.IDLE_MAX:
+                        self._drop(self._idle.popitem(last=False)[1])
         if not io.cached and not io.passthrough:
             del self._inodes[ino]
 
