@@ -560,7 +560,9 @@ class StrataOperations(pyfuse3.Operations):
         if backing_id is None:
             return None
         handle.io = PASSTHROUGH
-        info = pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=backing_id)
+        info = pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        # (Typed loosely: pyfuse3 has the field only with passthrough built in.)
+        cast(Any, info).backing_id = backing_id
         if NOFLUSH:
             info.noflush = not flush
         return info

@@ -34,6 +34,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .core.layer import open_beneath
 from .core.reading import DataSource
@@ -304,13 +305,19 @@ class BackingFiles:
         return self.registered - self.unregistered
 
 
-def kernel_backing_files() -> BackingFiles:
-    """BackingFiles registering with the kernel through pyfuse3's session."""
+def _pyfuse3() -> Any:
+    """pyfuse3, whose passthrough calls exist only when it is built with
+    tools/pyfuse3-passthrough.patch (against libfuse 3.17)."""
     import pyfuse3
 
+    return pyfuse3
+
+
+def kernel_backing_files() -> BackingFiles:
+    """BackingFiles registering with the kernel through pyfuse3's session."""
     return BackingFiles(
-        lambda fd: int(pyfuse3.backing_open(fd)),
-        lambda backing_id: pyfuse3.backing_close(backing_id),
+        lambda fd: int(_pyfuse3().backing_open(fd)),
+        lambda backing_id: _pyfuse3().backing_close(backing_id),
     )
 
 
@@ -345,8 +352,7 @@ def start(
     be used. *files*: the modes of the files opened so far (all cached).
     *probe*: a regular file on the store's filesystem, registered and
     dropped once to learn whether this process may register files."""
-    import pyfuse3
-
+    pyfuse3 = _pyfuse3()
     if not getattr(pyfuse3, "PASSTHROUGH_SUPPORTED", False):
         return None, "pyfuse3 is built without it (libfuse older than 3.17; see tools/setup.sh)"
     if not pyfuse3.passthrough_enabled():
