@@ -673,6 +673,9 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
     import trio
 
     terminated = False
+    # Why the mount must not serve after all (`--passthrough on` without it):
+    # raised once the request loop has ended, so it reaches the user as itself.
+    refused: StrataError | None = None
     pidfile = pid_file(request.mountpoint)
     try:
         os.makedirs(os.path.dirname(pidfile), exist_ok=True)
@@ -680,7 +683,7 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
             handle.write(f"{os.getpid()}\n")
 
         async def run() -> None:
-            nonlocal terminated
+            nonlocal terminated, refused
             async with trio.open_nursery() as nursery:
 
                 async def fuse_loop() -> None:
@@ -703,10 +706,17 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
                 # A request through the kernel proves the mount serves.
                 st = await trio.to_thread.run_sync(os.stat, request.mountpoint)
                 set_readahead(st.st_dev)
-                _start_passthrough(request, operations)
+                try:
+                    _start_passthrough(request, operations)
+                except StrataError as exc:
+                    refused, terminated = exc, True
+                    nursery.cancel_scope.cancel()
+                    return
                 notify("ready")
 
         trio.run(run)
+        if refused is not None:
+            raise refused
     except BaseException:
         terminated = True  # unmount below rather than leave a dead mount behind
         raise
