@@ -368,7 +368,9 @@ def start(
             return None, "a backing file needs CAP_SYS_ADMIN in the initial user namespace"
         return None, f"registering a backing file failed: {exc.strerror}"
     try:
-        trees = BackingTrees(layers, upper, work)
+        # The layers' private mounts only where lower files are backed: a
+        # writable mount of a deep stack makes none at mount time.
+        trees = BackingTrees(layers if lower else {}, upper, work)
     except OSError as exc:
         return None, str(exc.strerror)
     return Passthrough(trees, files, lower=lower), ""
