@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 
 import pytest
 
 from tests.layers import opaque, whiteout, write
 from unionfs.core.index import ROOT_INO, Index
 from unionfs.core.layer import fingerprint, open_beneath
-from unionfs.core.nodes import FsError
+from unionfs.core.nodes import FsError, NodeMore
 from unionfs.core.records import Entry
 from unionfs.core.stack import IndexedStack, prepare_stack
 from unionfs.core.view import UnionView
@@ -366,6 +367,11 @@ def test_nodes_of_lower_files_keep_no_entry(scratch: str, layers: list[str]) -> 
     gc.collect()
     alive = sum(1 for thing in gc.get_objects() if isinstance(thing, Entry))
     assert alive <= LOWER_ENTRIES_KEPT + dirs + 1 + 64, alive
+    # A plain file's node is one small object: its flags in one int, no
+    # NodeMore (only the directories have one, for their lower path).
+    assert max(sys.getsizeof(node) for node in stack.view.nodes.values()) <= 96
+    more = sum(1 for thing in gc.get_objects() if isinstance(thing, NodeMore))
+    assert more <= dirs + 1, more
     # Each node still finds its own entry, also past the ones kept at hand.
     for index in range(files):
         directory = stack.view.lookup(ROOT_INO, f"d{index // 500}".encode())

@@ -22,6 +22,23 @@ class FsError(Exception):
 # Few distinct modes: the nodes share their int objects.
 _MODES: dict[int, int] = {}
 
+# Node._flags
+_UPPER, _OPAQUE, _METACOPY, _LINKED = 1, 2, 4, 8
+
+
+class NodeMore:
+    """What few nodes need: directories, files with several names, files
+    copied up or being filled. Kept apart so a plain node stays small."""
+
+    __slots__ = ("lower_path", "names", "partial", "subdirs", "version")
+
+    def __init__(self) -> None:
+        self.lower_path: bytes | None = None
+        self.names: set[tuple[int, bytes]] | None = None
+        self.partial: PartialCopy | None = None
+        self.subdirs: int | None = None
+        self.version = 0
+
 
 class Node:
     """An inode of the merged view, with the number of lookups the kernel holds.
@@ -31,112 +48,188 @@ class Node:
     is copied up). `upper` says whether the writable layer holds it. A file may
     have several names (hardlinks); its names are those the kernel knows.
 
-    A node is kept for every inode the kernel holds, so it is kept small: a
-    file only in the lower layers need not hold its entry (`find_lower` finds
-    it again in the index, by its name), and a file with one name keeps no set
-    of names.
+    A node is kept for every inode the kernel holds, so it is kept small (96
+    bytes): a file only in the lower layers need not hold its entry
+    (`find_lower_by`: found again in the index by its name), the four flags
+    share one int, and what few nodes need lives in a `NodeMore`.
     """
 
-    __slots__ = (
-        "_lower",
-        "_names",
-        "find_lower",
-        "ino",
-        "linked",
-        "lookups",
-        "lower_path",
-        "metacopy",
-        "mode",
-        "name",
-        "opaque",
-        "parent",
-        "partial",
-        "subdirs",
-        "upper",
-        "version",
-    )  # fmt: skip
+    __slots__ = ("_flags", "_lower", "_more", "ino", "lookups", "mode", "name", "parent")
 
     def __init__(self, ino: int, mode: int, parent: int, name: bytes) -> None:
         self.ino = ino
         self.mode = _MODES.setdefault(mode, mode)  # one int object per mode, not per node
         self.lookups = 0
         self.parent = parent
-        self.name = name
-        # None: the one name (parent, name); else every name, maybe none left.
-        self._names: set[tuple[int, bytes]] | None = None
-        self._lower: Entry | None = None
-        self.find_lower: Callable[[Node], Entry] | None = None
-        self.lower_path: bytes | None = None  # directories: the lower path merged in
-        self.upper = False
-        self.opaque = False
-        self.metacopy = False
-        self.version = 0  # moves when the data changes place (copy-up)
-        # Directories: the subdirectory count st_nlink shows, counted by the
-        # first getattr and kept by every change after, so none lists again.
-        self.subdirs: int | None = None
-        self.linked = False  # a hardlinked lower file whose shared copy is in WORK
-        self.partial: PartialCopy | None = None  # a metacopy being filled chunk by chunk
+        self.name = name  # the latest name; every name is in `_more.names` once there are two
+        # An Entry, None, or the function that finds the entry again.
+        self._lower: Entry | Callable[[Node], Entry] | None = None
+        self._flags = 0
+        self._more: NodeMore | None = None
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
+    def _more_state(self) -> NodeMore:
+        more = self._more
+        if more is None:
+            more = self._more = NodeMore()
+        return more
+
+    # Where the data and entry are ------------------------------------------
+
     @property
     def lower(self) -> Entry | None:
-        if self.find_lower is not None:
-            return self.find_lower(self)
-        return self._lower
+        found = self._lower
+        if found is None or type(found) is Entry:
+            return found
+        return found(self)  # type: ignore[operator]
 
     @lower.setter
     def lower(self, entry: Entry | None) -> None:
         self._lower = entry
-        self.find_lower = None
+
+    @property
+    def keeps_lower(self) -> bool:
+        """Whether the node holds its lower entry (else finds it when asked)."""
+        return self._lower is None or type(self._lower) is Entry
 
     def find_lower_by(self, find: Callable[[Node], Entry]) -> None:
         """Keep no lower entry: *find* finds it again when asked."""
-        self._lower = None
-        self.find_lower = find
+        self._lower = find
 
     def keep_lower(self) -> None:
         """Hold the lower entry from now on: the node is about to change
         place or layer, after which its name no longer finds that entry."""
-        if self.find_lower is not None:
-            self.lower = self.find_lower(self)
+        if not self.keeps_lower:
+            self._lower = self.lower
+
+    def _flag(self, bit: int, value: bool) -> None:
+        self._flags = self._flags | bit if value else self._flags & ~bit
+
+    @property
+    def upper(self) -> bool:
+        return bool(self._flags & _UPPER)
+
+    @upper.setter
+    def upper(self, value: bool) -> None:
+        self._flag(_UPPER, value)
+
+    @property
+    def opaque(self) -> bool:
+        return bool(self._flags & _OPAQUE)
+
+    @opaque.setter
+    def opaque(self, value: bool) -> None:
+        self._flag(_OPAQUE, value)
+
+    @property
+    def metacopy(self) -> bool:
+        return bool(self._flags & _METACOPY)
+
+    @metacopy.setter
+    def metacopy(self, value: bool) -> None:
+        self._flag(_METACOPY, value)
+
+    @property
+    def linked(self) -> bool:
+        """A hardlinked lower file whose shared copy is in WORK."""
+        return bool(self._flags & _LINKED)
+
+    @linked.setter
+    def linked(self, value: bool) -> None:
+        self._flag(_LINKED, value)
+
+    @property
+    def lower_path(self) -> bytes | None:
+        """Directories: the lower path merged in."""
+        more = self._more
+        return None if more is None else more.lower_path
+
+    @lower_path.setter
+    def lower_path(self, value: bytes | None) -> None:
+        if value is not None or self._more is not None:
+            self._more_state().lower_path = value
+
+    @property
+    def version(self) -> int:
+        """Moves when the data changes place (copy-up)."""
+        more = self._more
+        return 0 if more is None else more.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._more_state().version = value
+
+    @property
+    def subdirs(self) -> int | None:
+        """Directories: the subdirectory count st_nlink shows, counted by the
+        first getattr and kept by every change after, so none lists again."""
+        more = self._more
+        return None if more is None else more.subdirs
+
+    @subdirs.setter
+    def subdirs(self, value: int | None) -> None:
+        if value is not None or self._more is not None:
+            self._more_state().subdirs = value
+
+    @property
+    def partial(self) -> PartialCopy | None:
+        """A metacopy being filled chunk by chunk."""
+        more = self._more
+        return None if more is None else more.partial
+
+    @partial.setter
+    def partial(self, value: PartialCopy | None) -> None:
+        if value is not None or self._more is not None:
+            self._more_state().partial = value
 
     # Names ------------------------------------------------------------------
 
+    @property
+    def _names(self) -> set[tuple[int, bytes]] | None:
+        """None: the one name (parent, name); else every name, maybe none left."""
+        more = self._more
+        return None if more is None else more.names
+
     def has_name(self, parent: int, name: bytes) -> bool:
-        if self._names is None:
+        names = self._names
+        if names is None:
             return parent == self.parent and name == self.name
-        return (parent, name) in self._names
+        return (parent, name) in names
 
     def add_name(self, parent: int, name: bytes) -> None:
-        if self._names is None:
+        names = self._names
+        if names is None:
             if parent == self.parent and name == self.name:
                 return
-            self._names = {(self.parent, self.name)}
-        self._names.add((parent, name))
+            names = self._more_state().names = {(self.parent, self.name)}
+        names.add((parent, name))
 
     def drop_name(self, parent: int, name: bytes) -> None:
-        if self._names is None:
+        names = self._names
+        if names is None:
             if parent == self.parent and name == self.name:
-                self._names = set()
+                self._more_state().names = set()
             return
-        self._names.discard((parent, name))
+        names.discard((parent, name))
 
     def move_name(self, old_parent: int, old_name: bytes, parent: int, name: bytes) -> None:
         """Rename: the name (old_parent, old_name) becomes (parent, name), the latest."""
-        if self._names is not None:
-            self._names.discard((old_parent, old_name))
-            self._names.add((parent, name))
+        names = self._names
+        if names is not None:
+            names.discard((old_parent, old_name))
+            names.add((parent, name))
         elif (old_parent, old_name) != (self.parent, self.name):
-            self._names = {(self.parent, self.name), (parent, name)}
+            self._more_state().names = {(self.parent, self.name), (parent, name)}
         self.parent, self.name = parent, name
 
     def all_names(self) -> list[tuple[int, bytes]]:
-        if self._names is None:
+        names = self._names
+        if names is None:
             return [(self.parent, self.name)]
-        return list(self._names)
+        return list(names)
 
 
 @dataclass(frozen=True, slots=True)
