@@ -146,6 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint")
 
     verbs.add_parser("demo", help="mount the built-in sample image, list it, unmount")
+    snapshotter = verbs.add_parser(
+        "snapshotter",
+        help="serve containerd's snapshots API on a unix socket (a proxy plugin)",
+        description="Serve containerd's snapshots API: committed chains as strata views, "
+        "containers' layers as overlay mounts over them. Snapshots live under "
+        "ROOT/snapshotter. Stops on SIGTERM or SIGINT.",
+    )
+    snapshotter.add_argument(
+        "--address", required=True, metavar="SOCKET", help="the unix socket to serve on"
+    )
+    snapshotter.add_argument(
+        "--root",
+        dest="snapshotter_root",
+        metavar="DIR",
+        help="where snapshots live (default: ROOT/snapshotter)",
+    )
+    snapshotter.add_argument(
+        "--passthrough",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="FUSE passthrough for the views (as for strata mount)",
+    )
     verbs.add_parser(
         "bench",
         help="benchmark strata beside its peers (strata bench --help)",
@@ -248,6 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .mount import unmount
 
             unmount(args.mountpoint)
+        elif args.verb == "snapshotter":
+            from .snapshot.server import serve
+
+            where = args.snapshotter_root or os.path.join(root, "snapshotter")
+            serve(args.address, os.path.abspath(where), args.passthrough)
         elif args.verb == "demo":
             from .sample import run_demo
 

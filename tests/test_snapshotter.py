@@ -1,0 +1,279 @@
+"""`strata snapshotter`: containerd's snapshots API, spoken to directly over
+gRPC and through a real containerd (ctr, runc), beside containerd's own
+overlayfs snapshotter as the oracle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.containerd import Containerd, Snapshotter, containerd, snapshotter
+from tests.images import build_busybox, run
+from tests.layers import write
+from tests.trees import differences, snapshot
+from unionfs.mount import find_mount
+from unionfs.snapshot import api
+
+REF_LABEL = "containerd.io/snapshot.ref"
+
+
+def _code(snap: Snapshotter, method: str, **fields: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as failed:
+        snap.call(method, **fields)
+    code: grpc.StatusCode = failed.value.code()
+    return code
+
+
+def _names(infos: list[object]) -> set[str]:
+    return {info.name for response in infos for info in response.info}  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def snap(scratch: str) -> Iterator[Snapshotter]:
+    with snapshotter(f"{scratch}/snapshotter") as running:
+        yield running
+
+
+def _mount(mounts: list[object], target: str) -> str:
+    """Mount what a snapshotter answered, as containerd would."""
+    (only,) = mounts
+    os.makedirs(target, exist_ok=True)
+    options = ",".join(only.options)  # type: ignore[attr-defined]
+    kind = only.type  # type: ignore[attr-defined]
+    if kind == "bind":
+        run("mount", "--bind", only.source, target)  # type: ignore[attr-defined]
+        if "ro" in only.options:  # type: ignore[attr-defined]
+            run("mount", "-o", "remount,bind,ro", target)
+    else:
+        run("mount", "-t", kind, "-o", options, only.source, target)  # type: ignore[attr-defined]
+    return target
+
+
+def test_rules_status_codes_and_mounts(scratch: str, snap: Snapshotter) -> None:
+    """Keys, parents, kinds and labels with containerd's status codes; an active
+    snapshot over a chain mounts as overlay over the chain's strata view."""
+    base = snap.call("Prepare", key="ns/1/base", labels={"stage": "unpack"}).mounts
+    assert [(m.type, list(m.options)) for m in base] == [("bind", ["rw", "rbind"])]
+    write(f"{base[0].source}/etc/motd", "from the base layer\n")
+    write(f"{base[0].source}/etc/gone", "deleted above\n")
+    snap.call("Commit", name="ns/layer1", key="ns/1/base", labels={REF_LABEL: "chain1"})
+
+    assert _code(snap, "Prepare", key="ns/layer1") == grpc.StatusCode.ALREADY_EXISTS
+    assert _code(snap, "Prepare", key="ns/x", parent="ns/nope") == grpc.StatusCode.NOT_FOUND
+    assert _code(snap, "Prepare", key="") == grpc.StatusCode.INVALID_ARGUMENT
+    big = {"k": "v" * 4096}
+    assert _code(snap, "Prepare", key="ns/big", labels=big) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(snap, "Mounts", key="ns/nope") == grpc.StatusCode.NOT_FOUND
+    assert _code(snap, "Mounts", key="ns/layer1") == grpc.StatusCode.FAILED_PRECONDITION
+    assert _code(snap, "Commit", name="n", key="ns/layer1") == grpc.StatusCode.FAILED_PRECONDITION
+    assert _code(snap, "Commit", name="n", key="ns/nope") == grpc.StatusCode.NOT_FOUND
+    assert _code(snap, "Stat", key="ns/nope") == grpc.StatusCode.NOT_FOUND
+    assert _code(snap, "Remove", key="ns/nope") == grpc.StatusCode.NOT_FOUND
+
+    # An unpack of a second layer: overlay over the view of the first.
+    second = snap.call("Prepare", key="ns/2/extract", parent="ns/layer1").mounts
+    assert second[0].type == "overlay"
+    options = dict(option.split("=", 1) for option in second[0].options)
+    view = options["lowerdir"]
+    assert find_mount(view) is not None and find_mount(view).fstype == "fuse.strata"  # type: ignore[union-attr]
+    assert _code(snap, "Prepare", key="ns/y", parent="ns/2/extract") == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )  # the parent must be committed
+    upper = options["upperdir"]
+    os.makedirs(f"{upper}/etc")
+    write(f"{upper}/etc/added", "second layer\n")
+    os.mknod(f"{upper}/etc/gone", 0o020000, 0)  # an overlay whiteout, as containerd unpacks
+    snap.call("Commit", name="ns/layer2", key="ns/2/extract")
+    assert find_mount(view) is None, "the first layer's view stays mounted after the unpack"
+    assert _code(snap, "Remove", key="ns/layer1") == grpc.StatusCode.FAILED_PRECONDITION
+
+    # A container's layer and a view over the two-layer chain.
+    active = _mount(snap.call("Prepare", key="ns/c1", parent="ns/layer2").mounts, f"{scratch}/c1")
+    shown = _mount(snap.call("View", key="ns/v1", parent="ns/layer2").mounts, f"{scratch}/v1")
+    try:
+        for root in (active, shown):
+            assert sorted(os.listdir(f"{root}/etc")) == ["added", "motd"]
+            with open(f"{root}/etc/motd") as handle:
+                assert handle.read() == "from the base layer\n"
+        write(f"{active}/etc/motd", "changed in the container\n")
+        with pytest.raises(OSError):
+            write(f"{shown}/etc/new", "a view is read-only")
+        with open(f"{shown}/etc/motd") as handle:
+            assert handle.read() == "from the base layer\n"
+        c1 = snap.call("Mounts", key="ns/c1").mounts
+        c1_upper = dict(o.split("=", 1) for o in c1[0].options if "=" in o)["upperdir"]
+        with open(f"{c1_upper}/etc/motd") as handle:
+            assert handle.read() == "changed in the container\n"
+        usage = snap.call("Usage", key="ns/c1")
+        assert usage.inodes >= 3 and usage.size > 0
+    finally:
+        run("umount", active)
+        run("umount", shown)
+
+    # Stat, Update and List.
+    info = snap.call("Stat", key="ns/layer2").info
+    assert (info.name, info.parent, info.kind) == ("ns/layer2", "ns/layer1", api.COMMITTED)
+    assert info.created_at.ToNanoseconds() > 0
+    info.labels["note"] = "kept"
+    info.labels["other"] = "not asked for"
+    mask = {"paths": ["labels.note"]}
+    updated = snap.call("Update", info=info, update_mask=mask).info
+    assert dict(updated.labels) == {"note": "kept"}
+    bad_mask = {"paths": ["parent"]}
+    code = _code(snap, "Update", info=info, update_mask=bad_mask)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert _names(snap.call("List")) == {"ns/layer1", "ns/layer2", "ns/c1", "ns/v1"}
+    assert _names(snap.call("List", filters=["parent==ns/layer2"])) == {"ns/c1", "ns/v1"}
+    assert _names(snap.call("List", filters=["kind==committed"])) == {"ns/layer1", "ns/layer2"}
+    ref = f'labels."{REF_LABEL}"==chain1'
+    assert _names(snap.call("List", filters=[ref])) == {"ns/layer1"}
+    assert _names(snap.call("List", filters=[ref, "kind==view"])) == {"ns/layer1", "ns/v1"}
+    assert _names(snap.call("List", filters=["kind==active,name~=^ns/c"])) == {"ns/c1"}
+    assert _names(snap.call("List", filters=["labels.note"])) == {"ns/layer2"}
+    assert _code(snap, "List", filters=['labels."unclosed']) == grpc.StatusCode.INVALID_ARGUMENT
+    assert snap.call("Usage", key="ns/layer1").inodes == 4  # fs, etc, motd, gone
+
+    # Removing frees everything: views unmounted, directories gone.
+    for key in ("ns/c1", "ns/v1", "ns/layer2", "ns/layer1"):
+        snap.call("Remove", key=key)
+    snap.call("Cleanup")
+    assert _names(snap.call("List")) == set()
+    root = f"{snap.root}"
+    assert os.listdir(f"{root}/snapshots") == []
+    assert os.listdir(f"{root}/views") == []
+
+
+def test_one_snapshotter_per_socket(scratch: str, snap: Snapshotter) -> None:
+    second = subprocess.run(
+        [sys.executable, "-m", "unionfs", "snapshotter", "--address", snap.address,
+         "--root", f"{scratch}/other"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert second.stderr.count("\n") == 1 and "another strata snapshotter" in second.stderr
+    assert snap.call("List") == []  # the first one still answers
+
+
+def _chain_id(ctr: Containerd, image: str) -> str:
+    """The chain id of *image*'s top layer (the snapshot containerd unpacked it to)."""
+    config_digest = ctr.ctr("images", "ls").stdout  # keeps ctr's own view of the image
+    assert image in config_digest
+    manifest = json.loads(ctr.ctr("content", "get", _manifest_digest(ctr, image)).stdout)
+    config = json.loads(ctr.ctr("content", "get", manifest["config"]["digest"]).stdout)
+    chain = ""
+    for diff_id in config["rootfs"]["diff_ids"]:
+        chain = (
+            diff_id
+            if not chain
+            else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+        )
+    return chain
+
+
+def _manifest_digest(ctr: Containerd, image: str) -> str:
+    for line in ctr.ctr("images", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields[0] == image:
+            return next(field for field in fields if field.startswith("sha256:"))
+    raise AssertionError(f"{image} not in ctr images ls")
+
+
+@pytest.fixture
+def busybox_archive(scratch: str) -> str:
+    layout, tag = build_busybox(f"{scratch}/image")
+    archive = f"{scratch}/busybox.tar"
+    run("skopeo", "copy", "-q", f"oci:{layout}:{tag}", f"docker-archive:{archive}:{IMAGE}")
+    return archive
+
+
+IMAGE = "strata.test/busybox:v1"
+
+
+def test_containerd_unpacks_and_runs_on_strata(scratch: str, busybox_archive: str) -> None:
+    """`ctr images import` unpacks through strata; the image's tree equals the
+    one containerd's overlayfs snapshotter gives; a container runs on it, its
+    writes land in its own layer only, and removing it frees its mounts."""
+    with (
+        snapshotter(f"{scratch}/snapshotter") as snap,
+        containerd(f"{scratch}/containerd", snap.address) as ctr,
+    ):
+        trees = {}
+        unpacked_from = time.time_ns()  # directories the unpacks touched show their time
+        for name in ("overlayfs", "strata"):
+            ctr.ctr("images", "import", "--snapshotter", name, busybox_archive)
+            chain = _chain_id(ctr, IMAGE)
+            key = f"tree-{name}"
+            ctr.ctr("snapshots", "--snapshotter", name, "view", key, chain)
+            target = f"{scratch}/tree-{name}"
+            os.makedirs(target)
+            command = ctr.ctr("snapshots", "--snapshotter", name, "mounts", target, key).stdout
+            subprocess.run(command, shell=True, check=True)
+            try:
+                trees[name] = snapshot(target)
+            finally:
+                run("umount", target)
+            ctr.ctr("snapshots", "--snapshotter", name, "rm", key)
+        window = (unpacked_from, time.time_ns())
+        found = differences(trees["overlayfs"], trees["strata"], changed_between=window)
+        assert found == [], "\n".join(found)
+        assert b"etc/motd" not in trees["strata"].nodes  # a whiteout of layer 2
+        assert set(trees["strata"].listings[b"opt/old"]) == {b"fresh"}  # opaque in layer 3
+
+        layers_before = _layer_sums(snap)
+        script = (
+            "cat /usr/bin/hello && echo written > /etc/new && rm /etc/passwd "
+            "&& echo appended >> /usr/bin/hello && ls /etc"
+        )
+        ctr.ctr("run", "--snapshotter", "strata", IMAGE, "c1", "/bin/sh", "-c", script)
+        out = ctr.ctr("tasks", "ls").stdout
+        assert "c1" not in out or "STOPPED" in out
+        upper = _container_upper(snap, "c1")
+        with open(f"{upper}/etc/new") as handle:
+            assert handle.read() == "written\n"
+        assert os.stat(f"{upper}/etc/passwd").st_rdev == 0  # a whiteout
+        assert _layer_sums(snap) == layers_before, "a committed layer changed"
+        ctr.ctr("containers", "rm", "c1")
+        # --rm: the container's snapshot and its chain's view go with it.
+        ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "c2", "/bin/cat", "/etc/new",
+                      check=False)  # fmt: skip
+        assert ran.returncode != 0  # c1's write is not in the image
+        # containerd removes snapshots in its garbage collection, soon after.
+        deadline = time.monotonic() + 20
+        while _views_mounted(snap) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _views_mounted(snap) == []
+        assert ctr.ctr("snapshots", "--snapshotter", "strata", "ls").stdout.count("Active") == 0
+
+
+def _catalog(snap: Snapshotter) -> list[dict[str, object]]:
+    with open(f"{snap.root}/snapshots.json") as handle:
+        return list(json.load(handle)["snapshots"])
+
+
+def _layer_sums(snap: Snapshotter) -> dict[object, str]:
+    """A digest of each committed layer's whole tree (data, metadata, xattrs)."""
+    sums = {}
+    for raw in _catalog(snap):
+        if raw["kind"] == api.COMMITTED:
+            tree = snapshot(f"{snap.root}/snapshots/{raw['id']}/fs")
+            flat = repr(sorted(tree.nodes.items())).encode()
+            sums[raw["name"]] = hashlib.sha256(flat).hexdigest()
+    return sums
+
+
+def _container_upper(snap: Snapshotter, container: str) -> str:
+    (found,) = [raw for raw in _catalog(snap) if str(raw["name"]).endswith("/" + container)]
+    return f"{snap.root}/snapshots/{found['id']}/fs"
+
+
+def _views_mounted(snap: Snapshotter) -> list[str]:
+    views = f"{snap.root}/views"
+    return [name for name in os.listdir(views) if find_mount(f"{views}/{name}") is not None]

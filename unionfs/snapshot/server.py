@@ -1,0 +1,272 @@
+"""`strata snapshotter`: containerd's snapshots service on a unix socket (a
+proxy plugin), serving committed chains as strata views and containers'
+writable layers as kernel overlay mounts over them.
+
+Mounts returned, by kind:
+  active, no parent     bind of its own directory (containerd unpacks a base layer into it)
+  active, parent P      overlay: lowerdir = the view of P's chain, upperdir/workdir its own
+  view, parent P        read-only bind of the view of P's chain
+  view, no parent       read-only bind of its own (empty) directory
+
+Requests are served one at a time (a lock): each is quick except the first
+mount of a chain's view, and containerd retries nothing on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from ..errors import StrataError
+from . import api
+from .catalog import Catalog, Snapshot, SnapshotError, usage
+from .filters import matcher
+from .views import Views
+
+# Infos per List response: containerd reads a stream of them.
+_LIST_BATCH = 100
+
+
+class Snapshotter:
+    """The service's logic over a catalog and views; gRPC-free (tested directly)."""
+
+    def __init__(self, root: str, passthrough: str = "auto") -> None:
+        self.root = root
+        self.catalog = Catalog(root)
+        self.views = Views(root, passthrough)
+        self.lock = threading.Lock()
+
+    # Mounts ------------------------------------------------------------------
+
+    def _view_of(self, parent: str) -> str:
+        chain = self.catalog.chain(parent)
+        return self.views.ensure(chain[-1].id, [self.catalog.fs(layer) for layer in chain])
+
+    def mounts(self, snapshot: Snapshot) -> list[Any]:
+        fs = self.catalog.fs(snapshot)
+        if snapshot.kind == api.ACTIVE:
+            if not snapshot.parent:
+                return [api.Mount(type="bind", source=fs, options=["rw", "rbind"])]
+            options = [
+                f"workdir={self.catalog.work(snapshot)}",
+                f"upperdir={fs}",
+                f"lowerdir={self._view_of(snapshot.parent)}",
+            ]
+            return [api.Mount(type="overlay", source="overlay", options=options)]
+        if snapshot.kind == api.VIEW:
+            source = self._view_of(snapshot.parent) if snapshot.parent else fs
+            return [api.Mount(type="bind", source=source, options=["ro", "rbind"])]
+        raise SnapshotError("FAILED_PRECONDITION", f"snapshot {snapshot.name} is committed")
+
+    # Requests ----------------------------------------------------------------
+
+    def create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[Any]:
+        snapshot = self.catalog.create(key, parent, kind, labels)
+        try:
+            return self.mounts(snapshot)
+        except BaseException:
+            self._drop(self.catalog.remove(key))
+            raise
+
+    def mounts_of(self, key: str) -> list[Any]:
+        return self.mounts(self.catalog.get(key))
+
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        committed = self.catalog.commit(name, key, labels)
+        # An unpack leaves each layer's parent view unused once the layer is in.
+        if committed.parent and not self._uses_view(committed.parent):
+            self.views.release(self.catalog.get(committed.parent).id)
+
+    def remove(self, key: str) -> None:
+        snapshot = self.catalog.remove(key)
+        self._drop(snapshot)
+
+    def _drop(self, snapshot: Snapshot) -> None:
+        """Free what a removed snapshot held: its view if it was a chain's top,
+        the view of its parent once nothing else uses it, its directory."""
+        self.views.release(snapshot.id)
+        if snapshot.parent and not self._uses_view(snapshot.parent):
+            self.views.release(self.catalog.get(snapshot.parent).id)
+        shutil.rmtree(os.path.join(self.catalog.dirs, snapshot.id), ignore_errors=True)
+
+    def _uses_view(self, parent: str) -> bool:
+        return any(child.kind != api.COMMITTED for child in self.catalog.children(parent))
+
+    def usage(self, key: str) -> tuple[int, int]:
+        snapshot = self.catalog.get(key)
+        if snapshot.kind == api.COMMITTED:
+            return snapshot.size, snapshot.inodes
+        return usage(self.catalog.fs(snapshot))
+
+    def cleanup(self) -> None:
+        """Unmount views nothing uses and remove directories no snapshot owns."""
+        needed = {
+            self.catalog.get(snapshot.parent).id
+            for snapshot in self.catalog
+            if snapshot.kind != api.COMMITTED and snapshot.parent
+        }
+        for view in self.views.mounted():
+            if view not in needed:
+                self.views.release(view)
+        for path in self.catalog.unused_dirs():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def info(self, snapshot: Snapshot) -> Any:
+        info = api.Info(
+            name=snapshot.name, parent=snapshot.parent, kind=snapshot.kind, labels=snapshot.labels
+        )
+        info.created_at.FromNanoseconds(snapshot.created_ns)
+        info.updated_at.FromNanoseconds(snapshot.updated_ns)
+        return info
+
+    def list(self, filters: list[str]) -> Iterator[Any]:
+        selected = matcher(filters)
+        batch: list[Any] = []
+        for snapshot in self.catalog:
+            if selected(snapshot):
+                batch.append(self.info(snapshot))
+            if len(batch) == _LIST_BATCH:
+                yield api.ListSnapshotsResponse(info=batch)
+                batch = []
+        if batch:
+            yield api.ListSnapshotsResponse(info=batch)
+
+
+def _labels(message: Any) -> dict[str, str]:
+    return dict(message.labels)
+
+
+def _handlers(service: Snapshotter) -> dict[str, Callable[[Any], Any]]:
+    def prepare(request: Any) -> Any:
+        mounts = service.create(request.key, request.parent, _labels(request), api.ACTIVE)
+        return api.PrepareSnapshotResponse(mounts=mounts)
+
+    def view(request: Any) -> Any:
+        mounts = service.create(request.key, request.parent, _labels(request), api.VIEW)
+        return api.ViewSnapshotResponse(mounts=mounts)
+
+    def update(request: Any) -> Any:
+        labels = _labels(request.info)
+        snapshot = service.catalog.update(
+            request.info.name, labels, list(request.update_mask.paths)
+        )
+        return api.UpdateSnapshotResponse(info=service.info(snapshot))
+
+    def usage_of(request: Any) -> Any:
+        size, inodes = service.usage(request.key)
+        return api.UsageResponse(size=size, inodes=inodes)
+
+    def commit(request: Any) -> Any:
+        service.commit(request.name, request.key, _labels(request))
+        return api.Empty()
+
+    def remove(request: Any) -> Any:
+        service.remove(request.key)
+        return api.Empty()
+
+    def cleanup(request: Any) -> Any:
+        service.cleanup()
+        return api.Empty()
+
+    return {
+        "Prepare": prepare,
+        "View": view,
+        "Mounts": lambda request: api.MountsResponse(mounts=service.mounts_of(request.key)),
+        "Commit": commit,
+        "Remove": remove,
+        "Stat": lambda request: api.StatSnapshotResponse(
+            info=service.info(service.catalog.get(request.key))
+        ),
+        "Update": update,
+        "List": lambda request: service.list(list(request.filters)),
+        "Usage": usage_of,
+        "Cleanup": cleanup,
+    }
+
+
+def _rpc(
+    service: Snapshotter, name: str, handler: Callable[[Any], Any], streaming: bool
+) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            with service.lock:
+                answer = handler(request)
+                # A stream is read whole under the lock: the catalog may change after.
+                return iter(list(answer)) if streaming else answer
+        except SnapshotError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except OSError as exc:
+            print(f"strata snapshotter: {name}: {exc}", file=sys.stderr, flush=True)
+            context.abort(grpc.StatusCode.INTERNAL, f"{name}: {exc}")
+
+    return call
+
+
+def generic_handler(service: Snapshotter) -> grpc.GenericRpcHandler:
+    methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for name, handler in _handlers(service).items():
+        request_class, response_class, streaming = api.METHODS[name]
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        methods[name] = make(
+            _rpc(service, name, handler, streaming),
+            request_deserializer=request_class.FromString,
+            response_serializer=response_class.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(api.SERVICE, methods)
+
+
+@contextlib.contextmanager
+def _single_instance(root: str, address: str) -> Iterator[None]:
+    """One snapshotter per root and per socket: a second one on either would
+    leave containerd talking to the first while the second changes the state."""
+    handles = []
+    try:
+        for path in (os.path.join(root, "lock"), address + ".lock"):
+            handle = open(path, "a")  # noqa: SIM115 (held until the server stops)
+            handles.append(handle)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StrataError(f"another strata snapshotter is using {path[:-5]}") from None
+        yield
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def serve(address: str, root: str, passthrough: str = "auto") -> None:
+    """Serve until SIGTERM or SIGINT."""
+    address = os.path.abspath(address)
+    os.makedirs(root, mode=0o711, exist_ok=True)
+    os.makedirs(os.path.dirname(address), exist_ok=True)
+    with _single_instance(root, address):
+        service = Snapshotter(root, passthrough)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)  # a socket a stopped instance left
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        server.add_generic_rpc_handlers((generic_handler(service),))
+        if server.add_insecure_port(f"unix://{address}") == 0:
+            raise StrataError(f"cannot listen on {address}")
+        server.start()
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        print(f"strata snapshotter: serving on {address}", file=sys.stderr, flush=True)
+        stop.wait()
+        server.stop(grace=5).wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)

@@ -1,0 +1,89 @@
+"""Merged read-only views of committed chains: one strata mount per chain,
+shared by every snapshot on it (the single `lowerdir` of their overlay mounts).
+
+Each view is a `strata mount --layer ...` of the chain's layer directories,
+indexed in the store under the snapshotter's root like any image. Its daemon
+is a process of its own: a snapshotter that stops or restarts leaves running
+containers' views serving, and finds them mounted again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+from .catalog import SnapshotError
+
+
+def _run_strata(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "unionfs", *arguments],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _state(path: str) -> str:
+    """ "mounted", "dead" (a FUSE mount whose daemon is gone) or "absent"."""
+    try:
+        if os.path.ismount(path):
+            return "mounted"
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return "dead"
+        return "absent"
+    return "mounted" if os.path.ismount(path) else "absent"
+
+
+class Views:
+    def __init__(self, root: str, passthrough: str = "auto") -> None:
+        self.dir = os.path.join(root, "views")
+        self.store = os.path.join(root, "store")
+        self.passthrough = passthrough
+        os.makedirs(self.dir, mode=0o711, exist_ok=True)
+        os.makedirs(self.store, mode=0o700, exist_ok=True)
+
+    def mountpoint(self, top_id: str) -> str:
+        return os.path.join(self.dir, top_id)
+
+    def ensure(self, top_id: str, layers: list[str]) -> str:
+        """The view of *layers* (lowest first) whose top is snapshot *top_id*, mounted."""
+        path = self.mountpoint(top_id)
+        state = _state(path)
+        if state == "mounted":
+            return path
+        if state == "dead":
+            # Its daemon died: mounts over it hold it busy, so detach it.
+            subprocess.run(["umount", "-l", path], capture_output=True)
+        os.makedirs(path, exist_ok=True)
+        arguments = [argument for layer in layers for argument in ("--layer", layer)]
+        done = _run_strata(
+            "--root", self.store, "mount", *arguments, "--passthrough", self.passthrough, path
+        )
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["strata mount failed"])[-1]
+            raise SnapshotError("UNAVAILABLE", f"view of snapshot {top_id}: {why}")
+        return path
+
+    def release(self, top_id: str) -> bool:
+        """Unmount the view of *top_id* if it is mounted and nothing holds it;
+        False if it is still busy (a container's overlay mount uses it)."""
+        path = self.mountpoint(top_id)
+        state = _state(path)
+        if state == "mounted":
+            done = _run_strata("umount", path)
+            if done.returncode != 0:
+                return False
+        elif state == "dead":
+            subprocess.run(["umount", "-l", path], capture_output=True)
+        if os.path.isdir(path) and not os.path.ismount(path):
+            os.rmdir(path)
+        return True
+
+    def mounted(self) -> list[str]:
+        """The ids of the views mounted now."""
+        return [name for name in os.listdir(self.dir) if _state(self.mountpoint(name)) != "absent"]
