@@ -32,7 +32,7 @@ def _wait_for_socket(path: str, process: subprocess.Popen[bytes], log: str) -> N
         time.sleep(0.05)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -85,7 +85,7 @@ def snapshotter(top: str, *extra: str) -> Iterator[Snapshotter]:
     try:
         yield running
     finally:
-        _stop(running.process)
+        stop(running.process)
 
 
 @dataclass
@@ -93,6 +93,7 @@ class Containerd:
     address: str
     process: subprocess.Popen[bytes]
     log: str
+    run_before: set[str]
     namespace: str = "strata-test"
 
     def ctr(self, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -116,8 +117,17 @@ def _shared_run_entries() -> set[str]:
 
 
 @contextlib.contextmanager
-def containerd(top: str, snapshotter_address: str) -> Iterator[Containerd]:
-    """containerd with strata as proxy plugin `strata`, CRI off."""
+def containerd(
+    top: str,
+    snapshotter_address: str,
+    *,
+    leave_running: bool = False,
+    since: set[str] | None = None,
+) -> Iterator[Containerd]:
+    """containerd with strata as proxy plugin `strata`, CRI off. Its tasks and
+    containers are removed when it stops, unless *leave_running* (a containerd
+    started again on the same TOP finds them; pass it the first one's
+    `run_before` as *since*, so what the first left in /run/containerd goes)."""
     os.makedirs(top, exist_ok=True)
     address, log, config = f"{top}/containerd.sock", f"{top}/containerd.log", f"{top}/config.toml"
     with open(config, "w") as handle:
@@ -128,24 +138,30 @@ def containerd(top: str, snapshotter_address: str) -> Iterator[Containerd]:
             f'[ttrpc]\n  address = "{address}.ttrpc"\n'
             f'[proxy_plugins.strata]\n  type = "snapshot"\n  address = "{snapshotter_address}"\n'
         )
-    before = _shared_run_entries()
+    before = _shared_run_entries() if since is None else since
     with open(log, "ab") as output:
         process = subprocess.Popen(["containerd", "-c", config], stdout=output, stderr=output)
-    daemon = Containerd(address, process, log)
+    daemon = Containerd(address, process, log, before)
     try:
         _wait_for_socket(address, process, log)
         yield daemon
     finally:
-        tasks = daemon.ctr("tasks", "ls", "-q", check=False).stdout.split()
-        for task in tasks:
-            daemon.ctr("tasks", "kill", "-s", "KILL", task, check=False)
-            daemon.ctr("tasks", "rm", "-f", task, check=False)
-        for container in daemon.ctr("containers", "ls", "-q", check=False).stdout.split():
-            daemon.ctr("containers", "rm", container, check=False)
-        _stop(process)
-        for entry in _shared_run_entries() - before:
-            if os.path.isdir(entry) and not os.path.islink(entry):
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry)
+        if not leave_running:
+            _remove_containers(daemon)
+        stop(process)
+        if not leave_running:
+            for entry in _shared_run_entries() - before:
+                if os.path.isdir(entry) and not os.path.islink(entry):
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry)
+
+
+def _remove_containers(daemon: Containerd) -> None:
+    tasks = daemon.ctr("tasks", "ls", "-q", check=False).stdout.split()
+    for task in tasks:
+        daemon.ctr("tasks", "kill", "-s", "KILL", task, check=False)
+        daemon.ctr("tasks", "rm", "-f", task, check=False)
+    for container in daemon.ctr("containers", "ls", "-q", check=False).stdout.split():
+        daemon.ctr("containers", "rm", container, check=False)

@@ -15,7 +15,14 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.containerd import Containerd, Snapshotter, containerd, snapshotter
+from tests.containerd import (
+    Containerd,
+    Snapshotter,
+    containerd,
+    snapshotter,
+    start_snapshotter,
+    stop,
+)
 from tests.images import build_busybox, run
 from tests.layers import write
 from tests.trees import differences, snapshot
@@ -277,3 +284,72 @@ def _container_upper(snap: Snapshotter, container: str) -> str:
 def _views_mounted(snap: Snapshotter) -> list[str]:
     views = f"{snap.root}/views"
     return [name for name in os.listdir(views) if find_mount(f"{views}/{name}") is not None]
+
+
+def test_restarts_of_the_snapshotter_and_of_containerd(scratch: str, busybox_archive: str) -> None:
+    """A running container keeps its files while the snapshotter is down (the
+    views are daemons of their own); a new snapshotter finds its snapshots and
+    views, and containerd restarted on the same state keeps working with it."""
+    top = f"{scratch}/snapshotter"
+    snap = start_snapshotter(top)
+    try:
+        with containerd(f"{scratch}/containerd", snap.address, leave_running=True) as first:
+            ctr = first
+            ctr.ctr("images", "import", "--snapshotter", "strata", busybox_archive)
+            ctr.ctr("run", "-d", "--snapshotter", "strata", IMAGE, "long",
+                    "/bin/busybox", "sleep", "600")  # fmt: skip
+            views = _views_mounted(snap)
+            assert len(views) == 1
+            stop(snap.process)
+            assert snap.process.returncode == 0
+            hello = ctr.ctr(
+                "tasks", "exec", "--exec-id", "e1", "long", "/bin/cat", "/usr/bin/hello"
+            )
+            assert hello.stdout == "#!/bin/sh\necho hello\n"
+            down = ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "while-down",
+                           "/bin/true", check=False)  # fmt: skip
+            assert down.returncode != 0
+
+            snap = start_snapshotter(top)
+            assert _views_mounted(snap) == views  # found, not mounted again
+            # containerd dials again with a backoff of at most 3 s.
+            deadline = time.monotonic() + 15
+            while True:
+                ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "after",
+                              "/bin/cat", "/etc/passwd", check=False)  # fmt: skip
+                if "unavailable" not in ran.stderr or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert ran.stdout.startswith("root:x:0:0"), ran.stderr
+        # containerd stopped, its container still running under its shim; again:
+        with containerd(f"{scratch}/containerd", snap.address, since=first.run_before) as ctr:
+            listed = ctr.ctr("snapshots", "--snapshotter", "strata", "ls").stdout
+            assert listed.count("Committed") == 3 and listed.count("Active") == 1
+            assert "RUNNING" in ctr.ctr("tasks", "ls").stdout
+            hello = ctr.ctr("tasks", "exec", "--exec-id", "e2", "long", "/bin/cat", "/etc/passwd")
+            assert hello.stdout.startswith("root:x:0:0")
+            ctr.ctr("tasks", "kill", "-s", "KILL", "long")
+            deadline = time.monotonic() + 20
+            while "RUNNING" in ctr.ctr("tasks", "ls").stdout and time.monotonic() < deadline:
+                time.sleep(0.1)
+            ctr.ctr("tasks", "rm", "long")
+            ctr.ctr("containers", "rm", "long")
+            ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "again", "/bin/cat",
+                          "/etc/passwd")  # fmt: skip
+            assert ran.stdout.startswith("root:x:0:0")
+            ctr.ctr("images", "rm", "--sync", IMAGE)  # returns after the garbage collection
+            left = _names(snap.call("List"))
+            assert left == set(), _logs(ctr.log, snap.log)  # containerd's GC removed them all
+        assert _views_mounted(snap) == []
+        assert os.listdir(f"{snap.root}/snapshots") == []
+    finally:
+        stop(snap.process)
+
+
+def _logs(*paths: str) -> str:
+    """The last lines of the daemons' logs, for a failure's message."""
+    tails = []
+    for path in paths:
+        with open(path, errors="replace") as handle:
+            tails.append(f"--- {path}\n" + "".join(handle.readlines()[-40:]))
+    return "\n".join(tails)

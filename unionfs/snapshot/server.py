@@ -33,6 +33,9 @@ from .catalog import Catalog, Snapshot, SnapshotError, usage
 from .filters import matcher
 from .views import Views
 
+# The requests that change something, one log line each.
+_LOGGED = frozenset({"Prepare", "View", "Commit", "Remove", "Cleanup"})
+
 # Infos per List response: containerd reads a stream of them.
 _LIST_BATCH = 100
 
@@ -200,10 +203,15 @@ def _rpc(
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             with service.lock:
+                if name in _LOGGED:
+                    key = getattr(request, "key", "") or ""
+                    print(f"strata snapshotter: {name} {key}".rstrip(), file=sys.stderr, flush=True)
                 answer = handler(request)
                 # A stream is read whole under the lock: the catalog may change after.
                 return iter(list(answer)) if streaming else answer
         except SnapshotError as exc:
+            if name in _LOGGED:
+                print(f"strata snapshotter: {name}: {exc}", file=sys.stderr, flush=True)
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         except OSError as exc:
             print(f"strata snapshotter: {name}: {exc}", file=sys.stderr, flush=True)
