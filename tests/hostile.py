@@ -266,10 +266,12 @@ def misbehaving_proxy(upstream: str, plan: Misbehaviour) -> Iterator[str]:
                         if plan.wrong_digest_header:
                             value = "sha256:" + "0" * 64
                     self.send_header(key, value)
+            if self.command == "HEAD":  # the size a GET would send (containerd checks it)
+                self.send_header("Content-Length", reply.headers.get("Content-Length", "0"))
+                self.end_headers()
+                return
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if self.command == "HEAD":
-                return
             with lock:
                 cutting = is_blob and plan.cut_blobs > 0 and len(body) > 1
                 plan.cut_blobs -= cutting

@@ -4,6 +4,9 @@ overlayfs snapshotter as the oracle."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
@@ -23,11 +26,16 @@ from tests.containerd import (
     start_snapshotter,
     stop,
 )
-from tests.images import build_busybox, run
+from tests.hostile import Misbehaviour, misbehaving_proxy
+from tests.images import build_busybox, run, umoci_rootfs
 from tests.layers import write
+from tests.mounts import strata
+from tests.registry import run_registry
 from tests.trees import differences, snapshot
+from unionfs.image import estargz
 from unionfs.mount import find_mount
 from unionfs.snapshot import api
+from unionfs.snapshot.remote import REMOTE_MARK
 
 REF_LABEL = "containerd.io/snapshot.ref"
 
@@ -353,3 +361,114 @@ def _logs(*paths: str) -> str:
         with open(path, errors="replace") as handle:
             tails.append(f"--- {path}\n" + "".join(handle.readlines()[-40:]))
     return "\n".join(tails)
+
+
+@pytest.fixture(scope="module")
+def esgz_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """busybox converted to eStargz in a strata store; returns (store, reference tree)."""
+    top = str(tmp_path_factory.mktemp("esgz-source"))
+    layout, tag = build_busybox(f"{top}/image")
+    store = f"{top}/store"
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    strata(store, "convert", "--estargz", "busybox", "busybox:esgz")
+    return store, umoci_rootfs(layout, tag, f"{top}/reference")
+
+
+def _blob_digests(store: str) -> tuple[list[str], int]:
+    info = json.loads(strata(store, "inspect", "busybox:esgz").stdout)
+    layers = info["manifest"]["layers"]
+    return [layer["digest"] for layer in layers], sum(layer["size"] for layer in layers)
+
+
+@contextlib.contextmanager
+def _view_tree(ctr: Containerd, chain: str, target: str) -> Iterator[str]:
+    ctr.ctr("snapshots", "--snapshotter", "strata", "view", "look", chain)
+    os.makedirs(target)
+    command = ctr.ctr("snapshots", "--snapshotter", "strata", "mounts", target, "look").stdout
+    subprocess.run(command, shell=True, check=True)
+    try:
+        yield target
+    finally:
+        run("umount", target)
+        ctr.ctr("snapshots", "--snapshotter", "strata", "rm", "look")
+
+
+def _rpull(ctr: Containerd, image: str) -> None:
+    done = subprocess.run(
+        ["ctr-remote", "-a", ctr.address, "-n", ctr.namespace, "images", "rpull",
+         "--plain-http", "--snapshotter", "strata", image],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_ctr_remote_pulls_lazily(scratch: str, esgz_source: tuple[str, str]) -> None:
+    """`ctr-remote images rpull` through strata: every eStargz layer becomes a
+    remote snapshot from its TOC, containerd's content store never holds a
+    layer blob, the registry sees only small ranged reads until a container
+    runs, and the container and a view read the image's files."""
+    store, reference = esgz_source
+    digests, total = _blob_digests(store)
+    plan = Misbehaviour()
+    with (
+        run_registry(f"{scratch}/registry") as registry,
+        misbehaving_proxy(registry.host, plan) as proxy,
+        snapshotter(f"{scratch}/snapshotter", "--tls-verify", "false") as snap,
+        containerd(f"{scratch}/containerd", snap.address) as ctr,
+    ):
+        strata(store, "push", "--tls-verify=false", "busybox:esgz", f"{registry.host}/esgz:v1")
+        image = f"{proxy}/esgz:v1"
+        _rpull(ctr, image)
+        content = ctr.ctr("content", "ls", "-q").stdout.split()
+        assert not set(digests) & set(content), "a layer blob reached containerd"
+        listed = snap.call("List", filters=[f'labels."{REMOTE_MARK}"'])
+        assert len(_names(listed)) == 3
+        assert all(raw["diff_id"] for raw in _catalog(snap))  # each a store layer, read lazily
+        before_run = plan.sent_bytes
+        assert 0 < before_run < 0.05 * total, (before_run, total)
+        assert all(text.startswith("bytes=") for text in plan.seen_ranges)
+
+        ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", image, "c1", "/bin/cat",
+                      "/etc/passwd")  # fmt: skip
+        with open(f"{reference}/etc/passwd") as handle:
+            assert ran.stdout == handle.read()
+        chain = _chain_id(ctr, image)
+        with _view_tree(ctr, chain, f"{scratch}/look") as tree:
+            assert differences(snapshot(reference), snapshot(tree), times=False) == []
+        ctr.ctr("images", "rm", "--sync", image)
+        assert snap.call("List") == []
+        assert os.listdir(f"{snap.root}/store/layers") == []  # the lazy layers went too
+
+
+def test_a_tampered_remote_chunk_is_eio(scratch: str, esgz_source: tuple[str, str]) -> None:
+    """A chunk whose bytes do not match the TOC's digest is EIO in a view
+    (never wrong bytes); the image's other files read right."""
+    store, reference = esgz_source
+    info = json.loads(strata(store, "inspect", "busybox:esgz").stdout)
+    first = info["manifest"]["layers"][0]["digest"][7:]
+    with open(f"{store}/blobs/sha256/{first}", "rb") as handle:
+        blob = handle.read()
+    offset = estargz.parse_footer(blob[-51:], "t")
+    toc = json.loads(estargz.toc_bytes(blob[offset:-51], "t"))
+    entry = next(e for e in toc["entries"] if e["name"] == "bin/busybox")
+    with (
+        run_registry(f"{scratch}/registry") as registry,
+        snapshotter(f"{scratch}/snapshotter", "--tls-verify", "false") as snap,
+        containerd(f"{scratch}/containerd", snap.address) as ctr,
+    ):
+        strata(store, "push", "--tls-verify=false", "busybox:esgz", f"{registry.host}/esgz:v1")
+        (stored,) = glob.glob(f"{scratch}/registry/data/**/{first}/data", recursive=True)
+        with open(stored, "r+b") as handle:  # one byte inside busybox's first chunk
+            handle.seek(entry["offset"] + 2000)
+            byte = handle.read(1)
+            handle.seek(entry["offset"] + 2000)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        image = f"{registry.host}/esgz:v1"
+        _rpull(ctr, image)
+        with _view_tree(ctr, _chain_id(ctr, image), f"{scratch}/look") as tree:
+            for _ in range(2):  # refused again: bad data is never kept
+                with pytest.raises(OSError) as caught, open(f"{tree}/bin/busybox", "rb") as f:
+                    f.read()
+                assert caught.value.errno == errno.EIO
+            with open(f"{tree}/etc/passwd") as handle, open(f"{reference}/etc/passwd") as want:
+                assert handle.read() == want.read()

@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="FUSE passthrough for the views (as for strata mount)",
     )
+    _registry_arguments(snapshotter)
     verbs.add_parser(
         "bench",
         help="benchmark strata beside its peers (strata bench --help)",
@@ -271,10 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             unmount(args.mountpoint)
         elif args.verb == "snapshotter":
+            from .images_cli import registry_options_for
             from .snapshot.server import serve
 
             where = args.snapshotter_root or os.path.join(root, "snapshotter")
-            serve(args.address, os.path.abspath(where), args.passthrough)
+            serve(
+                args.address, os.path.abspath(where), args.passthrough, registry_options_for(args)
+            )
         elif args.verb == "demo":
             from .sample import run_demo
 

@@ -153,6 +153,14 @@ def _registry_options(args: argparse.Namespace, host: str) -> Any:
     return options
 
 
+def registry_options_for(args: argparse.Namespace) -> Callable[[str], Any]:
+    """The registry options of *args* for any host (credentials differ by host):
+    for a server that meets registries as requests name them."""
+    if args.ca_cert and not os.path.isfile(args.ca_cert):
+        raise StrataError(f"--ca-cert {args.ca_cert}: no such file")
+    return lambda host: _registry_options(args, host)
+
+
 def _report(quiet: bool) -> Callable[[str], None]:
     """What push did, on stderr (as skopeo tells which blobs it skipped) unless -q."""
 

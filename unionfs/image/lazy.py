@@ -509,7 +509,7 @@ def _fetch_toc(
     return "estargz", raw, toc, toc_offset
 
 
-def _lay_out(store: Store, client: Any, repository: str, layer: Descriptor, diff_id: str) -> None:
+def lay_out(store: Store, client: Any, repository: str, layer: Descriptor, diff_id: str) -> None:
     """Fetch a layer's table of contents, check it, and lay its tree out."""
     label = f"layer {layer.digest[:19]}"
     kind, raw, toc, toc_offset = _fetch_toc(client, repository, layer, label)
@@ -578,7 +578,7 @@ def pull_lazy(
         if os.path.isdir(store.layer_path(diff_id)) or position >= streamed:
             continue
         if lazy_format(layer) is not None:
-            _lay_out(store, client, reference.repository, layer, diff_id)
+            lay_out(store, client, reference.repository, layer, diff_id)
             lazy += 1
         else:
             client.fetch_blob(store, reference.repository, layer, progress)

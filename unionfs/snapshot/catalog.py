@@ -47,6 +47,10 @@ class Snapshot:
     # Committed: the size and inode count of its files, taken at commit.
     size: int = 0
     inodes: int = 0
+    # A remote snapshot's layer: its directory in the views' store and its DiffID
+    # (the data comes on demand); else the snapshot's own `fs`.
+    layer_dir: str = ""
+    diff_id: str = ""
 
 
 class Catalog:
@@ -80,7 +84,13 @@ class Catalog:
     # Places ------------------------------------------------------------------
 
     def fs(self, snapshot: Snapshot) -> str:
-        return os.path.join(self.dirs, snapshot.id, "fs")
+        return snapshot.layer_dir or os.path.join(self.dirs, snapshot.id, "fs")
+
+    @staticmethod
+    def known_id(snapshot: Snapshot) -> str:
+        """What the views' index knows a committed layer by: it never changes,
+        so no mount walks it to fingerprint it."""
+        return snapshot.diff_id or f"strata-snapshot/{snapshot.id}"
 
     def work(self, snapshot: Snapshot) -> str:
         return os.path.join(self.dirs, snapshot.id, "work")
@@ -133,6 +143,23 @@ class Catalog:
         if kind == api.ACTIVE and parent:
             os.makedirs(self.work(snapshot), mode=0o700)
         self.snapshots[key] = snapshot
+        self.save()
+        return snapshot
+
+    def add_remote(
+        self, name: str, parent: str, labels: dict[str, str], layer_dir: str, diff_id: str
+    ) -> Snapshot:
+        """A committed snapshot whose files are a lazily read layer of the store."""
+        check_labels(labels)
+        if name in self.snapshots:
+            raise SnapshotError("ALREADY_EXISTS", f"snapshot {name}: already exists")
+        if parent and self.get(parent).kind != api.COMMITTED:
+            raise SnapshotError("INVALID_ARGUMENT", f"parent {parent} is not a committed snapshot")
+        now = time.time_ns()
+        snapshot = Snapshot(str(self.next_id), name, parent, api.COMMITTED, now, now,
+                            dict(labels), layer_dir=layer_dir, diff_id=diff_id)  # fmt: skip
+        self.next_id += 1
+        self.snapshots[name] = snapshot
         self.save()
         return snapshot
 

@@ -28,10 +28,14 @@ from typing import Any
 import grpc
 
 from ..errors import StrataError
+from ..image.lazy import filled_in_place
+from ..image.registry import RegistryOptions
+from ..image.store import Store
 from . import api
 from .catalog import Catalog, Snapshot, SnapshotError, usage
 from .filters import matcher
-from .views import Views
+from .remote import REMOTE_MARK, RemoteLayers, remote_source
+from .views import ViewLayer, Views
 
 # The requests that change something, one log line each.
 _LOGGED = frozenset({"Prepare", "View", "Commit", "Remove", "Cleanup"})
@@ -43,17 +47,34 @@ _LIST_BATCH = 100
 class Snapshotter:
     """The service's logic over a catalog and views; gRPC-free (tested directly)."""
 
-    def __init__(self, root: str, passthrough: str = "auto") -> None:
+    def __init__(
+        self,
+        root: str,
+        passthrough: str = "auto",
+        registry_options: Callable[[str], RegistryOptions] | None = None,
+    ) -> None:
         self.root = root
         self.catalog = Catalog(root)
         self.views = Views(root, passthrough)
+        self.store = Store(self.views.store)
+        self.remote = RemoteLayers(self.store, registry_options or (lambda host: RegistryOptions()))
         self.lock = threading.Lock()
 
     # Mounts ------------------------------------------------------------------
 
     def _view_of(self, parent: str) -> str:
         chain = self.catalog.chain(parent)
-        return self.views.ensure(chain[-1].id, [self.catalog.fs(layer) for layer in chain])
+        layers = [
+            ViewLayer(
+                self.catalog.fs(layer),
+                self.catalog.known_id(layer),
+                layer.diff_id
+                if layer.diff_id and filled_in_place(self.store, layer.diff_id)
+                else "",
+            )
+            for layer in chain
+        ]
+        return self.views.ensure(chain[-1].id, layers)
 
     def mounts(self, snapshot: Snapshot) -> list[Any]:
         fs = self.catalog.fs(snapshot)
@@ -74,12 +95,37 @@ class Snapshotter:
     # Requests ----------------------------------------------------------------
 
     def create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[Any]:
+        source = remote_source(labels) if kind == api.ACTIVE else None
+        if source is not None:
+            self._serve_remotely(parent, labels, *source)
         snapshot = self.catalog.create(key, parent, kind, labels)
         try:
             return self.mounts(snapshot)
         except BaseException:
             self._drop(self.catalog.remove(key))
             raise
+
+    def _serve_remotely(
+        self, parent: str, labels: dict[str, str], chain: str, reference: str, digest: str
+    ) -> None:
+        """Commit the layer being unpacked as snapshot *chain* read lazily, and
+        answer ALREADY_EXISTS (containerd then finds it by its labels and never
+        fetches the blob); return where it cannot be (containerd unpacks it)."""
+        if chain in self.catalog.snapshots:
+            raise SnapshotError("ALREADY_EXISTS", f"snapshot {chain}: already exists")
+        try:
+            diff_id = self.remote.lay_out(reference, digest)
+        except (StrataError, OSError) as exc:
+            print(f"strata snapshotter: {digest[:19]} of {reference} is pulled whole: {exc}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return
+        if diff_id is None:
+            return
+        marked = {**labels, REMOTE_MARK: "remote snapshot"}
+        self.catalog.add_remote(chain, parent, marked, self.store.layer_path(diff_id), diff_id)
+        print(f"strata snapshotter: {chain} served lazily ({digest[:19]} of {reference})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise SnapshotError("ALREADY_EXISTS", f"snapshot {chain}: already exists (remote)")
 
     def mounts_of(self, key: str) -> list[Any]:
         return self.mounts(self.catalog.get(key))
@@ -101,6 +147,15 @@ class Snapshotter:
         if snapshot.parent and not self._uses_view(snapshot.parent):
             self.views.release(self.catalog.get(snapshot.parent).id)
         shutil.rmtree(os.path.join(self.catalog.dirs, snapshot.id), ignore_errors=True)
+        if snapshot.diff_id and not any(
+            other.diff_id == snapshot.diff_id for other in self.catalog
+        ):  # the store's copy of a remote layer, once no snapshot is on it
+            with self.store.exclusive():
+                for path in (
+                    self.store.layer_path(snapshot.diff_id),
+                    self.store.lazy_state_dir(snapshot.diff_id),
+                ):
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _uses_view(self, parent: str) -> bool:
         return any(child.kind != api.COMMITTED for child in self.catalog.children(parent))
@@ -256,13 +311,19 @@ def _single_instance(root: str, address: str) -> Iterator[None]:
             handle.close()
 
 
-def serve(address: str, root: str, passthrough: str = "auto") -> None:
-    """Serve until SIGTERM or SIGINT."""
+def serve(
+    address: str,
+    root: str,
+    passthrough: str = "auto",
+    registry_options: Callable[[str], RegistryOptions] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT; *registry_options* gives the options
+    (TLS, credentials) for a registry host, for remote snapshots."""
     address = os.path.abspath(address)
     os.makedirs(root, mode=0o711, exist_ok=True)
     os.makedirs(os.path.dirname(address), exist_ok=True)
     with _single_instance(root, address):
-        service = Snapshotter(root, passthrough)
+        service = Snapshotter(root, passthrough, registry_options)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)  # a socket a stopped instance left
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))

@@ -1,8 +1,10 @@
 """Merged read-only views of committed chains: one strata mount per chain,
 shared by every snapshot on it (the single `lowerdir` of their overlay mounts).
 
-Each view is a `strata mount --layer ...` of the chain's layer directories,
-indexed in the store under the snapshotter's root like any image. Its daemon
+Each view is a read-only strata mount of the chain's layer directories
+(mount_view.py), indexed in the store under the snapshotter's root like any
+image: by identities that never change, so no mount walks a layer, and a
+chain's index extends its parent's. Its daemon
 is a process of its own: a snapshotter that stops or restarts leaves running
 containers' views serving, and finds them mounted again.
 """
@@ -10,20 +12,20 @@ containers' views serving, and finds them mounted again.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
 
 from .catalog import SnapshotError
 
 
-def _run_strata(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "unionfs", *arguments],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
+@dataclass(frozen=True)
+class ViewLayer:
+    path: str
+    known: str  # the identity the index knows it by (catalog.known_id)
+    lazy: str = ""  # the DiffID of a layer whose data comes on demand
 
 
 def _state(path: str) -> str:
@@ -50,7 +52,7 @@ class Views:
     def mountpoint(self, top_id: str) -> str:
         return os.path.join(self.dir, top_id)
 
-    def ensure(self, top_id: str, layers: list[str]) -> str:
+    def ensure(self, top_id: str, layers: list[ViewLayer]) -> str:
         """The view of *layers* (lowest first) whose top is snapshot *top_id*, mounted."""
         path = self.mountpoint(top_id)
         state = _state(path)
@@ -60,9 +62,17 @@ class Views:
             # Its daemon died: mounts over it hold it busy, so detach it.
             subprocess.run(["umount", "-l", path], capture_output=True)
         os.makedirs(path, exist_ok=True)
-        arguments = [argument for layer in layers for argument in ("--layer", layer)]
-        done = _run_strata(
-            "--root", self.store, "mount", *arguments, "--passthrough", self.passthrough, path
+        spec = {
+            "store": self.store,
+            "mountpoint": path,
+            "passthrough": self.passthrough,
+            "layers": [asdict(layer) for layer in layers],
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "unionfs.snapshot.mount_view"],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or ["strata mount failed"])[-1]

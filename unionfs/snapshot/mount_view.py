@@ -1,0 +1,48 @@
+"""`python -m unionfs.snapshot.mount_view`: mount one chain's view, as the
+snapshotter asks on standard input (JSON: store, mountpoint, passthrough,
+layers lowest first as {path, known, lazy}); returns once it serves. A
+process of its own: the mount daemon it leaves must not share the
+snapshotter's gRPC threads (a fork copies only the forking thread)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import StrataError, error_line
+
+
+def main() -> int:
+    from ..image.lazy import DEFAULT_TIMEOUT, LazyLayer, range_fetcher
+    from ..image.store import Store
+    from ..mount import MountRequest, mount
+
+    try:
+        spec = json.load(sys.stdin)
+        store = Store(spec["store"])
+        layers = spec["layers"]
+        lazy = [
+            LazyLayer(
+                store, layer["lazy"], range_fetcher(store, layer["lazy"], None), DEFAULT_TIMEOUT
+            )
+            for layer in layers
+            if layer["lazy"]
+        ]
+        mount(
+            MountRequest(
+                spec["store"],
+                [layer["path"] for layer in layers],
+                spec["mountpoint"],
+                known_ids=[layer["known"].encode() for layer in layers],
+                lazy=lazy,
+                passthrough=spec["passthrough"],
+            )
+        )
+    except StrataError as exc:
+        print(error_line("strata", exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
