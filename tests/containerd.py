@@ -145,6 +145,9 @@ def containerd(
     try:
         _wait_for_socket(address, process, log)
         yield daemon
+    except BaseException:
+        leave_running = False  # a failed test leaves nothing running
+        raise
     finally:
         if not leave_running:
             _remove_containers(daemon)

@@ -53,7 +53,8 @@ def _names(infos: list[object]) -> set[str]:
 
 @pytest.fixture
 def snap(scratch: str) -> Iterator[Snapshotter]:
-    with snapshotter(f"{scratch}/snapshotter") as running:
+    # Views unmounted as soon as nothing uses them: the test sees each release.
+    with snapshotter(f"{scratch}/snapshotter", "--view-idle", "0") as running:
         yield running
 
 
@@ -217,7 +218,7 @@ def test_containerd_unpacks_and_runs_on_strata(scratch: str, busybox_archive: st
     one containerd's overlayfs snapshotter gives; a container runs on it, its
     writes land in its own layer only, and removing it frees its mounts."""
     with (
-        snapshotter(f"{scratch}/snapshotter") as snap,
+        snapshotter(f"{scratch}/snapshotter", "--view-idle", "0") as snap,
         containerd(f"{scratch}/containerd", snap.address) as ctr,
     ):
         trees = {}
@@ -472,3 +473,32 @@ def test_a_tampered_remote_chunk_is_eio(scratch: str, esgz_source: tuple[str, st
                 assert caught.value.errno == errno.EIO
             with open(f"{tree}/etc/passwd") as handle, open(f"{reference}/etc/passwd") as want:
                 assert handle.read() == want.read()
+
+
+def _mount_id(path: str) -> str | None:
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            if fields[4] == path:
+                return fields[0]
+    return None
+
+
+def test_an_unused_view_stays_mounted_for_a_while(scratch: str, busybox_archive: str) -> None:
+    """The next container on an image starts on the view the last one left
+    (not mounted again) while it is younger than --view-idle; then it goes."""
+    with (
+        snapshotter(f"{scratch}/snapshotter", "--view-idle", "3") as snap,
+        containerd(f"{scratch}/containerd", snap.address) as ctr,
+    ):
+        ctr.ctr("images", "import", "--snapshotter", "strata", busybox_archive)
+        ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "first", "/bin/echo")
+        (view,) = _views_mounted(snap)
+        first = _mount_id(f"{snap.root}/views/{view}")
+        ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "second", "/bin/echo")
+        assert _mount_id(f"{snap.root}/views/{view}") == first  # the same mount
+        deadline = time.monotonic() + 15
+        while _views_mounted(snap) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _views_mounted(snap) == []
+        ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "third", "/bin/echo")

@@ -168,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="FUSE passthrough for the views (as for strata mount)",
     )
+    snapshotter.add_argument(
+        "--view-idle",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long an image's view stays mounted with no container on it "
+        "(default 60; 0 unmounts it at once)",
+    )
     _registry_arguments(snapshotter)
     verbs.add_parser(
         "bench",
@@ -277,7 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             where = args.snapshotter_root or os.path.join(root, "snapshotter")
             serve(
-                args.address, os.path.abspath(where), args.passthrough, registry_options_for(args)
+                args.address,
+                os.path.abspath(where),
+                args.passthrough,
+                registry_options_for(args),
+                args.view_idle,
             )
         elif args.verb == "demo":
             from .sample import run_demo

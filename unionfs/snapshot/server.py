@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -52,8 +53,13 @@ class Snapshotter:
         root: str,
         passthrough: str = "auto",
         registry_options: Callable[[str], RegistryOptions] | None = None,
+        view_idle: float = 60.0,
     ) -> None:
         self.root = root
+        # A view nothing uses stays mounted this long (seconds): the next
+        # container on the same image starts without mounting it again.
+        self.view_idle = view_idle
+        self._idle: dict[str, float] = {}  # view (its top's id) -> when it became unused
         self.catalog = Catalog(root)
         self.views = Views(root, passthrough)
         self.store = Store(self.views.store)
@@ -74,6 +80,7 @@ class Snapshotter:
             )
             for layer in chain
         ]
+        self._idle.pop(chain[-1].id, None)
         return self.views.ensure(chain[-1].id, layers)
 
     def mounts(self, snapshot: Snapshot) -> list[Any]:
@@ -132,7 +139,8 @@ class Snapshotter:
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
         committed = self.catalog.commit(name, key, labels)
-        # An unpack leaves each layer's parent view unused once the layer is in.
+        # An unpack leaves each layer's parent view unused once the layer is
+        # in: no container runs on a chain below the image's top, so it goes now.
         if committed.parent and not self._uses_view(committed.parent):
             self.views.release(self.catalog.get(committed.parent).id)
 
@@ -144,8 +152,9 @@ class Snapshotter:
         """Free what a removed snapshot held: its view if it was a chain's top,
         the view of its parent once nothing else uses it, its directory."""
         self.views.release(snapshot.id)
+        self._idle.pop(snapshot.id, None)
         if snapshot.parent and not self._uses_view(snapshot.parent):
-            self.views.release(self.catalog.get(snapshot.parent).id)
+            self._unused(self.catalog.get(snapshot.parent).id)
         shutil.rmtree(os.path.join(self.catalog.dirs, snapshot.id), ignore_errors=True)
         if snapshot.diff_id and not any(
             other.diff_id == snapshot.diff_id for other in self.catalog
@@ -160,6 +169,31 @@ class Snapshotter:
     def _uses_view(self, parent: str) -> bool:
         return any(child.kind != api.COMMITTED for child in self.catalog.children(parent))
 
+    def _unused(self, view: str) -> None:
+        """The view of chain top *view* has no user now: unmount it once it
+        has stayed unused for `view_idle` seconds (now, if that is 0)."""
+        if self.view_idle <= 0:
+            self.views.release(view)
+        else:
+            self._idle.setdefault(view, time.monotonic())
+
+    def _needed_views(self) -> set[str]:
+        return {
+            self.catalog.get(snapshot.parent).id
+            for snapshot in self.catalog
+            if snapshot.kind != api.COMMITTED and snapshot.parent
+        }
+
+    def release_idle(self) -> None:
+        """Unmount the views unused for longer than `view_idle`."""
+        now, needed = time.monotonic(), self._needed_views()
+        for view, since in list(self._idle.items()):
+            if view in needed:
+                del self._idle[view]
+            elif now - since >= self.view_idle:
+                del self._idle[view]
+                self.views.release(view)
+
     def usage(self, key: str) -> tuple[int, int]:
         snapshot = self.catalog.get(key)
         if snapshot.kind == api.COMMITTED:
@@ -167,15 +201,16 @@ class Snapshotter:
         return usage(self.catalog.fs(snapshot))
 
     def cleanup(self) -> None:
-        """Unmount views nothing uses and remove directories no snapshot owns."""
-        needed = {
-            self.catalog.get(snapshot.parent).id
-            for snapshot in self.catalog
-            if snapshot.kind != api.COMMITTED and snapshot.parent
-        }
+        """Unmount views of chains that are gone, let those nothing uses go
+        once idle, and remove directories no snapshot owns."""
+        needed = self._needed_views()
+        chains = {snapshot.id for snapshot in self.catalog}
         for view in self.views.mounted():
-            if view not in needed:
+            if view not in chains:
                 self.views.release(view)
+            elif view not in needed:
+                self._unused(view)
+        self.release_idle()
         for path in self.catalog.unused_dirs():
             shutil.rmtree(path, ignore_errors=True)
 
@@ -316,6 +351,7 @@ def serve(
     root: str,
     passthrough: str = "auto",
     registry_options: Callable[[str], RegistryOptions] | None = None,
+    view_idle: float = 60.0,
 ) -> None:
     """Serve until SIGTERM or SIGINT; *registry_options* gives the options
     (TLS, credentials) for a registry host, for remote snapshots."""
@@ -323,7 +359,7 @@ def serve(
     os.makedirs(root, mode=0o711, exist_ok=True)
     os.makedirs(os.path.dirname(address), exist_ok=True)
     with _single_instance(root, address):
-        service = Snapshotter(root, passthrough, registry_options)
+        service = Snapshotter(root, passthrough, registry_options, view_idle)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)  # a socket a stopped instance left
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -335,7 +371,9 @@ def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
         print(f"strata snapshotter: serving on {address}", file=sys.stderr, flush=True)
-        stop.wait()
+        while not stop.wait(min(1.0, max(view_idle, 0.1))):
+            with service.lock:
+                service.release_idle()
         server.stop(grace=5).wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)
