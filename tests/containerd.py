@@ -123,21 +123,51 @@ def containerd(
     *,
     leave_running: bool = False,
     since: set[str] | None = None,
+    cri_registry: str = "",
 ) -> Iterator[Containerd]:
     """containerd with strata as proxy plugin `strata`, CRI off. Its tasks and
     containers are removed when it stops, unless *leave_running* (a containerd
     started again on the same TOP finds them; pass it the first one's
-    `run_before` as *since*, so what the first left in /run/containerd goes)."""
+    `run_before` as *since*, so what the first left in /run/containerd goes).
+    With *cri_registry* (HOST:PORT, plain http) the CRI plugin serves, with
+    strata as its snapshotter, pulling from there, its sandbox image
+    HOST:PORT/pause:v1."""
     os.makedirs(top, exist_ok=True)
     address, log, config = f"{top}/containerd.sock", f"{top}/containerd.log", f"{top}/config.toml"
+    cri = '[plugins."io.containerd.grpc.v1.cri"]'
+    lines = [
+        "version = 2",
+        f'root = "{top}/root"',
+        f'state = "{top}/state"',
+        "[grpc]",
+        f'  address = "{address}"',
+        "[ttrpc]",
+        f'  address = "{address}.ttrpc"',
+        "[proxy_plugins.strata]",
+        '  type = "snapshot"',
+        f'  address = "{snapshotter_address}"',
+    ]
+    if cri_registry:
+        os.makedirs(f"{top}/cni", exist_ok=True)
+        lines += [
+            cri,
+            f'  sandbox_image = "{cri_registry}/pause:v1"',
+            # No CAP_SYS_RESOURCE here: without this every sandbox fails in runc.
+            "  restrict_oom_score_adj = true",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            f"{cri[:-1]}.containerd]",
+            '  snapshotter = "strata"',
+            "  disable_snapshot_annotations = false",  # the labels remote snapshots need
+            f"{cri[:-1]}.cni]",
+            f'  conf_dir = "{top}/cni"',
+            f'{cri[:-1]}.registry.mirrors."{cri_registry}"]',
+            f'  endpoint = ["http://{cri_registry}"]',
+        ]
+    else:
+        lines.insert(0, 'disabled_plugins = ["io.containerd.grpc.v1.cri"]')
     with open(config, "w") as handle:
-        handle.write(
-            f'version = 2\nroot = "{top}/root"\nstate = "{top}/state"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            f'[grpc]\n  address = "{address}"\n'
-            f'[ttrpc]\n  address = "{address}.ttrpc"\n'
-            f'[proxy_plugins.strata]\n  type = "snapshot"\n  address = "{snapshotter_address}"\n'
-        )
+        handle.write("\n".join(lines) + "\n")
     before = _shared_run_entries() if since is None else since
     with open(log, "ab") as output:
         process = subprocess.Popen(["containerd", "-c", config], stdout=output, stderr=output)
@@ -162,9 +192,18 @@ def containerd(
 
 
 def _remove_containers(daemon: Containerd) -> None:
-    tasks = daemon.ctr("tasks", "ls", "-q", check=False).stdout.split()
-    for task in tasks:
-        daemon.ctr("tasks", "kill", "-s", "KILL", task, check=False)
-        daemon.ctr("tasks", "rm", "-f", task, check=False)
-    for container in daemon.ctr("containers", "ls", "-q", check=False).stdout.split():
-        daemon.ctr("containers", "rm", container, check=False)
+    """Every task killed and every container removed, in every namespace (the
+    CRI plugin's is k8s.io)."""
+    listed = subprocess.run(["ctr", "-a", daemon.address, "namespaces", "ls", "-q"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    for namespace in listed.stdout.split():
+
+        def ctr(*arguments: str, namespace: str = namespace) -> str:
+            return subprocess.run(["ctr", "-a", daemon.address, "-n", namespace, *arguments],
+                                  capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+
+        for task in ctr("tasks", "ls", "-q").split():
+            ctr("tasks", "kill", "-s", "KILL", task)
+            ctr("tasks", "rm", "-f", task)
+        for container in ctr("containers", "ls", "-q").split():
+            ctr("containers", "rm", container)

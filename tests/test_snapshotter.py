@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -26,6 +27,7 @@ from tests.containerd import (
     start_snapshotter,
     stop,
 )
+from tests.cri import CRI, CriClient, host_network_pod
 from tests.hostile import Misbehaviour, misbehaving_proxy
 from tests.images import build_busybox, run, umoci_rootfs
 from tests.layers import write
@@ -502,3 +504,88 @@ def test_an_unused_view_stays_mounted_for_a_while(scratch: str, busybox_archive:
             time.sleep(0.2)
         assert _views_mounted(snap) == []
         ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "third", "/bin/echo")
+
+
+def test_a_kubernetes_pod_runs_on_strata(scratch: str, esgz_source: tuple[str, str]) -> None:
+    """The CRI plugin with strata as its snapshotter, driven as a kubelet
+    drives it: an eStargz image pulled lazily (remote snapshots, from CRI's
+    labels), a host-network pod sandbox, containers as root and as a
+    non-root user, exec in them, then stop and remove all of it."""
+    store, reference = esgz_source
+    layout = f"{scratch}/pause"
+    with (
+        run_registry(f"{scratch}/registry") as registry,
+        snapshotter(f"{scratch}/snapshotter", "--tls-verify", "false") as snap,
+    ):
+        # The pod's sandbox image: busybox sleeping, as pause would.
+        built, tag = build_busybox(layout)
+        run("umoci", "config", "--image", f"{built}:{tag}", "--tag", "pause",
+            "--config.entrypoint", "/bin/busybox", "--config.cmd", "sleep",
+            "--config.cmd", "100000")  # fmt: skip
+        run("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{built}:pause",
+            f"docker://{registry.host}/pause:v1")  # fmt: skip
+        strata(store, "push", "--tls-verify=false", "busybox:esgz", f"{registry.host}/esgz:v1")
+        with containerd(f"{scratch}/containerd", snap.address, cri_registry=registry.host) as ctd:
+            cri = CriClient(ctd.address)
+            try:
+                image = f"{registry.host}/esgz:v1"
+                pulled = cri.call("PullImage", image=CRI["ImageSpec"](image=image))
+                assert pulled.image_ref.startswith("sha256:")
+                remote = _names(snap.call("List", filters=[f'labels."{REMOTE_MARK}"']))
+                assert len(remote) == 3, remote
+                content = subprocess.run(
+                    ["ctr", "-a", ctd.address, "-n", "k8s.io", "content", "ls", "-q"],
+                    capture_output=True, text=True, check=True,
+                ).stdout.split()  # fmt: skip
+                digests, _ = _blob_digests(store)
+                assert not set(digests) & set(content), "a layer blob reached containerd"
+
+                pod_config = host_network_pod("strata-pod", f"{scratch}/logs")
+                pod = cri.call("RunPodSandbox", config=pod_config).pod_sandbox_id
+                users = {"as-root": None, "as-user": 1000}
+                containers = {}
+                for name, uid in users.items():
+                    security = CRI["LinuxContainerSecurityContext"](
+                        run_as_user=CRI["Int64Value"](value=uid) if uid is not None else None
+                    )
+                    config = CRI["ContainerConfig"](
+                        metadata=CRI["ContainerMetadata"](name=name),
+                        image=CRI["ImageSpec"](image=image),
+                        command=["/bin/busybox", "sleep", "100000"],
+                        log_path=f"{name}.log",
+                        linux=CRI["LinuxContainerConfig"](security_context=security),
+                    )
+                    created = cri.call("CreateContainer", pod_sandbox_id=pod, config=config,
+                                       sandbox_config=pod_config)  # fmt: skip
+                    containers[name] = created.container_id
+                    cri.call("StartContainer", container_id=created.container_id)
+
+                def execute(name: str, *command: str) -> Any:
+                    return cri.call("ExecSync", container_id=containers[name], cmd=list(command),
+                                    timeout=60)  # fmt: skip
+
+                with open(f"{reference}/etc/passwd", "rb") as handle:
+                    passwd = handle.read()
+                for name in users:
+                    done = execute(name, "/bin/cat", "/etc/passwd")
+                    assert (done.exit_code, done.stdout) == (0, passwd)
+                assert execute("as-root", "/bin/busybox", "id", "-u").stdout == b"0\n"
+                assert execute("as-user", "/bin/busybox", "id", "-u").stdout == b"1000\n"
+                assert execute("as-user", "/bin/cat", "/etc/shadow").exit_code != 0  # 0640 root
+                assert execute("as-root", "/bin/cat", "/etc/shadow").exit_code == 0
+                wrote = execute("as-root", "/bin/sh", "-c", "echo pod > /etc/written")
+                assert wrote.exit_code == 0
+                assert (
+                    execute("as-user", "/bin/cat", "/etc/written").exit_code != 0
+                )  # its own layer
+
+                for container in containers.values():
+                    cri.call("StopContainer", container_id=container, timeout=1)
+                    cri.call("RemoveContainer", container_id=container)
+                cri.call("StopPodSandbox", pod_sandbox_id=pod)
+                cri.call("RemovePodSandbox", pod_sandbox_id=pod)
+                cri.call("RemoveImage", image=CRI["ImageSpec"](image=image))
+                active = snap.call("List", filters=["kind==active"])
+                assert _names(active) == set()
+            finally:
+                cri.close()

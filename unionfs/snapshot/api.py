@@ -10,161 +10,114 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import (
-    descriptor_pb2,
-    descriptor_pool,
-    empty_pb2,
-    field_mask_pb2,
-    message_factory,
-    timestamp_pb2,
+from google.protobuf import empty_pb2, field_mask_pb2, timestamp_pb2
+
+from .messages import (
+    ENUM,
+    INT64,
+    MESSAGE,
+    STRING,
+    Field,
+    add_enum,
+    add_message,
+    build_classes,
+    new_file,
 )
 
 SERVICE = "containerd.services.snapshots.v1.Snapshots"
-
-_F = descriptor_pb2.FieldDescriptorProto
-_STRING, _INT64, _ENUM, _MESSAGE = _F.TYPE_STRING, _F.TYPE_INT64, _F.TYPE_ENUM, _F.TYPE_MESSAGE
-_REPEATED = _F.LABEL_REPEATED
 
 # Kind
 UNKNOWN, VIEW, ACTIVE, COMMITTED = 0, 1, 2, 3
 KIND_NAMES = {VIEW: "view", ACTIVE: "active", COMMITTED: "committed"}
 
-# (name, number, type, type name or "", repeated); "map" fields are string to string.
-Field = tuple[str, int, int, str, bool]
 
-
-def _message(
-    file: descriptor_pb2.FileDescriptorProto,
-    name: str,
-    fields: list[Field],
-    maps: tuple[tuple[str, int], ...] = (),
-) -> None:
-    message = file.message_type.add(name=name)
-    for field_name, number, kind, type_name, repeated in fields:
-        field = message.field.add(name=field_name, number=number, type=kind)
-        field.label = _REPEATED if repeated else _F.LABEL_OPTIONAL
-        if type_name:
-            field.type_name = type_name
-    for field_name, number in maps:
-        entry_name = "".join(part.title() for part in field_name.split("_")) + "Entry"
-        entry = message.nested_type.add(name=entry_name)
-        entry.options.map_entry = True
-        entry.field.add(name="key", number=1, type=_STRING, label=_F.LABEL_OPTIONAL)
-        entry.field.add(name="value", number=2, type=_STRING, label=_F.LABEL_OPTIONAL)
-        field = message.field.add(name=field_name, number=number, type=_MESSAGE, label=_REPEATED)
-        field.type_name = f".{file.package}.{name}.{entry_name}"
-
-
-def _files() -> list[descriptor_pb2.FileDescriptorProto]:
-    types = descriptor_pb2.FileDescriptorProto(
-        name="strata/containerd/types/mount.proto", package="containerd.types", syntax="proto3"
-    )
-    _message(
+def _files() -> list[Any]:
+    types = new_file("strata/containerd/types/mount.proto", "containerd.types")
+    add_message(
         types,
         "Mount",
         [
-            ("type", 1, _STRING, "", False),
-            ("source", 2, _STRING, "", False),
-            ("target", 3, _STRING, "", False),
-            ("options", 4, _STRING, "", True),
+            ("type", 1, STRING, "", False),
+            ("source", 2, STRING, "", False),
+            ("target", 3, STRING, "", False),
+            ("options", 4, STRING, "", True),
         ],
     )
-    api = descriptor_pb2.FileDescriptorProto(
-        name="strata/containerd/services/snapshots/v1/snapshots.proto",
-        package="containerd.services.snapshots.v1",
-        syntax="proto3",
-        dependency=[
+    api = new_file(
+        "strata/containerd/services/snapshots/v1/snapshots.proto",
+        "containerd.services.snapshots.v1",
+        [
             types.name,
             empty_pb2.DESCRIPTOR.name,
             field_mask_pb2.DESCRIPTOR.name,
             timestamp_pb2.DESCRIPTOR.name,
         ],
     )
-    kind = api.enum_type.add(name="Kind")
-    for value_name, number in (("UNKNOWN", 0), ("VIEW", 1), ("ACTIVE", 2), ("COMMITTED", 3)):
-        kind.value.add(name=value_name, number=number)
-    mounts: Field = ("mounts", 1, _MESSAGE, ".containerd.types.Mount", True)
-    key: list[Field] = [("snapshotter", 1, _STRING, "", False), ("key", 2, _STRING, "", False)]
-    parent: Field = ("parent", 3, _STRING, "", False)
+    add_enum(api, "Kind", ["UNKNOWN", "VIEW", "ACTIVE", "COMMITTED"])
+    mounts: Field = ("mounts", 1, MESSAGE, ".containerd.types.Mount", True)
+    key: list[Field] = [("snapshotter", 1, STRING, "", False), ("key", 2, STRING, "", False)]
+    parent: Field = ("parent", 3, STRING, "", False)
     info: str = ".containerd.services.snapshots.v1.Info"
     stamp = ".google.protobuf.Timestamp"
-    _message(api, "PrepareSnapshotRequest", [*key, parent], (("labels", 4),))
-    _message(api, "PrepareSnapshotResponse", [mounts])
-    _message(api, "ViewSnapshotRequest", [*key, parent], (("labels", 4),))
-    _message(api, "ViewSnapshotResponse", [mounts])
-    _message(api, "MountsRequest", key)
-    _message(api, "MountsResponse", [mounts])
-    _message(api, "RemoveSnapshotRequest", key)
-    _message(
+    add_message(api, "PrepareSnapshotRequest", [*key, parent], (("labels", 4),))
+    add_message(api, "PrepareSnapshotResponse", [mounts])
+    add_message(api, "ViewSnapshotRequest", [*key, parent], (("labels", 4),))
+    add_message(api, "ViewSnapshotResponse", [mounts])
+    add_message(api, "MountsRequest", key)
+    add_message(api, "MountsResponse", [mounts])
+    add_message(api, "RemoveSnapshotRequest", key)
+    add_message(
         api,
         "CommitSnapshotRequest",
         [
-            ("snapshotter", 1, _STRING, "", False),
-            ("name", 2, _STRING, "", False),
-            ("key", 3, _STRING, "", False),
-            ("parent", 5, _STRING, "", False),
+            ("snapshotter", 1, STRING, "", False),
+            ("name", 2, STRING, "", False),
+            ("key", 3, STRING, "", False),
+            ("parent", 5, STRING, "", False),
         ],
         (("labels", 4),),
     )
-    _message(api, "StatSnapshotRequest", key)
-    _message(
+    add_message(api, "StatSnapshotRequest", key)
+    add_message(
         api,
         "Info",
         [
-            ("name", 1, _STRING, "", False),
-            ("parent", 2, _STRING, "", False),
-            ("kind", 3, _ENUM, ".containerd.services.snapshots.v1.Kind", False),
-            ("created_at", 4, _MESSAGE, stamp, False),
-            ("updated_at", 5, _MESSAGE, stamp, False),
+            ("name", 1, STRING, "", False),
+            ("parent", 2, STRING, "", False),
+            ("kind", 3, ENUM, ".containerd.services.snapshots.v1.Kind", False),
+            ("created_at", 4, MESSAGE, stamp, False),
+            ("updated_at", 5, MESSAGE, stamp, False),
         ],
         (("labels", 6),),
     )
-    _message(api, "StatSnapshotResponse", [("info", 1, _MESSAGE, info, False)])
-    _message(
+    add_message(api, "StatSnapshotResponse", [("info", 1, MESSAGE, info, False)])
+    add_message(
         api,
         "UpdateSnapshotRequest",
         [
-            ("snapshotter", 1, _STRING, "", False),
-            ("info", 2, _MESSAGE, info, False),
-            ("update_mask", 3, _MESSAGE, ".google.protobuf.FieldMask", False),
+            ("snapshotter", 1, STRING, "", False),
+            ("info", 2, MESSAGE, info, False),
+            ("update_mask", 3, MESSAGE, ".google.protobuf.FieldMask", False),
         ],
     )
-    _message(api, "UpdateSnapshotResponse", [("info", 1, _MESSAGE, info, False)])
-    _message(
+    add_message(api, "UpdateSnapshotResponse", [("info", 1, MESSAGE, info, False)])
+    add_message(
         api,
         "ListSnapshotsRequest",
-        [("snapshotter", 1, _STRING, "", False), ("filters", 2, _STRING, "", True)],
+        [("snapshotter", 1, STRING, "", False), ("filters", 2, STRING, "", True)],
     )
-    _message(api, "ListSnapshotsResponse", [("info", 1, _MESSAGE, info, True)])
-    _message(api, "UsageRequest", key)
-    _message(
+    add_message(api, "ListSnapshotsResponse", [("info", 1, MESSAGE, info, True)])
+    add_message(api, "UsageRequest", key)
+    add_message(
         api,
         "UsageResponse",
-        [("size", 1, _INT64, "", False), ("inodes", 2, _INT64, "", False)],
+        [("size", 1, INT64, "", False), ("inodes", 2, INT64, "", False)],
     )
-    _message(api, "CleanupRequest", [("snapshotter", 1, _STRING, "", False)])
+    add_message(api, "CleanupRequest", [("snapshotter", 1, STRING, "", False)])
     return [types, api]
 
 
-def _build() -> dict[str, Any]:
-    pool = descriptor_pool.DescriptorPool()
-    for known in (empty_pb2, field_mask_pb2, timestamp_pb2):
-        pool.AddSerializedFile(known.DESCRIPTOR.serialized_pb)
-    classes: dict[str, Any] = {}
-    for proto in _files():
-        pool.Add(proto)
-        for message in proto.message_type:
-            full = f"{proto.package}.{message.name}"
-            classes[message.name] = message_factory.GetMessageClass(
-                pool.FindMessageTypeByName(full)
-            )
-    classes["Empty"] = message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("google.protobuf.Empty")
-    )
-    return classes
-
-
-_CLASSES = _build()
+_CLASSES = build_classes(_files())
 
 # The message classes (protobuf's own; typed Any as generated stubs would not be).
 Mount: Any = _CLASSES["Mount"]
