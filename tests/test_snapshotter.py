@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +29,15 @@ from tests.containerd import (
     stop,
 )
 from tests.cri import CRI, CriClient, host_network_pod
-from tests.hostile import Misbehaviour, misbehaving_proxy
+from tests.hostile import (
+    LayoutLayer,
+    Misbehaviour,
+    file_entry,
+    layer_tar,
+    misbehaving_proxy,
+    special_entry,
+    write_layout,
+)
 from tests.images import build_busybox, run, umoci_rootfs
 from tests.layers import write
 from tests.mounts import strata
@@ -589,3 +598,37 @@ def test_a_kubernetes_pod_runs_on_strata(scratch: str, esgz_source: tuple[str, s
                 assert _names(active) == set()
             finally:
                 cri.close()
+
+
+def test_ctr_remote_pulls_zstd_chunked_lazily(scratch: str) -> None:
+    """zstd:chunked layers (as skopeo writes them) become remote snapshots
+    too: containerd holds no layer blob, and a container reads every file."""
+    with open("/bin/busybox", "rb") as handle:
+        busybox = handle.read()
+    first = layer_tar(
+        special_entry("bin/", tarfile.DIRTYPE),
+        file_entry("bin/busybox", busybox, mode=0o755),
+        special_entry("bin/sh", tarfile.SYMTYPE, "busybox"),
+        file_entry("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+    )
+    second = layer_tar(file_entry("etc/added", b"added\n", uid=1000, gid=1000))
+    layout = write_layout(f"{scratch}/layout", [LayoutLayer(first), LayoutLayer(second)])
+    plan = Misbehaviour()
+    with (
+        run_registry(f"{scratch}/registry") as registry,
+        misbehaving_proxy(registry.host, plan) as proxy,
+        snapshotter(f"{scratch}/snapshotter", "--tls-verify", "false") as snap,
+        containerd(f"{scratch}/containerd", snap.address) as ctr,
+    ):
+        run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-compress-format",
+            "zstd:chunked", layout, f"docker://{registry.host}/zc:v1")  # fmt: skip
+        image = f"{proxy}/zc:v1"
+        _rpull(ctr, image)
+        assert len(_names(snap.call("List", filters=[f'labels."{REMOTE_MARK}"']))) == 2
+        manifest = json.loads(ctr.ctr("content", "get", _manifest_digest(ctr, image)).stdout)
+        content = set(ctr.ctr("content", "ls", "-q").stdout.split())
+        assert not {layer["digest"] for layer in manifest["layers"]} & content
+        assert plan.sent_bytes < len(busybox) // 4  # manifests of the layers, no data
+        ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", image, "zc", "/bin/sh", "-c",
+                      "cat /etc/passwd /etc/added && busybox stat -c %u /etc/added")  # fmt: skip
+        assert ran.stdout == "root:x:0:0::/root:/bin/sh\nadded\n1000\n"
