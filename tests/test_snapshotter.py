@@ -4,6 +4,7 @@ overlayfs snapshotter as the oracle."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import glob
@@ -632,3 +633,40 @@ def test_ctr_remote_pulls_zstd_chunked_lazily(scratch: str) -> None:
         ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", image, "zc", "/bin/sh", "-c",
                       "cat /etc/passwd /etc/added && busybox stat -c %u /etc/added")  # fmt: skip
         assert ran.stdout == "root:x:0:0::/root:/bin/sh\nadded\n1000\n"
+
+
+def test_concurrent_pulls_and_starts(scratch: str, busybox_archive: str) -> None:
+    """Containers started side by side on one image (one view, shared) while
+    another image unpacks: each sees its own writes only, and nothing is left."""
+    with (
+        snapshotter(f"{scratch}/snapshotter", "--view-idle", "0") as snap,
+        containerd(f"{scratch}/containerd", snap.address) as ctr,
+    ):
+        ctr.ctr("images", "import", "--snapshotter", "strata", busybox_archive)
+        # Another image, with layers of its own, unpacks meanwhile.
+        files = [file_entry(f"data/{number}", os.urandom(4096)) for number in range(200)]
+        layout = write_layout(
+            f"{scratch}/other",
+            [LayoutLayer(layer_tar(*files[:100])), LayoutLayer(layer_tar(*files[100:]))],
+        )
+        other = f"{scratch}/other.tar"
+        run("skopeo", "copy", "-q", layout, f"docker-archive:{other}:strata.test/other:v1")
+
+        def start(number: int) -> str:
+            script = f"echo {number} > /tmp/mine && busybox sleep 0.5 && cat /tmp/mine && ls /tmp"
+            return ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, f"c{number}",
+                           "/bin/sh", "-c", script).stdout  # fmt: skip
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=7) as pool:
+            runs = [pool.submit(start, number) for number in range(6)]
+            imported = pool.submit(ctr.ctr, "images", "import", "--snapshotter", "strata", other)
+            outputs = [done.result() for done in runs]
+            imported.result()
+        for number, output in enumerate(outputs):
+            assert output.split() == [str(number), "fifo", "mine"]
+        assert len(_names(snap.call("List", filters=["kind==committed"]))) == 5
+        deadline = time.monotonic() + 20
+        while _names(snap.call("List", filters=["kind==active"])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _names(snap.call("List", filters=["kind==active"])) == set()
+        assert _views_mounted(snap) == []
