@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -225,12 +226,17 @@ def busybox_archive(scratch: str) -> str:
 IMAGE = "strata.test/busybox:v1"
 
 
-def test_containerd_unpacks_and_runs_on_strata(scratch: str, busybox_archive: str) -> None:
-    """`ctr images import` unpacks through strata; the image's tree equals the
-    one containerd's overlayfs snapshotter gives; a container runs on it, its
-    writes land in its own layer only, and removing it frees its mounts."""
+@pytest.mark.parametrize("writable", ["overlay", "fuse"])
+def test_containerd_unpacks_and_runs_on_strata(
+    scratch: str, busybox_archive: str, writable: str
+) -> None:
+    """`ctr images import` unpacks through strata; a container's layer over the
+    image shows the tree containerd's overlayfs snapshotter shows; a container
+    runs on it, its writes land in its own layer only, and removing it frees
+    its mounts. Container layers as overlay mounts over the image's view, or as
+    strata's own writable mounts (--writable fuse)."""
     with (
-        snapshotter(f"{scratch}/snapshotter", "--view-idle", "0") as snap,
+        snapshotter(f"{scratch}/snapshotter", "--view-idle", "0", "--writable", writable) as snap,
         containerd(f"{scratch}/containerd", snap.address) as ctr,
     ):
         trees = {}
@@ -239,7 +245,7 @@ def test_containerd_unpacks_and_runs_on_strata(scratch: str, busybox_archive: st
             ctr.ctr("images", "import", "--snapshotter", name, busybox_archive)
             chain = _chain_id(ctr, IMAGE)
             key = f"tree-{name}"
-            ctr.ctr("snapshots", "--snapshotter", name, "view", key, chain)
+            ctr.ctr("snapshots", "--snapshotter", name, "prepare", key, chain)
             target = f"{scratch}/tree-{name}"
             os.makedirs(target)
             command = ctr.ctr("snapshots", "--snapshotter", name, "mounts", target, key).stdout
@@ -266,8 +272,28 @@ def test_containerd_unpacks_and_runs_on_strata(scratch: str, busybox_archive: st
         upper = _container_upper(snap, "c1")
         with open(f"{upper}/etc/new") as handle:
             assert handle.read() == "written\n"
-        assert os.stat(f"{upper}/etc/passwd").st_rdev == 0  # a whiteout
+        gone = os.lstat(f"{upper}/etc/passwd")
+        assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0  # a whiteout
         assert _layer_sums(snap) == layers_before, "a committed layer changed"
+        # The container's layer commits as a layer (as `nerdctl commit` does):
+        # a new container on it sees its changes.
+        ctr.ctr("snapshots", "--snapshotter", "strata", "commit", "c1-layer", "c1")
+        ctr.ctr("snapshots", "--snapshotter", "strata", "prepare", "on-c1", "c1-layer")
+        target = f"{scratch}/on-c1"
+        os.makedirs(target)
+        mounting = ctr.ctr("snapshots", "--snapshotter", "strata", "mounts", target, "on-c1")
+        subprocess.run(mounting.stdout, shell=True, check=True)
+        try:
+            assert not os.path.lexists(f"{target}/etc/passwd")
+            with open(f"{target}/etc/new") as handle, open(f"{target}/usr/bin/hello") as hello:
+                assert (handle.read(), hello.read()) == (
+                    "written\n",
+                    "#!/bin/sh\necho hello\nappended\n",
+                )
+        finally:
+            run("umount", target)
+        ctr.ctr("snapshots", "--snapshotter", "strata", "rm", "on-c1")
+        ctr.ctr("snapshots", "--snapshotter", "strata", "rm", "c1-layer")
         ctr.ctr("containers", "rm", "c1")
         # --rm: the container's snapshot and its chain's view go with it.
         ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "c2", "/bin/cat", "/etc/new",

@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long an image's view stays mounted with no container on it "
         "(default 60; 0 unmounts it at once)",
     )
+    snapshotter.add_argument(
+        "--writable",
+        choices=("overlay", "fuse"),
+        default="overlay",
+        help="containers' layers: overlayfs over the image's view (default), or "
+        "strata's own writable mounts where overlayfs cannot be used",
+    )
     _registry_arguments(snapshotter)
     verbs.add_parser(
         "bench",
@@ -290,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.passthrough,
                 registry_options_for(args),
                 args.view_idle,
+                args.writable,
             )
         elif args.verb == "demo":
             from .sample import run_demo

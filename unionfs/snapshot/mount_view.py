@@ -1,6 +1,7 @@
-"""`python -m unionfs.snapshot.mount_view`: mount one chain's view, as the
-snapshotter asks on standard input (JSON: store, mountpoint, passthrough,
-layers lowest first as {path, known, lazy}); returns once it serves. A
+"""`python -m unionfs.snapshot.mount_view`: mount one chain's view (or a
+container's writable mount of it), as the snapshotter asks on standard input
+(JSON: store, mountpoint, passthrough, layers lowest first as {path, known,
+lazy}, writable: [upper, work] or null); returns once it serves. A
 process of its own: the mount daemon it leaves must not share the
 snapshotter's gRPC threads (a fork copies only the forking thread)."""
 
@@ -15,7 +16,7 @@ from ..errors import StrataError, error_line
 def main() -> int:
     from ..image.lazy import DEFAULT_TIMEOUT, LazyLayer, range_fetcher
     from ..image.store import Store
-    from ..mount import MountRequest, mount
+    from ..mount import MountRequest, WritableLayer, mount
 
     try:
         spec = json.load(sys.stdin)
@@ -28,12 +29,19 @@ def main() -> int:
             for layer in layers
             if layer["lazy"]
         ]
+        writable = None
+        if spec.get("writable"):
+            upper, work = spec["writable"]
+            writable = WritableLayer(upper, work)
         mount(
             MountRequest(
                 spec["store"],
                 [layer["path"] for layer in layers],
                 spec["mountpoint"],
+                writable=writable,
                 known_ids=[layer["known"].encode() for layer in layers],
+                # Whole copy-ups: the upper is committed as a layer of its own.
+                metacopy=False,
                 lazy=lazy,
                 passthrough=spec["passthrough"],
             )

@@ -5,6 +5,7 @@ writable layers as kernel overlay mounts over them.
 Mounts returned, by kind:
   active, no parent     bind of its own directory (containerd unpacks a base layer into it)
   active, parent P      overlay: lowerdir = the view of P's chain, upperdir/workdir its own
+                        (--writable fuse: a bind of its own writable strata mount of the chain)
   view, parent P        read-only bind of the view of P's chain
   view, no parent       read-only bind of its own (empty) directory
 
@@ -54,8 +55,12 @@ class Snapshotter:
         passthrough: str = "auto",
         registry_options: Callable[[str], RegistryOptions] | None = None,
         view_idle: float = 60.0,
+        writable: str = "overlay",
     ) -> None:
         self.root = root
+        # Containers' layers: kernel overlay mounts over the views, or ("fuse")
+        # strata's own writable mounts, where overlayfs cannot be used.
+        self.writable = writable
         # A view nothing uses stays mounted this long (seconds): the next
         # container on the same image starts without mounting it again.
         self.view_idle = view_idle
@@ -70,7 +75,11 @@ class Snapshotter:
 
     def _view_of(self, parent: str) -> str:
         chain = self.catalog.chain(parent)
-        layers = [
+        self._idle.pop(chain[-1].id, None)
+        return self.views.ensure(chain[-1].id, self._layers(chain))
+
+    def _layers(self, chain: list[Snapshot]) -> list[ViewLayer]:
+        return [
             ViewLayer(
                 self.catalog.fs(layer),
                 self.catalog.known_id(layer),
@@ -80,14 +89,17 @@ class Snapshotter:
             )
             for layer in chain
         ]
-        self._idle.pop(chain[-1].id, None)
-        return self.views.ensure(chain[-1].id, layers)
 
     def mounts(self, snapshot: Snapshot) -> list[Any]:
         fs = self.catalog.fs(snapshot)
         if snapshot.kind == api.ACTIVE:
             if not snapshot.parent:
                 return [api.Mount(type="bind", source=fs, options=["rw", "rbind"])]
+            if self.writable == "fuse":
+                layers = self._layers(self.catalog.chain(snapshot.parent))
+                work = self.catalog.work(snapshot)
+                path = self.views.ensure_container(snapshot.id, layers, fs, work)
+                return [api.Mount(type="bind", source=path, options=["rw", "rbind"])]
             options = [
                 f"workdir={self.catalog.work(snapshot)}",
                 f"upperdir={fs}",
@@ -138,6 +150,9 @@ class Snapshotter:
         return self.mounts(self.catalog.get(key))
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        active = self.catalog.get(key)
+        if active.kind == api.ACTIVE and not self.views.release_container(active.id):
+            raise SnapshotError("FAILED_PRECONDITION", f"snapshot {key} is still mounted")
         committed = self.catalog.commit(name, key, labels)
         # An unpack leaves each layer's parent view unused once the layer is
         # in: no container runs on a chain below the image's top, so it goes now.
@@ -152,6 +167,7 @@ class Snapshotter:
         """Free what a removed snapshot held: its view if it was a chain's top,
         the view of its parent once nothing else uses it, its directory."""
         self.views.release(snapshot.id)
+        self.views.release_container(snapshot.id)
         self._idle.pop(snapshot.id, None)
         if snapshot.parent and not self._uses_view(snapshot.parent):
             self._unused(self.catalog.get(snapshot.parent).id)
@@ -352,6 +368,7 @@ def serve(
     passthrough: str = "auto",
     registry_options: Callable[[str], RegistryOptions] | None = None,
     view_idle: float = 60.0,
+    writable: str = "overlay",
 ) -> None:
     """Serve until SIGTERM or SIGINT; *registry_options* gives the options
     (TLS, credentials) for a registry host, for remote snapshots."""
@@ -359,7 +376,7 @@ def serve(
     os.makedirs(root, mode=0o711, exist_ok=True)
     os.makedirs(os.path.dirname(address), exist_ok=True)
     with _single_instance(root, address):
-        service = Snapshotter(root, passthrough, registry_options, view_idle)
+        service = Snapshotter(root, passthrough, registry_options, view_idle, writable)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)  # a socket a stopped instance left
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
