@@ -124,6 +124,7 @@ def containerd(
     leave_running: bool = False,
     since: set[str] | None = None,
     cri_registry: str = "",
+    more_snapshotters: dict[str, str] | None = None,
 ) -> Iterator[Containerd]:
     """containerd with strata as proxy plugin `strata`, CRI off. Its tasks and
     containers are removed when it stops, unless *leave_running* (a containerd
@@ -131,7 +132,8 @@ def containerd(
     `run_before` as *since*, so what the first left in /run/containerd goes).
     With *cri_registry* (HOST:PORT, plain http) the CRI plugin serves, with
     strata as its snapshotter, pulling from there, its sandbox image
-    HOST:PORT/pause:v1."""
+    HOST:PORT/pause:v1. *more_snapshotters* are further proxy plugins
+    (name: socket)."""
     os.makedirs(top, exist_ok=True)
     address, log, config = f"{top}/containerd.sock", f"{top}/containerd.log", f"{top}/config.toml"
     cri = '[plugins."io.containerd.grpc.v1.cri"]'
@@ -147,6 +149,8 @@ def containerd(
         '  type = "snapshot"',
         f'  address = "{snapshotter_address}"',
     ]
+    for name, socket in (more_snapshotters or {}).items():
+        lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{socket}"']
     if cri_registry:
         os.makedirs(f"{top}/cni", exist_ok=True)
         lines += [

@@ -524,7 +524,8 @@ def _mount_id(path: str) -> str | None:
 
 def test_an_unused_view_stays_mounted_for_a_while(scratch: str, busybox_archive: str) -> None:
     """The next container on an image starts on the view the last one left
-    (not mounted again) while it is younger than --view-idle; then it goes."""
+    (not mounted again) while it is younger than --view-idle; then it goes,
+    and so does an idle view when the snapshotter stops."""
     with (
         snapshotter(f"{scratch}/snapshotter", "--view-idle", "3") as snap,
         containerd(f"{scratch}/containerd", snap.address) as ctr,
@@ -540,6 +541,9 @@ def test_an_unused_view_stays_mounted_for_a_while(scratch: str, busybox_archive:
             time.sleep(0.2)
         assert _views_mounted(snap) == []
         ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "third", "/bin/echo")
+        assert len(_views_mounted(snap)) == 1
+    # A snapshotter that stops unmounts the views no container uses.
+    assert _views_mounted(snap) == []
 
 
 def test_a_kubernetes_pod_runs_on_strata(scratch: str, esgz_source: tuple[str, str]) -> None:

@@ -158,6 +158,11 @@ class Snapshotter:
         # in: no container runs on a chain below the image's top, so it goes now.
         if committed.parent and not self._uses_view(committed.parent):
             self.views.release(self.catalog.get(committed.parent).id)
+        # The new chain's view is the next layer's parent, or the image's a
+        # container starts on: mounted meanwhile, and let go when left idle.
+        if self.view_idle > 0:
+            self.views.mount_soon(committed.id, self._layers(self.catalog.chain(name)))
+            self._unused(committed.id)
 
     def remove(self, key: str) -> None:
         snapshot = self.catalog.remove(key)
@@ -199,6 +204,15 @@ class Snapshotter:
             for snapshot in self.catalog
             if snapshot.kind != api.COMMITTED and snapshot.parent
         }
+
+    def release_unneeded(self) -> None:
+        """Unmount every view no container or view uses (at shutdown: those in
+        use keep serving their containers)."""
+        needed = self._needed_views()
+        for view in self.views.mounted():
+            if view not in needed:
+                self.views.release(view)
+        self._idle.clear()
 
     def release_idle(self) -> None:
         """Unmount the views unused for longer than `view_idle`."""
@@ -392,5 +406,8 @@ def serve(
             with service.lock:
                 service.release_idle()
         server.stop(grace=5).wait()
+        with service.lock:
+            service.release_unneeded()
+        service.views.mounter.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)

@@ -2,7 +2,7 @@
 shared by every snapshot on it (the single `lowerdir` of their overlay mounts).
 
 Each view is a read-only strata mount of the chain's layer directories
-(mount_view.py), indexed in the store under the snapshotter's root like any
+(mounted by mounter.py), indexed in the store under the snapshotter's root like any
 image: by identities that never change, so no mount walks a layer, and a
 chain's index extends its parent's. Its daemon
 is a process of its own: a snapshotter that stops or restarts leaves running
@@ -16,7 +16,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .catalog import SnapshotError
 
@@ -49,6 +51,10 @@ class Views:
         self.passthrough = passthrough
         os.makedirs(self.dir, mode=0o711, exist_ok=True)
         os.makedirs(self.containers, mode=0o711, exist_ok=True)
+        self.mounter = Mounter()
+        # Views being mounted in the background (mount_soon), by mountpoint.
+        self._mounting: dict[str, threading.Thread] = {}
+        self._mounting_lock = threading.Lock()
         os.makedirs(self.store, mode=0o700, exist_ok=True)
 
     def mountpoint(self, top_id: str) -> str:
@@ -59,7 +65,35 @@ class Views:
 
     def ensure(self, top_id: str, layers: list[ViewLayer]) -> str:
         """The view of *layers* (lowest first) whose top is snapshot *top_id*, mounted."""
+        self._wait_for(self.mountpoint(top_id))
         return self._ensure(self.mountpoint(top_id), layers, None, f"view of snapshot {top_id}")
+
+    def mount_soon(self, top_id: str, layers: list[ViewLayer]) -> None:
+        """Mount the view in the background: a chain just committed is the
+        next unpack's parent, or the image a container starts on next."""
+        path = self.mountpoint(top_id)
+
+        def mount() -> None:
+            try:
+                self._ensure(path, layers, None, f"view of snapshot {top_id}")
+            except (SnapshotError, OSError) as exc:  # the next ensure() says it again
+                print(f"strata snapshotter: {exc}", file=sys.stderr, flush=True)
+            finally:
+                with self._mounting_lock:
+                    self._mounting.pop(path, None)
+
+        with self._mounting_lock:
+            if path in self._mounting:
+                return
+            thread = threading.Thread(target=mount, name=f"mount {top_id}", daemon=True)
+            self._mounting[path] = thread
+        thread.start()
+
+    def _wait_for(self, path: str) -> None:
+        with self._mounting_lock:
+            thread = self._mounting.get(path)
+        if thread is not None:
+            thread.join()
 
     def ensure_container(
         self, snapshot_id: str, layers: list[ViewLayer], upper: str, work: str
@@ -86,20 +120,15 @@ class Views:
             "layers": [asdict(layer) for layer in layers],
             "writable": writable,
         }
-        done = subprocess.run(
-            [sys.executable, "-m", "unionfs.snapshot.mount_view"],
-            input=json.dumps(spec),
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            why = (done.stderr.strip().splitlines() or ["strata mount failed"])[-1]
-            raise SnapshotError("UNAVAILABLE", f"{label}: {why}")
+        error = self.mounter.mount(spec)
+        if error:
+            raise SnapshotError("UNAVAILABLE", f"{label}: {error}")
         return path
 
     def release(self, top_id: str) -> bool:
         """Unmount the view of *top_id* if it is mounted and nothing holds it;
         False if it is still busy (a container's overlay mount uses it)."""
+        self._wait_for(self.mountpoint(top_id))
         return _release(self.mountpoint(top_id), wait=False)
 
     def release_container(self, snapshot_id: str) -> bool:
@@ -112,17 +141,85 @@ class Views:
         return [name for name in os.listdir(self.dir) if _state(self.mountpoint(name)) != "absent"]
 
 
+class Mounter:
+    """The mounter process (mounter.py), started when first needed and again
+    if it died; calls from any thread."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[threading.Event, list[str]]] = {}
+        self._serial = 0
+
+    def mount(self, spec: dict[str, Any]) -> str:
+        """Mount as *spec* says; "" once it serves, else why not (one line)."""
+        done, answer = threading.Event(), [""]
+        with self._lock:
+            process = self._running()
+            self._serial += 1
+            number = self._serial
+            self._waiting[number] = (done, answer)
+            assert process.stdin is not None
+            try:
+                process.stdin.write((json.dumps({"id": number, "spec": spec}) + "\n").encode())
+                process.stdin.flush()
+            except OSError:
+                answer[0] = "the mounter is gone"
+                done.set()
+        done.wait()
+        return answer[0]
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self._process is None or self._process.poll() is not None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "unionfs.snapshot.mounter"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            threading.Thread(
+                target=self._read, args=(self._process,), name="mounter answers", daemon=True
+            ).start()
+        return self._process
+
+    def _read(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            reply = json.loads(line)
+            with self._lock:
+                waiting = self._waiting.pop(reply["id"], None)
+            if waiting is not None:
+                waiting[1][0] = reply["error"]
+                waiting[0].set()
+        with self._lock:  # it died: nobody waits forever
+            for done, answer in self._waiting.values():
+                answer[0] = "the mounter exited"
+                done.set()
+            self._waiting.clear()
+
+    def close(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()  # it ends at the end of its input
+            self._process.wait(timeout=30)
+
+
 def _release(path: str, *, wait: bool) -> bool:
     state = _state(path)
     if state == "mounted":
         if wait:
-            command = [sys.executable, "-m", "unionfs", "umount", path]
+            from ..errors import StrataError
+            from ..mount import unmount
+
+            try:
+                unmount(path)
+            except StrataError:
+                return False
         else:
             # umount(8) alone: its daemon exits by itself, and containerd's
             # garbage collection, which waits for this, holds its database.
             command = ["umount", path] if os.geteuid() == 0 else ["fusermount3", "-u", path]
-        if subprocess.run(command, capture_output=True).returncode != 0:
-            return False
+            if subprocess.run(command, capture_output=True).returncode != 0:
+                return False
     elif state == "dead":
         subprocess.run(["umount", "-l", path], capture_output=True)
     if os.path.isdir(path) and not os.path.ismount(path):
