@@ -74,7 +74,7 @@ class LayoutLayer:
     @classmethod
     def estargz(cls, tar: bytes) -> LayoutLayer:
         """*tar*'s entries as an eStargz layer, with its TOC digest annotation."""
-        from unionfs.image.estargz import convert_tar
+        from unionfs.lazy.estargz import convert_tar
 
         target = io.BytesIO()
         converted = convert_tar(io.BytesIO(tar), target)

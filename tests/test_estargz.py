@@ -23,7 +23,7 @@ from tests.registry import run_registry
 from tests.test_images import Mounted
 from tests.trees import differences, snapshot
 from unionfs.errors import StrataError
-from unionfs.image import estargz
+from unionfs.lazy import estargz
 
 ANNOTATION = estargz.TOC_DIGEST_ANNOTATION
 
@@ -279,7 +279,7 @@ GAP = {"type": "chunk", "name": "a", "offset": 15, "chunkOffset": 5, "chunkSize"
 
 
 def test_hostile_zstd_chunked_manifests_are_refused() -> None:
-    from unionfs.image import zstdchunked
+    from unionfs.lazy import zstdchunked
 
     def reg(name: str, offset: int, end: int, size: int, **extra: object) -> dict[str, object]:
         return {"type": "reg", "name": name, "size": size, "offset": offset, "endOffset": end,

@@ -324,6 +324,28 @@ def test_store_lists_inspects_and_prunes(scratch: str, busybox: tuple[str, str])
     assert missing.returncode == 1 and missing.stderr.startswith("strata: error: no image")
 
 
+def test_an_image_removed_and_imported_again_reads(scratch: str, busybox: tuple[str, str]) -> None:
+    """rmi drops the layers; imported again, they are new directories whose
+    files have other inode numbers, and the index must not take them for the
+    ones it saw (every read of a lower file failed with ESTALE)."""
+    layout, tag = busybox
+    store, reference = f"{scratch}/store", umoci_rootfs(layout, tag, f"{scratch}/reference")
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    with Mounted(store, f"{scratch}/mnt", "--read-only", "busybox") as mnt:
+        first = snapshot(mnt)
+    strata(store, "rmi", "busybox")
+    assert os.listdir(f"{store}/layers") == []
+    filler = f"{scratch}/filler"  # the inode numbers the old files had are taken
+    os.makedirs(filler)
+    for number in range(64):
+        with open(f"{filler}/{number}", "w"):
+            pass
+    strata(store, "import", f"oci:{layout}:{tag}", "busybox")
+    with Mounted(store, f"{scratch}/mnt", "--read-only", "busybox") as mnt:
+        assert differences(first, snapshot(mnt)) == []
+    assert differences(snapshot(reference), first, times=False) == []
+
+
 def test_debian_image_mounts_as_umoci_unpacks_it(
     scratch: str, registry: Registry, debian_image: tuple[str, str]
 ) -> None:

@@ -34,9 +34,9 @@ from tests.mounts import daemon_logs, strata, unmount
 from tests.registry import PASSWORD, USER, Registry, run_registry
 from tests.trees import differences, snapshot
 from unionfs.errors import StrataError
-from unionfs.image import estargz
 from unionfs.image.layertar import unpack_skeleton
-from unionfs.image.lazy import toc_members
+from unionfs.lazy import estargz
+from unionfs.lazy.layers import toc_members
 
 TLS = "--tls-verify=false"
 

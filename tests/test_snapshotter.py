@@ -45,7 +45,7 @@ from tests.layers import write
 from tests.mounts import strata
 from tests.registry import run_registry
 from tests.trees import differences, snapshot
-from unionfs.image import estargz
+from unionfs.lazy import estargz
 from unionfs.mount import find_mount
 from unionfs.snapshot import api
 from unionfs.snapshot.remote import REMOTE_MARK
@@ -542,6 +542,9 @@ def test_an_unused_view_stays_mounted_for_a_while(scratch: str, busybox_archive:
         assert _views_mounted(snap) == []
         ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "third", "/bin/echo")
         assert len(_views_mounted(snap)) == 1
+        deadline = time.monotonic() + 20  # containerd's GC removes the container's snapshot
+        while _names(snap.call("List", filters=["kind==active"])) and time.monotonic() < deadline:
+            time.sleep(0.1)
     # A snapshotter that stops unmounts the views no container uses.
     assert _views_mounted(snap) == []
 

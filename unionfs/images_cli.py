@@ -9,10 +9,11 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from .errors import StrataError
-from .image.store import Image, Store, layer_known_id, open_store
+from .image.store import Image, Store, open_store
 
 
 def _bool(text: str) -> bool:
@@ -153,6 +154,14 @@ def _registry_options(args: argparse.Namespace, host: str) -> Any:
     return options
 
 
+def _lazy_of(store: Store, record: dict[str, Any]) -> dict[str, Any]:
+    """A container's image layers whose data comes on demand, by directory."""
+    from .lazy.layers import open_lazy_layers
+
+    image = store.load_image(record["manifest"])
+    return {layer.layer_dir: layer for layer in open_lazy_layers(store, image)}
+
+
 def registry_options_for(args: argparse.Namespace) -> Callable[[str], Any]:
     """The registry options of *args* for any host (credentials differ by host):
     for a server that meets registries as requests name them."""
@@ -217,16 +226,18 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
         options.platform = args.platform
         with store.shared():
             if args.lazy:
-                from .image.lazy import pull_lazy
+                from .lazy.layers import pull_lazy
 
                 image = pull_lazy(store, reference, options, _note)
             else:
-                image = pull(store, reference, options, _note)
+                from .lazy.layers import finish_from_store
+
+                image = pull(store, reference, options, _note, partial(finish_from_store, store))
         print(image.digest)
     elif verb == "push":
-        from .image.lazy import complete_layers
         from .image.reference import parse_reference
         from .image.registry import push
+        from .lazy.layers import complete_layers
 
         report = _report(args.quiet)
         with store.shared():
@@ -251,7 +262,7 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
         print(image.digest)
     elif verb == "export":
         from .image.archive import export_docker_archive, export_oci, parse_location
-        from .image.lazy import complete_layers
+        from .lazy.layers import complete_layers
 
         location = parse_location(args.destination)
         with store.shared():
@@ -262,7 +273,7 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
             else:
                 export_docker_archive(store, image, location, name)
     elif verb == "images":
-        from .image.lazy import local_fraction
+        from .lazy.layers import local_fraction
 
         listed = [
             {**_describe(names, image), "local": round(local_fraction(store, image), 4)}
@@ -333,12 +344,12 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
 
         with store.shared():
             record = find_container(store, args.container)
-            with container_view(store, record) as view:
+            with container_view(store, record, _lazy_of(store, record)) as view:
                 for line in diff_lines(view):
                     print(line)
     elif verb == "convert":
-        from .image.convert import convert_to_estargz, read_prefetch_list
         from .image.reference import parse_reference
+        from .lazy.convert import convert_to_estargz, read_prefetch_list
 
         prefetch = read_prefetch_list(args.prefetch) if args.prefetch else []
         name = parse_reference(args.name).name
@@ -354,7 +365,8 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
         name = parse_reference(args.name).name
         with store.shared():
             record = find_container(store, args.container)
-            result = commit(store, record, [name], timestamp=timestamp, message=args.message)
+            result = commit(store, record, [name], timestamp=timestamp, message=args.message,
+                            lazy=_lazy_of(store, record))  # fmt: skip
         print(result.image.digest)
     else:  # pragma: no cover - argparse knows the verbs
         raise StrataError(f"unknown verb {verb}")
@@ -365,7 +377,7 @@ def _layer_stream(store: Store, image: Image, reference: Any, options: Any, time
     """The image's top layers not stored yet (pull_lazy left them): a mount
     streams them in while it serves. None if every layer is here."""
     from .image.registry import ProgressLine, RegistryClient
-    from .image.streaming import LayerBusy, LayerStream, StreamedLayer
+    from .lazy.streaming import LayerBusy, LayerStream, StreamedLayer
 
     missing = [
         StreamedLayer(blob, diff_id, store.stream_work_dir(diff_id), store.layer_path(diff_id))
@@ -407,8 +419,8 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
     check_mountpoint(mountpoint)
     options = None
     if args.lazy:
-        from .image.lazy import pull_lazy
         from .image.reference import parse_reference
+        from .lazy.layers import pull_lazy
 
         reference = parse_reference(image_text, remote=True)
         options = _registry_options(args, reference.registry)
@@ -422,8 +434,8 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         if args.lazy:
             stream = _layer_stream(store, image, reference, options, args.lazy_timeout)
         paths = _layer_paths(store, image, stream)
-        known = [layer_known_id(diff_id) for diff_id in image.diff_ids]
-        from .image.lazy import open_lazy_layers
+        known = [store.layer_known_id(diff_id) for diff_id in image.diff_ids]
+        from .lazy.layers import open_lazy_layers
 
         lazy = open_lazy_layers(
             store, image, options, args.lazy_timeout, background=not args.no_background_fetch

@@ -88,7 +88,7 @@ class MountRequest:
 
 
 class LazyLayerSource(Protocol):
-    """A lazily pulled layer as the mount uses it (image/lazy.py's LazyLayer)."""
+    """A lazily pulled layer as the mount uses it (lazy/layers.py's LazyLayer)."""
 
     layer_dir: str
 
@@ -105,7 +105,7 @@ class StreamedLayerPlace(Protocol):
 
 
 class LayerStreamSource(Protocol):
-    """Plain layers streamed into the mount (image/streaming.py's LayerStream)."""
+    """Plain layers streamed into the mount (lazy/streaming.py's LayerStream)."""
 
     @property
     def layers(self) -> Sequence[StreamedLayerPlace]: ...

@@ -16,13 +16,14 @@ import os
 import stat
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..core.index import ROOT_INO, Index
 from ..core.layer import OPAQUE_MARKER, WHITEOUT_PREFIX
 from ..core.nodes import FsError, Node
+from ..core.reading import LazyData
 from ..core.stack import prepare_stack
 from ..core.upper import UpperStore, join, probe_format
 from ..core.view import UnionView
@@ -37,7 +38,6 @@ from .store import (
     OCI_MANIFEST,
     Image,
     Store,
-    layer_known_id,
 )
 
 
@@ -49,8 +49,12 @@ class Change:
 
 
 @contextlib.contextmanager
-def container_view(store: Store, record: dict[str, Any]) -> Iterator[UnionView]:
-    """A read-only look at a container through the core (mounted or not)."""
+def container_view(
+    store: Store, record: dict[str, Any], lazy: Mapping[str, LazyData] | None = None
+) -> Iterator[UnionView]:
+    """A read-only look at a container through the core (mounted or not);
+    *lazy* are its image's layers whose data comes on demand, by directory
+    (lazy/layers.py's open_lazy_layers)."""
     image = store.load_image(record["manifest"])
     paths = [store.layer_path(diff_id) for diff_id in image.diff_ids]
     directory = store.container_dir(record["name"])
@@ -59,18 +63,15 @@ def container_view(store: Store, record: dict[str, Any]) -> Iterator[UnionView]:
     index = Index(store.index_path)
     try:
         stack = prepare_stack(
-            index, paths, known_ids=[layer_known_id(diff_id) for diff_id in image.diff_ids]
+            index, paths, known_ids=[store.layer_known_id(diff_id) for diff_id in image.diff_ids]
         )
         fmt = probe_format(os.fsencode(work))
-        from .lazy import open_lazy_layers
-
-        lazy = open_lazy_layers(store, image)  # data not yet here is fetched as read
         view = UnionView(
             index,
             stack.root,
             stack.layers,
             UpperStore(upper, work, fmt, index.store_id()),
-            lazy={layer.layer_dir: layer for layer in lazy},
+            lazy=lazy,
         )
         try:
             yield view
@@ -247,13 +248,14 @@ def commit(
     *,
     timestamp: int | None = None,
     message: str = "",
+    lazy: Mapping[str, LazyData] | None = None,
 ) -> CommitResult:
     base = store.load_image(record["manifest"])
     created = timestamp if timestamp is not None else int(time.time())
     writer_file = store.blob_writer()
     writer = LayerWriter(writer_file)  # type: ignore[arg-type]
     try:
-        with container_view(store, record) as view:
+        with container_view(store, record, lazy) as view:
             write_layer(view, writer, timestamp)
         written = writer.close()
     except FsError as exc:

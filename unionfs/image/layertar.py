@@ -32,6 +32,17 @@ from ..core.layer import HIDDEN_XATTR_PREFIXES, IMPLICIT_XATTRS, OPAQUE_MARKER, 
 from ..core.paths import DeepPaths
 from ..errors import StrataError
 
+# eStargz (lazy/estargz.py) adds these entries to a layer's tar for its
+# readers, and a layer descriptor names its TOC's digest in this annotation:
+# an unpacked layer leaves them out.
+ESTARGZ_TOC_NAME = "stargz.index.json"
+ESTARGZ_PREFETCH_LANDMARK = ".prefetch.landmark"
+ESTARGZ_NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+ESTARGZ_ENTRIES = frozenset(
+    {ESTARGZ_TOC_NAME, ESTARGZ_PREFETCH_LANDMARK, ESTARGZ_NO_PREFETCH_LANDMARK}
+)
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XATTR_PAX_PREFIX = "SCHILY.xattr."

@@ -585,8 +585,14 @@ def open_manifest(
 
 
 def pull(
-    store: Store, reference: Reference, options: RegistryOptions, note: Callable[[str], None]
+    store: Store,
+    reference: Reference,
+    options: RegistryOptions,
+    note: Callable[[str], None],
+    unpacked: Callable[[str], None] | None = None,
 ) -> Image:
+    """Pull the image whole; *unpacked* is told each layer's DiffID once its
+    blob is in the store (lazy/layers.py completes a layer pulled lazily before)."""
     client, data, digest = open_manifest(reference, options)
     _, config, layers = parse_manifest(data, digest)
     progress = ProgressLine(options.progress, f"pulling {reference.repository}")
@@ -602,9 +608,8 @@ def pull(
         def fetch_and_unpack(pair: tuple[Descriptor, str]) -> None:
             client.fetch_blob(store, reference.repository, pair[0], progress)
             store.unpack(*pair)
-            from .lazy import finish_from_store
-
-            finish_from_store(store, pair[1])  # a layer pulled lazily before: fill it
+            if unpacked is not None:
+                unpacked(pair[1])
 
         _parallel(options.jobs, fetch_and_unpack, list(zip(layers, diff_ids, strict=True)))
     finally:

@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +34,7 @@ from typing import IO, Any, BinaryIO
 import xxhash
 
 from ..errors import StrataError
-from .estargz import FORMAT_ENTRIES, TOC_DIGEST_ANNOTATION
-from .layertar import DEFAULT_LAYER_LIMIT, unpack_layer
+from .layertar import DEFAULT_LAYER_LIMIT, ESTARGZ_ENTRIES, TOC_DIGEST_ANNOTATION, unpack_layer
 from .reference import Reference, check_digest, parse_reference
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -71,11 +71,6 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     for diff_id in diff_ids:
         chains.append(diff_id if not chains else sha256_digest(f"{chains[-1]} {diff_id}".encode()))
     return chains
-
-
-def layer_known_id(diff_id: str) -> bytes:
-    """The core's identity of a store layer: its content never changes."""
-    return xxhash.xxh3_128_digest(b"oci-layer\0" + diff_id.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +261,7 @@ class Store:
         self.root = os.path.abspath(root)
         self.blobs = os.path.join(self.root, "blobs", "sha256")
         self.layers_dir = os.path.join(self.root, "layers")
+        self.layer_ids = os.path.join(self.root, "layer-ids")  # layer_known_id's tokens
         self.containers_dir = os.path.join(self.root, "containers")
         self.tmp = os.path.join(self.root, "tmp")
         self.locks = os.path.join(self.root, "locks")
@@ -392,8 +388,43 @@ class Store:
     def layer_path(self, diff_id: str) -> str:
         return os.path.join(self.layers_dir, check_digest(diff_id)[len("sha256:") :])
 
+    def layer_known_id(self, diff_id: str) -> bytes:
+        """The core's identity of a stored layer, which never changes while it
+        is stored: its DiffID and a token of this copy of it. A layer removed
+        and unpacked again is a new directory whose files have other inode
+        numbers: the index must not take it for the one it saw (its reads
+        failed with ESTALE). The token is made at first use, and goes with
+        the layer (remove_layer)."""
+        path = os.path.join(self.layer_ids, check_digest(diff_id)[len("sha256:") :])
+        try:
+            with open(path, "rb") as handle:
+                token = handle.read()
+        except FileNotFoundError:
+            os.makedirs(self.layer_ids, mode=0o700, exist_ok=True)
+            temp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+            with open(temp, "wb") as handle:
+                handle.write(os.urandom(16).hex().encode())
+            try:
+                os.link(temp, path)  # the first one made wins
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(temp)
+            with open(path, "rb") as handle:
+                token = handle.read()
+        return xxhash.xxh3_128_digest(b"oci-layer\0" + diff_id.encode() + b"\0" + token)
+
+    def remove_layer(self, diff_id: str) -> None:
+        """Remove a layer's directory, its lazy state and its token. Call with
+        the store exclusive."""
+        hex_id = check_digest(diff_id)[len("sha256:") :]
+        for path in (self.layer_path(diff_id), self.lazy_state_dir(diff_id)):
+            shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.layer_ids, hex_id))
+
     def lazy_state_dir(self, diff_id: str) -> str:
-        """Where a lazily pulled layer keeps its TOC and what is in place (lazy.py)."""
+        """Where a lazily pulled layer keeps its TOC and what is in place (lazy/layers.py)."""
         return os.path.join(self.root, "lazy", check_digest(diff_id)[len("sha256:") :])
 
     def unpack(self, layer: Descriptor, diff_id: str) -> str:
@@ -439,7 +470,7 @@ class Store:
                 os.mkdir(work, 0o755)
             label = f"layer {layer.digest}"
             try:
-                hidden = FORMAT_ENTRIES if TOC_DIGEST_ANNOTATION in layer.annotations else None
+                hidden = ESTARGZ_ENTRIES if TOC_DIGEST_ANNOTATION in layer.annotations else None
                 result = unpack_layer(
                     blob,
                     work,
@@ -545,7 +576,7 @@ class Store:
 
         index = Index(self.index_path)
         try:
-            prepare_stack(index, paths, known_ids=[layer_known_id(item) for item in diff_ids])
+            prepare_stack(index, paths, known_ids=[self.layer_known_id(item) for item in diff_ids])
         finally:
             index.close()
 
@@ -749,8 +780,11 @@ class Store:
                 blobs += 1
         for name in os.listdir(self.layers_dir):
             if "sha256:" + name not in keep_layers:
-                shutil.rmtree(os.path.join(self.layers_dir, name))
+                self.remove_layer("sha256:" + name)
                 layers += 1
+        for name in os.listdir(self.layer_ids) if os.path.isdir(self.layer_ids) else ():
+            if "sha256:" + name not in keep_layers and "." not in name:
+                os.unlink(os.path.join(self.layer_ids, name))  # of a layer never unpacked
         for name in os.listdir(self.locks):
             # A lock a running command holds stays: a new file would not exclude it.
             if "sha256:" + name not in keep_layers and not self._busy(name):

@@ -86,12 +86,6 @@ class Catalog:
     def fs(self, snapshot: Snapshot) -> str:
         return snapshot.layer_dir or os.path.join(self.dirs, snapshot.id, "fs")
 
-    @staticmethod
-    def known_id(snapshot: Snapshot) -> str:
-        """What the views' index knows a committed layer by: it never changes,
-        so no mount walks it to fingerprint it."""
-        return snapshot.diff_id or f"strata-snapshot/{snapshot.id}"
-
     def work(self, snapshot: Snapshot) -> str:
         return os.path.join(self.dirs, snapshot.id, "work")
 

@@ -20,8 +20,8 @@ import sys
 from typing import Any
 
 from ..errors import StrataError
-from ..image.lazy import DEFAULT_TIMEOUT, LazyLayer, range_fetcher
 from ..image.store import Store
+from ..lazy.layers import DEFAULT_TIMEOUT, LazyLayer, range_fetcher
 from ..mount import MountRequest, WritableLayer, mount
 
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import StrataError
-from ..image.lazy import lay_out, lazy_format
 from ..image.reference import parse_reference
 from ..image.registry import ProgressLine, RegistryOptions, open_manifest
 from ..image.store import Store, parse_config, parse_manifest
+from ..lazy.layers import lay_out, lazy_format
 
 log = logging.getLogger("strata.snapshotter")
 

@@ -30,9 +30,9 @@ from typing import Any
 import grpc
 
 from ..errors import StrataError
-from ..image.lazy import filled_in_place
 from ..image.registry import RegistryOptions
 from ..image.store import Store
+from ..lazy.layers import filled_in_place
 from . import api
 from .catalog import Catalog, Snapshot, SnapshotError, usage
 from .filters import matcher
@@ -82,13 +82,21 @@ class Snapshotter:
         return [
             ViewLayer(
                 self.catalog.fs(layer),
-                self.catalog.known_id(layer),
+                self._known_id(layer),
                 layer.diff_id
                 if layer.diff_id and filled_in_place(self.store, layer.diff_id)
                 else "",
             )
             for layer in chain
         ]
+
+    def _known_id(self, layer: Snapshot) -> str:
+        """What the views' index knows a committed layer by: it never changes,
+        so no mount walks it to fingerprint it (a snapshot's id is never
+        reused; a remote layer is the store's, known as the store knows it)."""
+        if layer.diff_id:
+            return self.store.layer_known_id(layer.diff_id).hex()
+        return f"strata-snapshot/{layer.id}"
 
     def mounts(self, snapshot: Snapshot) -> list[Any]:
         fs = self.catalog.fs(snapshot)
@@ -181,11 +189,7 @@ class Snapshotter:
             other.diff_id == snapshot.diff_id for other in self.catalog
         ):  # the store's copy of a remote layer, once no snapshot is on it
             with self.store.exclusive():
-                for path in (
-                    self.store.layer_path(snapshot.diff_id),
-                    self.store.lazy_state_dir(snapshot.diff_id),
-                ):
-                    shutil.rmtree(path, ignore_errors=True)
+                self.store.remove_layer(snapshot.diff_id)
 
     def _uses_view(self, parent: str) -> bool:
         return any(child.kind != api.COMMITTED for child in self.catalog.children(parent))

@@ -26,7 +26,7 @@ from .catalog import SnapshotError
 @dataclass(frozen=True)
 class ViewLayer:
     path: str
-    known: str  # the identity the index knows it by (catalog.known_id)
+    known: str  # the identity the index knows it by (Snapshotter._known_id)
     lazy: str = ""  # the DiffID of a layer whose data comes on demand
 
 

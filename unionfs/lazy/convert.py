@@ -15,15 +15,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 from ..errors import StrataError
-from .estargz import TOC_DIGEST_ANNOTATION, convert_tar
-from .layertar import decompressed
-from .store import (
+from ..image.layertar import decompressed
+from ..image.store import (
     DOCKER_LAYER,
     DOCKER_MANIFEST,
     OCI_LAYER_GZIP,
     Image,
     Store,
 )
+from .estargz import TOC_DIGEST_ANNOTATION, convert_tar
 
 
 def read_prefetch_list(path: str) -> list[str]:

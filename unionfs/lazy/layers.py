@@ -33,10 +33,10 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import StrataError
+from ..image.layertar import decompressed, unpack_skeleton
+from ..image.reference import Reference
+from ..image.store import Descriptor, Image, Store, parse_config, parse_manifest
 from . import estargz, zstdchunked
-from .layertar import decompressed, unpack_skeleton
-from .reference import Reference
-from .store import Descriptor, Image, Store, parse_config, parse_manifest
 
 log = logging.getLogger("strata.lazy")
 
@@ -418,7 +418,7 @@ def _slicer(data: bytes, start: int) -> Callable[[estargz.Chunk], bytes]:
 def range_fetcher(store: Store, diff_id: str, options: Any | None) -> RangeFetcher:
     """Fetches ranges of the layer's blob from where it was pulled (with the
     TLS settings of that pull, unless *options* are given)."""
-    from .registry import RegistryClient, RegistryOptions, load_credentials
+    from ..image.registry import RegistryClient, RegistryOptions, load_credentials
 
     with open(os.path.join(state_dir(store, diff_id), "source.json")) as handle:
         source = json.load(handle)
@@ -560,7 +560,7 @@ def pull_lazy(
     """Record an image whose eStargz layers are laid out from their TOCs; any
     other layer is pulled whole, except with *stream* the plain layers at the
     top of the image that are not stored yet: a mount streams those in."""
-    from .registry import ProgressLine, open_manifest
+    from ..image.registry import ProgressLine, open_manifest
 
     client, data, digest = open_manifest(reference, options)
     _, config, layers = parse_manifest(data, digest)

@@ -31,14 +31,23 @@ from datetime import UTC, datetime
 from typing import IO, Any, Protocol
 
 from ..errors import StrataError
+from ..image.layertar import (
+    ESTARGZ_ENTRIES,
+    ESTARGZ_NO_PREFETCH_LANDMARK,
+    ESTARGZ_PREFETCH_LANDMARK,
+    ESTARGZ_TOC_NAME,
+)
+from ..image.layertar import (
+    TOC_DIGEST_ANNOTATION as TOC_DIGEST_ANNOTATION,
+)
 
-TOC_NAME = "stargz.index.json"
-PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+# Entries of the tar that are the format's own (a mounted layer hides them),
+# and the annotation with the TOC's digest: known to image/ too, for unpacking.
+TOC_NAME = ESTARGZ_TOC_NAME
+PREFETCH_LANDMARK = ESTARGZ_PREFETCH_LANDMARK
+NO_PREFETCH_LANDMARK = ESTARGZ_NO_PREFETCH_LANDMARK
+FORMAT_ENTRIES = ESTARGZ_ENTRIES
 LANDMARK_DATA = b"\x0f"
-# Entries of the tar that are the format's own: a mounted layer hides them.
-FORMAT_ENTRIES = frozenset({TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 FOOTER_SIZE = 51
 CHUNK_SIZE = 4 << 20  # stargz-snapshotter's default

@@ -6,7 +6,7 @@ frame near the end. The layer descriptor's annotations give the manifest's
 position and the digest of its compressed bytes, so a reader that trusts the
 manifest can check every chunk it fetches.
 
-Knows nothing of FUSE or of the store: lazy.py uses it beside estargz.py.
+Knows nothing of FUSE or of the store: layers.py uses it beside estargz.py.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StrataError
-from .registry import ProgressLine, RegistryAway
-from .store import Descriptor, Store
+from ..image.registry import ProgressLine, RegistryAway
+from ..image.store import Descriptor, Store
 
 log = logging.getLogger(__name__)
 
