@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -46,7 +47,7 @@ from tests.mounts import strata
 from tests.registry import run_registry
 from tests.trees import differences, snapshot
 from unionfs.lazy import estargz
-from unionfs.mount import find_mount
+from unionfs.mount import find_mount, pid_file
 from unionfs.snapshot import api
 from unionfs.snapshot.remote import REMOTE_MARK
 
@@ -703,3 +704,31 @@ def test_concurrent_pulls_and_starts(scratch: str, busybox_archive: str) -> None
             time.sleep(0.1)
         assert _names(snap.call("List", filters=["kind==active"])) == set()
         assert _views_mounted(snap) == []
+
+
+def test_a_view_whose_daemon_died_is_mounted_again(scratch: str, busybox_archive: str) -> None:
+    """A view's daemon killed: the next container on the image gets a new
+    view (the dead mount detached), and runs."""
+    with (
+        snapshotter(f"{scratch}/snapshotter") as snap,
+        containerd(f"{scratch}/containerd", snap.address) as ctr,
+    ):
+        ctr.ctr("images", "import", "--snapshotter", "strata", busybox_archive)
+        ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "first", "/bin/echo")
+        (view,) = _views_mounted(snap)
+        path = f"{snap.root}/views/{view}"
+        with open(pid_file(path)) as handle:
+            os.kill(int(handle.read()), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.statvfs(path)  # asks the daemon (attributes may be cached)
+            except OSError as exc:
+                assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+                break
+            assert time.monotonic() < deadline, "the view still answers"
+            time.sleep(0.05)
+        ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "second", "/bin/cat",
+                      "/usr/bin/hello")  # fmt: skip
+        assert ran.stdout == "#!/bin/sh\necho hello\n"
+        assert os.listdir(path)  # a live view again

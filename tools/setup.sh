@@ -15,13 +15,14 @@ cd "$(dirname "$0")/.."
 # mounts with runc, crun, bubblewrap and podman; the rootless podman and buildah
 # tests need uidmap's newuidmap/newgidmap for a user made by the test; strace
 # counts the daemon's syscalls in a test of its request loop; containerd (with
-# runc) runs containers through `strata snapshotter` in its tests.
+# runc) runs containers through `strata snapshotter` in its tests, and
+# stargz-snapshotter's ctr-remote pulls lazily through it.
 packages=(
   python3 python3-venv python3-dev gcc pkg-config patch
   fuse3 libfuse3-dev fuse-overlayfs unionfs-fuse
   util-linux mount procps ca-certificates strace dpkg-dev xz-utils debian-archive-keyring
   docker-registry skopeo umoci busybox-static debootstrap apache2-utils openssl zstd
-  runc crun bubblewrap podman buildah uidmap containerd
+  runc crun bubblewrap podman buildah uidmap containerd stargz-snapshotter
 )
 missing=()
 for package in "${packages[@]}"; do

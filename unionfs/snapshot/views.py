@@ -30,17 +30,22 @@ class ViewLayer:
     lazy: str = ""  # the DiffID of a layer whose data comes on demand
 
 
+# What a FUSE mount answers once its daemon is gone (the kernel's choice varies).
+_DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def _state(path: str) -> str:
-    """ "mounted", "dead" (a FUSE mount whose daemon is gone) or "absent"."""
+    """ "mounted", "dead" (a FUSE mount whose daemon is gone) or "absent".
+    statfs asks the daemon itself: lookups and attributes may be the
+    kernel's cached answers."""
     try:
-        if os.path.ismount(path):
-            return "mounted"
-        os.stat(path)
+        if not os.path.ismount(path):
+            os.stat(path)  # ENOTCONN from a dead mount ismount() took for none
+            return "absent"
+        os.statvfs(path)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            return "dead"
-        return "absent"
-    return "mounted" if os.path.ismount(path) else "absent"
+        return "dead" if exc.errno in _DEAD else "absent"
+    return "mounted"
 
 
 class Views:
