@@ -9,8 +9,8 @@ already exists, and never fetches the blob.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +20,6 @@ from ..image.reference import parse_reference
 from ..image.registry import ProgressLine, RegistryOptions, open_manifest
 from ..image.store import Store, parse_config, parse_manifest
 from ..lazy.layers import lay_out, lazy_format
-
-log = logging.getLogger("strata.snapshotter")
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
 # Set on the snapshots served remotely (stargz-snapshotter's label, which its
@@ -65,9 +63,11 @@ class RemoteLayers:
         self.store = store
         self.options_for = options_for
         self._manifests: dict[str, _Manifest] = {}
+        self._lock = threading.Lock()  # the manifests (calls come from several threads)
 
     def _manifest(self, text: str) -> _Manifest:
-        known = self._manifests.get(text)
+        with self._lock:
+            known = self._manifests.get(text)
         if known is not None and time.monotonic() - known.fetched < _MANIFEST_TTL:
             return known
         reference = parse_reference(text, remote=True)
@@ -77,7 +77,8 @@ class RemoteLayers:
         client.fetch_blob(self.store, reference.repository, config, ProgressLine(False, ""))
         _, diff_ids = parse_config(self.store.read_blob(config.digest), config.digest, len(layers))
         found = _Manifest(client, reference.repository, layers, diff_ids, time.monotonic())
-        self._manifests[text] = found
+        with self._lock:
+            self._manifests[text] = found
         return found
 
     def lay_out(self, reference: str, digest: str) -> str | None:

@@ -132,6 +132,15 @@ class Snapshotter:
             self._drop(self.catalog.remove(key))
             raise
 
+    def fetch_remote(self, labels: dict[str, str]) -> None:
+        """Lay out the layer a Prepare's labels name, if it can be read lazily
+        (without the service's lock; create() then finds it laid out)."""
+        source = remote_source(labels)
+        if source is None or source[0] in self.catalog.snapshots:
+            return
+        with contextlib.suppress(StrataError, OSError):  # create() tries again, and says why
+            self.remote.lay_out(source[1], source[2])
+
     def _serve_remotely(
         self, parent: str, labels: dict[str, str], chain: str, reference: str, digest: str
     ) -> None:
@@ -326,6 +335,10 @@ def _rpc(
 ) -> Callable[[Any, grpc.ServicerContext], Any]:
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            if name == "Prepare":
+                # The registry part of a remote snapshot, before the lock:
+                # pulls of several images run side by side.
+                service.fetch_remote(dict(request.labels))
             with service.lock:
                 if name in _LOGGED:
                     key = getattr(request, "key", "") or ""
