@@ -44,7 +44,7 @@ from tests.hostile import (
 from tests.images import build_busybox, run, umoci_rootfs
 from tests.layers import write
 from tests.mounts import strata
-from tests.registry import run_registry
+from tests.registry import PASSWORD, USER, run_registry
 from tests.trees import differences, snapshot
 from unionfs.lazy import estargz
 from unionfs.mount import find_mount, pid_file
@@ -433,10 +433,10 @@ def _view_tree(ctr: Containerd, chain: str, target: str) -> Iterator[str]:
         ctr.ctr("snapshots", "--snapshotter", "strata", "rm", "look")
 
 
-def _rpull(ctr: Containerd, image: str) -> None:
+def _rpull(ctr: Containerd, image: str, *flags: str) -> None:
     done = subprocess.run(
         ["ctr-remote", "-a", ctr.address, "-n", ctr.namespace, "images", "rpull",
-         "--plain-http", "--snapshotter", "strata", image],
+         "--plain-http", "--snapshotter", "strata", *flags, image],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -732,3 +732,27 @@ def test_a_view_whose_daemon_died_is_mounted_again(scratch: str, busybox_archive
                       "/usr/bin/hello")  # fmt: skip
         assert ran.stdout == "#!/bin/sh\necho hello\n"
         assert os.listdir(path)  # a live view again
+
+
+def test_remote_layers_from_a_registry_with_logins(
+    scratch: str, esgz_source: tuple[str, str]
+) -> None:
+    """The snapshotter's --creds reach the views' on-demand reads too: a
+    registry that wants a login serves the file data a container reads."""
+    store, reference = esgz_source
+    with (
+        run_registry(f"{scratch}/registry", logins=True) as registry,
+        snapshotter(
+            f"{scratch}/snapshotter", "--tls-verify", "false", "--creds", f"{USER}:{PASSWORD}"
+        ) as snap,  # fmt: skip
+        containerd(f"{scratch}/containerd", snap.address) as ctr,
+    ):
+        strata(store, "push", "--tls-verify=false", "--creds", f"{USER}:{PASSWORD}",
+               "busybox:esgz", f"{registry.host}/esgz:v1")  # fmt: skip
+        image = f"{registry.host}/esgz:v1"
+        _rpull(ctr, image, "--user", f"{USER}:{PASSWORD}")
+        assert len(_names(snap.call("List", filters=[f'labels."{REMOTE_MARK}"']))) == 3
+        ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", image, "c1", "/bin/cat",
+                      "/usr/bin/hello", "/etc/passwd")  # fmt: skip
+        with open(f"{reference}/usr/bin/hello") as hello, open(f"{reference}/etc/passwd") as pw:
+            assert ran.stdout == hello.read() + pw.read()

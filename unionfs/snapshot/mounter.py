@@ -4,7 +4,7 @@ layer mounts without a Python start and its imports (about 150 ms of each).
 
 Requests and answers are JSON lines on its standard input and output:
   {"id": N, "spec": {store, mountpoint, passthrough, layers: [{path, known,
-   lazy}] lowest first, writable: [upper, work] or null}}
+   lazy, registry}] lowest first, writable: [upper, work] or null}}
   {"id": N, "error": ""}            (or the one-line reason it failed)
 A child answers once its mount serves; the mount's daemon is a process of its
 own, so neither the mounter nor the snapshotter stopping ends a mount. The
@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from ..errors import StrataError
+from ..image.registry import RegistryOptions
 from ..image.store import Store
 from ..lazy.layers import DEFAULT_TIMEOUT, LazyLayer, range_fetcher
 from ..mount import MountRequest, WritableLayer, mount
@@ -29,7 +30,12 @@ def mount_spec(spec: dict[str, Any]) -> None:
     store = Store(spec["store"])
     layers = spec["layers"]
     lazy = [
-        LazyLayer(store, layer["lazy"], range_fetcher(store, layer["lazy"], None), DEFAULT_TIMEOUT)
+        LazyLayer(
+            store,
+            layer["lazy"],
+            range_fetcher(store, layer["lazy"], _options(layer)),
+            DEFAULT_TIMEOUT,
+        )
         for layer in layers
         if layer["lazy"]
     ]
@@ -47,6 +53,13 @@ def mount_spec(spec: dict[str, Any]) -> None:
             passthrough=spec["passthrough"],
         )
     )
+
+
+def _options(layer: dict[str, Any]) -> RegistryOptions | None:
+    """The registry options the snapshotter gave for a lazy layer (None: as
+    the layer was pulled, with the credentials of the usual auth files)."""
+    given = layer.get("registry")
+    return None if not given else RegistryOptions(progress=False, **given)
 
 
 def _answer(number: int, error: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -68,7 +69,8 @@ class Snapshotter:
         self.catalog = Catalog(root)
         self.views = Views(root, passthrough)
         self.store = Store(self.views.store)
-        self.remote = RemoteLayers(self.store, registry_options or (lambda host: RegistryOptions()))
+        self.registry_options = registry_options or (lambda host: RegistryOptions())
+        self.remote = RemoteLayers(self.store, self.registry_options)
         self.lock = threading.Lock()
 
     # Mounts ------------------------------------------------------------------
@@ -79,16 +81,28 @@ class Snapshotter:
         return self.views.ensure(chain[-1].id, self._layers(chain))
 
     def _layers(self, chain: list[Snapshot]) -> list[ViewLayer]:
-        return [
-            ViewLayer(
-                self.catalog.fs(layer),
-                self._known_id(layer),
-                layer.diff_id
-                if layer.diff_id and filled_in_place(self.store, layer.diff_id)
-                else "",
-            )
-            for layer in chain
-        ]
+        layers = []
+        for layer in chain:
+            fs, known = self.catalog.fs(layer), self._known_id(layer)
+            if layer.diff_id and filled_in_place(self.store, layer.diff_id):
+                registry = self._registry_of(layer.diff_id)
+                layers.append(ViewLayer(fs, known, layer.diff_id, registry))
+            else:
+                layers.append(ViewLayer(fs, known))
+        return layers
+
+    def _registry_of(self, diff_id: str) -> dict[str, Any]:
+        """How a view reaches the registry a lazy layer's data comes from: the
+        options (TLS, credentials) the snapshotter has for that host."""
+        with open(os.path.join(self.store.lazy_state_dir(diff_id), "source.json")) as handle:
+            host = json.load(handle)["registry"]
+        options = self.registry_options(host)
+        return {
+            "tls_verify": options.tls_verify,
+            "ca_cert": options.ca_cert,
+            "username": options.username,
+            "password": options.password,
+        }
 
     def _known_id(self, layer: Snapshot) -> str:
         """What the views' index knows a committed layer by: it never changes,

@@ -28,6 +28,9 @@ class ViewLayer:
     path: str
     known: str  # the identity the index knows it by (Snapshotter._known_id)
     lazy: str = ""  # the DiffID of a layer whose data comes on demand
+    # For a lazy layer: how to reach its registry (tls_verify, ca_cert,
+    # username, password), as the snapshotter was told for that host.
+    registry: dict[str, Any] | None = None
 
 
 # What a FUSE mount answers once its daemon is gone (the kernel's choice varies).
