@@ -717,21 +717,49 @@ def test_a_view_whose_daemon_died_is_mounted_again(scratch: str, busybox_archive
         ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "first", "/bin/echo")
         (view,) = _views_mounted(snap)
         path = f"{snap.root}/views/{view}"
-        with open(pid_file(path)) as handle:
-            os.kill(int(handle.read()), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                os.statvfs(path)  # asks the daemon (attributes may be cached)
-            except OSError as exc:
-                assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-                break
-            assert time.monotonic() < deadline, "the view still answers"
-            time.sleep(0.05)
+        _kill_view(path)
         ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "second", "/bin/cat",
                       "/usr/bin/hello")  # fmt: skip
         assert ran.stdout == "#!/bin/sh\necho hello\n"
         assert os.listdir(path)  # a live view again
+        # The mounter killed, then the view again: the next mount starts a mounter.
+        (mounter,) = [pid for pid in _children(snap.process.pid) if b"mounter" in _cmdline(pid)]
+        os.kill(mounter, signal.SIGKILL)
+        _kill_view(path)
+        ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, "third", "/bin/echo")
+        (again,) = [pid for pid in _children(snap.process.pid) if b"mounter" in _cmdline(pid)]
+        assert again != mounter
+
+
+def _kill_view(path: str) -> None:
+    """SIGKILL a view's daemon, and wait until the mount answers as dead."""
+    with open(pid_file(path)) as handle:
+        os.kill(int(handle.read()), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.statvfs(path)  # asks the daemon (attributes may be cached)
+        except OSError as exc:
+            assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+            return
+        assert time.monotonic() < deadline, "the view still answers"
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return b""
 
 
 def test_remote_layers_from_a_registry_with_logins(

@@ -1,12 +1,13 @@
-"""Merged read-only views of committed chains: one strata mount per chain,
-shared by every snapshot on it (the single `lowerdir` of their overlay mounts).
+"""The snapshotter's mounts. A committed chain's view: one read-only strata
+mount of its layer directories, shared by every snapshot on it (the single
+`lowerdir` of their overlay mounts). With --writable fuse, a container's
+layer: a writable strata mount of its chain, its changes in its own upper.
 
-Each view is a read-only strata mount of the chain's layer directories
-(mounted by mounter.py), indexed in the store under the snapshotter's root like any
-image: by identities that never change, so no mount walks a layer, and a
-chain's index extends its parent's. Its daemon
-is a process of its own: a snapshotter that stops or restarts leaves running
-containers' views serving, and finds them mounted again.
+Each is indexed in the store under the snapshotter's root like any image, by
+identities that never change, so no mount walks a layer and a chain's index
+extends its parent's. Every mount's daemon is a process of its own (forked by
+the mounter, mounter.py): a snapshotter that stops or restarts leaves running
+containers' mounts serving, and finds them mounted again.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ class Mounter:
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
-        self._waiting: dict[int, tuple[threading.Event, list[str]]] = {}
+        # Requests answered by now, by number: the process asked, the event, the answer.
+        self._waiting: dict[int, tuple[subprocess.Popen[bytes], threading.Event, list[str]]] = {}
         self._serial = 0
 
     def mount(self, spec: dict[str, Any]) -> str:
@@ -166,7 +168,7 @@ class Mounter:
             process = self._running()
             self._serial += 1
             number = self._serial
-            self._waiting[number] = (done, answer)
+            self._waiting[number] = (process, done, answer)
             assert process.stdin is not None
             try:
                 process.stdin.write((json.dumps({"id": number, "spec": spec}) + "\n").encode())
@@ -196,13 +198,14 @@ class Mounter:
             with self._lock:
                 waiting = self._waiting.pop(reply["id"], None)
             if waiting is not None:
-                waiting[1][0] = reply["error"]
-                waiting[0].set()
-        with self._lock:  # it died: nobody waits forever
-            for done, answer in self._waiting.values():
-                answer[0] = "the mounter exited"
-                done.set()
-            self._waiting.clear()
+                waiting[2][0] = reply["error"]
+                waiting[1].set()
+        with self._lock:  # it died: nobody that asked it waits forever
+            for number, (asked, done, answer) in list(self._waiting.items()):
+                if asked is process:
+                    answer[0] = "the mounter exited"
+                    done.set()
+                    del self._waiting[number]
 
     def close(self) -> None:
         if self._process is not None and self._process.poll() is None:
