@@ -182,6 +182,8 @@ def test_rules_status_codes_and_mounts(scratch: str, snap: Snapshotter) -> None:
 
 
 def test_one_snapshotter_per_socket(scratch: str, snap: Snapshotter) -> None:
+    """A second snapshotter on the same socket, or one whose catalog is not one,
+    stops with one line."""
     second = subprocess.run(
         [sys.executable, "-m", "unionfs", "snapshotter", "--address", snap.address,
          "--root", f"{scratch}/other"],
@@ -190,6 +192,24 @@ def test_one_snapshotter_per_socket(scratch: str, snap: Snapshotter) -> None:
     assert second.returncode == 1
     assert second.stderr.count("\n") == 1 and "another strata snapshotter" in second.stderr
     assert snap.call("List") == []  # the first one still answers
+    os.makedirs(f"{scratch}/broken")
+    write(f"{scratch}/broken/snapshots.json", "{not json")
+    broken = subprocess.run(
+        [sys.executable, "-m", "unionfs", "snapshotter", "--address", f"{scratch}/broken.sock",
+         "--root", f"{scratch}/broken"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert broken.returncode == 1 and broken.stderr.count("\n") == 1
+    assert "is not a snapshot catalog" in broken.stderr
+    kept = write(f"{scratch}/a-file", "not a socket")
+    refused = subprocess.run(
+        [sys.executable, "-m", "unionfs", "snapshotter", "--address", kept,
+         "--root", f"{scratch}/third"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "is not a socket" in refused.stderr
+    with open(kept) as handle:
+        assert handle.read() == "not a socket"
 
 
 def _chain_id(ctr: Containerd, image: str) -> str:

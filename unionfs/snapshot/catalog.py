@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from ..errors import StrataError
 from . import api
 
 # containerd's limit for one label (key and value together).
@@ -62,12 +63,15 @@ class Catalog:
         self.snapshots: dict[str, Snapshot] = {}
         self.next_id = 1
         if os.path.exists(self.path):
-            with open(self.path) as handle:
-                saved = json.load(handle)
-            self.next_id = saved["next_id"]
-            for raw in saved["snapshots"]:
-                snapshot = Snapshot(**raw)
-                self.snapshots[snapshot.name] = snapshot
+            try:
+                with open(self.path) as handle:
+                    saved = json.load(handle)
+                self.next_id = int(saved["next_id"])
+                for raw in saved["snapshots"]:
+                    snapshot = Snapshot(**raw)
+                    self.snapshots[snapshot.name] = snapshot
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StrataError(f"{self.path} is not a snapshot catalog: {exc}") from None
 
     def save(self) -> None:
         saved = {

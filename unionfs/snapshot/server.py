@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -159,9 +160,13 @@ def serve(
     os.makedirs(root, mode=0o711, exist_ok=True)
     os.makedirs(os.path.dirname(address), exist_ok=True)
     with _single_instance(root, address):
-        service = Snapshotter(root, passthrough, registry_options, view_idle, writable)
-        with contextlib.suppress(FileNotFoundError):
+        try:
+            if not stat.S_ISSOCK(os.lstat(address).st_mode):
+                raise StrataError(f"{address} exists and is not a socket")
             os.unlink(address)  # a socket a stopped instance left
+        except FileNotFoundError:
+            pass
+        service = Snapshotter(root, passthrough, registry_options, view_idle, writable)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         server.add_generic_rpc_handlers((generic_handler(service),))
         if server.add_insecure_port(f"unix://{address}") == 0:
