@@ -804,3 +804,43 @@ def test_remote_layers_from_a_registry_with_logins(
                       "/usr/bin/hello", "/etc/passwd")  # fmt: skip
         with open(f"{reference}/usr/bin/hello") as hello, open(f"{reference}/etc/passwd") as pw:
             assert ran.stdout == hello.read() + pw.read()
+
+
+def test_a_snapshotter_killed_mid_unpack(scratch: str, busybox_archive: str) -> None:
+    """SIGKILL at points inside an unpack: a snapshotter started again serves
+    the import again and a container on it, and once the image is removed
+    nothing of it is left (directories, views, the store's layers)."""
+    top = f"{scratch}/snapshotter"
+    snap = start_snapshotter(top)
+    try:
+        with containerd(f"{scratch}/containerd", snap.address) as ctr:
+            for delay in (0.02, 0.1, 0.2, 0.4):
+                importing = subprocess.Popen(
+                    ["ctr", "-a", ctr.address, "-n", ctr.namespace, "images", "import",
+                     "--snapshotter", "strata", busybox_archive],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                time.sleep(delay)
+                snap.process.kill()
+                snap.process.wait()
+                importing.wait(timeout=120)
+                snap = start_snapshotter(top)
+                deadline = time.monotonic() + 30  # containerd dials again within 3 s
+                while True:
+                    done = ctr.ctr("images", "import", "--snapshotter", "strata",
+                                   busybox_archive, check=False)  # fmt: skip
+                    if done.returncode == 0 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
+                assert done.returncode == 0, done.stderr
+                ran = ctr.ctr("run", "--rm", "--snapshotter", "strata", IMAGE, f"c{delay}",
+                              "/bin/cat", "/usr/bin/hello")  # fmt: skip
+                assert ran.stdout == "#!/bin/sh\necho hello\n"
+                ctr.ctr("images", "rm", "--sync", IMAGE)
+                left = _names(snap.call("List"))
+                assert left == set(), (delay, left, _logs(ctr.log, snap.log))
+                snap.call("Cleanup")
+                assert os.listdir(f"{snap.root}/snapshots") == []
+                assert _views_mounted(snap) == []
+    finally:
+        stop(snap.process)
