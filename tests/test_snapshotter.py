@@ -95,6 +95,8 @@ def test_rules_status_codes_and_mounts(scratch: str, snap: Snapshotter) -> None:
     write(f"{base[0].source}/etc/motd", "from the base layer\n")
     write(f"{base[0].source}/etc/gone", "deleted above\n")
     snap.call("Commit", name="ns/layer1", key="ns/1/base", labels={REF_LABEL: "chain1"})
+    (layer1,) = [raw for raw in _catalog(snap) if raw["name"] == "ns/layer1"]
+    assert layer1["inodes"] == -1  # a commit walks no tree: Usage counts when asked
 
     assert _code(snap, "Prepare", key="ns/layer1") == grpc.StatusCode.ALREADY_EXISTS
     assert _code(snap, "Prepare", key="ns/x", parent="ns/nope") == grpc.StatusCode.NOT_FOUND
@@ -170,6 +172,8 @@ def test_rules_status_codes_and_mounts(scratch: str, snap: Snapshotter) -> None:
     assert _names(snap.call("List", filters=["labels.note"])) == {"ns/layer2"}
     assert _code(snap, "List", filters=['labels."unclosed']) == grpc.StatusCode.INVALID_ARGUMENT
     assert snap.call("Usage", key="ns/layer1").inodes == 4  # fs, etc, motd, gone
+    (layer1,) = [raw for raw in _catalog(snap) if raw["name"] == "ns/layer1"]
+    assert layer1["inodes"] == 4  # and kept
 
     # Removing frees everything: views unmounted, directories gone.
     for key in ("ns/c1", "ns/v1", "ns/layer2", "ns/layer1"):

@@ -45,9 +45,10 @@ class Snapshot:
     created_ns: int
     updated_ns: int
     labels: dict[str, str] = field(default_factory=dict)
-    # Committed: the size and inode count of its files, taken at commit.
-    size: int = 0
-    inodes: int = 0
+    # Committed: the size and inode count of its files, taken when first asked
+    # (Usage) and kept: a commit walks no tree. -1: not yet taken.
+    size: int = -1
+    inodes: int = -1
     # A remote snapshot's layer: its directory in the views' store and its DiffID
     # (the data comes on demand); else the snapshot's own `fs`.
     layer_dir: str = ""
@@ -170,11 +171,8 @@ class Catalog:
         if name in self.snapshots:
             raise SnapshotError("ALREADY_EXISTS", f"snapshot {name}: already exists")
         shutil.rmtree(self.work(active), ignore_errors=True)
-        size, inodes = usage(self.fs(active))
         now = time.time_ns()
-        committed = Snapshot(
-            active.id, name, active.parent, api.COMMITTED, now, now, dict(labels), size, inodes
-        )
+        committed = Snapshot(active.id, name, active.parent, api.COMMITTED, now, now, dict(labels))
         del self.snapshots[key]
         self.snapshots[name] = committed
         self.save()

@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import StrataError
 from ..image.registry import RegistryOptions
 from ..image.store import Store
-from ..lazy.layers import filled_in_place
+from ..lazy.layers import filled_in_place, is_incomplete
 from . import api
 from .catalog import Catalog, Snapshot, SnapshotError, usage
 from .filters import matcher
@@ -240,10 +240,18 @@ class Snapshotter:
                 self.views.release(view)
 
     def usage(self, key: str) -> tuple[int, int]:
+        """Bytes and inodes of a snapshot's own files: an active one's now, a
+        committed one's once (its files never change), a remote layer's each
+        time until all its data is here."""
         snapshot = self.catalog.get(key)
-        if snapshot.kind == api.COMMITTED:
-            return snapshot.size, snapshot.inodes
-        return usage(self.catalog.fs(snapshot))
+        if snapshot.kind != api.COMMITTED:
+            return usage(self.catalog.fs(snapshot))
+        if snapshot.diff_id and is_incomplete(self.store, snapshot.diff_id):
+            return usage(self.catalog.fs(snapshot))
+        if snapshot.size < 0:
+            snapshot.size, snapshot.inodes = usage(self.catalog.fs(snapshot))
+            self.catalog.save()
+        return snapshot.size, snapshot.inodes
 
     def cleanup(self) -> None:
         """Unmount views of chains that are gone, let those nothing uses go
