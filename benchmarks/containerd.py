@@ -52,30 +52,6 @@ def strata(store: str, *args: str) -> None:
     subprocess.run([*STRATA, "--root", store, *args], check=True, capture_output=True)
 
 
-def _chain_of(ctr: Containerd, image: str) -> str:
-    """The chain id of *image*'s top layer, from its config's DiffIDs."""
-    import hashlib
-    import json
-
-    for line in ctr.ctr("images", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields[0] == image:
-            digest = next(field for field in fields if field.startswith("sha256:"))
-            break
-    else:
-        raise RuntimeError(f"{image} is not in containerd")
-    manifest = json.loads(ctr.ctr("content", "get", digest).stdout)
-    config = json.loads(ctr.ctr("content", "get", manifest["config"]["digest"]).stdout)
-    chain = ""
-    for diff_id in config["rootfs"]["diff_ids"]:
-        chain = (
-            diff_id
-            if not chain
-            else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
-        )
-    return chain
-
-
 def _start(ctr: Containerd, snapshotter_name: str, image: str, container: str) -> float:
     """Seconds for one `ctr run --rm` of *image* on *snapshotter_name*."""
     started = time.perf_counter()
@@ -175,7 +151,7 @@ def bench_realwork(ctr: Containerd, top: str, rounds: int, samples: Samples) -> 
     steps = realwork.steps(False)
     for name in SNAPSHOTTERS:
         ctr.ctr("images", "import", "--snapshotter", name, archive)
-    chain = _chain_of(ctr, image)
+    chain = ctr.chain_id(image)
     for number in range(rounds):
         for name in SNAPSHOTTERS[number % 3 :] + SNAPSHOTTERS[: number % 3]:
             key, target = f"w9-{name}-{number}", f"{top}/w9-{name}-{number}"

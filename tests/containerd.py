@@ -4,6 +4,8 @@ config, root, state and socket under the test's scratch directory."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -106,6 +108,25 @@ class Containerd:
         if check and done.returncode != 0:
             raise AssertionError(f"ctr {' '.join(arguments)}: {done.stderr.strip()}")
         return done
+
+    def manifest_digest(self, image: str) -> str:
+        for line in self.ctr("images", "ls").stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields[0] == image:
+                return next(field for field in fields if field.startswith("sha256:"))
+        raise AssertionError(f"{image} not in ctr images ls")
+
+    def chain_id(self, image: str) -> str:
+        """The chain id of *image*'s top layer (the snapshot containerd unpacked it to)."""
+        manifest = json.loads(self.ctr("content", "get", self.manifest_digest(image)).stdout)
+        config = json.loads(self.ctr("content", "get", manifest["config"]["digest"]).stdout)
+        chain = ""
+        for diff_id in config["rootfs"]["diff_ids"]:
+            if chain:
+                chain = "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+            else:
+                chain = diff_id
+        return chain
 
 
 def _shared_run_entries() -> set[str]:

@@ -216,30 +216,6 @@ def test_one_snapshotter_per_socket(scratch: str, snap: Snapshotter) -> None:
         assert handle.read() == "not a socket"
 
 
-def _chain_id(ctr: Containerd, image: str) -> str:
-    """The chain id of *image*'s top layer (the snapshot containerd unpacked it to)."""
-    config_digest = ctr.ctr("images", "ls").stdout  # keeps ctr's own view of the image
-    assert image in config_digest
-    manifest = json.loads(ctr.ctr("content", "get", _manifest_digest(ctr, image)).stdout)
-    config = json.loads(ctr.ctr("content", "get", manifest["config"]["digest"]).stdout)
-    chain = ""
-    for diff_id in config["rootfs"]["diff_ids"]:
-        chain = (
-            diff_id
-            if not chain
-            else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
-        )
-    return chain
-
-
-def _manifest_digest(ctr: Containerd, image: str) -> str:
-    for line in ctr.ctr("images", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields[0] == image:
-            return next(field for field in fields if field.startswith("sha256:"))
-    raise AssertionError(f"{image} not in ctr images ls")
-
-
 @pytest.fixture
 def busybox_archive(scratch: str) -> str:
     layout, tag = build_busybox(f"{scratch}/image")
@@ -268,7 +244,7 @@ def test_containerd_unpacks_and_runs_on_strata(
         unpacked_from = time.time_ns()  # directories the unpacks touched show their time
         for name in ("overlayfs", "strata"):
             ctr.ctr("images", "import", "--snapshotter", name, busybox_archive)
-            chain = _chain_id(ctr, IMAGE)
+            chain = ctr.chain_id(IMAGE)
             key = f"tree-{name}"
             ctr.ctr("snapshots", "--snapshotter", name, "prepare", key, chain)
             target = f"{scratch}/tree-{name}"
@@ -446,15 +422,24 @@ def _blob_digests(store: str) -> tuple[list[str], int]:
 
 @contextlib.contextmanager
 def _view_tree(ctr: Containerd, chain: str, target: str) -> Iterator[str]:
-    ctr.ctr("snapshots", "--snapshotter", "strata", "view", "look", chain)
+    """A view of *chain* mounted at *target*. A snapshot ctr makes belongs to
+    no lease, so containerd's garbage collection (after a container's
+    removal) may take it before it is mounted: then it is made again."""
     os.makedirs(target)
-    command = ctr.ctr("snapshots", "--snapshotter", "strata", "mounts", target, "look").stdout
-    subprocess.run(command, shell=True, check=True)
+    for _ in range(5):
+        ctr.ctr("snapshots", "--snapshotter", "strata", "view", "look", chain)
+        mounts = ctr.ctr("snapshots", "--snapshotter", "strata", "mounts", target, "look",
+                         check=False)  # fmt: skip
+        if mounts.returncode == 0 and subprocess.run(mounts.stdout, shell=True).returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no view of {chain}: {mounts.stderr}")
     try:
         yield target
     finally:
         run("umount", target)
-        ctr.ctr("snapshots", "--snapshotter", "strata", "rm", "look")
+        ctr.ctr("snapshots", "--snapshotter", "strata", "rm", "look", check=False)
 
 
 def _rpull(ctr: Containerd, image: str, *flags: str) -> None:
@@ -496,7 +481,7 @@ def test_ctr_remote_pulls_lazily(scratch: str, esgz_source: tuple[str, str]) -> 
                       "/etc/passwd")  # fmt: skip
         with open(f"{reference}/etc/passwd") as handle:
             assert ran.stdout == handle.read()
-        chain = _chain_id(ctr, image)
+        chain = ctr.chain_id(image)
         with _view_tree(ctr, chain, f"{scratch}/look") as tree:
             assert differences(snapshot(reference), snapshot(tree), times=False) == []
         ctr.ctr("images", "rm", "--sync", image)
@@ -529,7 +514,7 @@ def test_a_tampered_remote_chunk_is_eio(scratch: str, esgz_source: tuple[str, st
             handle.write(bytes([byte[0] ^ 0xFF]))
         image = f"{registry.host}/esgz:v1"
         _rpull(ctr, image)
-        with _view_tree(ctr, _chain_id(ctr, image), f"{scratch}/look") as tree:
+        with _view_tree(ctr, ctr.chain_id(image), f"{scratch}/look") as tree:
             for _ in range(2):  # refused again: bad data is never kept
                 with pytest.raises(OSError) as caught, open(f"{tree}/bin/busybox", "rb") as f:
                     f.read()
@@ -684,7 +669,7 @@ def test_ctr_remote_pulls_zstd_chunked_lazily(scratch: str) -> None:
         image = f"{proxy}/zc:v1"
         _rpull(ctr, image)
         assert len(_names(snap.call("List", filters=[f'labels."{REMOTE_MARK}"']))) == 2
-        manifest = json.loads(ctr.ctr("content", "get", _manifest_digest(ctr, image)).stdout)
+        manifest = json.loads(ctr.ctr("content", "get", ctr.manifest_digest(image)).stdout)
         content = set(ctr.ctr("content", "ls", "-q").stdout.split())
         assert not {layer["digest"] for layer in manifest["layers"]} & content
         assert plan.sent_bytes < len(busybox) // 4  # manifests of the layers, no data
