@@ -10,10 +10,12 @@ import os
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import StrataError
-from .image.store import Image, Store, open_store
+
+if TYPE_CHECKING:  # loaded by the verbs that use it: a mount daemon forks from here
+    from .image.store import Image, Store
 
 
 def _bool(text: str) -> bool:
@@ -215,6 +217,8 @@ def find_container(store: Store, text: str) -> dict[str, Any]:
 
 
 def run_image_verb(args: argparse.Namespace, root: str) -> int:
+    from .image.store import open_store
+
     verb = args.verb
     store = open_store(root, getattr(args, "max_layer_size", None))
     if verb == "pull":
@@ -409,6 +413,7 @@ def _layer_paths(store: Store, image: Image, stream: Any) -> list[str]:
 def mount_image(args: argparse.Namespace, root: str) -> None:
     """`strata mount IMAGE MOUNTPOINT [--name C]`: the image's layers under the
     container's writable layer, made on first use and kept until `strata rm`."""
+    from .image.store import open_store
     from .mount import MountRequest, WritableLayer, check_mountpoint, mount, restrictions_of
     from .volumes import parse_volume
 

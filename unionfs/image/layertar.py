@@ -47,9 +47,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 CHUNK = 1 << 20
-# No layer of a real image comes near this; a zip bomb does. `--max-layer-size`
-# or STRATA_MAX_LAYER_SIZE change it.
-DEFAULT_LAYER_LIMIT = 64 << 30
 
 
 class LayerRefused(StrataError):

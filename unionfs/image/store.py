@@ -34,7 +34,6 @@ from typing import IO, Any, BinaryIO
 import xxhash
 
 from ..errors import StrataError
-from .layertar import DEFAULT_LAYER_LIMIT, ESTARGZ_ENTRIES, TOC_DIGEST_ANNOTATION, unpack_layer
 from .reference import Reference, check_digest, parse_reference
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -256,6 +255,11 @@ class BlobWriter:
                 os.unlink(self.path)
 
 
+# No layer of a real image comes near this; a zip bomb does. `--max-layer-size`
+# or STRATA_MAX_LAYER_SIZE change it.
+DEFAULT_LAYER_LIMIT = 64 << 30
+
+
 class Store:
     def __init__(self, root: str, *, layer_limit: int = DEFAULT_LAYER_LIMIT) -> None:
         self.root = os.path.abspath(root)
@@ -468,6 +472,10 @@ class Store:
                 if os.path.lexists(work):  # left by an interrupted unpack
                     shutil.rmtree(work)
                 os.mkdir(work, 0o755)
+            # Here, not at the top: a mount daemon forked from the CLI keeps
+            # every module the CLI loaded, and tar code is no mount's business.
+            from .layertar import ESTARGZ_ENTRIES, TOC_DIGEST_ANNOTATION, unpack_layer
+
             label = f"layer {layer.digest}"
             try:
                 hidden = ESTARGZ_ENTRIES if TOC_DIGEST_ANNOTATION in layer.annotations else None
