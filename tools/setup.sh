@@ -106,7 +106,8 @@ fi
 # a queued request without a trip through the event loop; keep a file's
 # cached pages when its mtime changes; serve fallocate; and name pyfuse3's
 # version without importlib.metadata, 1.5 MiB of every daemon (see each
-# patch's header). With libfuse 3.17 an eighth gives it passthrough. strata runs on an
+# patch's header). With libfuse 3.17 two more give it passthrough and let it
+# clear set-id bits itself (no getxattr before every write). strata runs on an
 # unpatched pyfuse3 too, without them.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
@@ -116,7 +117,7 @@ pyfuse3_patches=(
   tools/pyfuse3-no-metadata.patch
 )
 if [[ $passthrough == yes ]]; then
-  pyfuse3_patches+=(tools/pyfuse3-passthrough.patch)
+  pyfuse3_patches+=(tools/pyfuse3-passthrough.patch tools/pyfuse3-killpriv.patch)
 fi
 
 # Two environments: .venv in the checkout (editable, with the test and bench

@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -84,6 +85,37 @@ def _fuse_errors(handler: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return cast(F, wrapper)
+
+
+def _caller_status(ctx: pyfuse3.RequestContext) -> dict[bytes, bytes]:
+    """The caller's /proc status lines, or none: it is gone, or in a PID
+    namespace this daemon cannot see into."""
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as status:
+            return dict(line.rstrip(b"\n").split(b":\t", 1) for line in status if b":\t" in line)
+    except OSError:
+        return {}
+
+
+def _caller_may_keep_setid(ctx: pyfuse3.RequestContext) -> bool:
+    """Whether the caller has CAP_FSETID, as the kernel asks before it keeps
+    set-id bits through a write or truncation: root (of the initial user
+    namespace: a user namespace's root shows as its host uid here) unless its
+    capability set lacks it (a container started with fewer capabilities)."""
+    if ctx.uid != 0:
+        return False
+    effective = _caller_status(ctx).get(b"CapEff")
+    return effective is None or bool(int(effective, 16) & (1 << _CAP_FSETID))
+
+
+def _caller_in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    if ctx.gid == gid:
+        return True
+    groups = _caller_status(ctx).get(b"Groups", b"").split()
+    return str(gid).encode() in groups
+
+
+_CAP_FSETID = 4
 
 
 def _invalidate_attributes(inodes: list[int]) -> None:
@@ -178,6 +210,12 @@ class StrataOperations(pyfuse3.Operations):
     # read right after it is written (an object file, an unpacked package) is
     # read through the daemon again (tools/pyfuse3-keep-data.patch).
     auto_invalidate_data = False
+    # strata clears set-id bits itself (FUSE_HANDLE_KILLPRIV_V2, with
+    # tools/pyfuse3-killpriv.patch): the kernel then stops asking for
+    # security.capability before every write (dpkg: 5,757 GETXATTR requests).
+    # It still drops a file capability on write; what it leaves to strata is
+    # the set-id bits: see _kills_setid.
+    handle_killpriv = True
 
     def __init__(
         self,
@@ -462,6 +500,9 @@ class StrataOperations(pyfuse3.Operations):
             if not truncate and not chunked:
                 await self._copy_data_up(inode)
             fd = self.view.open_for_write(inode, truncate)
+            if truncate and self._kill_setid(inode, ctx):
+                # The kernel keeps a file's mode through a truncating open.
+                await trio.to_thread.run_sync(_invalidate_attributes, [inode])
             if chunked and self.background is not None:
                 self.background.start_soon(self._fill_in_background, inode)
             # Its close reports what the background copy meets.
@@ -803,9 +844,12 @@ class StrataOperations(pyfuse3.Operations):
         if fields.update_size and attr.st_size:
             await self._copy_data_up(inode)
         handle = self.handles.get(fh) if fh is not None else None
+        mode = attr.st_mode if fields.update_mode else None
+        if mode is None and self._kills_setid(fields, ctx):
+            mode = self._mode_without_setid(inode, ctx)
         entry = self.view.setattr(
             inode,
-            mode=attr.st_mode if fields.update_mode else None,
+            mode=mode,
             uid=self._stored_owner(attr.st_uid if fields.update_uid else None, self.ownership.uids),
             gid=self._stored_owner(attr.st_gid if fields.update_gid else None, self.ownership.gids),
             size=attr.st_size if fields.update_size else None,
@@ -814,6 +858,51 @@ class StrataOperations(pyfuse3.Operations):
             fd=handle.fd if handle is not None and handle.write else None,
         )
         return self._attributes(entry)
+
+    @staticmethod
+    def _kills_setid(fields: pyfuse3.SetattrFields, ctx: pyfuse3.RequestContext) -> bool:
+        """Whether a setattr asks for the set-id bits to go (under KILLPRIV_V2).
+        The kernel flags a chown, and a truncation by a caller without
+        CAP_FSETID. Before a write by such a caller it sends a setattr of no
+        field at all (its own clearing, with the bits left to strata); it sends
+        that too before removing a file capability, whoever writes, so there
+        the caller is asked."""
+        if getattr(fields, "kill_suidgid", False):
+            return True
+        changes = (
+            fields.update_mode, fields.update_uid, fields.update_gid, fields.update_size,
+            fields.update_atime, fields.update_mtime, fields.update_ctime,
+        )  # fmt: skip
+        return not any(changes) and not _caller_may_keep_setid(ctx)
+
+    def _mode_without_setid(self, inode: int, ctx: pyfuse3.RequestContext) -> int | None:
+        """The file's mode as the kernel leaves it when it drops set-id bits
+        (a chown, or a write or truncation by a caller without CAP_FSETID):
+        no S_ISUID, and no S_ISGID where the group may execute, or where the
+        caller is neither in the file's group nor has CAP_FSETID; None if that
+        changes nothing."""
+        attrs = self._attributes(self.view.getattr(inode))
+        mode = attrs.st_mode
+        if not stat.S_ISREG(mode):
+            return None
+        kept = mode & ~stat.S_ISUID
+        in_group = _caller_in_group(ctx, attrs.st_gid) or _caller_may_keep_setid(ctx)
+        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group):
+            kept &= ~stat.S_ISGID
+        return kept if kept != mode else None
+
+    def _kill_setid(self, inode: int, ctx: pyfuse3.RequestContext) -> bool:
+        """Clear the set-id bits of a file a caller without CAP_FSETID truncates
+        by open(O_TRUNC): the kernel leaves that to a filesystem that
+        truncates in open (FUSE_ATOMIC_O_TRUNC), and libfuse does not pass on
+        its flag for it. True if the mode changed."""
+        if _caller_may_keep_setid(ctx):
+            return False
+        mode = self._mode_without_setid(inode, ctx)
+        if mode is None:
+            return False
+        self.view.setattr(inode, mode=mode)
+        return True
 
     @_fuse_errors
     async def mkdir(
