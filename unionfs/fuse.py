@@ -845,8 +845,13 @@ class StrataOperations(pyfuse3.Operations):
             await self._copy_data_up(inode)
         handle = self.handles.get(fh) if fh is not None else None
         mode = attr.st_mode if fields.update_mode else None
-        if mode is None and self._kills_setid(fields, ctx):
-            mode = self._mode_without_setid(inode, ctx)
+        if mode is None and self._may_kill_setid(fields):
+            cleared = self._mode_without_setid(inode, ctx)
+            # Asked last: it reads the caller's /proc status.
+            if cleared is not None and (
+                getattr(fields, "kill_suidgid", False) or not _caller_may_keep_setid(ctx)
+            ):
+                mode = cleared
         entry = self.view.setattr(
             inode,
             mode=mode,
@@ -860,20 +865,20 @@ class StrataOperations(pyfuse3.Operations):
         return self._attributes(entry)
 
     @staticmethod
-    def _kills_setid(fields: pyfuse3.SetattrFields, ctx: pyfuse3.RequestContext) -> bool:
-        """Whether a setattr asks for the set-id bits to go (under KILLPRIV_V2).
-        The kernel flags a chown, and a truncation by a caller without
-        CAP_FSETID. Before a write by such a caller it sends a setattr of no
-        field at all (its own clearing, with the bits left to strata); it sends
-        that too before removing a file capability, whoever writes, so there
-        the caller is asked."""
+    def _may_kill_setid(fields: pyfuse3.SetattrFields) -> bool:
+        """Whether a setattr may ask for the set-id bits to go (under
+        KILLPRIV_V2). The kernel flags a chown, and a truncation by a caller
+        without CAP_FSETID (kill_suidgid). Before a write by such a caller it
+        sends a setattr of no field at all (its own clearing, with the bits
+        left to strata); it sends that too before removing a file capability,
+        whoever writes, so for that one the caller must be asked."""
         if getattr(fields, "kill_suidgid", False):
             return True
         changes = (
             fields.update_mode, fields.update_uid, fields.update_gid, fields.update_size,
             fields.update_atime, fields.update_mtime, fields.update_ctime,
         )  # fmt: skip
-        return not any(changes) and not _caller_may_keep_setid(ctx)
+        return not any(changes)
 
     def _mode_without_setid(self, inode: int, ctx: pyfuse3.RequestContext) -> int | None:
         """The file's mode as the kernel leaves it when it drops set-id bits
@@ -896,10 +901,8 @@ class StrataOperations(pyfuse3.Operations):
         by open(O_TRUNC): the kernel leaves that to a filesystem that
         truncates in open (FUSE_ATOMIC_O_TRUNC), and libfuse does not pass on
         its flag for it. True if the mode changed."""
-        if _caller_may_keep_setid(ctx):
-            return False
         mode = self._mode_without_setid(inode, ctx)
-        if mode is None:
+        if mode is None or _caller_may_keep_setid(ctx):  # the /proc read last
             return False
         self.view.setattr(inode, mode=mode)
         return True
