@@ -214,7 +214,7 @@ class StrataOperations(pyfuse3.Operations):
     # tools/pyfuse3-killpriv.patch): the kernel then stops asking for
     # security.capability before every write (dpkg: 5,757 GETXATTR requests).
     # It still drops a file capability on write; what it leaves to strata is
-    # the set-id bits: see _kills_setid.
+    # the set-id bits: see _may_kill_setid.
     handle_killpriv = True
 
     def __init__(
@@ -891,8 +891,10 @@ class StrataOperations(pyfuse3.Operations):
         if not stat.S_ISREG(mode):
             return None
         kept = mode & ~stat.S_ISUID
-        in_group = _caller_in_group(ctx, attrs.st_gid) or _caller_may_keep_setid(ctx)
-        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group):
+        if mode & stat.S_ISGID and (
+            mode & stat.S_IXGRP  # else asked only here: it reads the caller's /proc status
+            or not (_caller_in_group(ctx, attrs.st_gid) or _caller_may_keep_setid(ctx))
+        ):
             kept &= ~stat.S_ISGID
         return kept if kept != mode else None
 
