@@ -22,6 +22,7 @@ import pytest
 
 from tests.layers import write
 from tests.mounts import patched_mount
+from tests.tracing import syscalls_of
 from unionfs.core.data import read_cached
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -305,6 +306,107 @@ def test_queued_requests_are_read_without_a_trip_through_the_event_loop(scratch:
     assert calls["read"] > 1000, calls  # requests were served
     assert calls["epoll_wait"] < calls["read"] / 4, calls
     assert calls["epoll_wait"] > calls["read"] / 40, calls  # and it still yields
+
+
+def test_a_request_that_follows_a_reply_is_read_without_a_trip_through_the_event_loop(
+    scratch: str,
+) -> None:
+    """One process asking one thing after another (dpkg, git, a compiler):
+    the daemon waits for the next request in ppoll(2) while trio has nothing
+    else to do (pyfuse3-idle-wait.patch), not in trio's scheduler (an
+    epoll_ctl, an epoll_wait and about 10 µs of Python per request before).
+    Counted by tracepoints: strace would slow the daemon until every request
+    were queued before it looks."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/f", b"x")
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, "", log_path) as (mount, daemon):
+        events = {"sys_enter_writev": "", "sys_enter_epoll_wait": ""}
+        with syscalls_of(daemon.pid, events) as traced:
+            for _ in range(2000):
+                forced_getattr(f"{mount}/f")
+            calls = traced.counts()
+    assert daemon.returncode == 0
+    assert calls.get("sys_enter_writev", 0) >= 2000, calls  # a reply to each
+    # A pass through the scheduler at every 16th request, and after the
+    # waits that ended with nothing to read (before: one or two per request).
+    assert calls.get("sys_enter_epoll_wait", 0) < 2000 / 5, calls
+
+
+# Holds every fsync in its worker thread for a while; logs when one ends.
+_SLOW_FSYNC = """
+import os, time, trio
+_run_sync = trio.to_thread.run_sync
+def _slow_fsync(fd):
+    time.sleep(3)
+    os.fsync(fd)
+    print("fsync done", flush=True)
+async def _slowed(function, *args, **kwargs):
+    if getattr(function, "__name__", "") == "fsync":
+        function = _slow_fsync
+    return await _run_sync(function, *args, **kwargs)
+trio.to_thread.run_sync = _slowed
+"""
+
+
+def _write_and_fsync(path: str) -> None:
+    with open(path, "wb") as handle:
+        handle.write(b"data")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def test_a_request_waiting_in_a_worker_thread_holds_up_no_other(scratch: str) -> None:
+    """The task that reads requests answers those whose handlers never wait
+    itself; one that waits (here an fsync held 3 s in its worker thread)
+    hands the reading on to another task, so the mount keeps answering."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/f", b"x")
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _SLOW_FSYNC, log_path) as (mount, daemon):
+        syncer = multiprocessing.Process(target=_write_and_fsync, args=(f"{mount}/new",))
+        syncer.start()
+        try:
+            deadline = time.monotonic() + 30
+            new = f"{scratch}/upper/new"
+            while not os.path.exists(new) or os.path.getsize(new) == 0:  # written: in fsync
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            for _ in range(300):
+                forced_getattr(f"{mount}/f")
+            with open(log_path, "rb") as log:
+                assert b"fsync done" not in log.read()  # all 300 answered meanwhile
+            assert syncer.is_alive()
+        finally:
+            syncer.join(timeout=30)
+        assert syncer.exitcode == 0
+    assert daemon.returncode == 0
+
+
+def _fsync_loop(path: str, count: int) -> None:
+    with open(path, "wb") as handle:
+        for _ in range(count):
+            handle.write(b"x")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def test_a_reply_from_a_worker_thread_waits_for_no_idle_wait(scratch: str) -> None:
+    """A handler that waited for a worker thread (fsync) answers once trio
+    runs it again; the reading task's wait in ppoll(2) must never keep it
+    from running (as it would if that task waited beside it in the same
+    batch of trio's run queue). Each fsync would then end a wait by its
+    timeout: tracepoints count the waits that timed out."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/f", b"x")
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, "", log_path) as (mount, daemon):
+        events = {"sys_enter_ppoll": "", "sys_exit_ppoll": "ret == 0"}  # all; timed out
+        with syscalls_of(daemon.pid, events) as traced:
+            _fsync_loop(f"{mount}/new", 300)
+            calls = traced.counts()
+    assert daemon.returncode == 0
+    assert calls.get("sys_exit_ppoll", 0) < 30, calls
 
 
 def _flood(files: list[str]) -> None:
