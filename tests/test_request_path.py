@@ -426,6 +426,26 @@ def _syscall_counts(path: str, names: tuple[str, ...] = ("read", "epoll_wait")) 
     return counts
 
 
+def test_a_getattr_of_an_upper_file_lstats_it_once(scratch: str) -> None:
+    """The attributes of a file in UPPER come from the lstat that finds it
+    under its name: one system call per getattr (two before)."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/d/f", b"x")
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, "", log_path) as (mount, daemon):
+        with open(f"{mount}/d/new", "wb") as handle:
+            handle.write(b"new")
+        with open(f"{mount}/d/f", "ab") as handle:  # a copied-up file
+            handle.write(b"y")
+        with syscalls_of(daemon.pid, {"sys_enter_newfstatat": ""}) as traced:
+            for _ in range(200):
+                forced_getattr(f"{mount}/d/new")
+                forced_getattr(f"{mount}/d/f")
+            calls = traced.counts()
+    assert daemon.returncode == 0
+    assert 400 <= calls.get("sys_enter_newfstatat", 0) < 440, calls
+
+
 def test_a_listing_read_in_many_requests_lstats_each_upper_entry_once(scratch: str) -> None:
     """The kernel reads a large directory in many readdirplus requests, each
     from the offset the last one reached. Each lists UPPER's directory again

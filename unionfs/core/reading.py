@@ -481,7 +481,7 @@ class ReadPath:
             return entry
         assert self.store is not None
         if st is None:
-            st = os.lstat(self._host(node))
+            st = self._upper_stat(node)
         nlink = st.st_nlink
         if node.linked:
             counts = self.store.link_counts(node.ino)
@@ -595,9 +595,21 @@ class ReadPath:
         assert self.store is not None
         return self.store.host_path(self._upper_place(node))
 
+    def _upper_stat(self, node: Node) -> os.stat_result:
+        """An lstat of the node's upper file: for a file found by one of its
+        names, the lstat that found it (one system call, not two)."""
+        assert self.store is not None
+        if node.linked or node.is_dir:
+            return os.lstat(self._host(node))
+        return self._upper_name_stat(node)[1]
+
     def _upper_name(self, node: Node) -> bytes:
         """A merged path at which UPPER holds this file: one of its live names,
         its latest first (a name it lost may hold another file by now)."""
+        return self._upper_name_stat(node)[0]
+
+    def _upper_name_stat(self, node: Node) -> tuple[bytes, os.stat_result]:
+        """_upper_name, and the lstat of the file there that confirmed it."""
         assert self.store is not None
         latest = (node.parent, node.name)
         candidates = sorted(node.all_names(), key=lambda item: item != latest)
@@ -610,7 +622,7 @@ class ReadPath:
             st = self.store.lstat(rel)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 node.parent, node.name = parent_ino, name
-                return rel
+                return rel, st
         raise FsError(errno.ESTALE)
 
     # Listings ---------------------------------------------------------------
