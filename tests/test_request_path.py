@@ -380,6 +380,8 @@ def test_a_request_waiting_in_a_worker_thread_holds_up_no_other(scratch: str) ->
         finally:
             syncer.join(timeout=30)
         assert syncer.exitcode == 0
+        with open(log_path, "rb") as log:
+            assert b"fsync done" in log.read()  # the held worker was the one it waited for
     assert daemon.returncode == 0
 
 
