@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 from drivers import Mounted, drop_caches, mounted
 
+from tests.tracing import EventCounter
+
 Metrics = dict[str, float]
 DRIVERS = ("strata", "strata-no-passthrough", "overlay", "fuse-overlayfs", "native")
 FUSE_DRIVERS = ("strata", "strata-no-passthrough", "fuse-overlayfs")
@@ -315,95 +317,40 @@ def measure(driver: str, mount: Mounted, inputs_dir: str, command: str) -> Metri
 class RequestCounter:
     """FUSE requests the kernel sends to one mount, by opcode.
 
-    The `fuse/fuse_request_send` tracepoint, enabled in a tracing instance of
-    our own (other tracing is left alone) and filtered to the mount's
-    connection (a FUSE superblock's anonymous device: major 0, so the
-    connection is its minor), so other mounts are not counted. The events wait
-    in the instance's buffer until counts() drains it; a buffer that overran
-    makes the counts unavailable rather than wrong. tracefs is mounted
-    privately when the machine has it nowhere. `available` is False where the
-    kernel lacks the tracepoint.
+    The `fuse/fuse_request_send` tracepoint, counted by tests/tracing.py's
+    EventCounter and filtered to the mount's connection (a FUSE superblock's
+    anonymous device: major 0, so the connection is its minor), so other
+    mounts are not counted. `available` is False where the kernel lacks the
+    tracepoint (or tracefs); counts() is None then, or after an overrun.
     """
 
     BUFFER_KIB = 65536  # per CPU: about a million requests between two counts
 
     def __init__(self, mountpoint: str) -> None:
-        self.connection = os.minor(os.stat(mountpoint).st_dev)
+        connection = os.minor(os.stat(mountpoint).st_dev)
+        self._counter = EventCounter(
+            {"fuse/fuse_request_send": f"connection == {connection}"},
+            _opcodes,
+            buffer_kib=self.BUFFER_KIB,
+            name="strata-w9",
+        )
         self.available = False
-        self._own_tracefs: str | None = None
-        self._instance: str | None = None
-        self._pipe: int | None = None
-        self._rest = b""
-        self._found: dict[str, int] = {}
 
     def __enter__(self) -> RequestCounter:
         try:
-            tracefs = self._tracefs()
-            instance = os.path.join(tracefs, "instances", f"strata-w9-{os.getpid()}")
-            os.mkdir(instance)
-            self._instance = instance
-            event = os.path.join(instance, "events", "fuse", "fuse_request_send")
-            for name, value in (
-                (os.path.join(instance, "buffer_size_kb"), str(self.BUFFER_KIB)),
-                (os.path.join(event, "filter"), f"connection == {self.connection}"),
-                (os.path.join(event, "enable"), "1"),
-            ):
-                with open(name, "w") as handle:
-                    handle.write(value)
-            pipe = os.path.join(instance, "trace_pipe")
-            self._pipe = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._counter.__enter__()
             self.available = True
         except OSError as error:
             print(f"strata bench: FUSE requests not counted: {error}", file=sys.stderr)
-            self._cleanup()
         return self
-
-    def _tracefs(self) -> str:
-        with open("/proc/self/mounts") as handle:
-            for line in handle:
-                fields = line.split()
-                if fields[2] == "tracefs":
-                    return fields[1]
-        self._own_tracefs = tempfile.mkdtemp(prefix="strata-tracefs-")
-        _run(["mount", "-t", "tracefs", "nodev", self._own_tracefs])
-        return self._own_tracefs
 
     def counts(self) -> dict[str, int] | None:
         """Requests so far by opcode; None if the buffer overran (or none)."""
-        if self._pipe is None or self._instance is None:
-            return None
-        while True:
-            try:
-                chunk = os.read(self._pipe, 1 << 20)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            lines = (self._rest + chunk).split(b"\n")
-            self._rest = lines.pop()
-            for name in re.findall(rb"opcode \d+ \(FUSE_(\w+)\)", b"\n".join(lines)):
-                opcode = name.decode()
-                self._found[opcode] = self._found.get(opcode, 0) + 1
-        for cpu in os.listdir(os.path.join(self._instance, "per_cpu")):
-            with open(os.path.join(self._instance, "per_cpu", cpu, "stats")) as handle:
-                if re.search(r"^overrun: [1-9]", handle.read(), re.M):
-                    return None
-        return dict(self._found)
+        return self._counter.counts() if self.available else None
 
     def __exit__(self, *exc: object) -> None:
-        self._cleanup()
+        self._counter.__exit__(*exc)
 
-    def _cleanup(self) -> None:
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
-        if self._instance is not None:
-            # Removing the instance disables its events and frees its buffer.
-            with contextlib.suppress(OSError):
-                os.rmdir(self._instance)
-            self._instance = None
-        own, self._own_tracefs = self._own_tracefs, None
-        if own is not None:
-            if subprocess.run(["mountpoint", "-q", own]).returncode == 0:
-                subprocess.run(["umount", own], check=False)
-            os.rmdir(own)
+
+def _opcodes(text: bytes) -> list[str]:
+    return [name.decode() for name in re.findall(rb"opcode \d+ \(FUSE_(\w+)\)", text)]

@@ -349,13 +349,6 @@ trio.to_thread.run_sync = _slowed
 """
 
 
-def _write_and_fsync(path: str) -> None:
-    with open(path, "wb") as handle:
-        handle.write(b"data")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def test_a_request_waiting_in_a_worker_thread_holds_up_no_other(scratch: str) -> None:
     """The task that reads requests answers those whose handlers never wait
     itself; one that waits (here an fsync held 3 s in its worker thread)
@@ -364,7 +357,7 @@ def test_a_request_waiting_in_a_worker_thread_holds_up_no_other(scratch: str) ->
     write(f"{lower}/f", b"x")
     log_path = os.path.join(scratch, "daemon.log")
     with patched_mount(scratch, lower, _SLOW_FSYNC, log_path) as (mount, daemon):
-        syncer = multiprocessing.Process(target=_write_and_fsync, args=(f"{mount}/new",))
+        syncer = multiprocessing.Process(target=_fsync_loop, args=(f"{mount}/new", 1))
         syncer.start()
         try:
             deadline = time.monotonic() + 30
