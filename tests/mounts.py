@@ -8,6 +8,7 @@ entry in /sys/fs/fuse/connections, never anyone else's.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import os
 import subprocess
@@ -212,3 +213,51 @@ def tmpfs(mountpoint: str, options: str) -> Iterator[str]:
     finally:
         if find_mount(mountpoint) is not None:
             force_unmount(mountpoint)
+
+
+# Logs the name of every function the daemon runs in a worker thread.
+LOG_WORKER_CALLS = """
+import trio
+_run_sync = trio.to_thread.run_sync
+async def _logged(function, *args, **kwargs):
+    print("worker:", getattr(function, "__name__", repr(function)), flush=True)
+    return await _run_sync(function, *args, **kwargs)
+trio.to_thread.run_sync = _logged
+"""
+
+
+class WorkerCalls:
+    def __init__(self, log_path: str) -> None:
+        self.log_path, self.seen = log_path, 0
+
+    def since_last(self) -> list[str]:
+        """The worker-thread calls logged since the last look."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.seen)
+            text = log.read()
+        self.seen += len(text)
+        lines = text.decode(errors="replace").splitlines()
+        return [line.split(":", 1)[1].strip() for line in lines if line.startswith("worker:")]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _AT_STATX_FORCE_SYNC, _STATX_BASIC_STATS = -100, 0x2000, 0x7FF
+
+
+def forced_getattr(path: str) -> None:
+    """statx with AT_STATX_FORCE_SYNC: the kernel asks the daemon (a GETATTR)."""
+    buffer = ctypes.create_string_buffer(256)
+    flags = _AT_STATX_FORCE_SYNC
+    if _libc.statx(_AT_FDCWD, os.fsencode(path), flags, _STATX_BASIC_STATS, buffer) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), path)
+
+
+def drop_caches(mount: str | None = None) -> None:
+    """Drop the host's page, dentry and inode caches (dirty pages written
+    first, or they stay). With *mount*, one round trip to its daemon after:
+    the kernel sends its FORGETs ahead of it, so none is left queued."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as caches:
+        caches.write("3\n")
+    if mount is not None:
+        forced_getattr(mount)

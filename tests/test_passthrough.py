@@ -21,7 +21,16 @@ from collections.abc import Iterator
 import pytest
 
 from tests.layers import write
-from tests.mounts import daemon_logs, overlay_mount, patched_mount, strata, strata_mount
+from tests.mounts import (
+    LOG_WORKER_CALLS,
+    WorkerCalls,
+    daemon_logs,
+    drop_caches,
+    overlay_mount,
+    patched_mount,
+    strata,
+    strata_mount,
+)
 from unionfs.mount import find_mount
 
 # Logs each data request the daemon serves, each file it fsyncs, and the
@@ -113,11 +122,6 @@ def _digest_tree(top: str) -> dict[str, str]:
     return found
 
 
-def _drop_caches() -> None:
-    with open("/proc/sys/vm/drop_caches", "w") as handle:
-        handle.write("3")
-
-
 @pytest.fixture
 def lower(scratch: str) -> Iterator[str]:
     path = os.path.join(scratch, "lower")
@@ -140,7 +144,7 @@ def test_no_read_or_write_request_reaches_the_daemon_for_a_passthrough_file(
     with patched_mount(scratch, lower, _LOG_DATA, log_path, passthrough="on",
                        writable=False) as (mount, _):  # fmt: skip
         _in_use(log_path)
-        _drop_caches()
+        drop_caches()
         assert _digest_tree(mount) == expected
         with open(f"{mount}/big", "rb") as handle:
             mapped = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
@@ -158,7 +162,7 @@ def test_no_read_or_write_request_reaches_the_daemon_for_a_passthrough_file(
             handle.write(b"w" * 4096)
             os.fsync(handle.fileno())
         data = data[:MiB] + b"w" * 4096 + data[MiB + 4096 :]
-        _drop_caches()
+        drop_caches()
         with open(f"{mount}/new", "rb") as handle:
             assert handle.read() == data
         with open(f"{mount}/log", "ab") as handle:  # copied up, then written by the kernel
@@ -215,7 +219,7 @@ def test_a_reader_open_before_a_copy_up_sees_the_new_data_and_no_layer_changes(
         # A file copied up while a cached open was outstanding is backed by
         # its upper copy once that open is gone: later opens go to the kernel.
         log_before = len(_served(log_path, "read"))
-        _drop_caches()
+        drop_caches()
         with open(f"{mount}/big", "rb") as handle:
             data = handle.read()
         assert len(_served(log_path, "read")) == log_before
@@ -234,6 +238,31 @@ def test_a_reader_open_before_a_copy_up_sees_the_new_data_and_no_layer_changes(
         assert handle.read(4) == b"MMAP"  # mmap writes land in UPPER
     with open(f"{scratch}/upper/big", "rb") as handle:
         assert handle.read() == data
+
+
+@needs_passthrough
+def test_a_serial_readers_cold_opens_register_their_files_on_the_trio_thread(
+    scratch: str, lower: str
+) -> None:
+    # As test_request_path.py's test for opens through the daemon: with no
+    # other request waiting, opening a host file out of the dentry cache
+    # costs less than a worker thread's round trip.
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _LOG_DATA + LOG_WORKER_CALLS, log_path, passthrough="on",
+                       writable=False) as (mount, _):  # fmt: skip
+        _in_use(log_path)
+        names = [f"small/f{index}" for index in range(20)]
+        for name in names:
+            os.lstat(f"{mount}/{name}")
+        drop_caches(mount)
+        calls = WorkerCalls(log_path)
+        calls.since_last()
+        registered = len(_served(log_path, "registered"))
+        for name in names:
+            with open(f"{mount}/{name}", "rb") as handle, open(f"{lower}/{name}", "rb") as source:
+                assert handle.read() == source.read()
+        assert len(_served(log_path, "registered")) == registered + 20
+        assert calls.since_last() == []
 
 
 @needs_passthrough
@@ -375,7 +404,7 @@ def test_a_backing_file_is_registered_once_while_the_kernel_knows_its_inode(
                 with open(f"{mount}/small/f{index}", "rb") as handle:
                     handle.read()
         assert len(_served(log_path, "registered")) == probe + 3
-        _drop_caches()  # the kernel forgets the inodes: their ids go
+        drop_caches()  # the kernel forgets the inodes: their ids go
         deadline = time.monotonic() + 30
         while len(_served(log_path, "unregistered")) < probe + 3:
             assert time.monotonic() < deadline, "forgotten inodes kept their backing ids"

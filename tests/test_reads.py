@@ -7,14 +7,8 @@ from __future__ import annotations
 import os
 
 from tests.layers import write
-from tests.mounts import strata_mount
+from tests.mounts import drop_caches, strata_mount
 from unionfs.fuse import PREFETCH_MAX
-
-
-def _drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as handle:
-        handle.write("3\n")
 
 
 def test_cold_opens_read_what_the_files_hold(scratch: str) -> None:
@@ -28,7 +22,7 @@ def test_cold_opens_read_what_the_files_hold(scratch: str) -> None:
     root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
     os.makedirs(upper)
     with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
-        _drop_caches()
+        drop_caches()
         for name, content in data.items():
             fd = os.open(f"{mount}/{name}", os.O_RDONLY)
             try:
@@ -37,7 +31,7 @@ def test_cold_opens_read_what_the_files_hold(scratch: str) -> None:
                     assert os.pread(fd, size, offset) == content[offset : offset + size], name
             finally:
                 os.close(fd)
-        _drop_caches()
+        drop_caches()
         reader = os.open(f"{mount}/changed", os.O_RDONLY)  # cold: its data is read ahead
         try:
             writer = os.open(f"{mount}/changed", os.O_WRONLY)

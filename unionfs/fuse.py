@@ -57,6 +57,21 @@ OPENDIR_OPTIONAL: bool = getattr(pyfuse3, "OPENDIR_OPTIONAL", False)
 # may have an error to report (a background copy-up) costs a flush.
 NOFLUSH: bool = hasattr(pyfuse3.FileInfo, "noflush")
 
+# Whether nothing waits for the trio thread: no request to read, no task or
+# worker result for trio (tools/pyfuse3-idle-wait.patch); never, without it.
+_nothing_waiting: Callable[[], bool] = getattr(pyfuse3, "nothing_waiting", lambda: False)
+
+
+async def _briefly_blocking(function: Callable[..., T], *args: Any) -> T:
+    """Run a call that may wait for the disk a little (an open, a read of
+    at most max_read): here when nothing else waits for the trio thread,
+    else in a worker thread, so other requests go on meanwhile. A serial
+    client, the common case, then pays no worker round trip, which costs
+    more CPU (~100 µs, and twice that with cold caches) than the call."""
+    if _nothing_waiting():
+        return function(*args)
+    return await trio.to_thread.run_sync(function, *args)
+
 
 def _fuse_errors(handler: F) -> F:
     """Turn core and OS errors into FUSE replies with the same errno.
@@ -642,14 +657,14 @@ class StrataOperations(pyfuse3.Operations):
             os.close(fd)
 
     async def _open_moving(self, ino: int, opener: Callable[[DataSource], T]) -> T:
-        """Open the node's data in a worker thread, from where the request
-        thread found it. If the file moved meanwhile, that path no longer
-        leads to it (nor, beneath UPPER, through a symlink anywhere else):
-        open it again where it is now."""
+        """Open the node's data (in a worker thread if other requests wait:
+        _briefly_blocking) where the request thread found it. If the file
+        moved meanwhile, that path no longer leads to it (nor, beneath
+        UPPER, through a symlink anywhere else): open it again where it is."""
         source = self.view.data_source(ino)
         for _ in range(2):
             try:
-                return await trio.to_thread.run_sync(opener, source)
+                return await _briefly_blocking(opener, source)
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
                     raise
@@ -657,11 +672,11 @@ class StrataOperations(pyfuse3.Operations):
                 if moved == source:
                     raise
                 source = moved
-        return await trio.to_thread.run_sync(opener, source)
+        return await _briefly_blocking(opener, source)
 
     def _open_cold(self, source: DataSource) -> tuple[int, bytes | None]:
-        """Open (and read a small lower file). In a worker thread: it opens
-        what the request thread decided, and reads no node."""
+        """Open (and read a small lower file). Safe in a worker thread: it
+        opens what the request thread decided, and reads no node."""
         fd = self.view.open_source(source)
         if source.lower is None or os.fstat(fd).st_size > PREFETCH_MAX:
             return fd, None  # an upper file may change under the handle: read when asked
@@ -728,11 +743,12 @@ class StrataOperations(pyfuse3.Operations):
                 return data
         fd = await self._current_fd(handle)
         # Pages in the cache are copied here: a worker thread costs ~100x a
-        # cached read. What would wait for the disk goes to a worker.
+        # cached read. What would wait for the disk goes to a worker, unless
+        # nothing else waits meanwhile.
         data = read_cached(fd, size, off)
         if data is not None:
             return data
-        return await trio.to_thread.run_sync(os.pread, fd, size, off)
+        return await _briefly_blocking(os.pread, fd, size, off)
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
