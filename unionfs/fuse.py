@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from .core import acl
 from .core.data import fallocate, read_cached
 from .core.nodes import Caller, FsError, Node
 from .core.reading import DataSource
@@ -231,6 +232,13 @@ class StrataOperations(pyfuse3.Operations):
     # It still drops a file capability on write; what it leaves to strata is
     # the set-id bits: see _may_kill_setid.
     handle_killpriv = True
+    # POSIX ACLs: the kernel checks access ACLs (asking for each inode's
+    # once, and keeping it); strata gives a new object the ACLs and mode its
+    # directory's default ACL makes, which is why it must see the mode before
+    # the umask (FUSE_DONT_MASK, tools/pyfuse3-dont-mask.patch; without it the
+    # kernel's umask would come first, so ACLs stay as they were: stored,
+    # not enforced).
+    dont_mask = enable_acl = bool(getattr(pyfuse3, "DONT_MASK_SUPPORTED", False))
 
     def __init__(
         self,
@@ -356,6 +364,7 @@ class StrataOperations(pyfuse3.Operations):
         return Caller(
             self.ownership.uids.overflow if uid is None else uid,
             self.ownership.gids.overflow if gid is None else gid,
+            ctx.umask,
         )
 
     def _stored_owner(self, shown: int | None, ids: IdMap) -> int | None:
@@ -690,7 +699,7 @@ class StrataOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         await self._all_arrived()  # changes need the whole tree
-        node, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags,
+        node, fd = self.view.create(parent_inode, name, mode, flags,
                                     self._caller(ctx))  # fmt: skip
         attributes = self._attributes(self.view.attributes(node, os.fstat(fd)))
         return await self._answer(self._add_handle(node.ino, fd, True)), attributes
@@ -930,7 +939,7 @@ class StrataOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         await self._all_arrived()  # changes need the whole tree
-        node = self.view.mkdir(parent_inode, name, mode & ~ctx.umask, self._caller(ctx))
+        node = self.view.mkdir(parent_inode, name, mode, self._caller(ctx))
         return self._node_attributes(node)
 
     @_fuse_errors
@@ -938,7 +947,7 @@ class StrataOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         await self._all_arrived()  # changes need the whole tree
-        node = self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, self._caller(ctx))
+        node = self.view.mknod(parent_inode, name, mode, rdev, self._caller(ctx))
         return self._node_attributes(node)
 
     @_fuse_errors
@@ -1008,6 +1017,15 @@ class StrataOperations(pyfuse3.Operations):
         if not self.view.writable:
             raise FsError(errno.EROFS)
         self.view.setxattr(inode, name, value)
+        if name == acl.ACCESS:
+            # The host keeps the mode in step with the ACL, but as its root:
+            # the caller's S_ISGID rule is strata's to apply (posix_acl_update_mode).
+            attrs = self._attributes(self.view.getattr(inode))
+            gid = attrs.st_gid
+            if attrs.st_mode & stat.S_ISGID and not (
+                _caller_in_group(ctx, gid) or _caller_may_keep_setid(ctx)
+            ):
+                self.view.setattr(inode, mode=stat.S_IMODE(attrs.st_mode) & ~stat.S_ISGID)
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

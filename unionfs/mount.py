@@ -85,6 +85,9 @@ class MountRequest:
     # FUSE passthrough (passthrough.py): "auto" uses it where the kernel,
     # libfuse and privileges allow, "on" refuses to mount without it, "off".
     passthrough: str = "auto"
+    # The kernel checks POSIX ACLs (False: mode bits only, strata-overlayfs's
+    # noacl); new objects inherit default ACLs either way.
+    acl: bool = True
 
 
 class LazyLayerSource(Protocol):
@@ -417,6 +420,7 @@ def serve(request: MountRequest, notify: Notify) -> None:
             streaming=streaming,
         )
         operations = StrataOperations(view, ownership=request.ownership)
+        operations.enable_acl = operations.enable_acl and request.acl
         if request.passthrough != "off":
             from .passthrough import kernel_backing_files
 

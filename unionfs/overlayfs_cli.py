@@ -45,7 +45,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
         " data and copies large files chunk by chunk as they are written",
     ),
     "static_nlink": (IGNORED, "directories keep their true link count"),
-    "noacl": (SUPPORTED, "strata never enforces POSIX ACLs: the kernel checks mode bits"),
+    "noacl": (SUPPORTED, "the kernel checks mode bits only; ACLs stay stored and inherited"),
     "fsync": (IGNORED, "copy-ups are always made durable before they show (as fsync=1)"),
     "volatile": (IGNORED, "fsync is never skipped"),
     "fast_ino": (IGNORED, "inode numbers always come from strata's index"),
@@ -101,6 +101,7 @@ class OverlayRequest:
     metacopy: bool = False
     source: str = DEFAULT_SOURCE
     passthrough: str = "auto"
+    acl: bool = True
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:
@@ -178,6 +179,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
     squash: dict[str, int] = {}
     metacopy = False
     passthrough = "auto"
+    acl = True
     for key, value in options:
         verdict, reason = OPTIONS.get(key, (IGNORED, "strata does not know this option"))
         if verdict == REFUSED:
@@ -193,6 +195,8 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             upper = value
         elif key == "workdir":
             work = value
+        elif key == "noacl":
+            acl = False
         elif key == "ro":
             read_only = True
         elif key == "rw":
@@ -257,6 +261,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
         metacopy,
         source,
         passthrough,
+        acl,
     )
 
 
@@ -293,6 +298,7 @@ def run(argv: Sequence[str]) -> int:
                 metacopy=request.metacopy,
                 source=request.source,
                 passthrough=request.passthrough,
+                acl=request.acl,
             )
         )
     except StrataError as exc:

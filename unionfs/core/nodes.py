@@ -249,6 +249,7 @@ class CopyJob:
 class Caller:
     uid: int
     gid: int
+    umask: int = 0  # applied to what it creates, unless a default ACL stands in
 
 
 def count_subdir(directory: Node, change: int) -> None:

@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from . import overrides
+from . import acl, overrides
 from .copyup import CopyUp
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
@@ -53,6 +53,14 @@ class UnionView(CopyUp):
         if self._resolve(parent, name) is not None:
             raise FsError(errno.EEXIST)
         self._copy_up_dir(parent)
+        inherited = None
+        if not stat.S_ISLNK(mode):
+            default_acl = self.find_xattr(parent.ino, acl.DEFAULT)
+            if default_acl is not None:
+                inherited = acl.inherit(default_acl, mode)
+                mode = inherited.mode
+            else:
+                mode &= ~(caller.umask & 0o777)
         parent_rel = self.rel(parent)
         parent_st = os.lstat(store.path(parent_rel))
         gid = caller.gid
@@ -63,7 +71,7 @@ class UnionView(CopyUp):
         ino = self._allocate_ino()
         lower = self._lower_child(parent, name)
         target = store.path(join(parent_rel, name))
-        new = _NewObject(ino, mode, caller.uid, gid, rdev)
+        new = _NewObject(ino, mode, caller.uid, gid, rdev, inherited)
         fd = None
         try:
             in_place = False
@@ -454,10 +462,14 @@ class UnionView(CopyUp):
 
 
 class _NewObject:
-    """What a new object gets before anyone sees it: its number, owner and mode."""
+    """What a new object gets before anyone sees it: its number, owner, mode
+    and the ACLs its directory's default ACL gives it."""
 
-    def __init__(self, ino: int, mode: int, uid: int, gid: int, rdev: int) -> None:
+    def __init__(
+        self, ino: int, mode: int, uid: int, gid: int, rdev: int, inherited: acl.Inherited | None
+    ) -> None:
         self.ino, self.mode, self.uid, self.gid, self.rdev = ino, mode, uid, gid, rdev
+        self.inherited = inherited
         self.placeholder = False  # a plain file standing for a device (rootless)
 
     def dress(self, store: UpperStore, path: bytes, fd: int | None) -> None:
@@ -478,3 +490,23 @@ class _NewObject:
             os.fchmod(fd, stat.S_IMODE(mode))
         elif not stat.S_ISLNK(mode):
             os.chmod(path, stat.S_IMODE(mode))
+        if self.inherited is not None and not self.placeholder:
+            self._set_acls(target, self.inherited)
+
+    @staticmethod
+    def _set_acls(target: bytes | int, inherited: acl.Inherited) -> None:
+        """Store the inherited ACLs as the host's own (after the chmod, which
+        would change them): the host keeps the mode in step from then on,
+        through chmod and setfacl. Made in place, the object may have got
+        the host's idea of them already; what the view says replaces it."""
+        wanted = ((acl.ACCESS, inherited.access), (acl.DEFAULT, inherited.default))
+        for name, value in wanted:
+            try:
+                # (No symlink gets here: it has no ACL.)
+                if value is not None:
+                    os.setxattr(target, os.fsdecode(name), value)
+                else:
+                    os.removexattr(target, os.fsdecode(name))
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
