@@ -100,15 +100,15 @@ elif [[ "${STRATA_LIBFUSE:-build}" != system ]]; then
   fi
 fi
 
-# pyfuse3 is built from its released source with nine small patches: they let
+# pyfuse3 is built from its released source with ten small patches: they let
 # a filesystem leave directories unopened, so the kernel caches listings; have
 # the kernel cache symlink targets; spare a close its flush request; read
 # a queued request without a trip through the event loop; keep a file's
 # cached pages when its mtime changes; serve fallocate; name pyfuse3's
 # version without importlib.metadata, 1.5 MiB of every daemon; answer
 # request after request without trio's scheduler while no handler waits;
-# and apply the umask itself, where a default ACL replaces it (see each
-# patch's header). With libfuse 3.17 two more give it passthrough and let it
+# apply the umask itself, where a default ACL replaces it; and serve the
+# ioctls of chattr and lsattr (see each patch's header). With libfuse 3.17 two more give it passthrough and let it
 # clear set-id bits itself (no getxattr before every write). strata runs on an
 # unpatched pyfuse3 too, without them.
 pyfuse3_version=3.5.0
@@ -117,6 +117,7 @@ pyfuse3_patches=(
   tools/pyfuse3-no-opendir.patch tools/pyfuse3-cache-symlinks.patch tools/pyfuse3-noflush.patch
   tools/pyfuse3-direct-reads.patch tools/pyfuse3-keep-data.patch tools/pyfuse3-fallocate.patch
   tools/pyfuse3-no-metadata.patch tools/pyfuse3-idle-wait.patch tools/pyfuse3-dont-mask.patch
+  tools/pyfuse3-ioctl.patch
 )
 if [[ $passthrough == yes ]]; then
   pyfuse3_patches+=(tools/pyfuse3-passthrough.patch tools/pyfuse3-killpriv.patch)

@@ -13,13 +13,14 @@ import functools
 import logging
 import os
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from .core import acl
+from .core import acl, fileflags
 from .core.data import fallocate, read_cached
 from .core.nodes import Caller, FsError, Node
 from .core.reading import DataSource
@@ -46,6 +47,13 @@ PREFETCH_MAX = 128 * 1024
 INLINE_WRITE_MAX = 64 * 1024
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# ioctl numbers (x86-64 and most others: _IOR/_IOW of 'f' 1 and 2 with a
+# long, of 'X' 31 and 32 with struct fsxattr), and struct fsxattr itself.
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+_FS_IOC_FSGETXATTR, _FS_IOC_FSSETXATTR = 0x801C581F, 0x401C5820
+_FSXATTR = struct.Struct("<IIIII8x")  # xflags, extsize, nextents, projid, cowextsize
+_FALLOC_FL_KEEP_SIZE = 0x01
 T = TypeVar("T")
 
 # Whether pyfuse3 hands readdir the directory's inode when opendir is not
@@ -511,6 +519,7 @@ class StrataOperations(pyfuse3.Operations):
             raise FsError(errno.EROFS)
         if write or truncate:
             await self._all_arrived()
+            self.view.refuse_write(inode, append=bool(flags & os.O_APPEND), truncate=truncate)
         if self.reads is not None and not self.view.node(inode).upper:
             self.reads.setdefault(self.view.rel(self.view.node(inode)), None)
         if write or truncate:
@@ -806,6 +815,12 @@ class StrataOperations(pyfuse3.Operations):
         handle = self.handles[fh]
         if not handle.write:
             raise FsError(errno.EBADF)
+        # As vfs_fallocate: an append-only file may only grow in place.
+        protection = self.view.file_flags(handle.ino)
+        if protection & fileflags.IMMUTABLE_FL or (
+            protection & fileflags.APPEND_FL and mode & ~_FALLOC_FL_KEEP_SIZE
+        ):
+            raise FsError(errno.EPERM)
         # The whole data first: a punched or zeroed range of a chunked copy
         # must never be filled from the lower file afterwards.
         await self._copy_data_up(handle.ino)
@@ -995,6 +1010,39 @@ class StrataOperations(pyfuse3.Operations):
             if other is not None:
                 await self._copy_data_up(other.ino)
         self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # File flags (chattr, lsattr) ---------------------------------------------
+
+    # The only ioctls strata answers; the kernel turns chattr's and lsattr's
+    # (and xfs_io's) into these, on a file it opens for the purpose.
+    ioctl_commands = frozenset(
+        {_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_IOC_FSGETXATTR, _FS_IOC_FSSETXATTR}
+    )
+
+    @_fuse_errors
+    async def ioctl(
+        self, inode: int, fh: int, cmd: int, data: bytes, out_size: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[int, bytes]:  # fmt: skip
+        if cmd == _FS_IOC_GETFLAGS:
+            return 0, struct.pack("<I", self.view.file_flags(inode))[:out_size]
+        if cmd == _FS_IOC_FSGETXATTR:
+            xflags = fileflags.to_xflags(self.view.file_flags(inode))
+            return 0, _FSXATTR.pack(xflags, 0, 0, 0, 0)[:out_size]
+        # The kernel has checked the caller may (owner, CAP_LINUX_IMMUTABLE).
+        await self._all_arrived()  # changes need the whole tree
+        if not self.view.writable:
+            raise FsError(errno.EROFS)
+        if cmd == _FS_IOC_SETFLAGS and len(data) >= 4:
+            self.view.set_file_flags(inode, struct.unpack_from("<I", data)[0])
+        elif cmd == _FS_IOC_FSSETXATTR and len(data) >= _FSXATTR.size:
+            flags = fileflags.from_xflags(_FSXATTR.unpack_from(data)[0])
+            if flags is None:
+                raise FsError(errno.EOPNOTSUPP)
+            self.view.set_file_flags(inode, flags)
+        else:
+            raise FsError(errno.EINVAL)
+        return 0, b""
 
     # Extended attributes ----------------------------------------------------
 

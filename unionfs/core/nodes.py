@@ -24,6 +24,9 @@ _MODES: dict[int, int] = {}
 
 # Node._flags
 _UPPER, _OPAQUE, _METACOPY, _LINKED = 1, 2, 4, 8
+# chattr's append-only and immutable flags (fileflags.py), once read
+_PROTECTION_KNOWN, _APPEND_ONLY, _IMMUTABLE = 16, 32, 64
+_APPEND_FL, _IMMUTABLE_FL = 0x20, 0x10
 
 
 class NodeMore:
@@ -131,6 +134,24 @@ class Node:
     @metacopy.setter
     def metacopy(self, value: bool) -> None:
         self._flag(_METACOPY, value)
+
+    @property
+    def protection(self) -> int | None:
+        """FS_APPEND_FL | FS_IMMUTABLE_FL as chattr left them; None until read."""
+        flags = self._flags
+        if not flags & _PROTECTION_KNOWN:
+            return None
+        return (_APPEND_FL if flags & _APPEND_ONLY else 0) | (
+            _IMMUTABLE_FL if flags & _IMMUTABLE else 0
+        )
+
+    @protection.setter
+    def protection(self, value: int | None) -> None:
+        self._flags &= ~(_PROTECTION_KNOWN | _APPEND_ONLY | _IMMUTABLE)
+        if value is not None:
+            self._flags |= _PROTECTION_KNOWN
+            self._flag(_APPEND_ONLY, bool(value & _APPEND_FL))
+            self._flag(_IMMUTABLE, bool(value & _IMMUTABLE_FL))
 
     @property
     def linked(self) -> bool:

@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from . import acl, overrides
+from . import acl, fileflags, overrides
 from .copyup import CopyUp
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
@@ -27,6 +27,7 @@ from .upper import (
     RENAME_WHITEOUT,
     UpperStore,
     discard,
+    get_xattr,
     join,
     renameat2,
 )
@@ -52,6 +53,7 @@ class UnionView(CopyUp):
             raise FsError(errno.EINVAL if name.startswith(WHITEOUT_PREFIX) else errno.EEXIST)
         if self._resolve(parent, name) is not None:
             raise FsError(errno.EEXIST)
+        self._refuse_if_protected(parent, append_allowed=True)
         self._copy_up_dir(parent)
         inherited = None
         if not stat.S_ISLNK(mode):
@@ -109,6 +111,7 @@ class UnionView(CopyUp):
             shown = (os.fstat(fd) if fd is not None else os.lstat(target)).st_mode
         node = Node(ino, shown, parent.ino, name)
         node.upper = True
+        node.protection = 0  # (no chattr flag yet: nothing to read)
         node.opaque = stat.S_ISDIR(mode) and lower is not None
         if stat.S_ISDIR(mode):
             node.lower_path = None
@@ -159,6 +162,8 @@ class UnionView(CopyUp):
             raise FsError(errno.EPERM)
         if self._resolve(parent, name) is not None:
             raise FsError(errno.EEXIST)
+        self._refuse_if_protected(node)
+        self._refuse_if_protected(parent, append_allowed=True)
         if node.partial is not None:
             self._copy_up(node, data=True)  # a second name needs whole data
         self._copy_up(node, data=False)
@@ -205,6 +210,8 @@ class UnionView(CopyUp):
             raise FsError(errno.ENOENT)
         if node.is_dir:
             raise FsError(errno.EISDIR)
+        self._refuse_if_protected(parent)
+        self._refuse_if_protected(node)
         self._index_group(node)
         last = self._removing(node)
         self._remove(parent, name, node)
@@ -218,6 +225,8 @@ class UnionView(CopyUp):
             raise FsError(errno.ENOENT)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
+        self._refuse_if_protected(parent)  # before ENOTEMPTY, as may_delete
+        self._refuse_if_protected(node)
         if not self._is_empty(node):
             raise FsError(errno.ENOTEMPTY)
         last = self._removing(node)
@@ -259,6 +268,13 @@ class UnionView(CopyUp):
             raise FsError(errno.EINVAL)
         if flags & RENAME_NOREPLACE and target is not None:
             raise FsError(errno.EEXIST)
+        # A name leaves the old directory (and the target's the new one):
+        # neither may be append-only or immutable, nor the files moved.
+        self._refuse_if_protected(old_parent)
+        self._refuse_if_protected(new_parent, append_allowed=target is None)
+        self._refuse_if_protected(node)
+        if target is not None:
+            self._refuse_if_protected(target)
         if flags & RENAME_EXCHANGE:
             if target is None:
                 raise FsError(errno.ENOENT)
@@ -380,6 +396,12 @@ class UnionView(CopyUp):
         fd: int | None = None,
     ) -> Entry:
         node = self.node(ino)
+        protection = self.protection(node)
+        if protection & fileflags.IMMUTABLE_FL or (
+            protection & fileflags.APPEND_FL
+            and (mode is not None or uid is not None or gid is not None or size is not None)
+        ):
+            raise FsError(errno.EPERM)
         if size is not None:
             if node.is_dir:
                 raise FsError(errno.EISDIR)
@@ -448,6 +470,7 @@ class UnionView(CopyUp):
         node = self.node(ino)
         if name.startswith(HIDDEN_XATTR_PREFIXES):
             raise FsError(errno.EPERM)  # as overlayfs: its own xattrs are not the user's
+        self._refuse_if_protected(node)
         self._copy_up(node, data=False)
         os.setxattr(self._host(node), os.fsdecode(name), value, follow_symlinks=False)
 
@@ -455,10 +478,70 @@ class UnionView(CopyUp):
         node = self.node(ino)
         if name.startswith(HIDDEN_XATTR_PREFIXES):
             raise FsError(errno.ENODATA)
+        self._refuse_if_protected(node)
         if not node.upper:
             self.getxattr(ino, name)  # ENODATA before anything is copied
         self._copy_up(node, data=False)
         os.removexattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
+
+    # chattr's append-only and immutable flags ---------------------------------
+
+    def protection(self, node: Node) -> int:
+        """The node's FS_APPEND_FL and FS_IMMUTABLE_FL (read once, then kept:
+        only set_file_flags changes them, and a lower file has none)."""
+        known = node.protection
+        if known is None:
+            known = 0
+            if node.upper and self.store is not None:
+                try:
+                    host = self._host(node)
+                except FsError:
+                    host = None  # its last name went: nothing can change it by name
+                if host is not None:
+                    known = fileflags.from_protattr(
+                        get_xattr(host, self.store.format.name(b"protattr"))
+                    )
+            node.protection = known
+        return known
+
+    def _refuse_if_protected(self, node: Node, *, append_allowed: bool = False) -> None:
+        """EPERM for a change to an immutable node, or an append-only one
+        (unless the change only adds: a write in append mode, a new name in
+        an append-only directory), as the kernel refuses it on any filesystem."""
+        protection = self.protection(node)
+        if protection & fileflags.IMMUTABLE_FL or (
+            protection & fileflags.APPEND_FL and not append_allowed
+        ):
+            raise FsError(errno.EPERM)
+
+    def refuse_write(self, ino: int, *, append: bool, truncate: bool) -> None:
+        """An open for writing: EPERM on an immutable file, and on an
+        append-only one unless it appends (and does not truncate)."""
+        self._refuse_if_protected(self.node(ino), append_allowed=append and not truncate)
+
+    def file_flags(self, ino: int) -> int:
+        return self.protection(self.node(ino))
+
+    def set_file_flags(self, ino: int, flags: int) -> None:
+        """chattr: only append-only and immutable are kept (EOPNOTSUPP for
+        any other flag). The node is copied up whole first: once protected,
+        nothing may fill it later."""
+        store = self._writable()
+        node = self.node(ino)
+        if flags & ~fileflags.KEPT:
+            raise FsError(errno.EOPNOTSUPP)
+        if flags == self.protection(node):
+            return
+        if node.is_dir:
+            self._copy_up_dir(node)
+        else:
+            self._copy_up(node, data=True)
+        host = self._host(node)
+        if flags:
+            store.set_marker(host, b"protattr", fileflags.to_protattr(flags))
+        else:
+            store.clear_markers(host, (store.format.name(b"protattr"),))
+        node.protection = flags
 
 
 class _NewObject:
