@@ -108,9 +108,10 @@ fi
 # version without importlib.metadata, 1.5 MiB of every daemon; answer
 # request after request without trio's scheduler while no handler waits;
 # apply the umask itself, where a default ACL replaces it; and serve the
-# ioctls of chattr and lsattr (see each patch's header). With libfuse 3.17 two more give it passthrough and let it
-# clear set-id bits itself (no getxattr before every write). strata runs on an
-# unpatched pyfuse3 too, without them.
+# ioctls of chattr and lsattr (see each patch's header). With libfuse 3.17
+# three more give it passthrough, let it clear set-id bits itself (no getxattr
+# before every write) and serve O_TMPFILE. strata runs on an unpatched pyfuse3
+# too, without them.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 pyfuse3_patches=(
@@ -120,7 +121,8 @@ pyfuse3_patches=(
   tools/pyfuse3-ioctl.patch
 )
 if [[ $passthrough == yes ]]; then
-  pyfuse3_patches+=(tools/pyfuse3-passthrough.patch tools/pyfuse3-killpriv.patch)
+  pyfuse3_patches+=(tools/pyfuse3-passthrough.patch tools/pyfuse3-killpriv.patch
+                    tools/pyfuse3-tmpfile.patch)
 fi
 
 # Two environments: .venv in the checkout (editable, with the test and bench

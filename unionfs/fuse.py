@@ -423,21 +423,31 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._current_attributes(inode))
+
+    def _current_attributes(self, inode: int) -> Entry:
         try:
-            return self._attributes(self.view.getattr(inode))
+            return self.view.getattr(inode)
         except FsError as exc:
             if exc.errno != errno.ESTALE:
                 raise
             # Every name of it went while the kernel holds it (fstat after
-            # unlink, rmdir or a rename over it): an open descriptor still
-            # answers, else the attributes it had, with no link left.
-            handle = next((h for h in self.handles.values() if h.ino == inode and h.opened), None)
+            # unlink, rmdir or a rename over it, or an O_TMPFILE file): an
+            # open descriptor still answers, else the attributes it had.
+            handle = self._open_handle(inode)
             if handle is not None:
-                return self._attributes(self.view.attributes_of_open(inode, handle.fd))
+                return self.view.attributes_of_open(inode, handle.fd)
             last = self.view.last_attributes(inode)
             if last is None:
                 raise
-            return self._attributes(last)
+            return last
+
+    def _open_handle(self, inode: int, *, write: bool = False) -> Handle | None:
+        """A handle with a descriptor open on the inode (for writing if asked)."""
+        for handle in self.handles.values():
+            if handle.ino == inode and handle.opened and (handle.write or not write):
+                return handle
+        return None
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -584,6 +594,8 @@ class StrataOperations(pyfuse3.Operations):
         node = self.view.node(ino)
         if self.passthrough.failed or node.partial is not None or self.view.streaming is not None:
             return False
+        if self.view.is_tmpfile(ino):
+            return False
         if node.upper and not node.metacopy:
             return True
         return self.passthrough.lower and self.view.lower_data_missing(ino) is None
@@ -711,6 +723,16 @@ class StrataOperations(pyfuse3.Operations):
         node, fd = self.view.create(parent_inode, name, mode, flags,
                                     self._caller(ctx))  # fmt: skip
         attributes = self._attributes(self.view.attributes(node, os.fstat(fd)))
+        return await self._answer(self._add_handle(node.ino, fd, True)), attributes
+
+    @_fuse_errors
+    async def tmpfile(
+        self, parent_inode: int, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        await self._all_arrived()  # changes need the whole tree
+        node, fd = self.view.tmpfile(parent_inode, mode, self._caller(ctx))
+        attributes = self._attributes(self.view.attributes_of_open(node.ino, fd))
+        # Served through the daemon: a file with no name has no backing path.
         return await self._answer(self._add_handle(node.ino, fd, True)), attributes
 
     async def _open_late(self, handle: Handle) -> None:
@@ -884,6 +906,8 @@ class StrataOperations(pyfuse3.Operations):
         if fields.update_size and attr.st_size:
             await self._copy_data_up(inode)
         handle = self.handles.get(fh) if fh is not None else None
+        if handle is None and self.view.last_attributes(inode) is not None:
+            handle = self._open_handle(inode, write=True)  # no name left to change it by
         mode = attr.st_mode if fields.update_mode else None
         if mode is None and self._may_kill_setid(fields):
             cleared = self._mode_without_setid(inode, ctx)
@@ -926,7 +950,7 @@ class StrataOperations(pyfuse3.Operations):
         no S_ISUID, and no S_ISGID where the group may execute, or where the
         caller is neither in the file's group nor has CAP_FSETID; None if that
         changes nothing."""
-        attrs = self._attributes(self.view.getattr(inode))
+        attrs = self._attributes(self._current_attributes(inode))
         mode = attrs.st_mode
         if not stat.S_ISREG(mode):
             return None
@@ -978,6 +1002,12 @@ class StrataOperations(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         await self._all_arrived()  # changes need the whole tree
+        if self.view.is_tmpfile(inode):
+            handle = self._open_handle(inode)
+            if handle is None:  # linkat passes a descriptor: there is one
+                raise FsError(errno.ENOENT)
+            node = self.view.link_tmpfile(inode, handle.fd, new_parent_inode, new_name)
+            return self._node_attributes(node)
         await self._whole(inode)
         return self._node_attributes(self.view.link(inode, new_parent_inode, new_name))
 

@@ -111,6 +111,8 @@ class ReadPath:
         # attributes, with st_nlink 0, until forgotten. Their old place may hold
         # another file now, so nothing else is done to them (ENOENT).
         self._gone: dict[int, Entry] = {}
+        # O_TMPFILE files not linked yet (also in _gone: they have no name).
+        self._tmpfiles: set[int] = set()
 
     @property
     def writable(self) -> bool:
@@ -173,6 +175,7 @@ class ReadPath:
         if node.lookups <= 0 and node.partial is None:  # a partial copy stays until filled
             del self.nodes[ino]
             self._gone.pop(ino, None)
+            self._tmpfiles.discard(ino)
 
     def remember(self, node: Node) -> None:
         """Count one more kernel reference (lookup, create, readdirplus)."""

@@ -66,6 +66,19 @@ def renameat2(old: bytes, new: bytes, flags: int = 0) -> None:
         raise OSError(code, os.strerror(code), old, None, new)
 
 
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def link_open_file(fd: int, new: bytes) -> None:
+    """Give the file open as *fd* (an O_TMPFILE file) the name *new*: linkat
+    through its /proc link, which needs no CAP_DAC_READ_SEARCH (os.link
+    would link the /proc symlink itself)."""
+    old = b"/proc/self/fd/%d" % fd
+    if _libc.linkat(_AT_FDCWD, old, _AT_FDCWD, new, _AT_SYMLINK_FOLLOW) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), old, None, new)
+
+
 def _xattr_name(name: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 

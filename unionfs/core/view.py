@@ -29,6 +29,7 @@ from .upper import (
     discard,
     get_xattr,
     join,
+    link_open_file,
     renameat2,
 )
 
@@ -55,21 +56,8 @@ class UnionView(CopyUp):
             raise FsError(errno.EEXIST)
         self._refuse_if_protected(parent, append_allowed=True)
         self._copy_up_dir(parent)
-        inherited = None
-        if not stat.S_ISLNK(mode):
-            default_acl = self.find_xattr(parent.ino, acl.DEFAULT)
-            if default_acl is not None:
-                inherited = acl.inherit(default_acl, mode)
-                mode = inherited.mode
-            else:
-                mode &= ~(caller.umask & 0o777)
+        inherited, mode, gid = self._new_mode(parent, mode, caller)
         parent_rel = self.rel(parent)
-        parent_st = os.lstat(store.path(parent_rel))
-        gid = caller.gid
-        if parent_st.st_mode & stat.S_ISGID:
-            gid = parent_st.st_gid  # BSD group semantics of a setgid directory
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
         ino = self._allocate_ino()
         lower = self._lower_child(parent, name)
         target = store.path(join(parent_rel, name))
@@ -117,6 +105,76 @@ class UnionView(CopyUp):
             node.lower_path = None
         self.remember(node)
         return node, fd
+
+    def _new_mode(
+        self, parent: Node, mode: int, caller: Caller
+    ) -> tuple[acl.Inherited | None, int, int]:
+        """What a new object in *parent* (copied up) gets: the ACLs of its
+        default ACL (else the umask), its mode, and its group."""
+        inherited = None
+        if not stat.S_ISLNK(mode):
+            default_acl = self.find_xattr(parent.ino, acl.DEFAULT)
+            if default_acl is not None:
+                inherited = acl.inherit(default_acl, mode)
+                mode = inherited.mode
+            else:
+                mode &= ~(caller.umask & 0o777)
+        parent_st = os.lstat(self._writable().path(self.rel(parent)))
+        gid = caller.gid
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid  # BSD group semantics of a setgid directory
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return inherited, mode, gid
+
+    def tmpfile(self, parent_ino: int, mode: int, caller: Caller) -> tuple[Node, int]:
+        """O_TMPFILE: an open file with no name, made as a host O_TMPFILE in
+        WORK (so nothing is left of it after a crash). It shows as a file
+        whose last name went until `link` gives it one."""
+        store = self._writable()
+        parent = self._directory(parent_ino)
+        self._refuse_if_protected(parent, append_allowed=True)
+        self._copy_up_dir(parent)
+        inherited, mode, gid = self._new_mode(parent, stat.S_IFREG | (mode & 0o7777), caller)
+        ino = self._allocate_ino()
+        # Not O_EXCL: linkat must be able to give it a name.
+        fd = os.open(store.work, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            _NewObject(ino, mode, caller.uid, gid, 0, inherited).dress(store, b"", fd)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        node = Node(ino, st.st_mode, parent.ino, b"")
+        node.drop_name(parent.ino, b"")
+        node.upper = True
+        node.protection = 0
+        self._tmpfiles.add(ino)
+        self._gone[ino] = self.attributes_of_open(ino, fd)
+        self.remember(node)
+        return node, fd
+
+    def link_tmpfile(self, ino: int, fd: int, parent_ino: int, name: bytes) -> Node:
+        """linkat of an O_TMPFILE file (*fd*, open on it): its first name."""
+        store = self._writable()
+        node = self.node(ino)
+        parent = self._directory(parent_ino)
+        if self._resolve(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        self._refuse_if_protected(parent, append_allowed=True)
+        self._copy_up_dir(parent)
+        with store.temp() as temp:
+            link_open_file(fd, temp)
+            store.place(temp, self.rel(parent), name)
+        self._tmpfiles.discard(ino)
+        self._gone.pop(ino, None)
+        node.add_name(parent.ino, name)
+        node.parent, node.name = parent.ino, name
+        return node
+
+    def is_tmpfile(self, ino: int) -> bool:
+        """An O_TMPFILE file no link has named yet."""
+        return ino in self._tmpfiles
 
     def create(
         self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller
