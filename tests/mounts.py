@@ -261,3 +261,16 @@ def drop_caches(mount: str | None = None) -> None:
         caches.write("3\n")
     if mount is not None:
         forced_getattr(mount)
+
+
+def overlay_oracle(scratch: str, lower: str) -> contextlib.AbstractContextManager[str]:
+    """The kernel's overlayfs over *lower*, writable with a fresh upper in
+    *scratch* (k-upper, k-work): the oracle the differential tests compare with."""
+    os.makedirs(os.path.join(scratch, "k-upper"), exist_ok=True)
+    return overlay_mount(
+        [lower],
+        os.path.join(scratch, "overlay"),
+        options=WRITABLE_OVERLAY,
+        upper=os.path.join(scratch, "k-upper"),
+        work=os.path.join(scratch, "k-work"),
+    )

@@ -18,7 +18,7 @@ import pyfuse3
 import pytest
 
 from tests.layers import write
-from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata_mount, unmount
+from tests.mounts import overlay_oracle, strata_mount, unmount
 from unionfs.core import acl
 from unionfs.core.acl import GROUP_OBJ, MASK, OTHER, USER, USER_OBJ, AclEntry
 from unionfs.core.nodes import FsError
@@ -159,14 +159,7 @@ def test_acls_are_inherited_checked_and_kept_in_step_with_the_mode_as_on_overlay
     os.chmod(f"{lower}/lower-acl", 0o600)
     os.setxattr(f"{lower}/lower-acl", "system.posix_acl_access", READER)
     results = {}
-    os.makedirs(os.path.join(scratch, "k-upper"))
-    with overlay_mount(
-        [lower],
-        os.path.join(scratch, "overlay"),
-        options=WRITABLE_OVERLAY,
-        upper=os.path.join(scratch, "k-upper"),
-        work=os.path.join(scratch, "k-work"),
-    ) as oracle:
+    with overlay_oracle(scratch, lower) as oracle:
         results["overlay"] = _exercise(oracle)
     for passthrough in ("auto", "off"):
         upper, work = (os.path.join(scratch, f"{name}-{passthrough}") for name in ("up", "wk"))

@@ -20,7 +20,7 @@ import pyfuse3
 import pytest
 
 from tests.layers import write
-from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata_mount
+from tests.mounts import WRITABLE_OVERLAY, overlay_mount, overlay_oracle, strata_mount
 from unionfs.core.fileflags import APPEND_FL, IMMUTABLE_FL
 
 needs_ioctl = pytest.mark.skipif(
@@ -141,14 +141,7 @@ def _unprotect(m: str) -> None:
 def test_append_only_and_immutable_refuse_what_they_do_on_overlayfs(scratch: str) -> None:
     lower = os.path.join(scratch, "lower")
     _lower(lower)
-    os.makedirs(os.path.join(scratch, "k-upper"))
-    with overlay_mount(
-        [lower],
-        os.path.join(scratch, "overlay"),
-        options=WRITABLE_OVERLAY,
-        upper=os.path.join(scratch, "k-upper"),
-        work=os.path.join(scratch, "k-work"),
-    ) as oracle:
+    with overlay_oracle(scratch, lower) as oracle:
         expected = _exercise(oracle)
         _unprotect(oracle)
     # The steps tell something apart.

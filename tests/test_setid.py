@@ -20,7 +20,11 @@ import pyfuse3
 import pytest
 
 from tests.layers import write
-from tests.mounts import WRITABLE_OVERLAY, overlay_mount, patched_mount, strata_mount
+from tests.mounts import (
+    overlay_oracle,
+    patched_mount,
+    strata_mount,
+)
 
 CAPABILITY = bytes.fromhex("0100000200040000000000000000000000000000")
 
@@ -114,15 +118,9 @@ def test_set_id_bits_and_capabilities_go_as_on_overlayfs(scratch: str, caller: s
     lower = os.path.join(scratch, "lower")
     _layer(lower)
     results = {}
-    for upper in ("k-upper", "up-auto", "up-off"):
+    for upper in ("up-auto", "up-off"):
         os.makedirs(os.path.join(scratch, upper))
-    with overlay_mount(
-        [lower],
-        os.path.join(scratch, "overlay"),
-        options=WRITABLE_OVERLAY,
-        upper=os.path.join(scratch, "k-upper"),
-        work=os.path.join(scratch, "k-work"),
-    ) as oracle:
+    with overlay_oracle(scratch, lower) as oracle:
         results["overlay"] = _exercise(oracle, caller)
     for passthrough in ("auto", "off"):
         upper, work = (os.path.join(scratch, f"{name}-{passthrough}") for name in ("up", "wk"))

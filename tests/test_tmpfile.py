@@ -10,7 +10,7 @@ import pyfuse3
 import pytest
 
 from tests.layers import write
-from tests.mounts import WRITABLE_OVERLAY, overlay_mount, strata, strata_mount
+from tests.mounts import overlay_oracle, strata, strata_mount
 
 needs_tmpfile = pytest.mark.skipif(
     "tmpfile" not in vars(pyfuse3.Operations),
@@ -95,14 +95,7 @@ def test_o_tmpfile_files_are_named_by_linkat_as_on_overlayfs(scratch: str) -> No
     lower = os.path.join(scratch, "lower")
     write(f"{lower}/d/f", b"lower\n")
     write(f"{lower}/lowerdir/old", b"old\n")
-    os.makedirs(os.path.join(scratch, "k-upper"))
-    with overlay_mount(
-        [lower],
-        os.path.join(scratch, "overlay"),
-        options=WRITABLE_OVERLAY,
-        upper=os.path.join(scratch, "k-upper"),
-        work=os.path.join(scratch, "k-work"),
-    ) as oracle:
+    with overlay_oracle(scratch, lower) as oracle:
         try:
             expected = _exercise(oracle)
         except OSError as error:
