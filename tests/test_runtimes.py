@@ -174,6 +174,20 @@ def test_mount_type_fuse_strata_and_fstab(scratch: str) -> None:
     finally:
         if find_mount(f"{scratch}/mp") is not None:
             unmount(f"{scratch}/root", f"{scratch}/mp")
+    # subtype= with no name: plain `fuse`, as tools comparing a mount's type
+    # with it expect (xfstests' FSTYP=fuse); strata umount still knows it.
+    command = ["strata-overlayfs", "-o", f"{options},subtype=", f"{scratch}/mp"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert _findmnt("-n", "-o", "FSTYPE", "--mountpoint", f"{scratch}/mp") == "fuse"
+        umount = subprocess.run(["strata", "umount", f"{scratch}/mp"], env=env,
+                                capture_output=True, text=True)  # fmt: skip
+        assert umount.returncode == 0, umount.stderr
+        assert find_mount(f"{scratch}/mp") is None
+    finally:
+        if find_mount(f"{scratch}/mp") is not None:
+            unmount(f"{scratch}/root", f"{scratch}/mp")
     with open(f"{scratch}/fstab", "w") as handle:
         handle.write(f"overlay {scratch}/mp fuse.strata {options},noauto 0 0\n")
     fstab_command = ["mount", "-T", f"{scratch}/fstab", f"{scratch}/mp"]
@@ -448,6 +462,12 @@ def test_overlayfs_options_parse_as_fuse_overlayfs_writes_them() -> None:
     assert helper.source == "overlay" and request.source == "strata"  # the default
     named = parse_arguments(["overlay", "/mnt", "-o", r"lowerdir=/l,fsname=a\,b"])
     assert named.source == "a,b"
+    assert named.subtype == "strata" and named.atime.describe() == "relatime"
+    typed = parse_arguments(["/mnt", "-o", "lowerdir=/l,subtype=x-y,strictatime,nodiratime"])
+    assert typed.subtype == "x-y" and typed.atime.describe() == "strictatime,nodiratime"
+    assert parse_arguments(["/mnt", "-o", "lowerdir=/l,nodiratime,noatime"]).atime.describe() == (
+        "noatime"
+    )
     for bad, message in (
         (["-o", "upperdir=/u", "/mnt"], "lowerdir= is required"),
         (["-o", "lowerdir=/l,upperdir=/u", "/mnt"], "go together"),
@@ -457,6 +477,7 @@ def test_overlayfs_options_parse_as_fuse_overlayfs_writes_them() -> None:
         (["-o", "lowerdir=/l"], "no mountpoint"),
         (["-o", "lowerdir=/l,fsname=caf\u00e9", "/mnt"], "printable ASCII"),
         (["-o", "lowerdir=/l,fsname=", "/mnt"], "fsname needs a value"),
+        (["-o", "lowerdir=/l,subtype=a/b", "/mnt"], "subtype may hold only"),
     ):
         with pytest.raises(StrataError, match=message):
             parse_arguments(bad)

@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         mount.add_argument(f"--{flag}", action="store_true", help=f"mount {flag}: {what}")
     mount.add_argument(
+        "--atime",
+        choices=("noatime", "relatime", "strictatime"),
+        default="noatime",
+        help="when a file of the container layer gets a new atime as it is opened for reading"
+        " or listed: never (default), as relatime or as strictatime; lower layers' files keep"
+        " theirs",
+    )
+    mount.add_argument(
+        "--nodiratime",
+        action="store_true",
+        help="with --atime: listing a directory changes no atime",
+    )
+    mount.add_argument(
         "--lazy",
         action="store_true",
         help="IMAGE is a registry reference: mount once the layers' tables of contents are"
@@ -238,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .mount import (
                 MountRequest,
                 WritableLayer,
+                atime_of,
                 default_work_dir,
                 mount,
                 restrictions_of,
@@ -269,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     restrictions=restrictions_of(args),
                     record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
                     passthrough=args.passthrough,
+                    atime=atime_of(args),
                 )
             )
         elif args.verb == "fsck":

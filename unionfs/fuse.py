@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from .core import acl, fileflags
+from .core.atime import AccessTimes
 from .core.data import fallocate, read_cached
 from .core.nodes import Caller, FsError, Node
 from .core.reading import DataSource
@@ -281,6 +282,9 @@ class StrataOperations(pyfuse3.Operations):
         self.enable_passthrough = False
         self.backing_files: BackingFiles | None = None
         self.passthrough: Passthrough | None = None
+        # With relatime or strictatime, what counts accesses to the container
+        # layer's files (core/atime.py); None: noatime.
+        self.access_times: AccessTimes | None = None
         if view.streaming is None:
             self.streams_arrived.set()
 
@@ -460,7 +464,9 @@ class StrataOperations(pyfuse3.Operations):
         # drops its cached listing on each). A second walk then costs no
         # request at all. With the patch tools/setup.sh applies to pyfuse3,
         # readdir gets the directory's inode as its handle.
-        if OPENDIR_OPTIONAL:
+        # Under strictatime every listing counts as an access: none is kept.
+        every_listing = self.access_times is not None and self.access_times.policy.every_listing
+        if OPENDIR_OPTIONAL and not every_listing:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         return inode
 
@@ -470,6 +476,8 @@ class StrataOperations(pyfuse3.Operations):
         if not self.view.listing_ready(fh):
             # A streamed layer may still bring names here: wait off the trio thread.
             await trio.to_thread.run_sync(self.view.wait_listing, fh, abandon_on_cancel=True)
+        if start_id == 0 and self.access_times is not None:
+            await self._accessed(fh, directory=True)
         listing = self.view.listdir_with_attributes(fh, start_id)
         try:
             for offset, name, node, entry in listing:
@@ -550,7 +558,9 @@ class StrataOperations(pyfuse3.Operations):
                 self.background.start_soon(self._fill_in_background, inode)
             # Its close reports what the background copy meets.
             return await self._answer(self._add_handle(inode, fd, write), flush=chunked)
-        elif self.passthrough is not None and self._backable(inode):
+        if self.access_times is not None:
+            await self._accessed(inode, directory=False)
+        if self.passthrough is not None and self._backable(inode):
             # The kernel reads the host file itself: nothing to open here but
             # the file it registers.
             return await self._answer(self._add_handle(inode, NOT_OPENED, write))
@@ -576,6 +586,22 @@ class StrataOperations(pyfuse3.Operations):
                 return await self._answer(fh)
             fd = cached
         return await self._answer(self._add_handle(inode, fd, write))
+
+    async def _accessed(self, inode: int, *, directory: bool) -> None:
+        """An open for reading, or a listing: the container layer's copy gets
+        the atime the mount's rule gives it (core/atime.py), and the kernel
+        forgets the one it keeps. Lower layers' files keep theirs."""
+        assert self.access_times is not None
+        place = self.view.access_place(inode)
+        if place is None:
+            return
+        try:
+            changed = await _briefly_blocking(self.access_times.accessed, place, directory)
+        except OSError as exc:  # moved or removed meanwhile: nothing was read
+            log.debug("atime of inode %d not updated: %s", inode, exc)
+            return
+        if changed:
+            await trio.to_thread.run_sync(_invalidate_attributes, [inode])
 
     @staticmethod
     def _file_info(fh: int, *, flush: bool = False, keep_cache: bool = True) -> pyfuse3.FileInfo:

@@ -204,14 +204,12 @@ def find_container(store: Store, text: str) -> dict[str, Any]:
     if "/" not in text and os.path.isdir(os.path.join(store.containers_dir, text)):
         return store.container(text)
     if os.path.isdir(text):
-        from .mount import FSTYPE, find_mount
+        from .mount import find_mount, is_strata_mount
 
         real = os.path.realpath(text)
         for record in store.containers():
-            if record.get("mountpoint") == real:
-                mounted = find_mount(real)
-                if mounted is not None and mounted.fstype == FSTYPE:
-                    return record
+            if record.get("mountpoint") == real and is_strata_mount(find_mount(real)):
+                return record
         raise StrataError(f"no container of store {store.root} is mounted at {real}")
     raise StrataError(f"no container {text} in the store (see `strata ps`)")
 
@@ -326,13 +324,12 @@ def run_image_verb(args: argparse.Namespace, root: str) -> int:
             if blobs or layers:
                 print(f"deleted {blobs} blobs, {layers} layers")
     elif verb == "ps":
-        from .mount import FSTYPE, find_mount
+        from .mount import find_mount, is_strata_mount
 
         print(f"{'CONTAINER':30} {'IMAGE':40} {'MOUNTPOINT'}")
         for record in store.containers():
             point = record.get("mountpoint") or ""
-            mounted = find_mount(point) if point else None
-            shown = point if mounted is not None and mounted.fstype == FSTYPE else "-"
+            shown = point if point and is_strata_mount(find_mount(point)) else "-"
             print(f"{record['name']:30} {record['image']:40} {shown}")
     elif verb == "rm":
         with store.exclusive():
@@ -414,7 +411,14 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
     """`strata mount IMAGE MOUNTPOINT [--name C]`: the image's layers under the
     container's writable layer, made on first use and kept until `strata rm`."""
     from .image.store import open_store
-    from .mount import MountRequest, WritableLayer, check_mountpoint, mount, restrictions_of
+    from .mount import (
+        MountRequest,
+        WritableLayer,
+        atime_of,
+        check_mountpoint,
+        mount,
+        restrictions_of,
+    )
     from .volumes import parse_volume
 
     image_text, mountpoint = args.targets
@@ -476,6 +480,7 @@ def mount_image(args: argparse.Namespace, root: str) -> None:
         record_reads=os.path.abspath(args.record_reads) if args.record_reads else None,
         stream=stream,
         passthrough=args.passthrough,
+        atime=atime_of(args),
     )
     if record is None:
         mount(request)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import xxhash
 
+from .core.atime import NOATIME, AccessTimes, AtimeMode, AtimePolicy
 from .errors import StrataError
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FUSE_DEVICE = "/dev/fuse"
-FSTYPE = "fuse.strata"
+SUBTYPE = "strata"
+FSTYPE = f"fuse.{SUBTYPE}"
 
 Notify = Callable[[str], None]
 
@@ -82,6 +85,10 @@ class MountRequest:
     stream: LayerStreamSource | None = None
     # The mount's source as findmnt, df and umount show it (fsname=).
     source: str = DEFAULT_SOURCE
+    # Its type is fuse.SUBTYPE; empty, plain `fuse` (strata-overlayfs's subtype=).
+    subtype: str = SUBTYPE
+    # When files of the container layer get a new atime (core/atime.py).
+    atime: AtimePolicy = NOATIME
     # FUSE passthrough (passthrough.py): "auto" uses it where the kernel,
     # libfuse and privileges allow, "on" refuses to mount without it, "off".
     passthrough: str = "auto"
@@ -194,8 +201,7 @@ def check_mountpoint(path: str) -> str:
     if not stat.S_ISDIR(st.st_mode):
         raise StrataError(f"mountpoint {path} is not a directory")
     real = os.path.realpath(path)
-    mounted = find_mount(real)
-    if mounted is not None and mounted.fstype == FSTYPE:
+    if is_strata_mount(find_mount(real)):
         raise StrataError(f"{real} is already a strata mount; run 'strata umount {real}' first")
     return real
 
@@ -233,6 +239,16 @@ def runtime_dir() -> str:
     return os.path.join(tmp, f"strata-{os.geteuid()}")
 
 
+def is_strata_mount(mounted: MountInfo | None) -> bool:
+    """Whether a mount is strata's: fuse.strata, or another FUSE type
+    (strata-overlayfs's subtype=) whose daemon left its pid file."""
+    if mounted is None:
+        return False
+    return mounted.fstype == FSTYPE or (
+        mounted.fstype.split(".")[0] == "fuse" and os.path.exists(pid_file(mounted.mountpoint))
+    )
+
+
 def pid_file(mountpoint: str) -> str:
     return os.path.join(runtime_dir(), xxhash.xxh64_hexdigest(os.fsencode(mountpoint)) + ".pid")
 
@@ -247,6 +263,15 @@ def restrictions_of(args: object) -> frozenset[str]:
     return frozenset(flag for flag in RESTRICTIONS if getattr(args, flag, False))
 
 
+def atime_of(args: object) -> AtimePolicy:
+    """The atime policy a parsed command line asks for (its --atime, --nodiratime)."""
+    mode = AtimeMode(getattr(args, "atime", "noatime"))
+    nodiratime = bool(getattr(args, "nodiratime", False))
+    if nodiratime and mode is AtimeMode.NOATIME:
+        raise StrataError("--nodiratime goes with --atime relatime or strictatime")
+    return AtimePolicy(mode, nodiratime)
+
+
 def checked_source(source: str) -> str:
     """A mount source (fsname=) libfuse and /proc/mounts take as it is."""
     if not source or not source.isascii() or not source.isprintable() or " " in source:
@@ -254,13 +279,29 @@ def checked_source(source: str) -> str:
     return source
 
 
+def checked_subtype(subtype: str) -> str:
+    """A mount's subtype (fuse.SUBTYPE in /proc/mounts), or none."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", subtype):
+        raise StrataError(
+            f"the mount's subtype may hold only letters, digits, '.', '_' and '-': {subtype!r}"
+        )
+    return subtype
+
+
 def fuse_options(
-    read_only: bool, restrictions: frozenset[str] = frozenset(), source: str = DEFAULT_SOURCE
+    read_only: bool,
+    restrictions: frozenset[str] = frozenset(),
+    source: str = DEFAULT_SOURCE,
+    subtype: str = SUBTYPE,
+    atime: AtimePolicy = NOATIME,
 ) -> set[str]:
     escaped = (
         checked_source(source).replace("\\", "\\\\").replace(",", "\\,")
     )  # libfuse splits at commas
-    options = {f"fsname={escaped}", "subtype=strata", "default_permissions", "noatime"}
+    options = {f"fsname={escaped}", "default_permissions"}
+    options.update(NOATIME.fuse_options() if read_only else atime.fuse_options())
+    if checked_subtype(subtype):
+        options.add(f"subtype={subtype}")  # without one the kernel shows plain `fuse`
     if read_only:
         options.add("ro")
     if os.geteuid() == 0:
@@ -421,6 +462,16 @@ def serve(request: MountRequest, notify: Notify) -> None:
         )
         operations = StrataOperations(view, ownership=request.ownership)
         operations.enable_acl = operations.enable_acl and request.acl
+        atime = NOATIME
+        if store is not None and not request.read_only and request.atime.active:
+            try:
+                operations.access_times = AccessTimes(
+                    os.fsdecode(store.root), os.fsdecode(store.work), request.atime
+                )
+                atime = request.atime
+            except OSError as exc:
+                log.warning("atime: %s not kept, files keep their atimes: %s",
+                            request.atime.describe(), exc.strerror)  # fmt: skip
         if request.passthrough != "off":
             from .passthrough import kernel_backing_files
 
@@ -433,7 +484,11 @@ def serve(request: MountRequest, notify: Notify) -> None:
                 operations,
                 request.mountpoint,
                 fuse_options(
-                    store is None or request.read_only, request.restrictions, request.source
+                    store is None or request.read_only,
+                    request.restrictions,
+                    request.source,
+                    request.subtype,
+                    atime,
                 ),
             )
         except RuntimeError as exc:
@@ -728,6 +783,8 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
         pyfuse3.close(unmount=terminated)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pidfile)
+        if operations.access_times is not None:
+            operations.access_times.close()
         if operations.passthrough is not None:
             operations.passthrough.close()
             files = operations.passthrough.files
@@ -756,6 +813,7 @@ def _start_passthrough(request: MountRequest, operations: StrataOperations) -> N
         # Streamed layers move to their place in the store once whole, after
         # the private mounts are made: their files stay with the daemon.
         lower=(store is None or request.read_only) and request.stream is None,
+        atime=operations.access_times.policy if operations.access_times is not None else NOATIME,
     )
     if passthrough is None:
         if request.passthrough == "on":
@@ -768,8 +826,7 @@ def _start_passthrough(request: MountRequest, operations: StrataOperations) -> N
 
 def unmount(mountpoint: str, *, timeout: float = 30.0) -> None:
     real = os.path.realpath(mountpoint)
-    mounted = find_mount(real)
-    if mounted is None or mounted.fstype != FSTYPE:
+    if not is_strata_mount(find_mount(real)):
         raise StrataError(f"{real} is not a strata mount")
     pid = _read_pid(pid_file(real))
     from .volumes import detach

@@ -17,9 +17,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .core.atime import RELATIME, AtimeMode, AtimePolicy
 from .errors import StrataError, error_line
 from .idmap import ID_MAX, IdMap, Ownership, overflow_id, parse_ranges
-from .mount import DEFAULT_SOURCE, RESTRICTIONS, checked_source
+from .mount import DEFAULT_SOURCE, RESTRICTIONS, SUBTYPE, checked_source, checked_subtype
 
 SUPPORTED, IGNORED, REFUSED = "supported", "ignored with a warning", "refused"
 
@@ -62,6 +63,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
         "the mount's source as findmnt, df and umount show it; by default the SOURCE"
         " mount.fuse3 passes (`overlay` in `mount -t fuse.strata overlay ...`), else `strata`",
     ),
+    "subtype": (
+        SUPPORTED,
+        "the mount's type is fuse.NAME (fuse.strata by default); `subtype=` with no name"
+        " shows plain `fuse`, as tools that compare a mount's type with it expect",
+    ),
     "passthrough": (
         SUPPORTED,
         "auto (the default), on or off: FUSE passthrough, the kernel reading and writing"
@@ -75,8 +81,17 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "dev": (SUPPORTED, "the default as root"),
     "suid": (SUPPORTED, "the default as root"),
     "exec": (SUPPORTED, "the default"),
-    "noatime": (SUPPORTED, "always on"),
-    "relatime": (IGNORED, "strata always mounts noatime"),
+    "noatime": (SUPPORTED, "no access changes an atime"),
+    "atime": (SUPPORTED, "as relatime"),
+    "relatime": (
+        SUPPORTED,
+        "the default, as on overlayfs: opening a file of the container layer for reading"
+        " (listing a directory) updates its atime if older than its mtime or ctime, or a day"
+        " old; lower layers' files keep theirs",
+    ),
+    "strictatime": (SUPPORTED, "as relatime, but every such access updates the atime"),
+    "nodiratime": (SUPPORTED, "with relatime or strictatime: listings change no atime"),
+    "diratime": (SUPPORTED, "the default: listings count as accesses"),
     "nodev": (SUPPORTED, "the kernel's mount flag: device nodes cannot be opened"),
     "nosuid": (SUPPORTED, "the kernel's mount flag: set-id bits and capabilities give nothing"),
     "noexec": (SUPPORTED, "the kernel's mount flag: nothing on the mount can be executed"),
@@ -102,6 +117,8 @@ class OverlayRequest:
     source: str = DEFAULT_SOURCE
     passthrough: str = "auto"
     acl: bool = True
+    subtype: str = SUBTYPE
+    atime: AtimePolicy = RELATIME
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:
@@ -180,6 +197,8 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
     metacopy = False
     passthrough = "auto"
     acl = True
+    subtype = SUBTYPE
+    atime, nodiratime = AtimeMode.RELATIME, False  # the kernel's default for a mount
     for key, value in options:
         verdict, reason = OPTIONS.get(key, (IGNORED, "strata does not know this option"))
         if verdict == REFUSED:
@@ -207,6 +226,12 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
             if not value:
                 raise StrataError("option fsname needs a value")
             source = re.sub(r"\\(.)", r"\1", value)  # `\,` is a comma in it
+        elif key == "subtype":
+            subtype = checked_subtype(value or "")
+        elif key in ("noatime", "relatime", "strictatime", "atime"):
+            atime = AtimeMode(key if key != "atime" else "relatime")
+        elif key in ("nodiratime", "diratime"):
+            nodiratime = key == "nodiratime"
         elif key in ("uidmapping", "gidmapping"):
             if not value:
                 raise StrataError(f"option {key} needs a value")
@@ -262,6 +287,8 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
         source,
         passthrough,
         acl,
+        subtype,
+        AtimePolicy(atime, nodiratime and atime is not AtimeMode.NOATIME),
     )
 
 
@@ -299,6 +326,8 @@ def run(argv: Sequence[str]) -> int:
                 source=request.source,
                 passthrough=request.passthrough,
                 acl=request.acl,
+                subtype=request.subtype,
+                atime=request.atime,
             )
         )
     except StrataError as exc:

@@ -21,14 +21,14 @@ backing file) or with one, until the last is released; a file copied up while
 cached opens are outstanding stays cached until then.
 
 The files registered are opened through private detached mounts of the
-layers, UPPER and WORK, made noatime: the kernel opens each backing file again
-per FUSE file, and its reads then leave the host files' atimes alone, as the
-daemon's own do (strata mounts noatime).
+layers, made noatime, and of UPPER and WORK, made as the mount's atime options
+say (core/atime.py): the kernel opens each backing file again per FUSE file,
+and its reads then change the host files' atimes only where the mount's rule
+would.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections import OrderedDict
@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .core.atime import NOATIME, AtimePolicy, detached_mount
 from .core.layer import open_beneath
 from .core.reading import DataSource
 from .core.records import Entry
@@ -45,62 +46,20 @@ from .core.records import Entry
 CACHED = 0
 PASSTHROUGH = 1
 
-_SYS_OPEN_TREE = 428
-_SYS_MOUNT_SETATTR = 442
-_OPEN_TREE_CLONE = 1
-_AT_EMPTY_PATH = 0x1000
-_AT_FDCWD = -100
-_MOUNT_ATTR_NOATIME = 0x10
-_MOUNT_ATTR__ATIME = 0x70
-
 Identity = tuple[int, int]  # a host file's st_dev, st_ino
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-def detached_mount(path: str) -> int:
-    """A private noatime copy of the mount at *path* (rooted there, in no
-    namespace, gone with its last user): an O_PATH descriptor."""
-    fd = _libc.syscall(
-        _SYS_OPEN_TREE,
-        ctypes.c_int(_AT_FDCWD),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC),
-    )
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot clone the mount of {path}: {os.strerror(err)}")
-    attr = _MountAttr(_MOUNT_ATTR_NOATIME, _MOUNT_ATTR__ATIME, 0, 0)
-    done = _libc.syscall(
-        _SYS_MOUNT_SETATTR,
-        ctypes.c_int(fd),
-        ctypes.c_char_p(b""),
-        ctypes.c_uint(_AT_EMPTY_PATH),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
-    )
-    if done < 0:
-        err = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(err, f"cannot make a private mount of {path} noatime: {os.strerror(err)}")
-    return int(fd)
 
 
 class BackingTrees:
     """Where backing files are opened: the detached mounts of each layer, of
     UPPER and of WORK."""
 
-    def __init__(self, layers: dict[int, str], upper: str | None, work: str | None) -> None:
+    def __init__(
+        self,
+        layers: dict[int, str],
+        upper: str | None,
+        work: str | None,
+        atime: AtimePolicy = NOATIME,
+    ) -> None:
         self._layers: dict[int, int] = {}
         self._layer_devices: dict[int, int] = {}
         self._upper: int | None = None
@@ -110,8 +69,9 @@ class BackingTrees:
                 self._layers[number] = detached_mount(path)
                 self._layer_devices[number] = os.fstat(self._layers[number]).st_dev
             if upper is not None and work is not None:
-                self._upper = detached_mount(upper)
-                self._work = detached_mount(work)
+                # The kernel's reads of upper files count as accesses.
+                self._upper = detached_mount(upper, atime)
+                self._work = detached_mount(work, atime)
         except BaseException:
             self.close()
             raise
@@ -347,6 +307,7 @@ def start(
     probe: str,
     *,
     lower: bool,
+    atime: AtimePolicy = NOATIME,
 ) -> tuple[Passthrough | None, str]:
     """Passthrough for a mount the kernel has initialised, or why it cannot
     be used. *files*: the modes of the files opened so far (all cached).
@@ -370,7 +331,7 @@ def start(
     try:
         # The layers' private mounts only where lower files are backed: a
         # writable mount of a deep stack makes none at mount time.
-        trees = BackingTrees(layers if lower else {}, upper, work)
+        trees = BackingTrees(layers if lower else {}, upper, work, atime)
     except OSError as exc:
         return None, str(exc.strerror)
     return Passthrough(trees, files, lower=lower), ""

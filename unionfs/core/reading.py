@@ -847,6 +847,18 @@ class ReadPath:
             raise FsError(errno.ENOENT)
         return DataSource(lower=lower)
 
+    def access_place(self, ino: int) -> Beneath | None:
+        """Where the container layer holds a file or directory whose access
+        counts for its atime (core/atime.py); None for one only lower layers
+        hold, whose atime stays as it is."""
+        node = self.node(ino)
+        if self.store is None or not node.upper or not (node.is_dir or stat.S_ISREG(node.mode)):
+            return None
+        try:
+            return self._upper_place(node)
+        except FsError:  # unlinked, or its last name gone: no file to update
+            return None
+
     def open_source(self, source: DataSource) -> int:
         """Open what data_source decided. Blocking; safe in a worker thread:
         it reads no node, and UPPER is opened beneath its root by descriptor."""

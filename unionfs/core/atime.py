@@ -1,0 +1,189 @@
+"""Access times as the mount's atime options ask: noatime (strata's default),
+relatime, strictatime, and nodiratime beside either.
+
+The kernel leaves a FUSE file's atime to the daemon. strata never sets one
+with utimensat, which would move the ctime as well: it lets the host's own
+rule do it. A private mount of UPPER and WORK carries the mount's atime
+options, and a file of the container layer opened for reading (a directory
+listed) is read once through it, so the host updates the atime exactly where
+relatime or strictatime would, and changes nothing else. Backing files of
+passthrough are opened through the same mounts, so the kernel's own reads of
+them count too. Lower layers' files keep their atime, as on overlayfs (an
+access copies nothing up).
+
+Opening counts, not each read: reads the kernel serves from its page cache
+reach no daemon. Listings do reach it under strictatime (the kernel is asked
+to keep none); under relatime a listing the kernel kept would change no
+atime anyway, unless the directory changed, which drops it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .layer import open_beneath
+
+if TYPE_CHECKING:
+    from .upper import Beneath
+
+_SYS_OPEN_TREE = 428
+_SYS_MOUNT_SETATTR = 442
+_OPEN_TREE_CLONE = 1
+_AT_EMPTY_PATH = 0x1000
+_AT_FDCWD = -100
+_MOUNT_ATTR_NOATIME = 0x10
+_MOUNT_ATTR_STRICTATIME = 0x20
+_MOUNT_ATTR__ATIME = 0x70
+_MOUNT_ATTR_NODIRATIME = 0x80
+_MOUNT_ATTR_RELATIME = 0x00
+_DAY_NS = 24 * 3600 * 10**9
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class AtimeMode(enum.Enum):
+    NOATIME = "noatime"
+    RELATIME = "relatime"
+    STRICTATIME = "strictatime"
+
+
+@dataclass(frozen=True, slots=True)
+class AtimePolicy:
+    mode: AtimeMode = AtimeMode.NOATIME
+    nodiratime: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.mode is not AtimeMode.NOATIME
+
+    def applies_to(self, directory: bool) -> bool:
+        return self.active and not (directory and self.nodiratime)
+
+    @property
+    def every_listing(self) -> bool:
+        """Whether each listing of a directory counts (strictatime): the
+        kernel must then ask for each instead of keeping what it read."""
+        return self.mode is AtimeMode.STRICTATIME and not self.nodiratime
+
+    def wants_update(self, atime_ns: int, mtime_ns: int, ctime_ns: int, now_ns: int) -> bool:
+        """Whether an access now changes the atime (the kernel's relatime
+        rule: an atime not newer than the mtime or ctime, or a day old)."""
+        if self.mode is AtimeMode.NOATIME:
+            return False
+        return (
+            self.mode is AtimeMode.STRICTATIME
+            or atime_ns <= mtime_ns
+            or atime_ns <= ctime_ns
+            or now_ns - atime_ns >= _DAY_NS
+        )
+
+    def mount_attributes(self) -> int:
+        """The MOUNT_ATTR_* bits of a mount that reads with this policy."""
+        if self.mode is AtimeMode.NOATIME:
+            return _MOUNT_ATTR_NOATIME
+        strict = self.mode is AtimeMode.STRICTATIME
+        base = _MOUNT_ATTR_STRICTATIME if strict else _MOUNT_ATTR_RELATIME
+        return base | (_MOUNT_ATTR_NODIRATIME if self.nodiratime else 0)
+
+    def fuse_options(self) -> set[str]:
+        """The FUSE mount's own flags, so that findmnt shows the policy (the
+        kernel applies none of them to a FUSE file: atimes are the daemon's).
+        relatime is the kernel's default for a mount."""
+        if self.mode is AtimeMode.NOATIME:
+            return {"noatime"}
+        return {"nodiratime"} if self.nodiratime else set()
+
+    def describe(self) -> str:
+        return self.mode.value + (",nodiratime" if self.nodiratime else "")
+
+
+NOATIME = AtimePolicy()
+RELATIME = AtimePolicy(AtimeMode.RELATIME)
+
+
+def detached_mount(path: str, policy: AtimePolicy = NOATIME) -> int:
+    """A private copy of the mount at *path* (rooted there, in no namespace,
+    gone with its last user) whose reads follow *policy*: an O_PATH descriptor."""
+    fd = _libc.syscall(
+        _SYS_OPEN_TREE,
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot clone the mount of {path}: {os.strerror(err)}")
+    clear = _MOUNT_ATTR__ATIME | _MOUNT_ATTR_NODIRATIME
+    attr = _MountAttr(policy.mount_attributes(), clear, 0, 0)
+    done = _libc.syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(_AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if done < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(
+            err, f"cannot make a private mount of {path} {policy.describe()}: {os.strerror(err)}"
+        )
+    return int(fd)
+
+
+class AccessTimes:
+    """Updates the atime of files in UPPER and WORK as *policy* says, through
+    private mounts that carry it."""
+
+    def __init__(self, upper: str, work: str, policy: AtimePolicy) -> None:
+        assert policy.active
+        self.policy = policy
+        self._upper = detached_mount(upper, policy)
+        try:
+            self._work = detached_mount(work, policy)
+        except BaseException:
+            os.close(self._upper)
+            raise
+
+    def close(self) -> None:
+        os.close(self._upper)
+        os.close(self._work)
+
+    def accessed(self, place: Beneath, directory: bool) -> bool:
+        """Count an access to the file or directory at *place*: the host
+        updates its atime if the policy asks. Whether it changed. Blocking
+        (it reads a byte, or a directory's first entries)."""
+        if not self.policy.applies_to(directory):
+            return False
+        root = self._work if place.in_work else self._upper
+        flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
+        fd = open_beneath(root, place.rel, flags, noatime=False)
+        try:
+            st = os.fstat(fd)
+            before = st.st_atime_ns
+            if not self.policy.wants_update(before, st.st_mtime_ns, st.st_ctime_ns, time.time_ns()):
+                return False  # the host would not change it either: no read
+            if directory:
+                with os.scandir(fd) as entries:
+                    next(entries, None)
+            else:
+                os.pread(fd, 1, 0)
+            return os.fstat(fd).st_atime_ns != before
+        finally:
+            os.close(fd)
