@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.layers import write
-from tests.mounts import STRATA, force_unmount, overlay_mount, strata_mount
+from tests.mounts import STRATA, drop_caches, force_unmount, overlay_mount, strata_mount
 from unionfs.core.atime import AtimeMode, AtimePolicy
 
 PAST = 1_500_000_000_000_000_000  # 2017
@@ -158,6 +158,7 @@ def test_atimes_set_by_a_mount_stay_after_a_remount(scratch: str) -> None:
     with strata_mount(store, [lower], mount, *layers, "--atime", "strictatime"):
         write(f"{mount}/file", b"data")
         os.utime(f"{mount}/file", ns=(PAST, PAST))
+        drop_caches(mount)  # the update waits for the disk: a worker thread's
         _read(f"{mount}/file")
         read_at = os.stat(f"{mount}/file").st_atime_ns
         assert read_at > PAST

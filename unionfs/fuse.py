@@ -596,7 +596,10 @@ class StrataOperations(pyfuse3.Operations):
         if place is None:
             return
         try:
-            changed = await _briefly_blocking(self.access_times.accessed, place, directory)
+            try:  # mostly all in the caches: no thread, however busy the mount
+                changed = self.access_times.accessed(place, directory, nowait=True)
+            except BlockingIOError:
+                changed = await _briefly_blocking(self.access_times.accessed, place, directory)
         except OSError as exc:  # moved or removed meanwhile: nothing was read
             log.debug("atime of inode %d not updated: %s", inode, exc)
             return

@@ -165,15 +165,16 @@ class AccessTimes:
         os.close(self._upper)
         os.close(self._work)
 
-    def accessed(self, place: Beneath, directory: bool) -> bool:
+    def accessed(self, place: Beneath, directory: bool, *, nowait: bool = False) -> bool:
         """Count an access to the file or directory at *place*: the host
         updates its atime if the policy asks. Whether it changed. Blocking
-        (it reads a byte, or a directory's first entries)."""
+        (it reads a byte, or a directory's first entries); with *nowait*,
+        BlockingIOError where a file's open or read would wait for the disk."""
         if not self.policy.applies_to(directory):
             return False
         root = self._work if place.in_work else self._upper
         flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
-        fd = open_beneath(root, place.rel, flags, noatime=False)
+        fd = open_beneath(root, place.rel, flags, noatime=False, cached_only=nowait)
         try:
             st = os.fstat(fd)
             before = st.st_atime_ns
@@ -182,6 +183,12 @@ class AccessTimes:
             if directory:
                 with os.scandir(fd) as entries:
                     next(entries, None)
+            elif nowait:
+                try:
+                    os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+                except BlockingIOError:  # not in the page cache
+                    if os.fstat(fd).st_atime_ns == before:  # (the host may count it anyway)
+                        raise
             else:
                 os.pread(fd, 1, 0)
             return os.fstat(fd).st_atime_ns != before
