@@ -29,6 +29,7 @@ needs_ioctl = pytest.mark.skipif(
 )
 
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+GIVEN = 1_600_000_000_000_000_000  # a time of the caller's own, not "now"
 
 
 def get_flags(path: str) -> int:
@@ -73,6 +74,8 @@ def _steps(m: str) -> dict[str, Callable[[], object]]:
             f"{name}: truncate": partial(os.truncate, f, 1),
             f"{name}: chmod": partial(os.chmod, f, 0o600),
             f"{name}: chown": partial(os.chown, f, 7, 7),
+            f"{name}: set times": partial(os.utime, f, ns=(GIVEN, GIVEN)),
+            f"{name}: touch": partial(os.utime, f),  # "now": append-only allows it
             f"{name}: setxattr": partial(os.setxattr, f, "user.x", b"1"),
             f"{name}: link": partial(os.link, f, f + "-link"),
             f"{name}: rename": partial(os.rename, f, f + "-moved"),
@@ -89,6 +92,8 @@ def _steps(m: str) -> dict[str, Callable[[], object]]:
             f"{name}: move out": partial(os.rename, f"{d}/leaving", f"{m}/left-{name}"),
             f"{name}: move in": partial(os.rename, f"{m}/coming-{name}", f"{d}/came"),
             f"{name}: chmod": partial(os.chmod, d, 0o700),
+            f"{name}: set times": partial(os.utime, d, ns=(GIVEN, GIVEN)),
+            f"{name}: touch": partial(os.utime, d),
             f"{name}: rmdir": partial(os.rmdir, d),
         }
     return steps
@@ -151,6 +156,7 @@ def test_append_only_and_immutable_refuse_what_they_do_on_overlayfs(scratch: str
     assert expected["dapp: create inside"] == "ok"
     assert expected["dapp: unlink inside"] == "EPERM"
     assert expected["plain: rename"] == "ok"
+    assert expected["app: set times"] == "EPERM" and expected["app: touch"] == "ok"
 
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
     os.makedirs(upper)

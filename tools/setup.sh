@@ -100,15 +100,16 @@ elif [[ "${STRATA_LIBFUSE:-build}" != system ]]; then
   fi
 fi
 
-# pyfuse3 is built from its released source with ten small patches: they let
+# pyfuse3 is built from its released source with eleven small patches: they let
 # a filesystem leave directories unopened, so the kernel caches listings; have
 # the kernel cache symlink targets; spare a close its flush request; read
 # a queued request without a trip through the event loop; keep a file's
 # cached pages when its mtime changes; serve fallocate; name pyfuse3's
 # version without importlib.metadata, 1.5 MiB of every daemon; answer
 # request after request without trio's scheduler while no handler waits;
-# apply the umask itself, where a default ACL replaces it; and serve the
-# ioctls of chattr and lsattr (see each patch's header). With libfuse 3.17
+# apply the umask itself, where a default ACL replaces it; serve the ioctls
+# of chattr and lsattr; and tell a time set to "now" from one given (see each
+# patch's header). With libfuse 3.17
 # three more give it passthrough, let it clear set-id bits itself (no getxattr
 # before every write) and serve O_TMPFILE. strata runs on an unpatched pyfuse3
 # too, without them.
@@ -118,7 +119,7 @@ pyfuse3_patches=(
   tools/pyfuse3-no-opendir.patch tools/pyfuse3-cache-symlinks.patch tools/pyfuse3-noflush.patch
   tools/pyfuse3-direct-reads.patch tools/pyfuse3-keep-data.patch tools/pyfuse3-fallocate.patch
   tools/pyfuse3-no-metadata.patch tools/pyfuse3-idle-wait.patch tools/pyfuse3-dont-mask.patch
-  tools/pyfuse3-ioctl.patch
+  tools/pyfuse3-ioctl.patch tools/pyfuse3-time-now.patch
 )
 if [[ $passthrough == yes ]]; then
   pyfuse3_patches+=(tools/pyfuse3-passthrough.patch tools/pyfuse3-killpriv.patch

@@ -143,6 +143,17 @@ def _caller_in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
 _CAP_FSETID = 4
 
 
+def _times_given(fields: pyfuse3.SetattrFields) -> bool:
+    """Whether a setattr sets a time of the caller's own rather than "now"
+    (tools/pyfuse3-time-now.patch; an unpatched pyfuse3 does not say, and
+    every time counts as "now")."""
+    atime_now = getattr(fields, "update_atime_now", None)
+    if atime_now is None:
+        return False
+    mtime_now = getattr(fields, "update_mtime_now", False)
+    return bool((fields.update_atime and not atime_now) or (fields.update_mtime and not mtime_now))
+
+
 def _invalidate_attributes(inodes: list[int]) -> None:
     for ino in inodes:
         with contextlib.suppress(OSError):  # an inode the kernel has dropped meanwhile
@@ -954,6 +965,7 @@ class StrataOperations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fd=handle.fd if handle is not None and handle.write else None,
+            times_given=_times_given(fields),
         )
         return self._attributes(entry)
 

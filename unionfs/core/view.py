@@ -452,13 +452,17 @@ class UnionView(CopyUp):
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         fd: int | None = None,
+        times_given: bool = False,
     ) -> Entry:
+        """Change a node's attributes; *times_given*: the times are the
+        caller's own, not "now" (an append-only node refuses those)."""
         node = self.node(ino)
         protection = self.protection(node)
         if protection & fileflags.IMMUTABLE_FL or (
             protection & fileflags.APPEND_FL
-            and (mode is not None or uid is not None or gid is not None or size is not None)
-        ):
+            and (mode is not None or uid is not None or gid is not None or size is not None
+                 or times_given)
+        ):  # fmt: skip
             raise FsError(errno.EPERM)
         if size is not None:
             if node.is_dir:
