@@ -461,3 +461,44 @@ def test_passthrough_on_mounts_with_it_or_refuses_in_one_line(scratch: str, lowe
     assert ("passthrough: in use" in logs) == (_WHY_NOT is None)
     # auto says in one line why it goes without.
     assert ("passthrough: not used: " in logs) == (_WHY_NOT is not None)
+
+
+@needs_passthrough
+def test_a_write_through_a_shared_mapping_shows_in_the_times(scratch: str, lower: str) -> None:
+    """A mapping of a backed file writes the host file with no request to
+    the daemon; its new mtime and ctime show all the same, while the file is
+    mapped and after (xfstests generic/080)."""
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper)
+    store, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    layers = ["--upper", upper, "--work", work, "--passthrough", "on"]
+    with strata_mount(store, [lower], mount, *layers):
+        path = f"{mount}/mapped"
+        write(path, b"x" * 4096)
+        os.utime(path, ns=(OLD, OLD))
+        before = _times(path)  # the kernel keeps these attributes
+        time.sleep(0.05)  # a new ctime, whatever the clock's tick
+        with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), 0) as mapped:
+            assert mapped[0:1] == b"x"
+            mapped[0:1] = b"y"
+            mapped.flush()
+            during = _times(path)
+        after = _times(path)
+        host = os.stat(f"{upper}/mapped")
+        assert before[0] == OLD
+        assert during[0] != before[0] and during[1] != before[1]
+        assert after == (host.st_mtime_ns, host.st_ctime_ns)
+        with open(path, "rb") as handle:
+            assert handle.read(1) == b"y"
+
+
+OLD = 1_500_000_000_000_000_000
+
+
+def _times(path: str) -> tuple[int, int]:
+    """mtime and ctime as stat(1) asks for them: a statx of those alone, which
+    the kernel answers from its attributes unless they are stale (an access
+    makes only the atime stale)."""
+    shown = subprocess.run(["stat", "-c", "%.9Y %.9Z", path], capture_output=True, text=True)
+    mtime, ctime = (int(field.replace(".", "")) for field in shown.stdout.split())
+    return mtime, ctime

@@ -296,6 +296,10 @@ class StrataOperations(pyfuse3.Operations):
         # With relatime or strictatime, what counts accesses to the container
         # layer's files (core/atime.py); None: noatime.
         self.access_times: AccessTimes | None = None
+        # Inodes open for writing through passthrough, by open count: a write
+        # through a shared mapping changes the host file's times unseen, so
+        # the kernel keeps none of their attributes meanwhile.
+        self._backed_writers: dict[int, int] = {}
         if view.streaming is None:
             self.streams_arrived.set()
 
@@ -341,7 +345,7 @@ class StrataOperations(pyfuse3.Operations):
         attrs.generation = 0
         timeout = self.timeout if self.view.streaming is None else STREAMING_TIMEOUT
         attrs.entry_timeout = timeout
-        attrs.attr_timeout = timeout
+        attrs.attr_timeout = 0 if entry.ino in self._backed_writers else timeout
         attrs.st_mode = entry.mode
         attrs.st_nlink = entry.nlink
         if self._mapped:
@@ -686,6 +690,11 @@ class StrataOperations(pyfuse3.Operations):
         if backing_id is None:
             return None
         handle.io = PASSTHROUGH
+        if handle.write:
+            writers = self._backed_writers.get(handle.ino, 0)
+            self._backed_writers[handle.ino] = writers + 1
+            if not writers:
+                _invalidate_attributes([handle.ino])  # attributes only: safe here
         info = pyfuse3.FileInfo(fh=fh, keep_cache=False)
         # (Typed loosely: pyfuse3 has the field only with passthrough built in.)
         cast(Any, info).backing_id = backing_id
@@ -928,6 +937,12 @@ class StrataOperations(pyfuse3.Operations):
             handle.close()
             if handle.io is not None and self.backing_files is not None:
                 self.backing_files.release(handle.ino, handle.io)
+            if handle.io == PASSTHROUGH and handle.write:
+                writers = self._backed_writers.pop(handle.ino, 1) - 1
+                if writers:
+                    self._backed_writers[handle.ino] = writers
+                else:
+                    _invalidate_attributes([handle.ino])  # what a mapping wrote last
 
     # Changes ----------------------------------------------------------------
 
