@@ -488,8 +488,8 @@ def test_a_write_through_a_shared_mapping_shows_in_the_times(scratch: str, lower
         assert before[0] == OLD
         assert during[0] != before[0] and during[1] != before[1]
         assert after == (host.st_mtime_ns, host.st_ctime_ns)
-        with open(path, "rb") as handle:
-            assert handle.read(1) == b"y"
+        with open(path, "rb") as reread:
+            assert reread.read(1) == b"y"
 
 
 OLD = 1_500_000_000_000_000_000
