@@ -619,7 +619,7 @@ class StrataOperations(pyfuse3.Operations):
             log.debug("atime of inode %d not updated: %s", inode, exc)
             return
         if changed:
-            await trio.to_thread.run_sync(_invalidate_attributes, [inode])
+            _invalidate_attributes([inode])  # attributes only: never blocks, no thread
 
     @staticmethod
     def _file_info(fh: int, *, flush: bool = False, keep_cache: bool = True) -> pyfuse3.FileInfo:
