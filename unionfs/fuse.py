@@ -644,10 +644,11 @@ class StrataOperations(pyfuse3.Operations):
             return True
         return self.passthrough.lower and self.view.lower_data_missing(ino) is None
 
-    async def _answer(self, fh: int, *, flush: bool = False) -> pyfuse3.FileInfo:
+    async def _answer(self, fh: int, *, flush: bool = False, new: bool = False) -> pyfuse3.FileInfo:
         """What open and create answer for a new handle: with passthrough
         where the inode's open files allow it (see passthrough.py), else
-        cached. A handle whose open fails here is dropped."""
+        cached. A handle whose open fails here is dropped. *new*: a file
+        just created, whose attributes the kernel has none of yet."""
         files, passthrough = self.backing_files, self.passthrough
         if files is None:
             return self._file_info(fh, flush=flush)
@@ -656,12 +657,12 @@ class StrataOperations(pyfuse3.Operations):
             outstanding = files.outstanding(handle.ino)
             if outstanding is not None and outstanding != CACHED:
                 assert passthrough is not None  # backing files come only once it is in use
-                info = await self._answer_backed(passthrough, handle, fh, flush)
+                info = await self._answer_backed(passthrough, handle, fh, flush, new)
                 if info is not None:
                     return info
                 raise FsError(errno.EIO, "passthrough failed for a file open through it")
             if outstanding is None and passthrough is not None and self._backable(handle.ino):
-                info = await self._answer_backed(passthrough, handle, fh, flush)
+                info = await self._answer_backed(passthrough, handle, fh, flush, new)
                 if info is not None:
                     return info
             handle.io = CACHED
@@ -673,7 +674,7 @@ class StrataOperations(pyfuse3.Operations):
             raise
 
     async def _answer_backed(
-        self, passthrough: Passthrough, handle: Handle, fh: int, flush: bool
+        self, passthrough: Passthrough, handle: Handle, fh: int, flush: bool, new: bool
     ) -> pyfuse3.FileInfo | None:
         """Answer with the inode's backing file (registered now if it has
         none); None: answer cached (cached opens came meanwhile, or
@@ -693,7 +694,7 @@ class StrataOperations(pyfuse3.Operations):
         if handle.write:
             writers = self._backed_writers.get(handle.ino, 0)
             self._backed_writers[handle.ino] = writers + 1
-            if not writers:
+            if not writers and not new:
                 _invalidate_attributes([handle.ino])  # attributes only: safe here
         info = pyfuse3.FileInfo(fh=fh, keep_cache=False)
         # (Typed loosely: pyfuse3 has the field only with passthrough built in.)
@@ -771,8 +772,10 @@ class StrataOperations(pyfuse3.Operations):
         await self._all_arrived()  # changes need the whole tree
         node, fd = self.view.create(parent_inode, name, mode, flags,
                                     self._caller(ctx))  # fmt: skip
-        attributes = self._attributes(self.view.attributes(node, os.fstat(fd)))
-        return await self._answer(self._add_handle(node.ino, fd, True)), attributes
+        info = await self._answer(self._add_handle(node.ino, fd, True), new=True)
+        # After the answer: a file open for writing through passthrough
+        # gives the kernel attributes it must not keep.
+        return info, self._attributes(self.view.attributes(node, os.fstat(fd)))
 
     @_fuse_errors
     async def tmpfile(
