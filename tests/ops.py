@@ -8,6 +8,7 @@ forked child, so the kernel's permission checks take part.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -16,6 +17,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from unionfs.core import acl
 from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 USER = 1000
@@ -28,8 +30,27 @@ KINDS = [
     "create", "create_excl", "open_trunc", "write_at", "append", "truncate", "read",
     "read_across_copy_up", "unlink", "rmdir", "mkdir", "mkfifo", "mknod_chr", "symlink",
     "link", "rename", "rename_noreplace", "rename_exchange", "chmod", "chown", "utime",
-    "setxattr", "removexattr", "stat", "listdir", "fsync",
+    "setxattr", "removexattr", "stat", "listdir", "fsync", "fallocate", "setfacl",
 ]  # fmt: skip
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+# Every mode the kernel passes a FUSE filesystem; the range from the op's number.
+FALLOCATE_MODES = [0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE, ZERO_RANGE | KEEP_SIZE]
+# An access ACL granting the test's user read and write (and, on a
+# directory, the same as its default ACL, which what is made in it inherits).
+_ACL = acl.encode([
+    acl.AclEntry(acl.USER_OBJ, 6), acl.AclEntry(acl.USER, 6, USER), acl.AclEntry(acl.GROUP_OBJ, 4),
+    acl.AclEntry(acl.MASK, 6), acl.AclEntry(acl.OTHER, 0),
+])  # fmt: skip
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> str:
+    """fallocate(2) with *mode*: "ok" or the errno's name."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        return errno.errorcode[ctypes.get_errno()]
+    return "ok"
 
 
 @dataclass(frozen=True)
@@ -244,6 +265,22 @@ def _run(root: str, op: Op) -> Any:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         os.close(fd)  # a symlink to a directory is not listed through
         return _names(path)
+    if kind == "fallocate":
+        fd = os.open(path, os.O_RDWR | _NO_FOLLOW)
+        try:
+            mode = FALLOCATE_MODES[op.number % len(FALLOCATE_MODES)]
+            outcome = fallocate(fd, mode, op.number % 9000, 1 + op.number % 5000)
+            return (outcome, os.fstat(fd).st_size, _digest(fd))
+        finally:
+            os.close(fd)
+    if kind == "setfacl":
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return "symlink"
+        os.setxattr(path, acl.ACCESS.decode(), _ACL, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            os.setxattr(path, acl.DEFAULT.decode(), _ACL, follow_symlinks=False)
+        return (_stat_view(os.lstat(path)), sorted(os.listxattr(path, follow_symlinks=False)))
     if kind == "fsync":
         fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
         try:

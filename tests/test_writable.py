@@ -9,8 +9,6 @@ remount of both, and when each upper is mounted by the other implementation.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import os
 import random
@@ -19,7 +17,17 @@ from dataclasses import replace
 
 from tests.layers import write
 from tests.mounts import WRITABLE_OVERLAY, on_both, overlay_mount, strata, strata_mount
-from tests.ops import KINDS, Op, apply, choose, tree_paths
+from tests.ops import (
+    KEEP_SIZE,
+    KINDS,
+    PUNCH_HOLE,
+    ZERO_RANGE,
+    Op,
+    apply,
+    choose,
+    fallocate,
+    tree_paths,
+)
 from tests.stackgen import generate, render
 from tests.trees import Snapshot, differences, snapshot
 
@@ -262,17 +270,6 @@ def test_what_an_open_descriptor_shows_of_a_removed_or_replaced_directory(scratc
     assert ours[0]["low: file removed"] == (0, b"never read before\n")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_KEEP_SIZE, _PUNCH_HOLE, _ZERO_RANGE = 0x01, 0x02, 0x10
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> str:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        return errno.errorcode[ctypes.get_errno()]
-    return "ok"
-
-
 def test_fallocate_in_every_mode_as_on_overlayfs(scratch: str) -> None:
     """Allocation, KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE on a new file, a lower
     file and a lower file large enough to be copied up chunk by chunk: the
@@ -284,12 +281,12 @@ def test_fallocate_in_every_mode_as_on_overlayfs(scratch: str) -> None:
     write(f"{lower}/large", large)
     steps = [
         (0, 0, 200_000),  # allocate, growing the file
-        (_KEEP_SIZE, 190_000, 500_000),  # allocate past the end, size kept
-        (_PUNCH_HOLE | _KEEP_SIZE, 4096, 3 * 4096),
-        (_PUNCH_HOLE | _KEEP_SIZE, 6 << 20, 1 << 20),  # inside the large file's chunks
-        (_ZERO_RANGE, 50_000, 10_000),
-        (_ZERO_RANGE | _KEEP_SIZE, 8 << 20, 100_000),
-        (_PUNCH_HOLE, 0, 4096),  # without KEEP_SIZE: refused
+        (KEEP_SIZE, 190_000, 500_000),  # allocate past the end, size kept
+        (PUNCH_HOLE | KEEP_SIZE, 4096, 3 * 4096),
+        (PUNCH_HOLE | KEEP_SIZE, 6 << 20, 1 << 20),  # inside the large file's chunks
+        (ZERO_RANGE, 50_000, 10_000),
+        (ZERO_RANGE | KEEP_SIZE, 8 << 20, 100_000),
+        (PUNCH_HOLE, 0, 4096),  # without KEEP_SIZE: refused
     ]
 
     def change(mount: str) -> list[object]:
@@ -299,7 +296,7 @@ def test_fallocate_in_every_mode_as_on_overlayfs(scratch: str) -> None:
             fd = os.open(f"{mount}/{name}", os.O_RDWR)
             try:
                 for mode, offset, length in steps:
-                    answers.append((name, mode, _fallocate(fd, mode, offset, length)))
+                    answers.append((name, mode, fallocate(fd, mode, offset, length)))
                 answers.append(
                     (
                         name,
@@ -323,4 +320,4 @@ def test_fallocate_in_every_mode_as_on_overlayfs(scratch: str) -> None:
     assert results["strata"] == results["overlayfs"]
     answers = results["strata"][0]
     assert isinstance(answers, list)
-    assert ("large", _PUNCH_HOLE | _KEEP_SIZE, "ok") in answers  # supported where tested
+    assert ("large", PUNCH_HOLE | KEEP_SIZE, "ok") in answers  # supported where tested
