@@ -417,6 +417,38 @@ def test_a_backing_file_is_registered_once_while_the_kernel_knows_its_inode(
 
 
 @needs_passthrough
+def test_an_upper_files_backing_file_stays_until_its_last_name_goes(
+    scratch: str, lower: str
+) -> None:
+    """A file of the container layer opened again and again is registered
+    once; removing its last name (unlink, or a rename over it) drops the idle
+    id at once, not when the kernel forgets the inode, so its space is free;
+    a name left keeps it."""
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _LOG_DATA, log_path, passthrough="on") as (mount, _):
+        _in_use(log_path)
+        for name in ("a", "b", "c"):
+            write(f"{mount}/{name}", name.encode() * 100)
+        os.link(f"{mount}/c", f"{mount}/c2")
+        registered = len(_served(log_path, "registered"))
+        for _ in range(20):
+            for name in ("a", "b", "c"):
+                with open(f"{mount}/{name}", "rb") as handle:
+                    assert handle.read(1) == name.encode()
+        assert len(_served(log_path, "registered")) == registered  # the creates' ids, idle
+        unregistered = len(_served(log_path, "unregistered"))
+        os.unlink(f"{mount}/a")
+        assert len(_served(log_path, "unregistered")) == unregistered + 1
+        os.rename(f"{mount}/c", f"{mount}/b")  # b's last name goes; c keeps c2
+        assert len(_served(log_path, "unregistered")) == unregistered + 2
+        with open(f"{mount}/b", "rb") as handle:  # c's file, with the id it had
+            assert handle.read(1) == b"c"
+        assert len(_served(log_path, "registered")) == registered
+    registered, still = _end_counts(log_path)
+    assert still == 0
+
+
+@needs_passthrough
 def test_overlayfs_stacks_on_a_strata_mount_with_passthrough(scratch: str, lower: str) -> None:
     """A read-only strata mount whose lower files are backed (as a
     snapshotter or podman stacks it) serves as overlayfs's lower layer."""

@@ -135,10 +135,12 @@ class BackingFiles:
     """The I/O mode of every inode with open files, and their backing files.
 
     A backing id is never dropped before the last handle using it is
-    released (the kernel looks the id up after the open's reply). A lower
-    file's then stays registered, idle, for the next open of its inode while
-    the kernel knows the inode (a registration costs the daemon an open and
-    two ioctls), up to IDLE_MAX of them; an upper file's is dropped then.
+    released (the kernel looks the id up after the open's reply). It then
+    stays registered, idle, for the next open of its inode while the kernel
+    knows the inode (a registration costs the daemon an open and two
+    ioctls), up to IDLE_MAX of them. An upper file's goes as its last name
+    does (removed): it would keep the file's space until the kernel forgets
+    the inode. The next open reuses an idle one only for the same host file.
     """
 
     IDLE_MAX = 4096
@@ -239,18 +241,20 @@ class BackingFiles:
             io.passthrough -= 1
             if not io.passthrough and io.backing is not None:
                 backing, io.backing = io.backing, None
-                if not backing.lower:
-                    self._drop(backing)
-                else:
-                    self._idle[ino] = backing
-                    if len(self._idle) > self.IDLE_MAX:
-                        self._drop(self._idle.popitem(last=False)[1])
+                self._idle[ino] = backing
+                if len(self._idle) > self.IDLE_MAX:
+                    self._drop(self._idle.popitem(last=False)[1])
         if not io.cached and not io.passthrough:
             del self._inodes[ino]
 
     def forget(self, ino: int) -> None:
         """The kernel dropped the inode: no open of it can come."""
         self._stale_pages.discard(ino)
+        self.removed(ino)
+
+    def removed(self, ino: int) -> None:
+        """The inode's last name went: its idle backing file, if any, goes
+        too, so that the host file's space is free at once."""
         idle = self._idle.pop(ino, None)
         if idle is not None:
             self._drop(idle)
