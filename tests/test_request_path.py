@@ -120,29 +120,36 @@ def test_a_cold_open_goes_to_a_worker_thread_while_other_requests_wait(scratch: 
     log_path = os.path.join(scratch, "daemon.log")
     with patched_mount(scratch, lower, _HOLD_COLD_OPENS, log_path) as (mount, daemon):
         calls = WorkerCalls(log_path)
-        for name in contents:
-            os.lstat(f"{mount}/d/{name}")
-        drop_caches(mount)
-        calls.since_last()
-        read: dict[str, bytes] = {}
+        counts = []
+        # The queueing below depends on the scheduling of this process's
+        # threads: on a busy machine an attempt may see the other opens come
+        # one by one. Always-a-worker or never-a-worker code fails every one.
+        for _ in range(5):
+            for name in contents:
+                os.lstat(f"{mount}/d/{name}")
+            drop_caches(mount)
+            calls.since_last()
+            read: dict[str, bytes] = {}
 
-        def read_file(name: str) -> None:
-            with open(f"{mount}/d/{name}", "rb") as handle:
-                read[name] = handle.read()
+            def read_file(name: str, read: dict[str, bytes] = read) -> None:
+                with open(f"{mount}/d/{name}", "rb") as handle:
+                    read[name] = handle.read()
 
-        # "hold" is opened alone, on the trio thread, which then sleeps: the
-        # opens of "a" and "b" queue up meanwhile, so the first of them read
-        # finds the other waiting and goes to a worker.
-        threads = [threading.Thread(target=read_file, args=(name,)) for name in contents]
-        threads[0].start()
-        time.sleep(0.1)
-        for thread in threads[1:]:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        assert read == contents
-        seen = calls.since_last()
-        assert seen.count("_open_cold") in (1, 2), seen
+            # "hold" is opened alone, on the trio thread, which then sleeps:
+            # the opens of "a" and "b" queue up meanwhile, so the first of
+            # them read finds the other waiting and goes to a worker.
+            threads = [threading.Thread(target=read_file, args=(name,)) for name in contents]
+            threads[0].start()
+            time.sleep(0.1)
+            for thread in threads[1:]:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert read == contents
+            counts.append(calls.since_last().count("_open_cold"))
+            if counts[-1] in (1, 2):
+                break
+        assert counts[-1] in (1, 2), counts
     assert daemon.returncode == 0
 
 
