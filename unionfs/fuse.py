@@ -296,10 +296,6 @@ class StrataOperations(pyfuse3.Operations):
         # With relatime or strictatime, what counts accesses to the container
         # layer's files (core/atime.py); None: noatime.
         self.access_times: AccessTimes | None = None
-        # Inodes open for writing through passthrough, by open count: a write
-        # through a shared mapping changes the host file's times unseen, so
-        # the kernel keeps none of their attributes meanwhile.
-        self._backed_writers: dict[int, int] = {}
         if view.streaming is None:
             self.streams_arrived.set()
 
@@ -345,7 +341,7 @@ class StrataOperations(pyfuse3.Operations):
         attrs.generation = 0
         timeout = self.timeout if self.view.streaming is None else STREAMING_TIMEOUT
         attrs.entry_timeout = timeout
-        attrs.attr_timeout = 0 if entry.ino in self._backed_writers else timeout
+        attrs.attr_timeout = timeout
         attrs.st_mode = entry.mode
         attrs.st_nlink = entry.nlink
         if self._mapped:
@@ -644,11 +640,10 @@ class StrataOperations(pyfuse3.Operations):
             return True
         return self.passthrough.lower and self.view.lower_data_missing(ino) is None
 
-    async def _answer(self, fh: int, *, flush: bool = False, new: bool = False) -> pyfuse3.FileInfo:
+    async def _answer(self, fh: int, *, flush: bool = False) -> pyfuse3.FileInfo:
         """What open and create answer for a new handle: with passthrough
         where the inode's open files allow it (see passthrough.py), else
-        cached. A handle whose open fails here is dropped. *new*: a file
-        just created, whose attributes the kernel has none of yet."""
+        cached. A handle whose open fails here is dropped."""
         files, passthrough = self.backing_files, self.passthrough
         if files is None:
             return self._file_info(fh, flush=flush)
@@ -657,12 +652,12 @@ class StrataOperations(pyfuse3.Operations):
             outstanding = files.outstanding(handle.ino)
             if outstanding is not None and outstanding != CACHED:
                 assert passthrough is not None  # backing files come only once it is in use
-                info = await self._answer_backed(passthrough, handle, fh, flush, new)
+                info = await self._answer_backed(passthrough, handle, fh, flush)
                 if info is not None:
                     return info
                 raise FsError(errno.EIO, "passthrough failed for a file open through it")
             if outstanding is None and passthrough is not None and self._backable(handle.ino):
-                info = await self._answer_backed(passthrough, handle, fh, flush, new)
+                info = await self._answer_backed(passthrough, handle, fh, flush)
                 if info is not None:
                     return info
             handle.io = CACHED
@@ -674,7 +669,7 @@ class StrataOperations(pyfuse3.Operations):
             raise
 
     async def _answer_backed(
-        self, passthrough: Passthrough, handle: Handle, fh: int, flush: bool, new: bool
+        self, passthrough: Passthrough, handle: Handle, fh: int, flush: bool
     ) -> pyfuse3.FileInfo | None:
         """Answer with the inode's backing file (registered now if it has
         none); None: answer cached (cached opens came meanwhile, or
@@ -691,11 +686,6 @@ class StrataOperations(pyfuse3.Operations):
         if backing_id is None:
             return None
         handle.io = PASSTHROUGH
-        if handle.write:
-            writers = self._backed_writers.get(handle.ino, 0)
-            self._backed_writers[handle.ino] = writers + 1
-            if not writers and not new:
-                _invalidate_attributes([handle.ino])  # attributes only: safe here
         info = pyfuse3.FileInfo(fh=fh, keep_cache=False)
         # (Typed loosely: pyfuse3 has the field only with passthrough built in.)
         cast(Any, info).backing_id = backing_id
@@ -772,10 +762,8 @@ class StrataOperations(pyfuse3.Operations):
         await self._all_arrived()  # changes need the whole tree
         node, fd = self.view.create(parent_inode, name, mode, flags,
                                     self._caller(ctx))  # fmt: skip
-        info = await self._answer(self._add_handle(node.ino, fd, True), new=True)
-        # After the answer: a file open for writing through passthrough
-        # gives the kernel attributes it must not keep.
-        return info, self._attributes(self.view.attributes(node, os.fstat(fd)))
+        attributes = self._attributes(self.view.attributes(node, os.fstat(fd)))
+        return await self._answer(self._add_handle(node.ino, fd, True)), attributes
 
     @_fuse_errors
     async def tmpfile(
@@ -940,12 +928,6 @@ class StrataOperations(pyfuse3.Operations):
             handle.close()
             if handle.io is not None and self.backing_files is not None:
                 self.backing_files.release(handle.ino, handle.io)
-            if handle.io == PASSTHROUGH and handle.write:
-                writers = self._backed_writers.pop(handle.ino, 1) - 1
-                if writers:
-                    self._backed_writers[handle.ino] = writers
-                else:
-                    _invalidate_attributes([handle.ino])  # what a mapping wrote last
 
     # Changes ----------------------------------------------------------------
 
