@@ -434,12 +434,14 @@ def _writable_view(scratch: str, lower: str) -> tuple[Index, UnionView, str]:
     return index, UnionView(index, prepared.root, prepared.layers, store), upper
 
 
-def test_new_objects_are_built_in_place_unless_they_replace_a_whiteout(
+def test_new_files_are_built_unnamed_in_place_unless_they_replace_a_whiteout(
     scratch: str, layers: list[str]
 ) -> None:
-    """Where nothing below has the name, a new object is made where it goes
-    (no temporary in WORK, no rename), as overlayfs does; over a whiteout it is
-    built in WORK and swapped in. Either way it is numbered, owned and chmod'd."""
+    """Where nothing below has the name, a new regular file is made unnamed in
+    its directory and linked there (no temporary in WORK, no rename);
+    directories, symlinks and whatever replaces a whiteout are built in WORK
+    and moved in. Either way each is numbered, owned and chmod'd before it
+    has its name, so a crash leaves nothing half-made."""
     from unionfs.core.nodes import Caller
 
     write(f"{layers[0]}/etc/old", "old")
@@ -466,7 +468,7 @@ def test_new_objects_are_built_in_place_unless_they_replace_a_whiteout(
     os.close(fd)
     directory = view.mkdir(etc.ino, b"newdir", 0o750, caller)
     link = view.symlink(etc.ino, b"newlink", b"target", caller)
-    made_in_place = list(temporaries)
+    made_in_work = len(temporaries)
     for made, name, mode in (
         (node, "new", 0o640),
         (directory, "newdir", 0o750),
@@ -484,8 +486,9 @@ def test_new_objects_are_built_in_place_unless_they_replace_a_whiteout(
     again, fd = view.create(etc.ino, b"old", 0o600, os.O_WRONLY, caller)
     os.close(fd)
     opaque = view.mkdir(etc.ino, b"olddir", 0o700, caller)
-    assert made_in_place == []
-    assert len(temporaries) == 4  # two whiteouts, then the two objects that replace them
+    assert made_in_work == 2  # the directory and the symlink, not the file
+    # Two whiteouts, then the two objects that replace them.
+    assert len(temporaries) == made_in_work + 4
     assert view.getattr(again.ino).size == 0
     assert opaque.opaque and store.is_opaque(b"etc/olddir")
     assert sorted(os.listdir(f"{upper}/etc")) == ["new", "newdir", "newlink", "old", "olddir"]

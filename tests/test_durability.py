@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.layers import write
-from tests.mounts import force_unmount, strata, strata_mount
+from tests.mounts import force_unmount, patched_mount, strata, strata_mount
 from unionfs.mount import find_mount, pid_file
 
 DEFAULT_SEEDS = 20  # the clean-remount workloads; --seeds changes it
@@ -391,3 +391,50 @@ def test_a_shared_copy_from_before_names_were_counted_is_kept(scratch: str) -> N
         assert len(inos) == 1
         with open(f"{mount}/three") as handle:
             assert handle.read() == "linked"
+
+
+# Kills the daemon as its second new object is being dressed (numbered,
+# owned, its mode set): after the host file or directory exists, before the
+# create, mkdir or symlink answers. The first is the test's directory.
+_KILL_WHILE_DRESSING = """
+import os, signal
+from unionfs.core import view
+_dress = view._NewObject.dress
+_made = []
+def dress(self, store, path, fd):
+    _made.append(path)
+    if len(_made) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _dress(self, store, path, fd)
+view._NewObject.dress = dress
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
+def test_a_create_killed_half_way_leaves_nothing(scratch: str, kind: str) -> None:
+    """SIGKILL between making a new object and giving it its owner and mode:
+    after a remount the name is absent, never a half-made object (the
+    daemon's, mode 0600 or 0700), and fsck is clean."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/keep", "kept")
+    with patched_mount(scratch, lower, _KILL_WHILE_DRESSING, os.path.join(scratch, "log")) as (
+        mount,
+        daemon,
+    ):
+        os.mkdir(f"{mount}/d")
+        with pytest.raises(OSError):
+            if kind == "file":
+                os.close(os.open(f"{mount}/d/dying", os.O_CREAT | os.O_WRONLY, 0o644))
+            elif kind == "directory":
+                os.mkdir(f"{mount}/d/dying", 0o755)
+            else:
+                os.symlink("target", f"{mount}/d/dying")
+        daemon.wait(timeout=30)
+        assert daemon.returncode == -signal.SIGKILL
+    upper, work, store = (os.path.join(scratch, name) for name in ("upper", "work", "store"))
+    assert not os.path.lexists(f"{upper}/d/dying"), os.lstat(f"{upper}/d/dying")
+    with strata_mount(store, [lower], mount, "--upper", upper, "--work", work):
+        assert sorted(os.listdir(f"{mount}/d")) == []
+        with open(f"{mount}/keep") as handle:
+            assert handle.read() == "kept"
+    _fsck(store, lower, upper, work)

@@ -26,7 +26,6 @@ from .upper import (
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     UpperStore,
-    discard,
     get_xattr,
     join,
     link_open_file,
@@ -46,9 +45,12 @@ class UnionView(CopyUp):
         mode: int,
         rdev: int = 0,
     ) -> tuple[Node, int | None]:
-        """Create NAME in PARENT. Where nothing below has NAME it is built in
-        place, as overlayfs does; over a whiteout it is built complete in WORK
-        and then moved in, replacing the whiteout in one step."""
+        """Create NAME in PARENT, complete (numbered, owned, its mode and
+        ACLs set) before it has its name, so that a crash leaves it whole or
+        absent. Where nothing below has NAME a regular file is made unnamed in
+        its directory (O_TMPFILE) and then linked there, which costs no
+        rename; anything else is built in WORK and then moved in, replacing a
+        whiteout in one step."""
         store = self._writable()
         if name in (b".", b"..") or name.startswith(WHITEOUT_PREFIX):
             raise FsError(errno.EINVAL if name.startswith(WHITEOUT_PREFIX) else errno.EEXIST)
@@ -65,22 +67,18 @@ class UnionView(CopyUp):
         fd = None
         try:
             in_place = False
-            if lower is None:
-                # No whiteout is needed, so none is replaced. A crash before
-                # this returns leaves an object that is not the caller's yet
-                # (the daemon's, mode at most 0700), numbered when next seen.
-                try:
-                    fd = make(target)
-                    in_place = True
-                except FileExistsError:
-                    pass  # a whiteout left where nothing lies below: replaced below
-            if in_place:
-                try:
-                    new.dress(store, target, fd)
-                except BaseException:
-                    discard(target)  # a failed change leaves nothing half-made
-                    raise
-            else:
+            if lower is None and stat.S_ISREG(mode):
+                # No whiteout is needed, so none is replaced.
+                fd = _open_unnamed(store.path(parent_rel))
+                if fd is not None:
+                    try:
+                        new.dress(store, target, fd)
+                        link_open_file(fd, target)
+                        in_place = True
+                    except FileExistsError:
+                        os.close(fd)  # a whiteout left where nothing lies below: replaced below
+                        fd = None
+            if not in_place:
                 # Whatever fails (a full UPPER, no inode left) leaves nothing made.
                 with store.temp() as temp:
                     fd = make(temp)
@@ -604,6 +602,17 @@ class UnionView(CopyUp):
         else:
             store.clear_markers(host, (store.format.name(b"protattr"),))
         node.protection = flags
+
+
+def _open_unnamed(directory: bytes) -> int | None:
+    """A new regular file with no name yet in *directory* (O_TMPFILE), open
+    for reading and writing; None where the filesystem cannot make one."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
 
 
 class _NewObject:
