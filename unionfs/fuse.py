@@ -717,7 +717,7 @@ class StrataOperations(pyfuse3.Operations):
         except BlockingIOError:
             fd = await self._open_moving(ino, passthrough.trees.open)
         try:
-            return passthrough.files.register(ino, fd, lower=source.lower is not None)
+            return passthrough.files.register(ino, fd)
         except OSError as exc:
             log.error("passthrough: cannot register a backing file (%s); not used any more",
                       exc.strerror)  # fmt: skip
@@ -1055,17 +1055,7 @@ class StrataOperations(pyfuse3.Operations):
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._all_arrived()  # changes need the whole tree
-        going = self.view.peek(parent_inode, name) if self.backing_files is not None else None
         self.view.unlink(parent_inode, name)
-        self._removed(going)
-
-    def _removed(self, node: Node | None) -> None:
-        """After a name went: the node's idle backing file goes if that was
-        its last name (it would keep the host file's space)."""
-        files = self.backing_files
-        if files is None or node is None or self.view.last_attributes(node.ino) is None:
-            return
-        files.removed(node.ino)
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -1086,17 +1076,11 @@ class StrataOperations(pyfuse3.Operations):
         moving = self.view.peek(parent_inode_old, name_old)
         if moving is not None:
             await self._copy_data_up(moving.ino)
-        other = None
         if flags & RENAME_EXCHANGE:
             other = self.view.peek(parent_inode_new, name_new)
-        elif self.backing_files is not None:
-            with contextlib.suppress(FsError):  # the rename itself says what is wrong
-                other = self.view.peek(parent_inode_new, name_new)
-        if flags & RENAME_EXCHANGE and other is not None:
-            await self._copy_data_up(other.ino)
+            if other is not None:
+                await self._copy_data_up(other.ino)
         self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
-        if not flags & RENAME_EXCHANGE:
-            self._removed(other)  # replaced
 
     # File flags (chattr, lsattr) ---------------------------------------------
 

@@ -477,6 +477,8 @@ def serve(request: MountRequest, notify: Notify) -> None:
 
             operations.enable_passthrough = True
             operations.backing_files = kernel_backing_files()
+            # An upper file's idle backing id goes with its last name.
+            view.last_name_gone = operations.backing_files.removed
         if request.record_reads is not None:
             operations.reads = {}
         try:

@@ -112,9 +112,6 @@ class Backing:
 
     id: int
     identity: Identity
-    # A lower file's: kept registered while idle (an upper file's would keep
-    # its space and inode taken after an unlink until the kernel forgets it).
-    lower: bool
 
 
 class _InodeIO:
@@ -200,7 +197,7 @@ class BackingFiles:
             self._drop(idle)
         return None
 
-    def register(self, ino: int, fd: int, *, lower: bool) -> int | None:
+    def register(self, ino: int, fd: int) -> int | None:
         """Register the host file *fd* for an open of the inode and count
         the open; None if cached opens of it came meanwhile (answer it
         cached too). Busy if other opens registered another file meanwhile."""
@@ -214,7 +211,7 @@ class BackingFiles:
                 raise Busy
             io.passthrough += 1
             return io.backing.id
-        backing = Backing(self._register(fd), identity, lower)
+        backing = Backing(self._register(fd), identity)
         self.registered += 1
         self._use(ino, backing)
         return backing.id

@@ -18,7 +18,7 @@ import stat
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Protocol, cast
 
 from . import overrides
@@ -113,6 +113,9 @@ class ReadPath:
         self._gone: dict[int, Entry] = {}
         # O_TMPFILE files not linked yet (also in _gone: they have no name).
         self._tmpfiles: set[int] = set()
+        # Told the number of a node the kernel holds whose last name just went
+        # (the adapter drops what it keeps for the file: a passthrough id).
+        self.last_name_gone: Callable[[int], None] | None = None
 
     @property
     def writable(self) -> bool:
@@ -562,6 +565,8 @@ class ReadPath:
     def _removed(self, node: Node, last: Entry | None) -> None:
         if last is not None and not node.all_names():
             self._gone[node.ino] = dataclasses.replace(last, ctime_ns=time.time_ns())
+            if self.last_name_gone is not None:
+                self.last_name_gone(node.ino)
 
     def _lower_blocks(self, entry: Entry) -> Entry:
         """A lazily pulled file was indexed sparse, before its data came: it
