@@ -571,7 +571,8 @@ class StrataOperations(pyfuse3.Operations):
             return await self._answer(self._add_handle(inode, fd, write), flush=chunked)
         if self.access_times is not None:
             await self._accessed(inode, directory=False)
-        if self.passthrough is not None and self._backable(inode):
+        backable = self.passthrough is not None and self._backable(inode)
+        if backable:
             # The kernel reads the host file itself: nothing to open here but
             # the file it registers.
             return await self._answer(self._add_handle(inode, NOT_OPENED, write))
@@ -596,7 +597,8 @@ class StrataOperations(pyfuse3.Operations):
                 self.handles[fh].head = head
                 return await self._answer(fh)
             fd = cached
-        return await self._answer(self._add_handle(inode, fd, write))
+        # Nothing waited since _backable answered: no need to ask again.
+        return await self._answer(self._add_handle(inode, fd, write), backable=backable)
 
     async def _accessed(self, inode: int, *, directory: bool) -> None:
         """An open for reading, or a listing: the container layer's copy gets
@@ -640,10 +642,13 @@ class StrataOperations(pyfuse3.Operations):
             return True
         return self.passthrough.lower and self.view.lower_data_missing(ino) is None
 
-    async def _answer(self, fh: int, *, flush: bool = False) -> pyfuse3.FileInfo:
+    async def _answer(
+        self, fh: int, *, flush: bool = False, backable: bool | None = None
+    ) -> pyfuse3.FileInfo:
         """What open and create answer for a new handle: with passthrough
         where the inode's open files allow it (see passthrough.py), else
-        cached. A handle whose open fails here is dropped."""
+        cached. A handle whose open fails here is dropped. *backable*: what
+        _backable answered for it, if nothing could change it since."""
         files, passthrough = self.backing_files, self.passthrough
         if files is None:
             return self._file_info(fh, flush=flush)
@@ -656,7 +661,11 @@ class StrataOperations(pyfuse3.Operations):
                 if info is not None:
                     return info
                 raise FsError(errno.EIO, "passthrough failed for a file open through it")
-            if outstanding is None and passthrough is not None and self._backable(handle.ino):
+            if (
+                outstanding is None
+                and passthrough is not None
+                and (self._backable(handle.ino) if backable is None else backable)
+            ):
                 info = await self._answer_backed(passthrough, handle, fh, flush)
                 if info is not None:
                     return info
