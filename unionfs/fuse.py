@@ -711,6 +711,8 @@ class StrataOperations(pyfuse3.Operations):
             return None
         if handle.opened:
             st = os.fstat(handle.fd)
+        elif source.upper_file is not None:
+            return source.upper_file
         else:
             assert self.view.store is not None
             st = os.lstat(self.view.store.host_path(source.upper))

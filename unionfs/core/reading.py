@@ -587,12 +587,20 @@ class ReadPath:
 
     def _upper_place(self, node: Node) -> Beneath:
         """Where UPPER (or WORK, for a shared copy) holds the node's file."""
+        return self._upper_place_stat(node)[0]
+
+    def _upper_place_stat(self, node: Node) -> tuple[Beneath, os.stat_result | None]:
+        """_upper_place, and the lstat that confirmed a file's name there
+        (None for a directory or a shared copy, found without one)."""
         assert self.store is not None and node.upper
         if node.linked:
             if not self.store.has_link(node.ino):
                 raise FsError(errno.ESTALE)  # its last name went; open files keep the data
-            return self.store.link_place(node.ino)
-        return Beneath(False, self.rel(node) if node.is_dir else self._upper_name(node))
+            return self.store.link_place(node.ino), None
+        if node.is_dir:
+            return Beneath(False, self.rel(node)), None
+        rel, st = self._upper_name_stat(node)
+        return Beneath(False, rel), st
 
     def _open_upper(self, node: Node, flags: int) -> int:
         assert self.store is not None
@@ -619,8 +627,10 @@ class ReadPath:
     def _upper_name_stat(self, node: Node) -> tuple[bytes, os.stat_result]:
         """_upper_name, and the lstat of the file there that confirmed it."""
         assert self.store is not None
-        latest = (node.parent, node.name)
-        candidates = sorted(node.all_names(), key=lambda item: item != latest)
+        candidates = node.all_names()
+        if len(candidates) > 1:
+            latest = (node.parent, node.name)
+            candidates.sort(key=lambda item: item != latest)
         for parent_ino, name in candidates:
             parent = self.nodes.get(parent_ino)
             if parent is None:
@@ -842,7 +852,9 @@ class ReadPath:
             # fills this copy: it gets the data as it stands, and writes nothing.
             return DataSource(partial=node.partial)
         if node.upper and (not node.metacopy or node.partial is not None):
-            return DataSource(upper=self._upper_place(node), write=write)
+            place, st = self._upper_place_stat(node)
+            found = (st.st_dev, st.st_ino) if st is not None else None
+            return DataSource(upper=place, write=write, upper_file=found)
         if write:
             raise FsError(errno.EIO, "write to a file that is not copied up")
         lower = node.lower
@@ -930,6 +942,9 @@ class DataSource:
     lower: Entry | None = None
     partial: PartialCopy | None = None
     write: bool = False
+    # The upper file's (device, inode), where the lstat that found it just now
+    # gave them: whoever registers it for passthrough needs no second one.
+    upper_file: tuple[int, int] | None = None
 
 
 def _merge_by_hash(
