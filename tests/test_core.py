@@ -591,3 +591,85 @@ def test_a_listing_answers_with_the_stats_it_took_of_upper(
     assert not [path for path in calls if path.rsplit(b"/", 1)[-1] in (b"a", b"b", b"c")]
     view.close()
     index.close()
+
+
+def test_a_missing_file_capability_is_asked_of_the_host_once(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel asks for security.capability before each write through
+    passthrough. An upper file's answer is kept (a new file has none; one
+    found without stays so) until an xattr of it changes through the view:
+    the capability set, then removed, is seen each time."""
+    from unionfs.core.nodes import Caller
+
+    capability = bytes.fromhex("0100000200040000000000000000000000000000")
+    write(f"{layers[0]}/etc/lower", "lower")
+    index, view, upper = _writable_view(scratch, layers[0])
+    etc = view.lookup(ROOT_INO, b"etc")
+    lower = view.lookup(etc.ino, b"lower") if etc is not None else None
+    assert etc is not None and lower is not None
+    new, fd = view.create(etc.ino, b"new", 0o644, os.O_WRONLY, Caller(0, 0))
+    os.close(fd)
+    view.setattr(lower.ino, mode=0o600)  # copied up: nothing known of its xattrs yet
+    asked: list[str] = []
+    real_getxattr = os.getxattr
+
+    def counting_getxattr(path: bytes, name: str, *args: object, **kwargs: object) -> bytes:
+        asked.append(name)
+        return real_getxattr(path, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "getxattr", counting_getxattr)
+    for _ in range(3):
+        assert view.find_xattr(new.ino, b"security.capability") is None
+        assert view.find_xattr(lower.ino, b"security.capability") is None
+    assert asked == ["security.capability"]  # the copied-up file's, once
+    for node in (new, lower):
+        view.setxattr(node.ino, b"security.capability", capability)
+        assert view.find_xattr(node.ino, b"security.capability") == capability
+        path = f"{upper}/etc/{node.name.decode()}"
+        assert real_getxattr(path, "security.capability") == capability
+        view.removexattr(node.ino, b"security.capability")
+        assert view.find_xattr(node.ino, b"security.capability") is None
+        assert view.find_xattr(node.ino, b"user.other") is None  # other names still asked
+    monkeypatch.undo()
+    view.close()
+    index.close()
+
+
+def test_a_setattr_of_one_time_keeps_the_other_from_the_lstat_it_took(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """touch -a keeps the mtime and touch -m the atime, read from the lstat
+    that confirmed the file's name (two lstats a setattr: that one and the
+    answer's); after a truncation in the same setattr, the mtime it set."""
+    from unionfs.core.nodes import Caller
+
+    os.mkdir(f"{layers[0]}/etc")
+    index, view, upper = _writable_view(scratch, layers[0])
+    etc = view.lookup(ROOT_INO, b"etc")
+    assert etc is not None
+    node, fd = view.create(etc.ino, b"file", 0o644, os.O_WRONLY, Caller(0, 0))
+    os.write(fd, b"data")
+    os.close(fd)
+    second = 1_000_000_000
+    view.setattr(node.ino, atime_ns=10 * second, mtime_ns=20 * second)
+    calls: list[bytes] = []
+    real_lstat = os.lstat
+
+    def counting_lstat(path: bytes, *args: object, **kwargs: object) -> os.stat_result:
+        calls.append(os.fsencode(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    entry = view.setattr(node.ino, atime_ns=30 * second)
+    assert (entry.atime_ns, entry.mtime_ns) == (30 * second, 20 * second)
+    entry = view.setattr(node.ino, mtime_ns=40 * second)
+    assert (entry.atime_ns, entry.mtime_ns) == (30 * second, 40 * second)
+    assert len(calls) == 4, calls
+    monkeypatch.undo()
+    entry = view.setattr(node.ino, size=2, atime_ns=50 * second)
+    st = os.lstat(f"{upper}/etc/file")
+    assert (entry.size, entry.atime_ns) == (2, 50 * second)
+    assert entry.mtime_ns == st.st_mtime_ns > 40 * second  # the truncation's
+    view.close()
+    index.close()

@@ -27,6 +27,8 @@ _UPPER, _OPAQUE, _METACOPY, _LINKED = 1, 2, 4, 8
 # chattr's append-only and immutable flags (fileflags.py), once read
 _PROTECTION_KNOWN, _APPEND_ONLY, _IMMUTABLE = 16, 32, 64
 _APPEND_FL, _IMMUTABLE_FL = 0x20, 0x10
+# The upper file is known to have no security.capability
+_NO_CAPABILITY = 128
 
 
 class NodeMore:
@@ -152,6 +154,18 @@ class Node:
             self._flags |= _PROTECTION_KNOWN
             self._flag(_APPEND_ONLY, bool(value & _APPEND_FL))
             self._flag(_IMMUTABLE, bool(value & _IMMUTABLE_FL))
+
+    @property
+    def no_capability(self) -> bool:
+        """Whether the upper file is known to have no security.capability:
+        found so, or made so, and no xattr set since. The kernel asks before
+        every write through passthrough (backing files strip privileges as
+        any write does), so the answer is kept, not looked up each time."""
+        return bool(self._flags & _NO_CAPABILITY)
+
+    @no_capability.setter
+    def no_capability(self, value: bool) -> None:
+        self._flag(_NO_CAPABILITY, value)
 
     @property
     def linked(self) -> bool:

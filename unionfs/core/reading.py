@@ -18,11 +18,12 @@ import stat
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Container, Generator, Iterator, Mapping
 from typing import Protocol, cast
 
 from . import overrides
 from .chunks import PartialCopy
+from .data import CAPABILITY_XATTR
 from .index import ROOT_INO, Index, InodeBatches, name_hash
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
@@ -45,6 +46,7 @@ DOT_OFFSET = 1
 LOWER_ENTRIES_KEPT = 8192
 DOTDOT_OFFSET = 2
 UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
+CAPABILITY_NAME = CAPABILITY_XATTR.encode()
 
 
 class LazyData(Protocol):
@@ -292,9 +294,10 @@ class ReadPath:
         assert self.store is not None
         rel = self._rel_of(parent, name)
         path = self.store.path(rel)
+        marks = self.store.marks(path)
         if stat.S_ISDIR(st.st_mode):
-            opaque = self.store.is_opaque(rel)
-            redirect = self.store.redirect(rel)
+            opaque = self.store.is_opaque(rel, marks)
+            redirect = self.store.redirect_of(path, marks)
             lower_path: bytes | None = None
             if redirect is not None:
                 lower_path = redirect_target(parent.lower_path, redirect)
@@ -303,7 +306,7 @@ class ReadPath:
                 lower_path = join(parent.lower_path, name)
             if opaque or lower is None or not lower.is_dir:
                 lower, lower_path = None, None
-            ino = lower.ino if lower is not None else self._upper_ino(path, None)
+            ino = lower.ino if lower is not None else self._upper_ino(path, None, marks)
             node = Node(ino, st.st_mode, parent.ino, name)
             node.lower, node.lower_path, node.opaque = lower, lower_path, opaque
         else:
@@ -313,30 +316,35 @@ class ReadPath:
                 override = overrides.read(path, overrides.USER_STAT_XATTR)
                 if override is not None:
                     mode = override.mode
-            metacopy = stat.S_ISREG(st.st_mode) and self.store.is_metacopy(rel)
+            metacopy = stat.S_ISREG(st.st_mode) and self.store.is_metacopy(rel, marks)
             if metacopy:
                 # A metadata-only copy reached by another name (a hardlink)
                 # finds its data where its redirect says, as in overlayfs.
-                redirect = self.store.redirect(rel)
+                redirect = self.store.redirect_of(path, marks)
                 if redirect is not None:
                     lower = self._lower_at(redirect_target(parent.lower_path, redirect))
             same_kind = lower is not None and stat.S_IFMT(lower.mode) == stat.S_IFMT(mode)
-            ino = self._upper_ino(path, lower.ino if lower is not None and same_kind else None)
+            ino = self._upper_ino(
+                path, lower.ino if lower is not None and same_kind else None, marks
+            )
             node = Node(ino, mode, parent.ino, name)
             node.linked = self._is_linked(ino)
             if metacopy:
                 node.metacopy = True
                 node.lower = lower if lower is not None and same_kind else None
                 if node.lower is not None:
-                    node.partial = self._resume_partial(rel, node.lower)
+                    node.partial = self._resume_partial(rel, node.lower, marks)
         node.upper = True
         return node
 
-    def _upper_ino(self, path: bytes, copied_from: int | None) -> int:
+    def _upper_ino(
+        self, path: bytes, copied_from: int | None, marks: Container[bytes] | None = None
+    ) -> int:
         """The inode number an upper file carries; one is given if it has none
-        (a file overlayfs wrote: the lower file's number when it is a copy)."""
+        (a file overlayfs wrote: the lower file's number when it is a copy).
+        *marks*: the file's overlay xattrs, if known (UpperStore.marks)."""
         assert self.store is not None
-        ino = self.store.stored_ino(path)
+        ino = self.store.stored_ino(path, marks)
         if ino is None:
             ino = copied_from if copied_from is not None else self._allocate_ino()
             self.store.set_ino(path, ino)
@@ -357,11 +365,13 @@ class ReadPath:
         return PartialCopy(lower_fd, upper_fd, lower.size, present,
                            lambda value: store.set_chunk_map(upper_fd, value), chunk)  # fmt: skip
 
-    def _resume_partial(self, rel: bytes, lower: Entry) -> PartialCopy | None:
+    def _resume_partial(
+        self, rel: bytes, lower: Entry, marks: Container[bytes] | None = None
+    ) -> PartialCopy | None:
         """The chunk map of a metadata-only copy a stopped daemon was filling."""
         if self.store is None:
             return None
-        raw = self.store.chunk_map(self.store.path(rel))
+        raw = self.store.chunk_map(self.store.path(rel), marks)
         if raw is None:
             return None
         decoded = PartialCopy.decode(raw)
@@ -900,10 +910,15 @@ class ReadPath:
         if name.startswith(HIDDEN_XATTR_PREFIXES):
             return None
         if node.upper:
+            capability = name == CAPABILITY_NAME
+            if capability and node.no_capability:
+                return None
             try:
                 return os.getxattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
             except OSError as exc:
                 if exc.errno == errno.ENODATA:
+                    if capability:
+                        node.no_capability = True
                     return None
                 raise FsError(exc.errno or errno.EIO) from None
         assert node.lower is not None

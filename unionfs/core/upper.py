@@ -31,7 +31,7 @@ import os
 import shutil
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 
 from ..errors import StrataError
@@ -425,28 +425,47 @@ class UpperStore:
         finally:
             os.close(fd)
 
-    def is_opaque(self, rel: bytes) -> bool:
+    def marks(self, path: bytes) -> frozenset[bytes]:
+        """The overlay xattrs (markers and strata's own) *path* has, from one
+        listxattr: a file met for the first time would otherwise cost a
+        getxattr for each name it might have (opaque, redirect, metacopy,
+        number, chunk map, in both spellings), and mostly has one of them."""
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return frozenset()
+            raise
+        return frozenset(key for key in map(os.fsencode, names) if key.startswith(PRIVATE_PREFIXES))
+
+    def _marker(self, path: bytes, name: bytes, marks: Container[bytes] | None) -> bytes | None:
+        """get_xattr, unless *marks* (what `marks` found) says it is not there."""
+        if marks is not None and name not in marks:
+            return None
+        return get_xattr(path, name)
+
+    def is_opaque(self, rel: bytes, marks: Container[bytes] | None = None) -> bool:
         path = self.path(rel)
-        if any(get_xattr(path, name) == b"y" for name in self.opaque_xattrs):
+        if any(self._marker(path, name, marks) == b"y" for name in self.opaque_xattrs):
             return True
         return os.path.lexists(self.path(join(rel, OPAQUE_MARKER)))
 
     def redirect(self, rel: bytes) -> bytes | None:
         return self.redirect_of(self.path(rel))
 
-    def redirect_of(self, path: bytes) -> bytes | None:
+    def redirect_of(self, path: bytes, marks: Container[bytes] | None = None) -> bytes | None:
         for name in self.redirect_xattrs:
-            value = get_xattr(path, name)
+            value = self._marker(path, name, marks)
             if value:
                 return value
         return None
 
-    def is_metacopy(self, rel: bytes) -> bool:
+    def is_metacopy(self, rel: bytes, marks: Container[bytes] | None = None) -> bool:
         path = self.path(rel)
-        return any(get_xattr(path, name) is not None for name in self.metacopy_xattrs)
+        return any(self._marker(path, name, marks) is not None for name in self.metacopy_xattrs)
 
-    def stored_ino(self, path: bytes) -> int | None:
-        raw = get_xattr(path, self.ino_xattr)
+    def stored_ino(self, path: bytes, marks: Container[bytes] | None = None) -> int | None:
+        raw = self._marker(path, self.ino_xattr, marks)
         if raw is None or len(raw) != _INO.size:
             return None
         store, ino = _INO.unpack(raw)
@@ -465,8 +484,8 @@ class UpperStore:
     def set_ino_fd(self, fd: int, ino: int) -> None:
         os.setxattr(fd, _xattr_name(self.ino_xattr), _INO.pack(self.store_id, ino))
 
-    def chunk_map(self, path: bytes) -> bytes | None:
-        return get_xattr(path, self.chunks_xattr)
+    def chunk_map(self, path: bytes, marks: Container[bytes] | None = None) -> bytes | None:
+        return self._marker(path, self.chunks_xattr, marks)
 
     def set_chunk_map(self, fd: int, raw: bytes) -> None:
         os.setxattr(fd, _xattr_name(self.chunks_xattr), raw)

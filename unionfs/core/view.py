@@ -98,6 +98,7 @@ class UnionView(CopyUp):
         node = Node(ino, shown, parent.ino, name)
         node.upper = True
         node.protection = 0  # (no chattr flag yet: nothing to read)
+        node.no_capability = True  # (nor a file capability)
         node.opaque = stat.S_ISDIR(mode) and lower is not None
         if stat.S_ISDIR(mode):
             node.lower_path = None
@@ -474,8 +475,12 @@ class UnionView(CopyUp):
                 self._copy_up(node, data=True)
         else:
             self._copy_up(node, data=False)
+        # The lstat that confirms the file's name also tells the time a
+        # setattr of one time keeps (chmod and chown change neither).
+        found: os.stat_result | None = None
         try:
-            path: bytes | int = self._host(node)
+            place, found = self._upper_place_stat(node)
+            path: bytes | int = self._writable().host_path(place)
         except FsError as exc:
             if exc.errno != errno.ESTALE or fd is None:
                 raise
@@ -499,11 +504,12 @@ class UnionView(CopyUp):
             else:
                 os.truncate(path, size)
         if atime_ns is not None or mtime_ns is not None:
-            st = os.stat(path) if isinstance(path, int) else os.lstat(path)
-            times = (
-                st.st_atime_ns if atime_ns is None else atime_ns,
-                st.st_mtime_ns if mtime_ns is None else mtime_ns,
-            )
+            if atime_ns is None or mtime_ns is None:
+                if found is None or size is not None:  # (a truncation set the mtime)
+                    found = os.stat(path) if isinstance(path, int) else os.lstat(path)
+                atime_ns = found.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = found.st_mtime_ns if mtime_ns is None else mtime_ns
+            times = (atime_ns, mtime_ns)
             if isinstance(path, int):
                 os.utime(path, ns=times)
             else:
@@ -532,6 +538,7 @@ class UnionView(CopyUp):
             raise FsError(errno.EPERM)  # as overlayfs: its own xattrs are not the user's
         self._refuse_if_protected(node)
         self._copy_up(node, data=False)
+        node.no_capability = False
         os.setxattr(self._host(node), os.fsdecode(name), value, follow_symlinks=False)
 
     def removexattr(self, ino: int, name: bytes) -> None:
@@ -542,6 +549,7 @@ class UnionView(CopyUp):
         if not node.upper:
             self.getxattr(ino, name)  # ENODATA before anything is copied
         self._copy_up(node, data=False)
+        node.no_capability = False
         os.removexattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
 
     # chattr's append-only and immutable flags ---------------------------------
