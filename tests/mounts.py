@@ -218,11 +218,29 @@ def tmpfs(mountpoint: str, options: str) -> Iterator[str]:
 # Logs the name of every function the daemon runs in a worker thread.
 LOG_WORKER_CALLS = """
 import trio
+import unionfs.fuse
+_in_worker = unionfs.fuse.in_worker
 _run_sync = trio.to_thread.run_sync
 async def _logged(function, *args, **kwargs):
     print("worker:", getattr(function, "__name__", repr(function)), flush=True)
+    return await _in_worker(function, *args, **kwargs)
+async def _logged_abandonable(function, *args, **kwargs):
+    print("worker:", getattr(function, "__name__", repr(function)), flush=True)
     return await _run_sync(function, *args, **kwargs)
-trio.to_thread.run_sync = _logged
+unionfs.fuse.in_worker = _logged
+trio.to_thread.run_sync = _logged_abandonable
+import unionfs.kernel_sync
+_sync = unionfs.kernel_sync.KernelSync.sync
+async def _logged_sync(self, fd, datasync):
+    print("worker: kernel sync", flush=True)
+    return await _sync(self, fd, datasync)
+unionfs.kernel_sync.KernelSync.sync = _logged_sync
+"""
+
+# fsync through worker threads, as where the kernel takes no AIO fsync.
+NO_KERNEL_SYNC = """
+import unionfs.kernel_sync
+unionfs.kernel_sync.open_kernel_sync = lambda: None
 """
 
 

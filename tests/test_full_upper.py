@@ -477,6 +477,14 @@ for _name, _position in [
     ("symlink", 1), ("setxattr", 0),
 ]:
     setattr(os, _name, _faulty(getattr(os, _name), _position))
+
+import unionfs.kernel_sync
+_kernel_sync = unionfs.kernel_sync.KernelSync.sync
+async def _faulty_kernel_sync(self, fd, datasync):
+    if _beneath(fd) and os.path.exists(_flag) and _rng.random() < 0.04:
+        raise OSError(errno.EIO, "injected I/O error")
+    return await _kernel_sync(self, fd, datasync)
+unionfs.kernel_sync.KernelSync.sync = _faulty_kernel_sync
 """
 
 

@@ -53,6 +53,12 @@ def _synced(fd):
     print("synced:", os.readlink(f"/proc/self/fd/{fd}"), flush=True)
     return _fsync(fd)
 os.fsync = _synced
+import unionfs.kernel_sync
+_kernel_sync = unionfs.kernel_sync.KernelSync.sync
+async def _kernel_synced(self, fd, datasync):
+    print("synced:", os.readlink(f"/proc/self/fd/{fd}"), flush=True)
+    return await _kernel_sync(self, fd, datasync)
+unionfs.kernel_sync.KernelSync.sync = _kernel_synced
 import pyfuse3
 _open, _close = pyfuse3.backing_open, pyfuse3.backing_close
 def _registered(fd):

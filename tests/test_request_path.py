@@ -22,7 +22,14 @@ import time
 import pytest
 
 from tests.layers import write
-from tests.mounts import LOG_WORKER_CALLS, WorkerCalls, drop_caches, forced_getattr, patched_mount
+from tests.mounts import (
+    LOG_WORKER_CALLS,
+    NO_KERNEL_SYNC,
+    WorkerCalls,
+    drop_caches,
+    forced_getattr,
+    patched_mount,
+)
 from tests.tracing import syscalls_of
 from unionfs.core.data import read_cached
 
@@ -53,14 +60,15 @@ def test_warm_opens_cached_reads_and_small_writes_need_no_worker_thread(scratch:
                 assert handle.read(65536) == big[512 * 1024 : 576 * 1024]
         assert calls.since_last() == []
 
-        # What can wait for the disk still goes to a worker: fsync, and a
-        # write too large to copy on the trio thread.
+        # What can wait for the disk never runs on the trio thread: fsync
+        # goes to the kernel's AIO workers (this kernel has them), a write
+        # too large to copy there to a worker thread.
         with open(f"{mount}/d/new", "r+b", buffering=0) as handle:
             handle.write(b"x" * 4096)
             os.fsync(handle.fileno())
             handle.write(os.urandom(1 << 20))
         seen = calls.since_last()
-        assert seen.count("fsync") == 1, seen
+        assert seen.count("kernel sync") == 1 and "fsync" not in seen, seen
         assert "pwrite" in seen, seen
         with open(f"{mount}/d/new", "rb") as handle:
             data = handle.read()
@@ -389,9 +397,12 @@ def test_a_request_that_follows_a_reply_is_read_without_a_trip_through_the_event
 
 
 # Holds every fsync in its worker thread for a while; logs when one ends.
-_SLOW_FSYNC = """
-import os, time, trio
-_run_sync = trio.to_thread.run_sync
+_SLOW_FSYNC = (
+    NO_KERNEL_SYNC
+    + """
+import os, time
+import unionfs.fuse
+_in_worker = unionfs.fuse.in_worker
 def _slow_fsync(fd):
     time.sleep(3)
     os.fsync(fd)
@@ -399,9 +410,10 @@ def _slow_fsync(fd):
 async def _slowed(function, *args, **kwargs):
     if getattr(function, "__name__", "") == "fsync":
         function = _slow_fsync
-    return await _run_sync(function, *args, **kwargs)
-trio.to_thread.run_sync = _slowed
+    return await _in_worker(function, *args, **kwargs)
+unionfs.fuse.in_worker = _slowed
 """
+)
 
 
 def test_a_request_waiting_in_a_worker_thread_holds_up_no_other(scratch: str) -> None:
@@ -441,16 +453,18 @@ def _fsync_loop(path: str, count: int) -> None:
             os.fsync(handle.fileno())
 
 
-def test_a_reply_from_a_worker_thread_waits_for_no_idle_wait(scratch: str) -> None:
-    """A handler that waited for a worker thread (fsync) answers once trio
-    runs it again; the reading task's wait in ppoll(2) must never keep it
-    from running (as it would if that task waited beside it in the same
-    batch of trio's run queue). Each fsync would then end a wait by its
-    timeout: tracepoints count the waits that timed out."""
+@pytest.mark.parametrize("sync", ["kernel", "worker thread"])
+def test_a_reply_from_a_worker_thread_waits_for_no_idle_wait(scratch: str, sync: str) -> None:
+    """A handler that waited for a worker thread or the kernel's AIO (fsync)
+    answers once trio runs it again; the reading task's wait in ppoll(2)
+    must never keep it from running (as it would if that task waited beside
+    it in the same batch of trio's run queue). Each fsync would then end a
+    wait by its timeout: tracepoints count the waits that timed out."""
     lower = os.path.join(scratch, "lower")
     write(f"{lower}/f", b"x")
     log_path = os.path.join(scratch, "daemon.log")
-    with patched_mount(scratch, lower, "", log_path) as (mount, daemon):
+    patch = NO_KERNEL_SYNC if sync == "worker thread" else ""
+    with patched_mount(scratch, lower, patch, log_path) as (mount, daemon):
         events = {"sys_enter_ppoll": "", "sys_exit_ppoll": "ret == 0"}  # all; timed out
         with syscalls_of(daemon.pid, events) as traced:
             _fsync_loop(f"{mount}/new", 300)

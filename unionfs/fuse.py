@@ -30,7 +30,9 @@ from .core.upper import RENAME_EXCHANGE
 from .core.view import UnionView
 from .errors import shorten
 from .idmap import IdMap, Ownership
+from .kernel_sync import KernelSync, Unavailable
 from .passthrough import CACHED, PASSTHROUGH, BackingFiles, Busy, Identity, Passthrough
+from .threads import in_worker
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ async def _briefly_blocking(function: Callable[..., T], *args: Any) -> T:
     more CPU (~100 µs, and twice that with cold caches) than the call."""
     if _nothing_waiting():
         return function(*args)
-    return await trio.to_thread.run_sync(function, *args)
+    return await in_worker(function, *args)
 
 
 def _fuse_errors(handler: F) -> F:
@@ -279,6 +281,8 @@ class StrataOperations(pyfuse3.Operations):
         self.lost_writes = LostWrites()
         # Where copy-ups that finish after their request run (mount.py sets it).
         self.background: trio.Nursery | None = None
+        # Where fsync goes when the kernel takes it as AIO (mount.py sets it).
+        self.kernel_sync: KernelSync | None = None
         # `--record-reads`: the paths of image files opened, in the order first
         # opened (a prefetch list for `strata convert --estargz`); None: off.
         self.reads: dict[bytes, None] | None = None
@@ -303,7 +307,9 @@ class StrataOperations(pyfuse3.Operations):
         """Wait (in a worker thread) until *finish* has indexed the streamed
         layers, then serve from the index; listings and changes wait for this."""
         try:
-            root, layers = await trio.to_thread.run_sync(finish, abandon_on_cancel=True)
+            root, layers = await trio.to_thread.run_sync(  # waits that may be abandoned
+                finish, abandon_on_cancel=True
+            )
         except Exception as exc:
             self.streams_lost = str(exc) or type(exc).__name__
             log.error("streamed layers lost: %s", self.streams_lost)
@@ -312,7 +318,7 @@ class StrataOperations(pyfuse3.Operations):
             # What the kernel keeps of the provisional view (directory link
             # counts, attributes an implied directory took) is read again.
             known = list(self.view.nodes)
-            await trio.to_thread.run_sync(_invalidate_attributes, known)
+            await in_worker(_invalidate_attributes, known)
         self.streams_arrived.set()
 
     def _check_streams(self) -> None:
@@ -409,7 +415,7 @@ class StrataOperations(pyfuse3.Operations):
         self._check_streams()
         if not self.view.lookup_ready(parent_inode, name):
             # A streamed layer may still bring this name: wait off the trio thread.
-            await trio.to_thread.run_sync(
+            await trio.to_thread.run_sync(  # waits that may be abandoned
                 self.view.wait_lookup, parent_inode, name, abandon_on_cancel=True
             )
         found = self.view.lookup_with_attributes(parent_inode, name)
@@ -486,7 +492,9 @@ class StrataOperations(pyfuse3.Operations):
         self._check_streams()
         if not self.view.listing_ready(fh):
             # A streamed layer may still bring names here: wait off the trio thread.
-            await trio.to_thread.run_sync(self.view.wait_listing, fh, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(  # waits that may be abandoned
+                self.view.wait_listing, fh, abandon_on_cancel=True
+            )
         if start_id == 0 and self.access_times is not None:
             await self._accessed(fh, directory=True)
         listing = self.view.listdir_with_attributes(fh, start_id)
@@ -511,7 +519,7 @@ class StrataOperations(pyfuse3.Operations):
         """Copy a lower file's data into the writable layer, in a worker thread."""
         missing = self.view.lower_data_missing(ino)
         if missing is not None:  # lazy pulling: fetch it off the trio thread
-            await trio.to_thread.run_sync(self.view.ensure_lower_data, missing)
+            await in_worker(self.view.ensure_lower_data, missing)
         if not self.view.needs_data_copy(ino):
             return
         lock = self._copy_locks.setdefault(ino, trio.Lock())
@@ -521,7 +529,7 @@ class StrataOperations(pyfuse3.Operations):
                     return
                 job = self.view.prepare_copy(self.view.node(ino))
                 try:
-                    await trio.to_thread.run_sync(self.view.fill, job)
+                    await in_worker(self.view.fill, job)
                 except BaseException:
                     self.view.abandon_copy(job)
                     raise
@@ -555,7 +563,7 @@ class StrataOperations(pyfuse3.Operations):
             missing = None if truncate else self.view.lower_data_missing(inode)
             if missing is not None:
                 # A lazily pulled file's data first, off the trio thread.
-                await trio.to_thread.run_sync(self.view.ensure_lower_data, missing)
+                await in_worker(self.view.ensure_lower_data, missing)
             # A large lower file is copied chunk by chunk: the writes copy what
             # they touch, a background task the rest.
             chunked = not truncate and self.view.start_partial(inode)
@@ -564,7 +572,7 @@ class StrataOperations(pyfuse3.Operations):
             fd = self.view.open_for_write(inode, truncate)
             if truncate and self._kill_setid(inode, ctx):
                 # The kernel keeps a file's mode through a truncating open.
-                await trio.to_thread.run_sync(_invalidate_attributes, [inode])
+                await in_worker(_invalidate_attributes, [inode])
             if chunked and self.background is not None:
                 self.background.start_soon(self._fill_in_background, inode)
             # Its close reports what the background copy meets.
@@ -829,7 +837,7 @@ class StrataOperations(pyfuse3.Operations):
             handle.head = None
         partial = self.view.partial(handle.ino)
         if partial is not None:
-            data = await trio.to_thread.run_sync(partial.read, off, size)
+            data = await in_worker(partial.read, off, size)
             if data is not None:
                 return data
         fd = await self._current_fd(handle)
@@ -846,14 +854,14 @@ class StrataOperations(pyfuse3.Operations):
         handle = self.handles[fh]
         partial = self.view.partial(handle.ino)
         if partial is not None:
-            written = await trio.to_thread.run_sync(partial.write, off, buf)
+            written = await in_worker(partial.write, off, buf)
             if written is not None:
                 return written
         if len(buf) <= INLINE_WRITE_MAX:
             # A small buffered write only copies into the page cache: cheaper
             # here than the hop to a worker thread (fsync is where the disk waits).
             return os.pwrite(handle.fd, buf, off)
-        return await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off)
+        return await in_worker(os.pwrite, handle.fd, buf, off)
 
     async def _fill_in_background(self, ino: int) -> None:
         """Copy a partial copy's remaining chunks, one per worker-thread call,
@@ -861,7 +869,7 @@ class StrataOperations(pyfuse3.Operations):
         unmount, where the mount fills what is left."""
         try:
             partial = self.view.partial(ino)
-            while partial is not None and await trio.to_thread.run_sync(partial.fill_next):
+            while partial is not None and await in_worker(partial.fill_next):
                 pass
             await self._copy_data_up(ino)
         except FsError as exc:
@@ -897,24 +905,33 @@ class StrataOperations(pyfuse3.Operations):
         # The whole data first: a punched or zeroed range of a chunked copy
         # must never be filled from the lower file afterwards.
         await self._copy_data_up(handle.ino)
-        await trio.to_thread.run_sync(fallocate, handle.fd, mode, offset, length)
+        await in_worker(fallocate, handle.fd, mode, offset, length)
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
-        sync = os.fdatasync if datasync else os.fsync
         if handle.opened:
-            await trio.to_thread.run_sync(sync, handle.fd)
+            await self._sync(handle.fd, datasync)
         elif handle.io == PASSTHROUGH and self._is_upper(handle.ino):
             # A backed handle opened for reading keeps no descriptor here, but
             # fsync covers what other descriptors wrote to the file.
             fd = await self._open_moving(handle.ino, self.view.open_source)
             try:
-                await trio.to_thread.run_sync(sync, fd)
+                await self._sync(fd, datasync)
             finally:
                 os.close(fd)
         # Else a lower file, never read here: nothing to sync.
         self.lost_writes.check(handle)
+
+    async def _sync(self, fd: int, datasync: bool) -> None:
+        """fsync (fdatasync) off the trio thread: by the kernel's AIO workers
+        where it takes it (kernel_sync.py), else in a worker thread."""
+        if self.kernel_sync is not None:
+            try:
+                return await self.kernel_sync.sync(fd, datasync)
+            except Unavailable:
+                pass
+        await in_worker(os.fdatasync if datasync else os.fsync, fd)
 
     def _is_upper(self, ino: int) -> bool:
         node = self.view.nodes.get(ino)
@@ -1168,7 +1185,7 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = await trio.to_thread.run_sync(os.statvfs, self.view.statfs_path())
+        st = await in_worker(os.statvfs, self.view.statfs_path())
         data = pyfuse3.StatvfsData()
         data.f_bsize = st.f_bsize
         data.f_frsize = st.f_frsize

@@ -733,11 +733,15 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
     import pyfuse3
     import trio
 
+    from .kernel_sync import open_kernel_sync
+
     terminated = False
     # Why the mount must not serve after all (`--passthrough on` without it):
     # raised once the request loop has ended, so it reaches the user as itself.
     refused: StrataError | None = None
     pidfile = pid_file(request.mountpoint)
+    if operations.view.writable:
+        operations.kernel_sync = open_kernel_sync()
     try:
         os.makedirs(os.path.dirname(pidfile), exist_ok=True)
         with open(pidfile, "w") as handle:
@@ -760,6 +764,8 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
                             pyfuse3.terminate()
 
                 operations.background = nursery
+                if operations.kernel_sync is not None:
+                    nursery.start_soon(operations.kernel_sync.collect)
                 if operations.stream_finish is not None:
                     nursery.start_soon(operations.follow_streams, operations.stream_finish)
                 nursery.start_soon(fuse_loop)
@@ -783,6 +789,8 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
         raise
     finally:
         pyfuse3.close(unmount=terminated)
+        if operations.kernel_sync is not None:
+            operations.kernel_sync.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pidfile)
         if operations.access_times is not None:
