@@ -527,6 +527,19 @@ def test_a_new_object_that_cannot_be_finished_is_not_left_half_made(
     index.close()
 
 
+def _count_lstats(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The paths os.lstat is called with from now on (until monkeypatch.undo)."""
+    calls: list[bytes] = []
+    real_lstat = os.lstat
+
+    def counting_lstat(path: bytes, *args: object, **kwargs: object) -> os.stat_result:
+        calls.append(os.fsencode(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    return calls
+
+
 def test_a_lookup_of_an_upper_name_takes_one_lstat_of_it(
     scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -543,14 +556,7 @@ def test_a_lookup_of_an_upper_name_takes_one_lstat_of_it(
     os.close(fd)
     view.forget(node.ino, 1)
     assert node.ino not in view.nodes
-    calls: list[bytes] = []
-    real_lstat = os.lstat
-
-    def counting_lstat(path: bytes, *args: object, **kwargs: object) -> os.stat_result:
-        calls.append(os.fsencode(path))
-        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "lstat", counting_lstat)
+    calls = _count_lstats(monkeypatch)
     found = view.lookup_with_attributes(etc.ino, b"file")
     monkeypatch.undo()
     assert found is not None
@@ -576,14 +582,7 @@ def test_a_listing_answers_with_the_stats_it_took_of_upper(
         _, fd = view.create(etc.ino, name, 0o644, os.O_WRONLY, Caller(0, 0))
         os.write(fd, name * 3)
         os.close(fd)
-    calls: list[bytes] = []
-    real_lstat = os.lstat
-
-    def counting_lstat(path: bytes, *args: object, **kwargs: object) -> os.stat_result:
-        calls.append(os.fsencode(path))
-        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "lstat", counting_lstat)
+    calls = _count_lstats(monkeypatch)
     listed = {name: entry for _, name, _, entry in view.listdir_with_attributes(etc.ino)}
     monkeypatch.undo()
     assert sorted(listed) == [b".", b"..", b"a", b"b", b"c", b"lower"]
@@ -653,14 +652,7 @@ def test_a_setattr_of_one_time_keeps_the_other_from_the_lstat_it_took(
     os.close(fd)
     second = 1_000_000_000
     view.setattr(node.ino, atime_ns=10 * second, mtime_ns=20 * second)
-    calls: list[bytes] = []
-    real_lstat = os.lstat
-
-    def counting_lstat(path: bytes, *args: object, **kwargs: object) -> os.stat_result:
-        calls.append(os.fsencode(path))
-        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "lstat", counting_lstat)
+    calls = _count_lstats(monkeypatch)
     entry = view.setattr(node.ino, atime_ns=30 * second)
     assert (entry.atime_ns, entry.mtime_ns) == (30 * second, 20 * second)
     entry = view.setattr(node.ino, mtime_ns=40 * second)
