@@ -567,6 +567,63 @@ def test_a_lookup_of_an_upper_name_takes_one_lstat_of_it(
     index.close()
 
 
+def test_a_name_resolved_again_to_its_upper_file_reads_no_xattr(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup (or the peek of a rename or unlink) of an upper name whose
+    node the view holds answers from the node when the lstat finds the same
+    host file there: its markers and number are not read again. A file that
+    replaced the name (a host inode number may be reused) is resolved anew."""
+    from unionfs.core.nodes import Caller
+
+    os.mkdir(f"{layers[0]}/etc")
+    write(f"{layers[0]}/etc/lower", "lower")
+    index, view, upper = _writable_view(scratch, layers[0])
+    etc = view.lookup(ROOT_INO, b"etc")
+    assert etc is not None
+    made, fd = view.create(etc.ino, b"made", 0o644, os.O_WRONLY, Caller(0, 0))
+    os.close(fd)
+    copied = view.lookup(etc.ino, b"lower")
+    assert copied is not None
+    view.setattr(copied.ino, mode=0o600)  # copied up: known by a later lookup
+    assert view.lookup(etc.ino, b"lower") is copied
+    sub = view.mkdir(etc.ino, b"sub", 0o755, Caller(0, 0))
+    read: list[str] = []
+    for function in ("getxattr", "listxattr"):
+        real = getattr(os, function)
+
+        def counting(
+            *args: object, _real: object = real, _name: str = function, **kwargs: object
+        ) -> object:
+            read.append(_name)
+            return _real(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(os, function, counting)
+    for name, node in ((b"made", made), (b"lower", copied), (b"sub", sub)):
+        found = view.lookup_with_attributes(etc.ino, name)
+        assert found is not None and found[0] is node
+        assert found[1].ino == node.ino
+        assert view.peek(etc.ino, name) is node
+    assert read == []
+    monkeypatch.undo()
+    # The name given to another file: a new node, whatever its host number.
+    view.unlink(etc.ino, b"made")
+    again, fd = view.create(etc.ino, b"made", 0o644, os.O_WRONLY, Caller(0, 0))
+    os.close(fd)
+    assert again.ino != made.ino
+    found = view.lookup_with_attributes(etc.ino, b"made")
+    assert found is not None and found[0] is again
+    # Renamed over: the name shows the moved file's node.
+    view.rename(etc.ino, b"lower", etc.ino, b"made", 0)
+    found = view.lookup_with_attributes(etc.ino, b"made")
+    assert found is not None and found[0] is copied
+    assert view.lookup(etc.ino, b"lower") is None
+    with open(f"{upper}/etc/made", "rb") as data:
+        assert data.read() == b"lower"
+    view.close()
+    index.close()
+
+
 def test_a_listing_answers_with_the_stats_it_took_of_upper(
     scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

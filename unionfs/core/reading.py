@@ -44,6 +44,8 @@ from .upper import (
 DOT_OFFSET = 1
 # How many lower entries of nodes that do not keep theirs stay at hand (Node.find_lower).
 LOWER_ENTRIES_KEPT = 8192
+# How many upper files met by a lookup stay known by their host inode number.
+UPPER_HOSTS_KEPT = 65536
 DOTDOT_OFFSET = 2
 UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
 CAPABILITY_NAME = CAPABILITY_XATTR.encode()
@@ -108,6 +110,12 @@ class ReadPath:
         # kept here, and the rest found again in the index by name.
         self._lower_entries: OrderedDict[int, Entry] = OrderedDict()
         self._find_lower = self._lower_of_slim  # one bound method for every node
+        # Upper files by host inode number -> the node each was resolved to.
+        # A name resolved again (a lookup after the kernel dropped its entry,
+        # the peeks of a rename or unlink) whose lstat finds the same file at
+        # a name of that node is answered by the node, which this view keeps
+        # up to date, without reading the file's markers and number again.
+        self._upper_hosts: OrderedDict[int, int] = OrderedDict()
         # Inodes whose last name went (unlink, rmdir, rename over) while the
         # kernel still holds them, as an open descriptor does: their last
         # attributes, with st_nlink 0, until forgotten. Their old place may hold
@@ -238,11 +246,16 @@ class ReadPath:
         if self.store is not None and parent.upper:
             parent_rel = self.rel(parent)
             up_st = self.store.lstat(join(parent_rel, name))
-            lower = self._lower_child(parent, name)
-            if up_st is None:
-                if lower is None or self.store.is_whited_out(parent_rel, name, None):
+            if up_st is not None:
+                if self.store.is_whited_out(parent_rel, name, up_st):
                     return None, None
-            elif self.store.is_whited_out(parent_rel, name, up_st):
+                known = self._known_upper(parent, name, up_st)
+                if known is not None:
+                    return known, up_st
+            lower = self._lower_child(parent, name)
+            if up_st is None and (
+                lower is None or self.store.is_whited_out(parent_rel, name, None)
+            ):
                 return None, None
         else:
             lower = self._lower_child(parent, name)
@@ -250,7 +263,34 @@ class ReadPath:
             if lower is None:
                 return None, None
             return self._lower_node(parent, name, lower), None
-        return self._upper_node(parent, name, up_st, lower), up_st
+        node = self._upper_node(parent, name, up_st, lower)
+        self.note_upper_host(up_st, node.ino)
+        return node, up_st
+
+    def note_upper_host(self, st: os.stat_result, ino: int) -> None:
+        """Node *ino* is the upper file *st* (see _known_upper)."""
+        hosts = self._upper_hosts
+        hosts[st.st_ino] = ino
+        hosts.move_to_end(st.st_ino)
+        if len(hosts) > UPPER_HOSTS_KEPT:
+            hosts.popitem(last=False)
+
+    def _known_upper(self, parent: Node, name: bytes, st: os.stat_result) -> Node | None:
+        """The live node NAME in PARENT already is, if the upper file *st*
+        found there is the one it was resolved to; else None (resolve it).
+        A host inode number may be reused, but not while the node keeps this
+        name: each change of UPPER through this view updates the node's names."""
+        if self.streaming is not None:
+            return None  # a name's lower entry may still be arriving
+        ino = self._upper_hosts.get(st.st_ino)
+        node = None if ino is None else self.nodes.get(ino)
+        if node is None or not node.upper or not node.has_name(parent.ino, name):
+            return None
+        if stat.S_IFMT(node.mode) != stat.S_IFMT(st.st_mode) and not (
+            self.rootless and stat.S_ISREG(st.st_mode)  # a device kept as a plain file
+        ):
+            return None
+        return node
 
     def _lower_node(self, parent: Node, name: bytes, lower: Entry) -> Node:
         node = Node(lower.ino, lower.mode, parent.ino, name)

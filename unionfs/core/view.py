@@ -94,7 +94,9 @@ class UnionView(CopyUp):
         if new.placeholder:
             shown = mode
         else:
-            shown = (os.fstat(fd) if fd is not None else os.lstat(target)).st_mode
+            made = os.fstat(fd) if fd is not None else os.lstat(target)
+            self.note_upper_host(made, ino)
+            shown = made.st_mode
         node = Node(ino, shown, parent.ino, name)
         node.upper = True
         node.protection = 0  # (no chattr flag yet: nothing to read)
