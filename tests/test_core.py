@@ -692,6 +692,58 @@ def test_a_missing_file_capability_is_asked_of_the_host_once(
     index.close()
 
 
+def test_a_directory_is_asked_for_its_default_acl_and_setgid_bit_once(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each create asks its directory for a default ACL and the set-group-ID
+    bit. Where the upper directory has neither, that is kept (and a directory
+    made here knows it at once), until its xattrs or mode change through the
+    view: the ACL and the bit set afterwards are each seen by the next create."""
+    from unionfs.core import acl
+    from unionfs.core.acl import GROUP_OBJ, OTHER, USER_OBJ, AclEntry
+    from unionfs.core.nodes import Caller
+
+    os.mkdir(f"{layers[0]}/etc")
+    index, view, upper = _writable_view(scratch, layers[0])
+    etc = view.lookup(ROOT_INO, b"etc")
+    assert etc is not None
+    asked: list[str] = []
+    real_getxattr = os.getxattr
+
+    def counting_getxattr(path: bytes, name: str, *args: object, **kwargs: object) -> bytes:
+        asked.append(name)
+        return real_getxattr(path, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "getxattr", counting_getxattr)
+    lstats = _count_lstats(monkeypatch)
+    made = view.mkdir(etc.ino, b"made", 0o755, Caller(0, 0))
+    lstats.clear()  # (those of making it: etc's copy-up and its own placing)
+    for number in range(3):
+        for directory in (etc, made):
+            _, fd = view.create(directory.ino, b"f%d" % number, 0o644, os.O_WRONLY, Caller(0, 0))
+            os.close(fd)
+    parents = (os.fsencode(f"{upper}/etc"), os.fsencode(f"{upper}/etc/made"))
+    assert asked == [acl.DEFAULT.decode()]  # the copied-up etc's, once (by the mkdir)
+    assert not [path for path in lstats if path in parents]
+    monkeypatch.undo()
+    default = acl.encode([AclEntry(USER_OBJ, 7), AclEntry(GROUP_OBJ, 5), AclEntry(OTHER, 0)])
+    view.setxattr(etc.ino, acl.DEFAULT, default)
+    _, fd = view.create(etc.ino, b"masked", 0o666, os.O_WRONLY, Caller(0, 0, umask=0))
+    os.close(fd)
+    assert stat.S_IMODE(os.lstat(f"{upper}/etc/masked").st_mode) == 0o640
+    view.setattr(made.ino, mode=0o2775)
+    _, fd = view.create(made.ino, b"grouped", 0o644, os.O_WRONLY, Caller(0, 4242))
+    os.close(fd)
+    assert os.lstat(f"{upper}/etc/made/grouped").st_gid == os.lstat(f"{upper}/etc/made").st_gid
+    assert os.lstat(f"{upper}/etc/made/grouped").st_gid != 4242
+    view.removexattr(etc.ino, acl.DEFAULT)
+    _, fd = view.create(etc.ino, b"plain", 0o666, os.O_WRONLY, Caller(0, 0, umask=0o22))
+    os.close(fd)
+    assert stat.S_IMODE(os.lstat(f"{upper}/etc/plain").st_mode) == 0o644
+    view.close()
+    index.close()
+
+
 def test_a_setattr_of_one_time_keeps_the_other_from_the_lstat_it_took(
     scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -651,12 +651,18 @@ class StrataOperations(pyfuse3.Operations):
         return self.passthrough.lower and self.view.lower_data_missing(ino) is None
 
     async def _answer(
-        self, fh: int, *, flush: bool = False, backable: bool | None = None
+        self,
+        fh: int,
+        *,
+        flush: bool = False,
+        backable: bool | None = None,
+        made: DataSource | None = None,
     ) -> pyfuse3.FileInfo:
         """What open and create answer for a new handle: with passthrough
         where the inode's open files allow it (see passthrough.py), else
         cached. A handle whose open fails here is dropped. *backable*: what
-        _backable answered for it, if nothing could change it since."""
+        _backable answered for it, if nothing could change it since; *made*:
+        the data source of the file create made for it (its descriptor's)."""
         files, passthrough = self.backing_files, self.passthrough
         if files is None:
             return self._file_info(fh, flush=flush)
@@ -674,7 +680,7 @@ class StrataOperations(pyfuse3.Operations):
                 and passthrough is not None
                 and (self._backable(handle.ino) if backable is None else backable)
             ):
-                info = await self._answer_backed(passthrough, handle, fh, flush)
+                info = await self._answer_backed(passthrough, handle, fh, flush, made)
                 if info is not None:
                     return info
             handle.io = CACHED
@@ -686,14 +692,23 @@ class StrataOperations(pyfuse3.Operations):
             raise
 
     async def _answer_backed(
-        self, passthrough: Passthrough, handle: Handle, fh: int, flush: bool
+        self,
+        passthrough: Passthrough,
+        handle: Handle,
+        fh: int,
+        flush: bool,
+        made: DataSource | None = None,
     ) -> pyfuse3.FileInfo | None:
         """Answer with the inode's backing file (registered now if it has
         none); None: answer cached (cached opens came meanwhile, or
-        registering failed, which ends passthrough here)."""
-        source = self.view.data_source(handle.ino, write=handle.write)
+        registering failed, which ends passthrough here). *made*: as _answer."""
+        if made is not None:
+            source, identity = made, made.upper_file
+        else:
+            source = self.view.data_source(handle.ino, write=handle.write)
+            identity = self._identity(handle, source)
         try:
-            backing_id = passthrough.files.attach(handle.ino, self._identity(handle, source))
+            backing_id = passthrough.files.attach(handle.ino, identity)
             if backing_id is None:
                 backing_id = await self._register(passthrough, handle.ino, source)
         except Busy:
@@ -781,8 +796,10 @@ class StrataOperations(pyfuse3.Operations):
         await self._all_arrived()  # changes need the whole tree
         node, fd = self.view.create(parent_inode, name, mode, flags,
                                     self._caller(ctx))  # fmt: skip
-        attributes = self._attributes(self.view.attributes(node, os.fstat(fd)))
-        return await self._answer(self._add_handle(node.ino, fd, True)), attributes
+        made = os.fstat(fd)
+        attributes = self._attributes(self.view.attributes(node, made))
+        fh = self._add_handle(node.ino, fd, True)
+        return await self._answer(fh, made=self.view.made_source(node, made)), attributes
 
     @_fuse_errors
     async def tmpfile(

@@ -27,8 +27,9 @@ _UPPER, _OPAQUE, _METACOPY, _LINKED = 1, 2, 4, 8
 # chattr's append-only and immutable flags (fileflags.py), once read
 _PROTECTION_KNOWN, _APPEND_ONLY, _IMMUTABLE = 16, 32, 64
 _APPEND_FL, _IMMUTABLE_FL = 0x20, 0x10
-# The upper file is known to have no security.capability
-_NO_CAPABILITY = 128
+# The upper file is known to have no security.capability; a directory's
+# upper copy no default ACL, and no set-group-ID bit
+_NO_CAPABILITY, _NO_DEFAULT_ACL, _NO_SETGID = 128, 256, 512
 
 
 class NodeMore:
@@ -166,6 +167,31 @@ class Node:
     @no_capability.setter
     def no_capability(self, value: bool) -> None:
         self._flag(_NO_CAPABILITY, value)
+
+    @property
+    def no_default_acl(self) -> bool:
+        """Whether the directory's upper copy is known to have no default
+        ACL: every create in it asks, and mostly there is none."""
+        return bool(self._flags & _NO_DEFAULT_ACL)
+
+    @no_default_acl.setter
+    def no_default_acl(self, value: bool) -> None:
+        self._flag(_NO_DEFAULT_ACL, value)
+
+    @property
+    def no_setgid(self) -> bool:
+        """Whether the directory's upper copy is known to be without the
+        set-group-ID bit (whose group a new object would take): every create
+        in it asks, and mostly it is not set."""
+        return bool(self._flags & _NO_SETGID)
+
+    @no_setgid.setter
+    def no_setgid(self, value: bool) -> None:
+        self._flag(_NO_SETGID, value)
+
+    def forget_xattrs(self) -> None:
+        """An xattr of the upper copy changed: what was known absent may not be."""
+        self._flags &= ~(_NO_CAPABILITY | _NO_DEFAULT_ACL | _NO_SETGID)
 
     @property
     def linked(self) -> bool:

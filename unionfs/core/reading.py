@@ -22,6 +22,7 @@ from collections.abc import Callable, Container, Generator, Iterator, Mapping
 from typing import Protocol, cast
 
 from . import overrides
+from .acl import DEFAULT as DEFAULT_ACL_NAME
 from .chunks import PartialCopy
 from .data import CAPABILITY_XATTR
 from .index import ROOT_INO, Index, InodeBatches, name_hash
@@ -914,6 +915,12 @@ class ReadPath:
             raise FsError(errno.ENOENT)
         return DataSource(lower=lower)
 
+    def made_source(self, node: Node, st: os.stat_result) -> DataSource:
+        """data_source of a file this request has just made (*st*: an fstat
+        of it): nothing has run since, so its one name is where it was made."""
+        return DataSource(upper=Beneath(False, self.rel(node)), write=True,
+                          upper_file=(st.st_dev, st.st_ino))  # fmt: skip
+
     def access_place(self, ino: int) -> Beneath | None:
         """Where the container layer holds a file or directory whose access
         counts for its atime (core/atime.py); None for one only lower layers
@@ -951,7 +958,8 @@ class ReadPath:
             return None
         if node.upper:
             capability = name == CAPABILITY_NAME
-            if capability and node.no_capability:
+            default_acl = name == DEFAULT_ACL_NAME
+            if (capability and node.no_capability) or (default_acl and node.no_default_acl):
                 return None
             try:
                 return os.getxattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
@@ -959,6 +967,8 @@ class ReadPath:
                 if exc.errno == errno.ENODATA:
                     if capability:
                         node.no_capability = True
+                    elif default_acl:
+                        node.no_default_acl = True
                     return None
                 raise FsError(exc.errno or errno.EIO) from None
         assert node.lower is not None

@@ -101,6 +101,9 @@ class UnionView(CopyUp):
         node.upper = True
         node.protection = 0  # (no chattr flag yet: nothing to read)
         node.no_capability = True  # (nor a file capability)
+        if stat.S_ISDIR(mode):
+            node.no_default_acl = inherited is None or inherited.default is None
+            node.no_setgid = not mode & stat.S_ISGID
         node.opaque = stat.S_ISDIR(mode) and lower is not None
         if stat.S_ISDIR(mode):
             node.lower_path = None
@@ -120,12 +123,15 @@ class UnionView(CopyUp):
                 mode = inherited.mode
             else:
                 mode &= ~(caller.umask & 0o777)
-        parent_st = os.lstat(self._writable().path(self.rel(parent)))
         gid = caller.gid
-        if parent_st.st_mode & stat.S_ISGID:
-            gid = parent_st.st_gid  # BSD group semantics of a setgid directory
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
+        if not parent.no_setgid:
+            parent_st = os.lstat(self._writable().path(self.rel(parent)))
+            if parent_st.st_mode & stat.S_ISGID:
+                gid = parent_st.st_gid  # BSD group semantics of a setgid directory
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            else:
+                parent.no_setgid = True
         return inherited, mode, gid
 
     def tmpfile(self, parent_ino: int, mode: int, caller: Caller) -> tuple[Node, int]:
@@ -458,6 +464,8 @@ class UnionView(CopyUp):
         """Change a node's attributes; *times_given*: the times are the
         caller's own, not "now" (an append-only node refuses those)."""
         node = self.node(ino)
+        if mode is not None or uid is not None or gid is not None:
+            node.no_setgid = False  # (a chown may clear the bit as well)
         protection = self.protection(node)
         if protection & fileflags.IMMUTABLE_FL or (
             protection & fileflags.APPEND_FL
@@ -540,7 +548,7 @@ class UnionView(CopyUp):
             raise FsError(errno.EPERM)  # as overlayfs: its own xattrs are not the user's
         self._refuse_if_protected(node)
         self._copy_up(node, data=False)
-        node.no_capability = False
+        node.forget_xattrs()
         os.setxattr(self._host(node), os.fsdecode(name), value, follow_symlinks=False)
 
     def removexattr(self, ino: int, name: bytes) -> None:
@@ -551,7 +559,7 @@ class UnionView(CopyUp):
         if not node.upper:
             self.getxattr(ino, name)  # ENODATA before anything is copied
         self._copy_up(node, data=False)
-        node.no_capability = False
+        node.forget_xattrs()
         os.removexattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
 
     # chattr's append-only and immutable flags ---------------------------------
