@@ -527,16 +527,26 @@ def test_a_new_object_that_cannot_be_finished_is_not_left_half_made(
     index.close()
 
 
-def _count_lstats(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """The paths os.lstat is called with from now on (until monkeypatch.undo)."""
+def _count_lstats(monkeypatch: pytest.MonkeyPatch, *, whole_paths: bool = False) -> list[bytes]:
+    """The paths lstat'ed from now on (until monkeypatch.undo): by os.lstat,
+    and (unless *whole_paths*) by os.stat of a name in a directory descriptor."""
     calls: list[bytes] = []
-    real_lstat = os.lstat
+    real_lstat, real_stat = os.lstat, os.stat
 
     def counting_lstat(path: bytes, *args: object, **kwargs: object) -> os.stat_result:
         calls.append(os.fsencode(path))
         return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
 
+    def counting_stat(path: bytes | int, *args: object, **kwargs: object) -> os.stat_result:
+        dir_fd = kwargs.get("dir_fd")
+        if isinstance(dir_fd, int) and kwargs.get("follow_symlinks") is False:
+            directory = os.readlink(f"/proc/self/fd/{dir_fd}").encode()
+            calls.append(directory + b"/" + os.fsencode(path))  # type: ignore[arg-type]
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
     monkeypatch.setattr(os, "lstat", counting_lstat)
+    if not whole_paths:
+        monkeypatch.setattr(os, "stat", counting_stat)
     return calls
 
 
@@ -620,6 +630,54 @@ def test_a_name_resolved_again_to_its_upper_file_reads_no_xattr(
     assert view.lookup(etc.ino, b"lower") is None
     with open(f"{upper}/etc/made", "rb") as data:
         assert data.read() == b"lower"
+    view.close()
+    index.close()
+
+
+def test_names_are_found_in_upper_directories_by_their_descriptors(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup in an upper directory lstats the name relative to a
+    descriptor of that directory, not by a host path from UPPER's root, and
+    a directory's attributes come from an fstat of it. The descriptor is the
+    node's own directory: renamed, it finds the names there; a directory made
+    where a removed one was is another node, with its own; a removed directory
+    the kernel still holds finds nothing, not what lower layers had there."""
+    from unionfs.core.nodes import Caller
+
+    write(f"{layers[0]}/etc/old/lower", "lower")
+    index, view, upper = _writable_view(scratch, layers[0])
+    etc = view.lookup(ROOT_INO, b"etc")
+    old = view.lookup(etc.ino, b"old") if etc is not None else None
+    assert etc is not None and old is not None
+    _, fd = view.create(old.ino, b"new", 0o644, os.O_WRONLY, Caller(0, 0))  # copies old up
+    os.close(fd)
+    assert view.lookup(old.ino, b"new") is not None
+    paths = _count_lstats(monkeypatch, whole_paths=True)
+    for name in (b"new", b"lower", b"missing"):
+        view.lookup(old.ino, name)
+    assert view.getattr(old.ino).ino == old.ino
+    monkeypatch.undo()
+    assert paths == []
+    view.rename(etc.ino, b"old", ROOT_INO, b"moved", 0)
+    found = view.lookup_with_attributes(old.ino, b"new")
+    assert found is not None and found[1].size == 0
+    lower = view.lookup(old.ino, b"lower")
+    assert lower is not None
+    view.unlink(old.ino, b"new")
+    view.unlink(old.ino, b"lower")
+    view.rmdir(ROOT_INO, b"moved")  # the kernel still holds old
+    with pytest.raises(FsError) as caught:
+        view.lookup(old.ino, b"lower")
+    assert caught.value.errno == errno.ENOENT
+    again = view.mkdir(ROOT_INO, b"moved", 0o755, Caller(0, 0))
+    assert again.ino != old.ino
+    _, fd = view.create(again.ino, b"other", 0o644, os.O_WRONLY, Caller(0, 0))
+    os.write(fd, b"other")
+    os.close(fd)
+    found = view.lookup_with_attributes(again.ino, b"other")
+    assert found is not None and found[1].size == 5
+    assert os.listdir(f"{upper}/moved") == ["other"]
     view.close()
     index.close()
 

@@ -422,6 +422,18 @@ def _configure_logging() -> None:
     )
 
 
+def _raise_descriptor_limit() -> None:
+    """As many descriptors as the hard limit allows: every file a container
+    keeps open holds one here, besides those of the upper directories kept
+    open to look names up in (core/reading.py)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(request: MountRequest, notify: Notify) -> None:
     """Index the stack, mount it and serve until unmounted or signalled."""
     import pyfuse3
@@ -431,6 +443,7 @@ def serve(request: MountRequest, notify: Notify) -> None:
     from .core.view import UnionView
     from .fuse import StrataOperations
 
+    _raise_descriptor_limit()
     index = Index(os.path.join(request.root, "index"))
     try:
         streaming: StreamedLayers | None = None

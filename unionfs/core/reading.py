@@ -28,6 +28,7 @@ from .data import CAPABILITY_XATTR
 from .index import ROOT_INO, Index, InodeBatches, name_hash
 from .layer import (
     HIDDEN_XATTR_PREFIXES,
+    is_whiteout_device,
     open_beneath,
     open_layer_root,
 )
@@ -47,6 +48,8 @@ DOT_OFFSET = 1
 LOWER_ENTRIES_KEPT = 8192
 # How many upper files met by a lookup stay known by their host inode number.
 UPPER_HOSTS_KEPT = 65536
+# How many upper directories stay open (O_PATH) to find names in them.
+UPPER_DIRS_KEPT = 128
 DOTDOT_OFFSET = 2
 UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
 CAPABILITY_NAME = CAPABILITY_XATTR.encode()
@@ -117,6 +120,12 @@ class ReadPath:
         # a name of that node is answered by the node, which this view keeps
         # up to date, without reading the file's markers and number again.
         self._upper_hosts: OrderedDict[int, int] = OrderedDict()
+        # Directory node -> an O_PATH descriptor of its upper directory, the
+        # last ones used: a name is looked up in it with one component to
+        # walk, not the whole host path. A descriptor follows its directory
+        # through renames, so it stays the node's own until the node goes.
+        # Used and closed on the request thread only.
+        self._upper_dirs: OrderedDict[int, int] = OrderedDict()
         # Inodes whose last name went (unlink, rmdir, rename over) while the
         # kernel still holds them, as an open descriptor does: their last
         # attributes, with st_nlink 0, until forgotten. Their old place may hold
@@ -144,6 +153,9 @@ class ReadPath:
         for fd in self.layer_fds.values():
             os.close(fd)
         self.layer_fds.clear()
+        for fd in self._upper_dirs.values():
+            os.close(fd)
+        self._upper_dirs.clear()
         if self.store is not None:
             self.store.close()
         self.nodes.clear()
@@ -190,6 +202,9 @@ class ReadPath:
             del self.nodes[ino]
             self._gone.pop(ino, None)
             self._tmpfiles.discard(ino)
+            fd = self._upper_dirs.pop(ino, None)
+            if fd is not None:
+                os.close(fd)
 
     def remember(self, node: Node) -> None:
         """Count one more kernel reference (lookup, create, readdirplus)."""
@@ -245,18 +260,16 @@ class ReadPath:
         """_resolve, and the lstat of NAME in UPPER if UPPER has it."""
         up_st: os.stat_result | None = None
         if self.store is not None and parent.upper:
-            parent_rel = self.rel(parent)
-            up_st = self.store.lstat(join(parent_rel, name))
+            directory = self._upper_dir(parent)
+            up_st = self.store.lstat_in(directory, name)
             if up_st is not None:
-                if self.store.is_whited_out(parent_rel, name, up_st):
+                if is_whiteout_device(up_st):
                     return None, None
                 known = self._known_upper(parent, name, up_st)
                 if known is not None:
                     return known, up_st
             lower = self._lower_child(parent, name)
-            if up_st is None and (
-                lower is None or self.store.is_whited_out(parent_rel, name, None)
-            ):
+            if up_st is None and (lower is None or self.store.has_marker_in(directory, name)):
                 return None, None
         else:
             lower = self._lower_child(parent, name)
@@ -267,6 +280,31 @@ class ReadPath:
         node = self._upper_node(parent, name, up_st, lower)
         self.note_upper_host(up_st, node.ino)
         return node, up_st
+
+    def _upper_dir(self, directory: Node) -> int:
+        """An O_PATH descriptor of the upper copy of *directory* (see
+        _upper_dirs); ENOENT once its last name went."""
+        assert self.store is not None
+        if self._gone and directory.ino in self._gone:
+            raise FsError(errno.ENOENT)  # (its descriptor would find nothing, as rel)
+        dirs = self._upper_dirs
+        fd = dirs.get(directory.ino)
+        if fd is not None:
+            dirs.move_to_end(directory.ino)
+            return fd
+        rel = self.rel(directory)
+        try:
+            fd = self.store.open_directory(rel)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not dirs:
+                raise
+            while dirs:  # descriptors run short: open files come first
+                os.close(dirs.popitem()[1])
+            fd = self.store.open_directory(rel)
+        dirs[directory.ino] = fd
+        if len(dirs) > UPPER_DIRS_KEPT:
+            os.close(dirs.popitem(last=False)[1])
+        return fd
 
     def note_upper_host(self, st: os.stat_result, ino: int) -> None:
         """Node *ino* is the upper file *st* (see _known_upper)."""
@@ -666,7 +704,9 @@ class ReadPath:
         """An lstat of the node's upper file: for a file found by one of its
         names, the lstat that found it (one system call, not two)."""
         assert self.store is not None
-        if node.linked or node.is_dir:
+        if node.is_dir:
+            return os.stat(self._upper_dir(node))  # fstat of its O_PATH descriptor
+        if node.linked:
             return os.lstat(self._host(node))
         return self._upper_name_stat(node)[1]
 
@@ -688,7 +728,7 @@ class ReadPath:
                 node.drop_name(parent_ino, name)
                 continue
             rel = self._rel_of(parent, name)
-            st = self.store.lstat(rel)
+            st = self.store.lstat_in(self._upper_dir(parent), name)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 node.parent, node.name = parent_ino, name
                 return rel, st

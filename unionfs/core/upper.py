@@ -373,6 +373,26 @@ class UpperStore:
         except FileNotFoundError:
             return None
 
+    def lstat_in(self, dir_fd: int, name: bytes) -> os.stat_result | None:
+        """lstat of NAME in the upper directory open as *dir_fd* (open_directory)."""
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def has_marker_in(self, dir_fd: int, name: bytes) -> bool:
+        """Whether the upper directory open as *dir_fd* holds a `.wh.NAME`
+        marker (where NAME itself is not there: it hides the lower NAME)."""
+        try:
+            os.stat(WHITEOUT_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:  # (as is_whited_out: a name too long for a marker has none)
+            return False
+        return True
+
+    def open_directory(self, rel: bytes) -> int:
+        """An O_PATH descriptor of the upper directory *rel* (not through a symlink)."""
+        return os.open(self.path(rel), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
     def is_whited_out(self, parent_rel: bytes, name: bytes, st: os.stat_result | None) -> bool:
         """Whether NAME in the upper dir hides the lower layers' NAME."""
         if st is not None:
