@@ -832,3 +832,28 @@ def test_a_setattr_of_one_time_keeps_the_other_from_the_lstat_it_took(
     assert entry.mtime_ns == st.st_mtime_ns > 40 * second  # the truncation's
     view.close()
     index.close()
+
+
+def test_entries_round_trip_through_the_index_encoding_and_stay_immutable(scratch: str) -> None:
+    """An entry made from an lstat carries its fields in order (Entry is a
+    named tuple built positionally), survives the index's encoding whole,
+    and cannot be changed in place: _replace makes a changed copy."""
+    from unionfs.core.records import entry_from_stat, pack_group, unpack_group
+
+    path = os.path.join(scratch, "file")
+    write(path, "twelve bytes")
+    st = os.lstat(path)
+    entry = entry_from_stat(7, st, 3, nlink=5, path=b"a/file", xattrs=((b"user.k", b"v"),))
+    assert (entry.ino, entry.mode, entry.nlink, entry.uid, entry.gid) == (
+        7, st.st_mode, 5, st.st_uid, st.st_gid,
+    )  # fmt: skip
+    assert (entry.size, entry.blocks, entry.layer, entry.path) == (12, st.st_blocks, 3, b"a/file")
+    assert (entry.atime_ns, entry.mtime_ns, entry.ctime_ns) == (
+        st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+    )  # fmt: skip
+    assert (entry.listing, entry.host_ino, entry.target) == (0, 0, b"")
+    assert unpack_group(pack_group([(b"file", entry)])) == [(b"file", entry)]
+    with pytest.raises(AttributeError):
+        entry.size = 0  # type: ignore[misc]
+    changed = entry._replace(size=0)
+    assert changed.size == 0 and entry.size == 12 and not entry.is_dir

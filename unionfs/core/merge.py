@@ -114,7 +114,7 @@ class LayerMerger:
         for ino, paths in self.aliases.items():
             self.index.put_aliases(self.txn, ino, paths)
         if base_root is not None and is_implicit(xattrs):
-            return dataclasses.replace(base_root, listing=listing, nlink=nlink)
+            return base_root._replace(listing=listing, nlink=nlink)
         return layer_entry(ROOT_INO, st, self.number, b"", xattrs, listing=listing, nlink=nlink)
 
     def _new_ino(self) -> int:
@@ -135,8 +135,7 @@ class LayerMerger:
         data = self._below(redirect_target(lower_path, redirect)) if redirect else lower
         if data is None or not stat.S_ISREG(data.mode):
             return entry  # the data is gone: the sparse copy is all there is
-        return dataclasses.replace(
-            entry,
+        return entry._replace(
             size=data.size,
             blocks=data.blocks,
             layer=data.layer,
@@ -231,7 +230,7 @@ class LayerMerger:
                     lower_dir.ino if lower_dir is not None else self._new_ino()
                 )
                 if implicit and lower is not None:  # a directory, checked above
-                    entry = dataclasses.replace(lower, ino=ino, listing=listing, nlink=nlink)
+                    entry = lower._replace(ino=ino, listing=listing, nlink=nlink)
                 else:
                     entry = layer_entry(
                         ino, st, self.number, child_rel, xattrs, listing=listing, nlink=nlink

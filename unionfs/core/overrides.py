@@ -37,9 +37,7 @@ class StatOverride:
         return b"%d %d %d %d" % (self.mode, self.uid, self.gid, self.rdev)
 
     def apply(self, entry: Entry) -> Entry:
-        return dataclasses.replace(
-            entry, mode=self.mode, uid=self.uid, gid=self.gid, rdev=self.rdev
-        )
+        return entry._replace(mode=self.mode, uid=self.uid, gid=self.gid, rdev=self.rdev)
 
 
 def parse(value: bytes) -> StatOverride | None:

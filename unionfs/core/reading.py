@@ -572,7 +572,7 @@ class ReadPath:
             entry = self._lower_blocks(node.lower)
             if self.streaming is not None and node.is_dir and self._count_subdirs(node):
                 assert node.subdirs is not None
-                entry = dataclasses.replace(entry, nlink=2 + node.subdirs)
+                entry = entry._replace(nlink=2 + node.subdirs)
             return entry
         assert self.store is not None
         if st is None:
@@ -647,13 +647,13 @@ class ReadPath:
         if self.nodes.get(node.ino) is not node or len(node.all_names()) > 1:
             return None
         try:
-            return dataclasses.replace(self.attributes(node), nlink=0)
+            return self.attributes(node)._replace(nlink=0)
         except (FsError, OSError):
             return None  # nothing to show: the removal itself must not fail for it
 
     def _removed(self, node: Node, last: Entry | None) -> None:
         if last is not None and not node.all_names():
-            self._gone[node.ino] = dataclasses.replace(last, ctime_ns=time.time_ns())
+            self._gone[node.ino] = last._replace(ctime_ns=time.time_ns())
             if self.last_name_gone is not None:
                 self.last_name_gone(node.ino)
 
@@ -662,7 +662,7 @@ class ReadPath:
         shows the blocks its data takes once here, as a pulled file would."""
         if entry.blocks or not entry.size or entry.layer not in self.lazy:
             return entry
-        return dataclasses.replace(entry, blocks=-(-entry.size // 4096) * 8)
+        return entry._replace(blocks=-(-entry.size // 4096) * 8)
 
     def attributes_of_open(self, ino: int, fd: int) -> Entry:
         """Attributes of a file whose every name is gone, from a descriptor

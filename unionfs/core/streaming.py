@@ -18,7 +18,6 @@ the same inodes the kernel already knows.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -273,8 +272,8 @@ class StreamedLayers:
                 for other in names if st.st_nlink > 1 else ():
                     known = tree.entries.get(other)
                     if known is not None and known.ino == entry.ino:
-                        tree.entries[other] = dataclasses.replace(
-                            known, nlink=entry.nlink, ctime_ns=entry.ctime_ns
+                        tree.entries[other] = known._replace(
+                            nlink=entry.nlink, ctime_ns=entry.ctime_ns
                         )
                 names.append(rel)
             self.changed.notify_all()
@@ -305,7 +304,7 @@ class StreamedLayers:
             ino, st, tree.number, rel, xattrs, nlink=2 if is_dir else None, target=target
         )
         if is_dir:  # its own mtime moves as it fills; the tar's is what stays
-            entry = dataclasses.replace(entry, mtime_ns=mtime_ns, atime_ns=mtime_ns)
+            entry = entry._replace(mtime_ns=mtime_ns, atime_ns=mtime_ns)
         return entry
 
     def stalled(self) -> bool:
@@ -442,7 +441,7 @@ class StreamedLayers:
                     # sure to be a directory, which is what a walk needs).
                     below = self._child(position + 1, dir_path, name, probe=probe)
                     if isinstance(below, Entry) and below.is_dir:
-                        return dataclasses.replace(below, ino=entry.ino)
+                        return below._replace(ino=entry.ino)
                 return entry
             if name in tree.whiteouts.get(dir_path, ()):
                 return None
@@ -456,7 +455,7 @@ class StreamedLayers:
             found = self.index.lookup_path(txn, self.base_root, path)
         if found is not None and found.is_dir and path in self.dir_inos:
             # A streamed layer made this directory first: its number stays.
-            return dataclasses.replace(found, ino=self.dir_inos[path])
+            return found._replace(ino=self.dir_inos[path])
         return found
 
     def wait_complete(self) -> None:
