@@ -468,6 +468,7 @@ def test_new_files_are_built_unnamed_in_place_unless_they_replace_a_whiteout(
     os.close(fd)
     directory = view.mkdir(etc.ino, b"newdir", 0o750, caller)
     link = view.symlink(etc.ino, b"newlink", b"target", caller)
+    assert view.link(node.ino, etc.ino, b"hardlink") is node  # a second name, in place
     made_in_work = len(temporaries)
     for made, name, mode in (
         (node, "new", 0o640),
@@ -486,12 +487,18 @@ def test_new_files_are_built_unnamed_in_place_unless_they_replace_a_whiteout(
     again, fd = view.create(etc.ino, b"old", 0o600, os.O_WRONLY, caller)
     os.close(fd)
     opaque = view.mkdir(etc.ino, b"olddir", 0o700, caller)
-    assert made_in_work == 2  # the directory and the symlink, not the file
+    assert made_in_work == 2  # the directory and the symlink, not the file nor its link
     # Two whiteouts, then the two objects that replace them.
     assert len(temporaries) == made_in_work + 4
     assert view.getattr(again.ino).size == 0
+    view.unlink(etc.ino, b"old")  # the whiteout again, replaced by a hard link this time
+    assert view.link(node.ino, etc.ino, b"old") is node
+    assert len(temporaries) == made_in_work + 6
+    assert os.lstat(f"{upper}/etc/old").st_ino == os.lstat(f"{upper}/etc/new").st_ino
+    assert view.getattr(node.ino).nlink == 3
     assert opaque.opaque and store.is_opaque(b"etc/olddir")
-    assert sorted(os.listdir(f"{upper}/etc")) == ["new", "newdir", "newlink", "old", "olddir"]
+    names = ["hardlink", "new", "newdir", "newlink", "old", "olddir"]
+    assert sorted(os.listdir(f"{upper}/etc")) == names
     assert os.listdir(store.tmp) == []
     view.close()
     index.close()
@@ -580,10 +587,11 @@ def test_a_lookup_of_an_upper_name_takes_one_lstat_of_it(
 def test_a_name_resolved_again_to_its_upper_file_reads_no_xattr(
     scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lookup (or the peek of a rename or unlink) of an upper name whose
-    node the view holds answers from the node when the lstat finds the same
-    host file there: its markers and number are not read again. A file that
-    replaced the name (a host inode number may be reused) is resolved anew."""
+    """A lookup (or the peek of a rename or unlink, or a listing) of an upper
+    name whose node the view holds answers from the node when the lstat finds
+    the same host file there: its markers and number are not read again. A
+    file that replaced the name (a host inode number may be reused) is
+    resolved anew."""
     from unionfs.core.nodes import Caller
 
     os.mkdir(f"{layers[0]}/etc")
@@ -614,6 +622,8 @@ def test_a_name_resolved_again_to_its_upper_file_reads_no_xattr(
         assert found is not None and found[0] is node
         assert found[1].ino == node.ino
         assert view.peek(etc.ino, name) is node
+    listed = {name: node for _, name, node, _ in view.listdir_with_attributes(etc.ino)}
+    assert (listed[b"made"], listed[b"lower"], listed[b"sub"]) == (made, copied, sub)
     assert read == []
     monkeypatch.undo()
     # The name given to another file: a new node, whatever its host number.

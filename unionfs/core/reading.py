@@ -771,7 +771,12 @@ class ReadPath:
                     found = self._lower_node(directory, name, lower)
                 else:
                     up_st = upper.stat(follow_symlinks=False)
-                    found = self._upper_node(directory, name, up_st, lower)
+                    known = self._known_upper(directory, name, up_st)
+                    if known is not None:
+                        found = known
+                    else:
+                        found = self._upper_node(directory, name, up_st, lower)
+                        self.note_upper_host(up_st, found.ino)
                 node = self._adopt(found, directory, name)
                 yield here, name, node, up_st if found.upper and node.upper else None
 

@@ -239,9 +239,20 @@ class UnionView(CopyUp):
         # keeps a shared copy, never one too few, which would drop it.
         self._count_link(node, +1)
         try:
-            with store.temp() as temp:
-                os.link(self._host(node), temp)
-                store.place(temp, self.rel(parent), name)
+            parent_rel = self.rel(parent)
+            placed = False
+            if self._lower_child(parent, name) is None:
+                # No whiteout is needed, so none is replaced: a hard link is
+                # whole the moment it is made, and is made in place.
+                try:
+                    os.link(self._host(node), store.path(join(parent_rel, name)))
+                    placed = True
+                except FileExistsError:
+                    pass  # a whiteout left where nothing lies below: replaced below
+            if not placed:
+                with store.temp() as temp:
+                    os.link(self._host(node), temp)
+                    store.place(temp, parent_rel, name)
         except BaseException:
             self._count_link(node, -1)
             raise
