@@ -557,6 +557,26 @@ def _count_lstats(monkeypatch: pytest.MonkeyPatch, *, whole_paths: bool = False)
     return calls
 
 
+def _count_xattr_reads(monkeypatch: pytest.MonkeyPatch, *, listings: bool = False) -> list[str]:
+    """The xattr names os.getxattr reads from now on (until monkeypatch.undo),
+    and with *listings* a "listxattr" for each os.listxattr."""
+    calls: list[str] = []
+    real_getxattr, real_listxattr = os.getxattr, os.listxattr
+
+    def counting_getxattr(path: bytes, name: str, *args: object, **kwargs: object) -> bytes:
+        calls.append(name)
+        return real_getxattr(path, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    def counting_listxattr(*args: object, **kwargs: object) -> list[str]:
+        calls.append("listxattr")
+        return real_listxattr(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "getxattr", counting_getxattr)
+    if listings:
+        monkeypatch.setattr(os, "listxattr", counting_listxattr)
+    return calls
+
+
 def test_a_lookup_of_an_upper_name_takes_one_lstat_of_it(
     scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -606,17 +626,7 @@ def test_a_name_resolved_again_to_its_upper_file_reads_no_xattr(
     view.setattr(copied.ino, mode=0o600)  # copied up: known by a later lookup
     assert view.lookup(etc.ino, b"lower") is copied
     sub = view.mkdir(etc.ino, b"sub", 0o755, Caller(0, 0))
-    read: list[str] = []
-    for function in ("getxattr", "listxattr"):
-        real = getattr(os, function)
-
-        def counting(
-            *args: object, _real: object = real, _name: str = function, **kwargs: object
-        ) -> object:
-            read.append(_name)
-            return _real(*args, **kwargs)  # type: ignore[operator]
-
-        monkeypatch.setattr(os, function, counting)
+    read = _count_xattr_reads(monkeypatch, listings=True)
     for name, node in ((b"made", made), (b"lower", copied), (b"sub", sub)):
         found = view.lookup_with_attributes(etc.ino, name)
         assert found is not None and found[0] is node
@@ -735,14 +745,7 @@ def test_a_missing_file_capability_is_asked_of_the_host_once(
     new, fd = view.create(etc.ino, b"new", 0o644, os.O_WRONLY, Caller(0, 0))
     os.close(fd)
     view.setattr(lower.ino, mode=0o600)  # copied up: nothing known of its xattrs yet
-    asked: list[str] = []
-    real_getxattr = os.getxattr
-
-    def counting_getxattr(path: bytes, name: str, *args: object, **kwargs: object) -> bytes:
-        asked.append(name)
-        return real_getxattr(path, name, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "getxattr", counting_getxattr)
+    asked = _count_xattr_reads(monkeypatch)
     for _ in range(3):
         assert view.find_xattr(new.ino, b"security.capability") is None
         assert view.find_xattr(lower.ino, b"security.capability") is None
@@ -751,7 +754,7 @@ def test_a_missing_file_capability_is_asked_of_the_host_once(
         view.setxattr(node.ino, b"security.capability", capability)
         assert view.find_xattr(node.ino, b"security.capability") == capability
         path = f"{upper}/etc/{node.name.decode()}"
-        assert real_getxattr(path, "security.capability") == capability
+        assert os.getxattr(path, "security.capability") == capability
         view.removexattr(node.ino, b"security.capability")
         assert view.find_xattr(node.ino, b"security.capability") is None
         assert view.find_xattr(node.ino, b"user.other") is None  # other names still asked
@@ -775,14 +778,7 @@ def test_a_directory_is_asked_for_its_default_acl_and_setgid_bit_once(
     index, view, upper = _writable_view(scratch, layers[0])
     etc = view.lookup(ROOT_INO, b"etc")
     assert etc is not None
-    asked: list[str] = []
-    real_getxattr = os.getxattr
-
-    def counting_getxattr(path: bytes, name: str, *args: object, **kwargs: object) -> bytes:
-        asked.append(name)
-        return real_getxattr(path, name, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "getxattr", counting_getxattr)
+    asked = _count_xattr_reads(monkeypatch)
     lstats = _count_lstats(monkeypatch)
     made = view.mkdir(etc.ino, b"made", 0o755, Caller(0, 0))
     lstats.clear()  # (those of making it: etc's copy-up and its own placing)

@@ -38,7 +38,7 @@ from ..errors import StrataError
 from . import overrides
 from .data import can_reserve
 from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device, open_beneath, open_noatime
-from .paths import DeepPaths
+from .paths import DeepPaths, open_directory
 
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
@@ -390,8 +390,8 @@ class UpperStore:
         return True
 
     def open_directory(self, rel: bytes) -> int:
-        """An O_PATH descriptor of the upper directory *rel* (not through a symlink)."""
-        return os.open(self.path(rel), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        """An O_PATH descriptor of the upper directory *rel*, at any depth."""
+        return open_directory(self.root, rel)
 
     def is_whited_out(self, parent_rel: bytes, name: bytes, st: os.stat_result | None) -> bool:
         """Whether NAME in the upper dir hides the lower layers' NAME."""
