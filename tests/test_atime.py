@@ -15,7 +15,9 @@ import pytest
 
 from tests.layers import write
 from tests.mounts import STRATA, drop_caches, force_unmount, overlay_mount, strata_mount
+from tests.tracing import syscalls_of
 from unionfs.core.atime import AtimeMode, AtimePolicy
+from unionfs.mount import pid_file
 
 PAST = 1_500_000_000_000_000_000  # 2017
 DAY = 24 * 3600 * 10**9
@@ -93,9 +95,11 @@ def _accesses(mount: str) -> list[tuple[str, bool]]:
 
 
 @contextlib.contextmanager
-def _strata_overlayfs(scratch: str, lower: str, options: str) -> Iterator[str]:
-    """strata-overlayfs over *lower* with *options*, the same UPPER each time."""
-    mount, upper, work = (os.path.join(scratch, name) for name in ("s-mnt", "s-upper", "s-work"))
+def _strata_overlayfs(scratch: str, lower: str, options: str, top: str = "") -> Iterator[str]:
+    """strata-overlayfs over *lower* with *options*, the same UPPER each time
+    (in *top*, scratch unless told)."""
+    mount = os.path.join(scratch, "s-mnt")
+    upper, work = (os.path.join(top or scratch, name) for name in ("s-upper", "s-work"))
     for path in (mount, upper, work):
         os.makedirs(path, exist_ok=True)
     env = {**os.environ, "STRATA_ROOT": os.path.join(scratch, "store")}
@@ -144,6 +148,56 @@ def test_atime_options_as_on_overlayfs(scratch: str, options: str) -> None:
     assert ("nodiratime" in flags.split(",")) == (options == "nodiratime"), flags
     # The lower layer's files keep their atime, whatever was read.
     assert os.stat(f"{lower}/low/file").st_atime_ns == PAST
+
+
+@contextlib.contextmanager
+def _tmpfs(path: str) -> Iterator[str]:
+    os.makedirs(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        force_unmount(path)
+
+
+@pytest.mark.parametrize("passthrough", ["on", "off"])
+def test_atimes_on_a_tmpfs_upper_as_on_overlayfs(scratch: str, passthrough: str) -> None:
+    """UPPER on a tmpfs, as for many containers: it cannot say whether a read
+    would wait (RWF_NOWAIT answers EOPNOTSUPP), and reads there still count.
+    Without passthrough (whose reads the kernel counts itself) strata once
+    gave up on them, and such files kept their atime."""
+    lower = _lower(scratch)
+    with _tmpfs(os.path.join(scratch, "tmpfs")) as top:
+        os.makedirs(f"{top}/k-upper")
+        with overlay_mount([lower], os.path.join(scratch, "k-mnt"),
+                           options="redirect_dir=on,index=on",
+                           upper=f"{top}/k-upper", work=f"{top}/k-work") as mount:  # fmt: skip
+            theirs = _accesses(mount)
+        with _strata_overlayfs(scratch, lower, f"passthrough={passthrough}", top) as mount:
+            ours = _accesses(mount)
+    assert [changed for _, changed in theirs] == EXPECTED[""], theirs
+    assert ours == theirs
+
+
+def test_a_read_that_changes_no_atime_opens_nothing_for_it(scratch: str) -> None:
+    """Under relatime most reads change no atime (read since the file last
+    changed): the lstat that finds the file says so, and no open of the host
+    file asks it again (one per open before; counted by tracepoints)."""
+    lower = _lower(scratch)
+    with _strata_overlayfs(scratch, lower, "") as mount:
+        write(f"{mount}/up", b"upper data")
+        os.utime(f"{mount}/up", ns=(PAST, PAST))
+        time.sleep(0.02)
+        assert _changed(f"{mount}/up", _read)  # this read counts, the next ones do not
+        with open(pid_file(os.path.realpath(mount))) as handle:
+            daemon = int(handle.read())
+        opens = {"sys_enter_openat": "", "sys_enter_openat2": ""}
+        with syscalls_of(daemon, opens) as traced:
+            for _ in range(200):
+                _read(f"{mount}/up")
+            calls = traced.counts()
+        assert sum(calls.values()) < 20, calls
+        assert not _changed(f"{mount}/up", _read)
 
 
 def test_atimes_set_by_a_mount_stay_after_a_remount(scratch: str) -> None:

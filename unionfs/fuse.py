@@ -613,8 +613,13 @@ class StrataOperations(pyfuse3.Operations):
         the atime the mount's rule gives it (core/atime.py), and the kernel
         forgets the one it keeps. Lower layers' files keep theirs."""
         assert self.access_times is not None
-        place = self.view.access_place(inode)
-        if place is None:
+        found = self.view.access_place(inode)
+        if found is None:
+            return
+        place, st = found
+        if st is not None and not self.access_times.may_change(st, directory):
+            # The lstat that found the file says the host would keep its
+            # atime (relatime, read since its last change): no open to ask.
             return
         try:
             try:  # mostly all in the caches: no thread, however busy the mount

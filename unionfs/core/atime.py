@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -147,6 +148,10 @@ def detached_mount(path: str, policy: AtimePolicy = NOATIME) -> int:
     return int(fd)
 
 
+# What a read with RWF_NOWAIT answers when it would wait, or cannot tell.
+_CANNOT_READ_NOW = (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL)
+
+
 class AccessTimes:
     """Updates the atime of files in UPPER and WORK as *policy* says, through
     private mounts that carry it."""
@@ -164,6 +169,13 @@ class AccessTimes:
     def close(self) -> None:
         os.close(self._upper)
         os.close(self._work)
+
+    def may_change(self, st: os.stat_result, directory: bool) -> bool:
+        """Whether an access now may change the atime of the file *st* is
+        an lstat of (taken now): False spares accessed() its open."""
+        return self.policy.applies_to(directory) and self.policy.wants_update(
+            st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, time.time_ns()
+        )
 
     def accessed(self, place: Beneath, directory: bool, *, nowait: bool = False) -> bool:
         """Count an access to the file or directory at *place*: the host
@@ -186,9 +198,13 @@ class AccessTimes:
             elif nowait:
                 try:
                     os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
-                except BlockingIOError:  # not in the page cache
-                    if os.fstat(fd).st_atime_ns == before:  # (the host may count it anyway)
+                except OSError as exc:
+                    # Not in the page cache, or a filesystem that cannot say
+                    # (tmpfs answers EOPNOTSUPP): a worker thread reads.
+                    if exc.errno not in _CANNOT_READ_NOW:
                         raise
+                    if os.fstat(fd).st_atime_ns == before:  # (the host may count it anyway)
+                        raise BlockingIOError(errno.EAGAIN, "would wait") from None
             else:
                 os.pread(fd, 1, 0)
             return os.fstat(fd).st_atime_ns != before

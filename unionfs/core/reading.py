@@ -966,15 +966,16 @@ class ReadPath:
         return DataSource(upper=Beneath(False, self.rel(node)), write=True,
                           upper_file=(st.st_dev, st.st_ino))  # fmt: skip
 
-    def access_place(self, ino: int) -> Beneath | None:
+    def access_place(self, ino: int) -> tuple[Beneath, os.stat_result | None] | None:
         """Where the container layer holds a file or directory whose access
-        counts for its atime (core/atime.py); None for one only lower layers
-        hold, whose atime stays as it is."""
+        counts for its atime (core/atime.py), and the lstat that found a
+        file there (None for a directory or a shared copy); None for one
+        only lower layers hold, whose atime stays as it is."""
         node = self.node(ino)
         if self.store is None or not node.upper or not (node.is_dir or stat.S_ISREG(node.mode)):
             return None
         try:
-            return self._upper_place(node)
+            return self._upper_place_stat(node)
         except FsError:  # unlinked, or its last name gone: no file to update
             return None
 
