@@ -863,3 +863,82 @@ def test_entries_round_trip_through_the_index_encoding_and_stay_immutable(scratc
         entry.size = 0  # type: ignore[misc]
     changed = entry._replace(size=0)
     assert changed.size == 0 and entry.size == 12 and not entry.is_dir
+
+
+def test_a_merged_directorys_link_count_reads_only_what_upper_holds(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """st_nlink of a directory UPPER holds over lower ones counts its merged
+    subdirectories from the lower listing's count (the index's) and UPPER's
+    own names, whatever was made, removed or replaced: as a listing counts
+    them, after a remount too, with no scan of the lower listing."""
+    from unionfs.core.nodes import Caller
+    from unionfs.core.upper import UpperStore, probe_format
+
+    l0, l1 = layers[:2]
+    for sub in ("kept", "replaced", "opaqued", "lowonly"):
+        os.makedirs(f"{l0}/d/{sub}/inner")
+    os.makedirs(f"{l0}/d/gone")
+    write(f"{l0}/d/file", "x")
+    write(f"{l0}/d/becomes_dir", "x")
+    os.makedirs(f"{l1}/d/second")
+    whiteout(l1, "d/lowonly", "oci")
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper)
+    os.makedirs(work)
+
+    def open_view() -> tuple[Index, UnionView]:
+        index = Index(os.path.join(scratch, "index"))
+        prepared = prepare_stack(index, [l0, l1])
+        store = UpperStore(upper, work, probe_format(os.fsencode(work)), index.store_id())
+        store.recover()
+        return index, UnionView(index, prepared.root, prepared.layers, store)
+
+    def listed_subdirs(view: UnionView, ino: int) -> int:
+        return sum(
+            1
+            for _, name, node in view.listdir(ino)
+            if name not in (b".", b"..") and stat.S_ISDIR(node.mode)
+        )
+
+    index, view = open_view()
+    d = view.lookup(ROOT_INO, b"d")
+    assert d is not None
+    caller = Caller(0, 0)
+    gone = view.lookup(d.ino, b"gone")
+    assert gone is not None
+    view.rmdir(d.ino, b"gone")  # a lower subdirectory whited out
+    for emptied in (b"replaced", b"opaqued"):
+        sub_node = view.lookup(d.ino, emptied)
+        assert sub_node is not None and view.lookup(sub_node.ino, b"inner") is not None
+        view.rmdir(sub_node.ino, b"inner")
+    view.rmdir(d.ino, b"replaced")
+    os.close(view.create(d.ino, b"replaced", 0o644, os.O_WRONLY, caller)[1])  # dir -> file
+    view.rmdir(d.ino, b"opaqued")
+    view.mkdir(d.ino, b"opaqued", 0o755, caller)  # removed, made again: opaque
+    view.unlink(d.ino, b"becomes_dir")
+    view.mkdir(d.ino, b"becomes_dir", 0o755, caller)  # file -> dir
+    view.mkdir(d.ino, b"new", 0o755, caller)  # only in UPPER
+    os.close(view.create(d.ino, b"newfile", 0o644, os.O_WRONLY, caller)[1])
+    expected = listed_subdirs(view, d.ino)
+    assert expected == 5  # kept, opaqued, second, becomes_dir, new
+    assert view.getattr(d.ino).nlink == 2 + expected
+    view.close()
+    index.close()
+
+    index, view = open_view()  # a remount: nothing counted yet
+    scans: list[int] = []
+    real_scan = Index.scan
+
+    def counted_scan(self: Index, *args: object, **kwargs: object) -> object:
+        scans.append(1)
+        return real_scan(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Index, "scan", counted_scan)
+    d = view.lookup(ROOT_INO, b"d")
+    assert d is not None
+    assert view.getattr(d.ino).nlink == 2 + expected
+    assert scans == []
+    assert listed_subdirs(view, d.ino) == expected
+    view.close()
+    index.close()

@@ -618,6 +618,9 @@ class ReadPath:
         if directory.subdirs is None:
             if self.streaming is not None and not self.listing_ready(directory.ino):
                 return False
+            if self.streaming is None and self.store is not None and directory.upper:
+                directory.subdirs = self._merged_subdirs(directory)
+                return True
             with contextlib.closing(self._merged(directory, 0)) as merged:
                 directory.subdirs = sum(
                     1
@@ -656,6 +659,31 @@ class ReadPath:
             self._gone[node.ino] = last._replace(ctime_ns=time.time_ns())
             if self.last_name_gone is not None:
                 self.last_name_gone(node.ino)
+
+    def _merged_subdirs(self, directory: Node) -> int:
+        """The subdirectories of a directory UPPER holds: its lower listing's
+        count (the index keeps it, as the lower directory's st_nlink), then
+        each name UPPER has or whites out, looked up below. UPPER holds what
+        changed, mostly far fewer names than the layers: `find` over a tree
+        a package install touched listed each such directory in full twice,
+        once for its link count and once for itself."""
+        assert self.store is not None
+        lower = directory.lower
+        below = lower is not None and lower.is_dir and not directory.opaque
+        count = lower.nlink - 2 if below and lower is not None else 0
+        with self.store.scan_dir(self.rel(directory)) as upper_dir, self.index.read() as txn:
+
+            def lower_dir(name: bytes) -> bool:
+                if not below or lower is None:
+                    return False
+                found = self.index.lookup(txn, lower.listing, name)
+                return found is not None and found.is_dir
+
+            for name in upper_dir.whiteouts:
+                count -= lower_dir(name)
+            for name, item in upper_dir.entries.items():
+                count += item.is_dir(follow_symlinks=False) - lower_dir(name)
+        return count
 
     def _lower_blocks(self, entry: Entry) -> Entry:
         """A lazily pulled file was indexed sparse, before its data came: it
