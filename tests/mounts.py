@@ -240,7 +240,7 @@ unionfs.kernel_sync.KernelSync.sync = _logged_sync
 # fsync through worker threads, as where the kernel takes no AIO fsync.
 NO_KERNEL_SYNC = """
 import unionfs.kernel_sync
-unionfs.kernel_sync.open_kernel_sync = lambda: None
+unionfs.kernel_sync.open_kernel_sync = lambda quiet_wait=None: None
 """
 
 

@@ -473,6 +473,78 @@ def test_a_reply_from_a_worker_thread_waits_for_no_idle_wait(scratch: str, sync:
     assert calls.get("sys_exit_ppoll", 0) < 30, calls
 
 
+def test_a_serial_clients_fsync_passes_through_no_event_loop(scratch: str) -> None:
+    """The kernel's AIO fsync of a serial client is waited for where its
+    handler is (pyfuse3.wait_quietly: nothing else waits for the trio
+    thread), not through trio's scheduler: no epoll_wait for the 300 syncs
+    (tracepoints; at least one per sync when the handler awaited it)."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/f", b"x")
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, "", log_path) as (mount, daemon):
+        _fsync_loop(f"{mount}/warm", 5)
+        with syscalls_of(daemon.pid, {"sys_enter_epoll_wait": ""}) as traced:
+            _fsync_loop(f"{mount}/new", 300)
+            calls = traced.counts()
+    assert daemon.returncode == 0
+    assert calls.get("sys_enter_epoll_wait", 0) < 30, calls
+
+
+# The first fsync first waits quietly for a pipe nobody writes, before its
+# sync is submitted: only something else (a request) can end that wait.
+_HELD_QUIET_WAIT = """
+import os, pyfuse3, unionfs.kernel_sync
+_sync = unionfs.kernel_sync.KernelSync.sync
+_held = [os.pipe()]
+async def _first_held(self, fd, datasync):
+    if _held:
+        never, _ = _held.pop()
+        print("held wait started", flush=True)
+        print("held wait ended:", pyfuse3.wait_quietly(never), flush=True)
+    return await _sync(self, fd, datasync)
+unionfs.kernel_sync.KernelSync.sync = _first_held
+"""
+
+
+def test_a_request_ends_a_handlers_quiet_wait(scratch: str) -> None:
+    """A handler waiting quietly (an fsync) holds the trio thread only while
+    nothing else comes: a request ends the wait, is answered, and the sync
+    is then awaited through trio and answers too."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/f", b"x")
+    log_path = os.path.join(scratch, "daemon.log")
+
+    def logged() -> bytes:
+        with open(log_path, "rb") as log:
+            return log.read()
+
+    with patched_mount(scratch, lower, _HELD_QUIET_WAIT, log_path) as (mount, daemon):
+        syncer = multiprocessing.Process(target=_fsync_loop, args=(f"{mount}/new", 1))
+        syncer.start()
+        try:
+            deadline = time.monotonic() + 30
+            while b"held wait started" not in logged():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.3)
+            assert syncer.is_alive() and b"held wait ended" not in logged()  # nothing else came
+            getattr_done = threading.Event()
+
+            def ask() -> None:
+                forced_getattr(f"{mount}/f")
+                getattr_done.set()
+
+            threading.Thread(target=ask, daemon=True).start()
+            assert getattr_done.wait(timeout=20)
+            syncer.join(timeout=30)
+        finally:
+            if syncer.is_alive():
+                syncer.kill()
+        assert syncer.exitcode == 0
+        assert b"held wait ended: False" in logged()
+    assert daemon.returncode == 0
+
+
 def _flood(files: list[str]) -> None:
     while True:
         for path in files:

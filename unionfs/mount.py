@@ -754,7 +754,7 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
     refused: StrataError | None = None
     pidfile = pid_file(request.mountpoint)
     if operations.view.writable:
-        operations.kernel_sync = open_kernel_sync()
+        operations.kernel_sync = open_kernel_sync(getattr(pyfuse3, "wait_quietly", None))
     try:
         os.makedirs(os.path.dirname(pidfile), exist_ok=True)
         with open(pidfile, "w") as handle:
