@@ -942,3 +942,27 @@ def test_a_merged_directorys_link_count_reads_only_what_upper_holds(
     assert listed_subdirs(view, d.ino) == expected
     view.close()
     index.close()
+
+
+def test_a_chown_lstats_the_file_once_before_the_change(
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chown of an upper file takes the owner and mode it keeps from the
+    lstat that found the file under its name (dpkg chowns each file it
+    unpacks), then lstats it once more for the attributes it answers."""
+    from unionfs.core.nodes import Caller
+
+    os.mkdir(f"{layers[0]}/etc")
+    index, view, _ = _writable_view(scratch, layers[0])
+    etc = view.lookup(ROOT_INO, b"etc")
+    assert etc is not None
+    node, fd = view.create(etc.ino, b"file", 0o755, os.O_WRONLY, Caller(0, 0))
+    os.close(fd)
+    calls = _count_lstats(monkeypatch)
+    entry = view.setattr(node.ino, uid=1000)
+    monkeypatch.undo()
+    assert len(calls) == 2, calls
+    assert (entry.uid, entry.gid, stat.S_IMODE(entry.mode)) == (1000, 0, 0o755)
+    assert view.setattr(node.ino, gid=50).gid == 50 and view.getattr(node.ino).uid == 1000
+    view.close()
+    index.close()

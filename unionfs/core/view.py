@@ -507,7 +507,7 @@ class UnionView(CopyUp):
                 raise
             path = fd  # unlinked while open: change it through the descriptor
         if uid is not None or gid is not None:
-            shown = self.attributes(node)
+            shown = self.attributes(node, found)  # (None: it lstats)
             overrides.set_owner(
                 path,
                 shown.mode,
