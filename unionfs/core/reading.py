@@ -668,15 +668,14 @@ class ReadPath:
         a package install touched listed each such directory in full twice,
         once for its link count and once for itself."""
         assert self.store is not None
-        lower = directory.lower
-        below = lower is not None and lower.is_dir and not directory.opaque
-        count = lower.nlink - 2 if below and lower is not None else 0
+        below = directory.lower
+        if below is None or not below.is_dir or directory.opaque:
+            below = None
+        count = 0 if below is None else below.nlink - 2
         with self.store.scan_dir(self.rel(directory)) as upper_dir, self.index.read() as txn:
 
             def lower_dir(name: bytes) -> bool:
-                if not below or lower is None:
-                    return False
-                found = self.index.lookup(txn, lower.listing, name)
+                found = None if below is None else self.index.lookup(txn, below.listing, name)
                 return found is not None and found.is_dir
 
             for name in upper_dir.whiteouts:

@@ -101,12 +101,11 @@ class UnionView(CopyUp):
         node.upper = True
         node.protection = 0  # (no chattr flag yet: nothing to read)
         node.no_capability = True  # (nor a file capability)
-        if stat.S_ISDIR(mode):
-            node.no_default_acl = inherited is None or inherited.default is None
-            node.no_setgid = not mode & stat.S_ISGID
         node.opaque = stat.S_ISDIR(mode) and lower is not None
         if stat.S_ISDIR(mode):
             node.lower_path = None
+            node.no_default_acl = inherited is None or inherited.default is None
+            node.no_setgid = not mode & stat.S_ISGID
         self.remember(node)
         return node, fd
 
