@@ -966,3 +966,56 @@ def test_a_chown_lstats_the_file_once_before_the_change(
     assert view.setattr(node.ino, gid=50).gid == 50 and view.getattr(node.ino).uid == 1000
     view.close()
     index.close()
+
+
+@pytest.mark.parametrize("made", ["in a lower layer", "in UPPER, before a remount"])
+def test_a_file_keeps_its_attributes_when_the_one_name_the_kernel_knows_goes(
+    scratch: str, layers: list[str], made: str
+) -> None:
+    """A hard-linked file loses the one name the kernel looked up while it
+    still holds the inode (an open file): its other names keep it, so it
+    shows its remaining link count and opens by them, not as a file whose
+    every name went (nlink 0, which made the kernel refuse to link it with
+    ENOENT, and ENOENT for its other names)."""
+    from unionfs.core.nodes import Caller
+    from unionfs.core.upper import UpperStore, probe_format
+
+    os.makedirs(f"{layers[0]}/a")
+    os.makedirs(f"{layers[0]}/b")
+    if made == "in a lower layer":
+        write(f"{layers[0]}/a/x", "data\n")
+        os.link(f"{layers[0]}/a/x", f"{layers[0]}/b/y")
+    index, view, upper = _writable_view(scratch, layers[0])
+    if made != "in a lower layer":
+        a, b = view.lookup(ROOT_INO, b"a"), view.lookup(ROOT_INO, b"b")
+        assert a is not None and b is not None
+        node, fd = view.create(a.ino, b"x", 0o644, os.O_WRONLY, Caller(0, 0))
+        os.write(fd, b"data\n")
+        os.close(fd)
+        view.link(node.ino, b.ino, b"y")
+        view.close()
+        index.close()
+        index = Index(os.path.join(scratch, "index"))  # a remount: no name known
+        prepared = prepare_stack(index, [layers[0]])
+        work = os.path.join(scratch, "work")
+        store = UpperStore(upper, work, probe_format(os.fsencode(work)), index.store_id())
+        view = UnionView(index, prepared.root, prepared.layers, store)
+    a, b = view.lookup(ROOT_INO, b"a"), view.lookup(ROOT_INO, b"b")
+    assert a is not None and b is not None
+    x = view.lookup(a.ino, b"x")  # the only name the kernel knows
+    assert x is not None and view.getattr(x.ino).nlink == 2
+    view.unlink(a.ino, b"x")
+    if made == "in a lower layer":  # its copy in WORK needs no name to be found
+        assert view.getattr(x.ino).nlink == 1
+    y = view.lookup(b.ino, b"y")
+    assert y is not None and y.ino == x.ino
+    assert view.getattr(y.ino).nlink == 1
+    view.link(y.ino, b.ino, b"z")
+    assert view.getattr(y.ino).nlink == 2
+    fd = view.open_data(y.ino)
+    try:
+        assert os.read(fd, 100) == b"data\n"
+    finally:
+        os.close(fd)
+    view.close()
+    index.close()

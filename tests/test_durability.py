@@ -295,6 +295,42 @@ def test_two_steps_that_lost_a_file(scratch: str) -> None:
     _fsck(store, lower, upper, work)
 
 
+@pytest.mark.parametrize("made", ["lower", "upper"])
+def test_a_hardlink_stays_whole_when_its_open_name_goes(scratch: str, made: str) -> None:
+    """A file open by one name, that name removed, then the file written and
+    linked by another name it has: as on overlayfs, it keeps one link and
+    its data. strata took the name the kernel knew for the file's last, so
+    the link failed with ENOENT (seen under load in the random workload,
+    seed 50, once attributes were asked for again)."""
+    lower, upper, work, store, mount = _places(scratch)
+    os.makedirs(f"{lower}/b")
+    if made == "lower":
+        write(f"{lower}/a/x", "data\n")
+        os.link(f"{lower}/a/x", f"{lower}/b/y")
+    else:
+        os.makedirs(f"{lower}/a")
+    args = ("--upper", upper, "--work", work)
+    if made == "upper":
+        with strata_mount(store, [lower], mount, *args):
+            write(f"{mount}/a/x", "data\n")
+            os.link(f"{mount}/a/x", f"{mount}/b/y")
+    with strata_mount(store, [lower], mount, *args):
+        held = os.open(f"{mount}/a/x", os.O_RDONLY)  # the kernel holds the inode
+        try:
+            os.unlink(f"{mount}/a/x")
+            with open(f"{mount}/b/y", "a") as handle:  # its attributes are asked again
+                handle.write("more\n")
+            assert os.stat(f"{mount}/b/y").st_nlink == 1
+            os.link(f"{mount}/b/y", f"{mount}/b/z")
+            assert os.fstat(held).st_nlink == 2
+        finally:
+            os.close(held)
+        for name in ("y", "z"):
+            with open(f"{mount}/b/{name}") as handle:
+                assert handle.read() == "data\nmore\n"
+    _fsck(store, lower, upper, work)
+
+
 def test_the_last_name_takes_the_shared_copy(scratch: str) -> None:
     lower, upper, work, store, mount = _places(scratch)
     write(f"{lower}/x/one", "linked")

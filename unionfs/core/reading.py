@@ -646,13 +646,18 @@ class ReadPath:
 
     def _removing(self, node: Node) -> Entry | None:
         """The attributes a node will show once the name about to go is gone,
-        if it is its last and the kernel holds the node (else None)."""
+        if it is its last and the kernel holds the node (else None). The
+        names the kernel looked up are not all a file has: a hard link's
+        other names count too, by the link count it shows."""
         if self.nodes.get(node.ino) is not node or len(node.all_names()) > 1:
             return None
         try:
-            return self.attributes(node)._replace(nlink=0)
+            shown = self.attributes(node)
         except (FsError, OSError):
             return None  # nothing to show: the removal itself must not fail for it
+        if not node.is_dir and shown.nlink > 1:
+            return None
+        return shown._replace(nlink=0)
 
     def _removed(self, node: Node, last: Entry | None) -> None:
         if last is not None and not node.all_names():
