@@ -502,12 +502,6 @@ def test_passthrough_on_mounts_with_it_or_refuses_in_one_line(scratch: str, lowe
 
 
 @needs_passthrough
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: the kernel keeps a backed file's attributes while a mapping writes it;"
-    " making it ask again (attr timeout 0 for files open for writing, invalidation at the"
-    " last close) exposed an intermittent ENOENT on rename in test_durability (seed 9)",
-)
 def test_a_write_through_a_shared_mapping_shows_in_the_times(scratch: str, lower: str) -> None:
     """A mapping of a backed file writes the host file with no request to
     the daemon; its new mtime and ctime show all the same, while the file is

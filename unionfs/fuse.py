@@ -297,6 +297,10 @@ class StrataOperations(pyfuse3.Operations):
         self.enable_passthrough = False
         self.backing_files: BackingFiles | None = None
         self.passthrough: Passthrough | None = None
+        # Inodes open for writing through passthrough, and how many times: a
+        # shared mapping writes their host files with no request here, so the
+        # kernel keeps none of their attributes (their times move unseen).
+        self._kernel_writes: dict[int, int] = {}
         # With relatime or strictatime, what counts accesses to the container
         # layer's files (core/atime.py); None: noatime.
         self.access_times: AccessTimes | None = None
@@ -347,7 +351,7 @@ class StrataOperations(pyfuse3.Operations):
         attrs.generation = 0
         timeout = self.timeout if self.view.streaming is None else STREAMING_TIMEOUT
         attrs.entry_timeout = timeout
-        attrs.attr_timeout = timeout
+        attrs.attr_timeout = 0 if entry.ino in self._kernel_writes else timeout
         attrs.st_mode = entry.mode
         attrs.st_nlink = entry.nlink
         if self._mapped:
@@ -723,6 +727,12 @@ class StrataOperations(pyfuse3.Operations):
         if backing_id is None:
             return None
         handle.io = PASSTHROUGH
+        if handle.write:
+            writers = self._kernel_writes.get(handle.ino, 0)
+            self._kernel_writes[handle.ino] = writers + 1
+            if not writers and made is None:
+                # Attributes the kernel has (with the long timeout) are asked again.
+                _invalidate_attributes([handle.ino])
         info = pyfuse3.FileInfo(fh=fh, keep_cache=False)
         # (Typed loosely: pyfuse3 has the field only with passthrough built in.)
         cast(Any, info).backing_id = backing_id
@@ -802,9 +812,10 @@ class StrataOperations(pyfuse3.Operations):
         node, fd = self.view.create(parent_inode, name, mode, flags,
                                     self._caller(ctx))  # fmt: skip
         made = os.fstat(fd)
-        attributes = self._attributes(self.view.attributes(node, made))
+        entry = self.view.attributes(node, made)
         fh = self._add_handle(node.ino, fd, True)
-        return await self._answer(fh, made=self.view.made_source(node, made)), attributes
+        info = await self._answer(fh, made=self.view.made_source(node, made))
+        return info, self._attributes(entry)  # (after the answer: its attribute timeout)
 
     @_fuse_errors
     async def tmpfile(
@@ -978,6 +989,10 @@ class StrataOperations(pyfuse3.Operations):
             handle.close()
             if handle.io is not None and self.backing_files is not None:
                 self.backing_files.release(handle.ino, handle.io)
+            if handle.io == PASSTHROUGH and handle.write:
+                writers = self._kernel_writes.pop(handle.ino) - 1
+                if writers:
+                    self._kernel_writes[handle.ino] = writers
 
     # Changes ----------------------------------------------------------------
 
