@@ -968,9 +968,10 @@ def test_a_chown_lstats_the_file_once_before_the_change(
     index.close()
 
 
+@pytest.mark.parametrize("removal", ["unlink", "rename over it"])
 @pytest.mark.parametrize("made", ["in a lower layer", "in UPPER, before a remount"])
 def test_a_file_keeps_its_attributes_when_the_one_name_the_kernel_knows_goes(
-    scratch: str, layers: list[str], made: str
+    scratch: str, layers: list[str], made: str, removal: str
 ) -> None:
     """A hard-linked file loses the one name the kernel looked up while it
     still holds the inode (an open file): its other names keep it, so it
@@ -1004,7 +1005,12 @@ def test_a_file_keeps_its_attributes_when_the_one_name_the_kernel_knows_goes(
     assert a is not None and b is not None
     x = view.lookup(a.ino, b"x")  # the only name the kernel knows
     assert x is not None and view.getattr(x.ino).nlink == 2
-    view.unlink(a.ino, b"x")
+    if removal == "unlink":
+        view.unlink(a.ino, b"x")
+    else:
+        _, fd = view.create(a.ino, b"other", 0o644, os.O_WRONLY, Caller(0, 0))
+        os.close(fd)
+        view.rename(a.ino, b"other", a.ino, b"x", 0)
     if made == "in a lower layer":  # its copy in WORK needs no name to be found
         assert view.getattr(x.ino).nlink == 1
     y = view.lookup(b.ino, b"y")
