@@ -297,10 +297,14 @@ class StrataOperations(pyfuse3.Operations):
         self.enable_passthrough = False
         self.backing_files: BackingFiles | None = None
         self.passthrough: Passthrough | None = None
-        # Inodes open for writing through passthrough, and how many times: a
+        # Files opened for writing through passthrough (inode: its handles): a
         # shared mapping writes their host files with no request here, so the
         # kernel keeps none of their attributes (their times move unseen).
-        self._kernel_writes: dict[int, int] = {}
+        # Not files create made for the handle: dpkg-like work (create, write,
+        # fchown, fchmod) would pay a getattr for each change, about 3% more
+        # requests (a mapping of such a file shows its times once the file
+        # changes otherwise).
+        self._kernel_writes: dict[int, set[int]] = {}
         # With relatime or strictatime, what counts accesses to the container
         # layer's files (core/atime.py); None: noatime.
         self.access_times: AccessTimes | None = None
@@ -727,12 +731,12 @@ class StrataOperations(pyfuse3.Operations):
         if backing_id is None:
             return None
         handle.io = PASSTHROUGH
-        if handle.write:
-            writers = self._kernel_writes.get(handle.ino, 0)
-            self._kernel_writes[handle.ino] = writers + 1
-            if not writers and made is None:
+        if handle.write and made is None:
+            writers = self._kernel_writes.setdefault(handle.ino, set())
+            if not writers:
                 # Attributes the kernel has (with the long timeout) are asked again.
                 _invalidate_attributes([handle.ino])
+            writers.add(fh)
         info = pyfuse3.FileInfo(fh=fh, keep_cache=False)
         # (Typed loosely: pyfuse3 has the field only with passthrough built in.)
         cast(Any, info).backing_id = backing_id
@@ -812,10 +816,9 @@ class StrataOperations(pyfuse3.Operations):
         node, fd = self.view.create(parent_inode, name, mode, flags,
                                     self._caller(ctx))  # fmt: skip
         made = os.fstat(fd)
-        entry = self.view.attributes(node, made)
+        attributes = self._attributes(self.view.attributes(node, made))
         fh = self._add_handle(node.ino, fd, True)
-        info = await self._answer(fh, made=self.view.made_source(node, made))
-        return info, self._attributes(entry)  # (after the answer: its attribute timeout)
+        return await self._answer(fh, made=self.view.made_source(node, made)), attributes
 
     @_fuse_errors
     async def tmpfile(
@@ -989,10 +992,11 @@ class StrataOperations(pyfuse3.Operations):
             handle.close()
             if handle.io is not None and self.backing_files is not None:
                 self.backing_files.release(handle.ino, handle.io)
-            if handle.io == PASSTHROUGH and handle.write:
-                writers = self._kernel_writes.pop(handle.ino) - 1
-                if writers:
-                    self._kernel_writes[handle.ino] = writers
+            writers = self._kernel_writes.get(handle.ino)
+            if writers is not None:
+                writers.discard(fh)
+                if not writers:
+                    del self._kernel_writes[handle.ino]
 
     # Changes ----------------------------------------------------------------
 
