@@ -213,9 +213,12 @@ def open_beneath(
     the mount's atime is its own, never the host's, whose rules differ.
     """
     global _openat2_works
-    if noatime and flags & os.O_ACCMODE != os.O_WRONLY:
-        flags |= os.O_NOATIME
-    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    if flags & os.O_PATH:
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC  # openat2 takes no other flag beside it
+    else:
+        if noatime and flags & os.O_ACCMODE != os.O_WRONLY:
+            flags |= os.O_NOATIME
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
     resolve = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
     if cached_only:
         if not _openat2_works or len(relpath) >= PATH_MAX:

@@ -133,6 +133,10 @@ class ReadPath:
         self._gone: dict[int, Entry] = {}
         # O_TMPFILE files not linked yet (also in _gone: they have no name).
         self._tmpfiles: set[int] = set()
+        # Upper files that lost every name the kernel knows while names it
+        # never looked up keep them (hard links): an O_PATH descriptor, taken
+        # before the name went, answers for their attributes until forgotten.
+        self._anchors: dict[int, int] = {}
         # Told the number of a node the kernel holds whose last name just went
         # (the adapter drops what it keeps for the file: a passthrough id).
         self.last_name_gone: Callable[[int], None] | None = None
@@ -153,9 +157,10 @@ class ReadPath:
         for fd in self.layer_fds.values():
             os.close(fd)
         self.layer_fds.clear()
-        for fd in self._upper_dirs.values():
+        for fd in (*self._upper_dirs.values(), *self._anchors.values()):
             os.close(fd)
         self._upper_dirs.clear()
+        self._anchors.clear()
         if self.store is not None:
             self.store.close()
         self.nodes.clear()
@@ -202,9 +207,9 @@ class ReadPath:
             del self.nodes[ino]
             self._gone.pop(ino, None)
             self._tmpfiles.discard(ino)
-            fd = self._upper_dirs.pop(ino, None)
-            if fd is not None:
-                os.close(fd)
+            for fd in (self._upper_dirs.pop(ino, None), self._anchors.pop(ino, None)):
+                if fd is not None:
+                    os.close(fd)
 
     def remember(self, node: Node) -> None:
         """Count one more kernel reference (lookup, create, readdirplus)."""
@@ -656,8 +661,18 @@ class ReadPath:
         except (FsError, OSError):
             return None  # nothing to show: the removal itself must not fail for it
         if not node.is_dir and shown.nlink > 1:
+            self._anchor(node)
             return None
         return shown._replace(nlink=0)
+
+    def _anchor(self, node: Node) -> None:
+        """Keep an upper file found by the one name the kernel knows, which
+        is about to go, while its other names keep it: _upper_stat."""
+        if not node.upper or node.linked or node.ino in self._anchors:
+            return  # a shared copy in WORK is found by its number
+        assert self.store is not None
+        with contextlib.suppress(FsError, OSError):
+            self._anchors[node.ino] = self.store.open_beneath(self._upper_place(node), os.O_PATH)
 
     def _removed(self, node: Node, last: Entry | None) -> None:
         if last is not None and not node.all_names():
@@ -740,6 +755,9 @@ class ReadPath:
             return os.stat(self._upper_dir(node))  # fstat of its O_PATH descriptor
         if node.linked:
             return os.lstat(self._host(node))
+        anchor = self._anchors.get(node.ino)
+        if anchor is not None and not node.all_names():
+            return os.fstat(anchor)
         return self._upper_name_stat(node)[1]
 
     def _upper_name(self, node: Node) -> bytes:
