@@ -332,6 +332,55 @@ def test_a_hardlink_stays_whole_when_its_open_name_goes(scratch: str, made: str)
     _fsck(store, lower, upper, work)
 
 
+@pytest.mark.parametrize("made", ["lower", "upper"])
+def test_a_hardlink_open_by_a_name_it_lost_still_takes_changes(scratch: str, made: str) -> None:
+    """The same file, changed through the open descriptor once its name went:
+    chmod, chown, times, an xattr, a write and a truncation all land on the
+    file its other name shows, as on any filesystem. strata answered ESTALE
+    for an upper hard link after a remount (the kernel knew it by no other
+    name)."""
+    lower, upper, work, store, mount = _places(scratch)
+    os.makedirs(f"{lower}/b")
+    if made == "lower":
+        write(f"{lower}/a/x", "data\n")
+        os.link(f"{lower}/a/x", f"{lower}/b/y")
+    else:
+        os.makedirs(f"{lower}/a")
+    args = ("--upper", upper, "--work", work)
+    if made == "upper":
+        with strata_mount(store, [lower], mount, *args):
+            write(f"{mount}/a/x", "data\n")
+            os.link(f"{mount}/a/x", f"{mount}/b/y")
+    with strata_mount(store, [lower], mount, *args):
+        held = os.open(f"{mount}/a/x", os.O_RDWR | os.O_APPEND)
+        try:
+            os.unlink(f"{mount}/a/x")
+            os.fchmod(held, 0o640)
+            os.fchown(held, 1234, 5678)
+            os.setxattr(held, "user.note", b"kept")
+            os.setxattr(held, "user.gone", b"soon")
+            os.removexattr(held, "user.gone")
+            assert os.getxattr(held, "user.note") == b"kept"
+            assert "user.gone" not in os.listxattr(held)
+            os.write(held, b"more\n")
+            os.ftruncate(held, 8)
+            os.utime(held, ns=(1_000_000_000, 2_000_000_000))
+            seen = os.fstat(held)
+        finally:
+            os.close(held)
+        st = os.stat(f"{mount}/b/y")
+        for shown in (seen, st):
+            assert stat.S_IMODE(shown.st_mode) == 0o640
+            assert (shown.st_uid, shown.st_gid) == (1234, 5678)
+            assert shown.st_size == 8
+            assert shown.st_nlink == 1
+        assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000, 2_000_000_000)
+        assert os.getxattr(f"{mount}/b/y", "user.note") == b"kept"
+        with open(f"{mount}/b/y") as handle:
+            assert handle.read() == "data\nmor"
+    _fsck(store, lower, upper, work)
+
+
 def test_the_last_name_takes_the_shared_copy(scratch: str) -> None:
     lower, upper, work, store, mount = _places(scratch)
     write(f"{lower}/x/one", "linked")

@@ -747,6 +747,31 @@ class ReadPath:
         assert self.store is not None
         return self.store.host_path(self._upper_place(node))
 
+    def reopen_anchored(self, node: Node, flags: int, stale: FsError) -> int:
+        """A descriptor of an upper file open by a name it lost while names
+        the kernel never looked up keep it (_anchor), reopened from its
+        anchor with *flags*, for changes made through an open descriptor
+        (fchmod, fsetxattr); *stale* is raised for any other file."""
+        anchor = self._anchors.get(node.ino)
+        if stale.errno != errno.ESTALE or anchor is None or node.all_names():
+            raise stale
+        return os.open(b"/proc/self/fd/%d" % anchor, flags | os.O_CLOEXEC)
+
+    @contextlib.contextmanager
+    def upper_target(self, node: Node) -> Iterator[bytes | int]:
+        """Where a call by path reaches the node's upper file: its host path,
+        or a descriptor reopened from its anchor (reopen_anchored)."""
+        try:
+            path = self._host(node)
+        except FsError as exc:
+            fd = self.reopen_anchored(node, os.O_RDONLY, exc)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+        else:
+            yield path
+
     def _upper_stat(self, node: Node) -> os.stat_result:
         """An lstat of the node's upper file: for a file found by one of its
         names, the lstat that found it (one system call, not two)."""
@@ -1058,7 +1083,10 @@ class ReadPath:
             if (capability and node.no_capability) or (default_acl and node.no_default_acl):
                 return None
             try:
-                return os.getxattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
+                with self.upper_target(node) as target:
+                    if isinstance(target, int):
+                        return os.getxattr(target, os.fsdecode(name))
+                    return os.getxattr(target, os.fsdecode(name), follow_symlinks=False)
             except OSError as exc:
                 if exc.errno == errno.ENODATA:
                     if capability:
@@ -1076,7 +1104,11 @@ class ReadPath:
     def listxattr(self, ino: int) -> list[bytes]:
         node = self.node(ino)
         if node.upper:
-            names = os.listxattr(self._host(node), follow_symlinks=False)
+            with self.upper_target(node) as target:
+                if isinstance(target, int):
+                    names = os.listxattr(target)
+                else:
+                    names = os.listxattr(target, follow_symlinks=False)
             return [
                 key
                 for key in (os.fsencode(name) for name in names)

@@ -498,13 +498,39 @@ class UnionView(CopyUp):
         # The lstat that confirms the file's name also tells the time a
         # setattr of one time keeps (chmod and chown change neither).
         found: os.stat_result | None = None
+        reopened = None
         try:
             place, found = self._upper_place_stat(node)
             path: bytes | int = self._writable().host_path(place)
         except FsError as exc:
-            if exc.errno != errno.ESTALE or fd is None:
+            if fd is None:  # (a truncation through a descriptor brings it)
+                write = os.O_WRONLY if size is not None else os.O_RDONLY
+                fd = reopened = self.reopen_anchored(node, write, exc)
+            elif exc.errno != errno.ESTALE:
                 raise
             path = fd  # unlinked while open: change it through the descriptor
+        try:
+            return self._change_attributes(node, path, fd, found, mode, uid, gid, size,
+                                           atime_ns, mtime_ns)  # fmt: skip
+        finally:
+            if reopened is not None:
+                os.close(reopened)
+
+    def _change_attributes(
+        self,
+        node: Node,
+        path: bytes | int,
+        fd: int | None,
+        found: os.stat_result | None,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        size: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+    ) -> Entry:
+        """setattr's changes, made at *path* (a host path, or a descriptor of
+        a file open by no name)."""
         if uid is not None or gid is not None:
             shown = self.attributes(node, found)  # (None: it lstats)
             overrides.set_owner(
@@ -535,7 +561,7 @@ class UnionView(CopyUp):
             else:
                 os.utime(path, ns=times, follow_symlinks=False)
         if isinstance(path, int):
-            return self.attributes_of_open(ino, path)
+            return self.attributes_of_open(node.ino, path)
         return self.attributes(node)
 
     def open_for_write(self, ino: int, truncate: bool) -> int:
@@ -559,7 +585,11 @@ class UnionView(CopyUp):
         self._refuse_if_protected(node)
         self._copy_up(node, data=False)
         node.forget_xattrs()
-        os.setxattr(self._host(node), os.fsdecode(name), value, follow_symlinks=False)
+        with self.upper_target(node) as target:
+            if isinstance(target, int):
+                os.setxattr(target, os.fsdecode(name), value)
+            else:
+                os.setxattr(target, os.fsdecode(name), value, follow_symlinks=False)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         node = self.node(ino)
@@ -570,7 +600,11 @@ class UnionView(CopyUp):
             self.getxattr(ino, name)  # ENODATA before anything is copied
         self._copy_up(node, data=False)
         node.forget_xattrs()
-        os.removexattr(self._host(node), os.fsdecode(name), follow_symlinks=False)
+        with self.upper_target(node) as target:
+            if isinstance(target, int):
+                os.removexattr(target, os.fsdecode(name))
+            else:
+                os.removexattr(target, os.fsdecode(name), follow_symlinks=False)
 
     # chattr's append-only and immutable flags ---------------------------------
 
