@@ -275,6 +275,54 @@ def test_listing_offsets_resume_exactly(scratch: str, layers: list[str]) -> None
     stack.close()
 
 
+def test_a_listing_resumed_after_its_last_entry_reads_nothing(
+    scratch: str, layers: list[str]
+) -> None:
+    """The kernel asks once more after a listing's last entry; for a merged
+    directory that meant a second scan of its UPPER directory for nothing.
+    The last entry's offset says it is the last: resuming there lists
+    nothing and scans nothing."""
+    from unionfs.core.nodes import Caller
+
+    for n in range(40):
+        write(f"{layers[0]}/dir/f{n:02}")
+    index, view, _ = _writable_view(scratch, layers[0])
+    store = view.store
+    assert store is not None
+    directory = view.lookup(ROOT_INO, b"dir")
+    assert directory is not None
+    fd = view.create(directory.ino, b"new", 0o644, os.O_WRONLY, Caller(0, 0))[1]
+    os.close(fd)
+    view.unlink(directory.ino, b"f07")
+    scans: list[bytes] = []
+    scan = store.scan_dir
+
+    def counted_scan(rel: bytes):  # type: ignore[no-untyped-def]
+        scans.append(rel)
+        return scan(rel)
+
+    store.scan_dir = counted_scan  # type: ignore[method-assign]
+    list(view.listdir_with_attributes(directory.ino))  # (link counts are counted once)
+    scans.clear()
+    listed = list(view.listdir_with_attributes(directory.ino))
+    names = [name for _, name, _, _ in listed]
+    assert sorted(names) == sorted(
+        [b".", b"..", b"new"] + [b"f%02d" % n for n in range(40) if n != 7]
+    )
+    assert scans == [b"dir"]
+    last = listed[-1][0]
+    assert last == max(offset for offset, _, _, _ in listed)
+    assert list(view.listdir_with_attributes(directory.ino, last)) == []
+    assert scans == [b"dir"]  # the end is known without a second scan
+    for cut in (0, 1, 2, 20, len(listed) - 2):  # every other offset resumes as before
+        resumed = [
+            name for _, name, _, _ in view.listdir_with_attributes(directory.ino, listed[cut][0])
+        ]
+        assert resumed == names[cut + 1 :]
+    view.close()
+    index.close()
+
+
 def test_lookup_counts_keep_nodes_until_forgotten(scratch: str, layers: list[str]) -> None:
     write(f"{layers[0]}/f", "x")
     stack = open_stack(scratch, [layers[0]])

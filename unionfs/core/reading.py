@@ -51,6 +51,11 @@ UPPER_HOSTS_KEPT = 65536
 # How many upper directories stay open (O_PATH) to find names in them.
 UPPER_DIRS_KEPT = 128
 DOTDOT_OFFSET = 2
+# The offset of a listing's last entry: resuming there is the end, known
+# without reading the directory again (the kernel asks once more after the
+# last entry, and a merged directory's UPPER would be scanned for nothing).
+# Names added since may go unseen there, as POSIX allows after opendir.
+END_OFFSET = (1 << 63) - 1
 UPPER_LAYER = 0  # Entry.layer of everything that lives in the writable layer
 CAPABILITY_NAME = CAPABILITY_XATTR.encode()
 
@@ -833,7 +838,22 @@ class ReadPath:
     def _listing(
         self, ino: int, offset: int
     ) -> Generator[tuple[int, bytes, Node, os.stat_result | None], None, None]:
+        """The entries after *offset*, the last one at END_OFFSET."""
         directory = self._directory(ino)
+        if offset == END_OFFSET:
+            return
+        last = None
+        with contextlib.closing(self._entries(directory, offset)) as entries:
+            for entry in entries:
+                if last is not None:
+                    yield last
+                last = entry
+        if last is not None:
+            yield (END_OFFSET, *last[1:])
+
+    def _entries(
+        self, directory: Node, offset: int
+    ) -> Generator[tuple[int, bytes, Node, os.stat_result | None], None, None]:
         if offset < DOT_OFFSET:
             yield DOT_OFFSET, b".", directory, None
         if offset < DOTDOT_OFFSET:
