@@ -332,13 +332,16 @@ def test_a_hardlink_stays_whole_when_its_open_name_goes(scratch: str, made: str)
     _fsck(store, lower, upper, work)
 
 
+@pytest.mark.parametrize("passthrough", ["auto", "off"])
 @pytest.mark.parametrize("made", ["lower", "upper"])
-def test_a_hardlink_open_by_a_name_it_lost_still_takes_changes(scratch: str, made: str) -> None:
+def test_a_hardlink_open_by_a_name_it_lost_still_takes_changes(
+    scratch: str, made: str, passthrough: str
+) -> None:
     """The same file, changed through the open descriptor once its name went:
-    chmod, chown, times, an xattr, a write and a truncation all land on the
-    file its other name shows, as on any filesystem. strata answered ESTALE
-    for an upper hard link after a remount (the kernel knew it by no other
-    name)."""
+    chmod, chown, times, an xattr, a write, a reopen through /proc and a
+    truncation all land on the file its other name shows, as on any
+    filesystem. strata answered ESTALE for an upper hard link after a
+    remount (the kernel knew it by no other name)."""
     lower, upper, work, store, mount = _places(scratch)
     os.makedirs(f"{lower}/b")
     if made == "lower":
@@ -346,7 +349,7 @@ def test_a_hardlink_open_by_a_name_it_lost_still_takes_changes(scratch: str, mad
         os.link(f"{lower}/a/x", f"{lower}/b/y")
     else:
         os.makedirs(f"{lower}/a")
-    args = ("--upper", upper, "--work", work)
+    args = ("--upper", upper, "--work", work, "--passthrough", passthrough)
     if made == "upper":
         with strata_mount(store, [lower], mount, *args):
             write(f"{mount}/a/x", "data\n")
@@ -363,6 +366,14 @@ def test_a_hardlink_open_by_a_name_it_lost_still_takes_changes(scratch: str, mad
             assert os.getxattr(held, "user.note") == b"kept"
             assert "user.gone" not in os.listxattr(held)
             os.write(held, b"more\n")
+            again = os.open(f"/proc/self/fd/{held}", os.O_RDWR)  # an open by no name
+            try:
+                assert os.read(again, 100) == b"data\nmore\n"
+                os.write(again, b"end\n")
+            finally:
+                os.close(again)
+            with open(f"{mount}/b/y") as handle:
+                assert handle.read() == "data\nmore\nend\n"
             os.ftruncate(held, 8)
             os.utime(held, ns=(1_000_000_000, 2_000_000_000))
             seen = os.fstat(held)

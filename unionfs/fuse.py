@@ -749,6 +749,8 @@ class StrataOperations(pyfuse3.Operations):
         assert self.passthrough is not None
         if source.lower is not None:
             return self.passthrough.trees.lower_identity(source.lower)
+        if source.anchor is not None:
+            return source.upper_file
         if source.upper is None:
             return None
         if handle.opened:

@@ -33,7 +33,7 @@ import errno
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .core.atime import NOATIME, AtimePolicy, detached_mount
@@ -84,6 +84,8 @@ class BackingTrees:
             root = self._work if source.upper.in_work else self._upper
             assert root is not None
             return open_beneath(root, source.upper.rel, os.O_RDONLY, cached_only=cached_only)
+        if source.anchor is not None:
+            return replace(source, write=False).reopen()
         lower = source.lower
         assert lower is not None
         root = self._layers[lower.layer]

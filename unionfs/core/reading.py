@@ -1015,7 +1015,10 @@ class ReadPath:
         try:
             if node.upper and not node.metacopy:
                 assert self.store is not None
-                place = self._upper_place(node)
+                try:
+                    place = self._upper_place(node)
+                except FsError:
+                    return None  # no name: open_source knows where (or says why not)
                 return self.store.open_beneath(place, os.O_RDONLY, cached_only=True)
             if node.lower is None:
                 return None
@@ -1043,7 +1046,14 @@ class ReadPath:
             # fills this copy: it gets the data as it stands, and writes nothing.
             return DataSource(partial=node.partial)
         if node.upper and (not node.metacopy or node.partial is not None):
-            place, st = self._upper_place_stat(node)
+            try:
+                place, st = self._upper_place_stat(node)
+            except FsError as exc:
+                anchor = self._anchors.get(node.ino)
+                if exc.errno != errno.ESTALE or anchor is None or node.all_names():
+                    raise
+                st = os.fstat(anchor)  # open by a name it lost: reopened from its anchor
+                return DataSource(anchor=anchor, write=write, upper_file=(st.st_dev, st.st_ino))
             found = (st.st_dev, st.st_ino) if st is not None else None
             return DataSource(upper=place, write=write, upper_file=found)
         if write:
@@ -1082,6 +1092,8 @@ class ReadPath:
         if source.upper is not None:
             assert self.store is not None
             return self.store.open_beneath(source.upper, os.O_RDWR if source.write else os.O_RDONLY)
+        if source.anchor is not None:
+            return source.reopen()
         assert source.lower is not None
         return self.open_lower(source.lower)
 
@@ -1158,6 +1170,17 @@ class DataSource:
     # The upper file's (device, inode), where the lstat that found it just now
     # gave them: whoever registers it for passthrough needs no second one.
     upper_file: tuple[int, int] | None = None
+    # An upper file open by a name it lost, whose other names the kernel never
+    # looked up: the O_PATH descriptor that holds it (ReadPath._anchor). It
+    # stays open while a request on the inode runs: the kernel forgets no
+    # inode it is opening.
+    anchor: int | None = None
+
+    def reopen(self) -> int:
+        """A descriptor of the anchored file, for reading (and writing)."""
+        assert self.anchor is not None
+        flags = os.O_RDWR if self.write else os.O_RDONLY
+        return os.open(b"/proc/self/fd/%d" % self.anchor, flags | os.O_CLOEXEC)
 
 
 def _merge_by_hash(
