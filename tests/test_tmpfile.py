@@ -56,12 +56,29 @@ def _exercise(m: str) -> dict[str, object]:
         st = os.fstat(fd)
         seen["before its name"] = (oct(st.st_mode), st.st_nlink, st.st_size, os.listdir(f"{m}/d"))
         os.fchmod(fd, 0o640)
+        # Changes through the descriptor of a file with no name, and an open
+        # of it through /proc (strata answered ESTALE to all but fchmod).
+        seen["by its descriptor"] = [
+            _outcome(lambda: os.fchown(fd, 1234, 5678)),
+            _outcome(lambda: os.setxattr(fd, "user.note", b"kept")),
+            _outcome(lambda: os.getxattr(fd, "user.note")),
+            _outcome(lambda: os.utime(fd, ns=(1_000_000_000, 2_000_000_000))),
+        ]
+        again = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        try:
+            seen["reopened"] = os.read(again, 100)
+            os.write(again, b"!")
+        finally:
+            os.close(again)
         os.ftruncate(fd, 3)
         _link(fd, f"{m}/d/named")
         os.write(fd, b"after")
         st = os.fstat(fd)
         seen["after its name"] = (oct(st.st_mode), st.st_nlink, st.st_size)
         seen["a second name"] = _outcome(lambda: _link(fd, f"{m}/d/named"))  # EEXIST
+        named = os.stat(f"{m}/d/named")
+        seen["its owner and xattr"] = (named.st_uid, named.st_gid,
+                                       os.getxattr(f"{m}/d/named", "user.note"))  # fmt: skip
         os.close(fd)
         # One that is never named leaves nothing.
         lost = os.open(f"{m}/d", os.O_TMPFILE | os.O_WRONLY, 0o600)
@@ -105,6 +122,9 @@ def test_o_tmpfile_files_are_named_by_linkat_as_on_overlayfs(scratch: str) -> No
     assert expected["before its name"] == (oct(0o100644), 0, 6, ["f"])
     assert expected["d/named"] == (oct(0o100640), 1, WRITTEN)
     assert expected["linking an O_EXCL one"] == "ENOENT"
+    assert expected["by its descriptor"] == ["ok"] * 4
+    assert expected["reopened"] == b"first "
+    assert expected["its owner and xattr"] == (1234, 5678, b"kept")
 
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
     os.makedirs(upper)

@@ -138,9 +138,11 @@ class ReadPath:
         self._gone: dict[int, Entry] = {}
         # O_TMPFILE files not linked yet (also in _gone: they have no name).
         self._tmpfiles: set[int] = set()
-        # Upper files that lost every name the kernel knows while names it
-        # never looked up keep them (hard links): an O_PATH descriptor, taken
-        # before the name went, answers for their attributes until forgotten.
+        # Upper files open by no name the view knows: hard links that lost
+        # every name the kernel knows while names it never looked up keep
+        # them, and O_TMPFILE files not named yet. An O_PATH descriptor, taken
+        # while it could be, answers for their attributes and stands for them
+        # in changes and opens through /proc until the kernel forgets them.
         self._anchors: dict[int, int] = {}
         # Told the number of a node the kernel holds whose last name just went
         # (the adapter drops what it keeps for the file: a passthrough id).

@@ -157,6 +157,9 @@ class UnionView(CopyUp):
         node.protection = 0
         self._tmpfiles.add(ino)
         self._gone[ino] = self.attributes_of_open(ino, fd)
+        # What holds a file open by no name (ReadPath._anchor): fchown,
+        # fsetxattr and opens through /proc reach it by this descriptor.
+        self._anchors[ino] = os.open(b"/proc/self/fd/%d" % fd, os.O_PATH | os.O_CLOEXEC)
         self.remember(node)
         return node, fd
 
@@ -174,6 +177,9 @@ class UnionView(CopyUp):
             store.place(temp, self.rel(parent), name)
         self._tmpfiles.discard(ino)
         self._gone.pop(ino, None)
+        anchor = self._anchors.pop(ino, None)
+        if anchor is not None:
+            os.close(anchor)  # found by its name from now on
         node.add_name(parent.ino, name)
         node.parent, node.name = parent.ino, name
         return node
