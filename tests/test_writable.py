@@ -9,10 +9,12 @@ remount of both, and when each upper is mounted by the other implementation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from tests.layers import write
@@ -268,6 +270,75 @@ def test_what_an_open_descriptor_shows_of_a_removed_or_replaced_directory(scratc
     assert ours[0]["low: removed"] == (0, theirs[0]["low: removed"][1])
     assert ours[0]["low: file replaced"] == (0, b"lower file\n")
     assert ours[0]["low: file removed"] == (0, b"never read before\n")
+
+
+def test_a_file_open_after_its_last_name_went_takes_changes_as_on_overlayfs(
+    scratch: str,
+) -> None:
+    """A file opened, then unlinked (or replaced by a rename), is changed
+    through its descriptor as any file: fchown, fsetxattr, fgetxattr, a
+    reopen through /proc. strata answered ESTALE to these (fchmod, futimens
+    and ftruncate worked), for files the mount made and files copied up."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/low", b"lower data\n")
+    write(f"{lower}/lowreplaced", b"lower, replaced\n")
+
+    def attempt(step: object) -> object:
+        try:
+            assert callable(step)
+            return step()
+        except OSError as error:
+            return errno.errorcode[error.errno or 0]
+
+    def reread(fd: int) -> bytes:
+        again = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        try:
+            data = os.read(again, 100)
+            os.write(again, b"+")
+            return data
+        finally:
+            os.close(again)
+
+    def changes(fd: int) -> list[object]:
+        return [
+            attempt(lambda: os.fchmod(fd, 0o640)),
+            attempt(lambda: os.fchown(fd, 1234, 5678)),
+            attempt(lambda: os.utime(fd, ns=(1_000_000_000, 2_000_000_000))),
+            attempt(lambda: os.setxattr(fd, "user.note", b"kept")),
+            attempt(lambda: os.getxattr(fd, "user.note")),
+            attempt(lambda: sorted(os.listxattr(fd))),
+            attempt(lambda: os.removexattr(fd, "user.note")),
+            attempt(lambda: reread(fd)),
+            attempt(lambda: os.ftruncate(fd, 4)),
+        ]
+
+    def change(mount: str) -> dict[str, object]:
+        write(f"{mount}/new", b"new data\n")
+        write(f"{mount}/newer", b"replaces\n")
+        seen: dict[str, object] = {}
+        removals: list[tuple[str, Callable[[], None]]] = [
+            ("new", lambda: os.unlink(f"{mount}/new")),
+            ("low", lambda: os.unlink(f"{mount}/low")),  # copied up by the open
+            ("lowreplaced", lambda: os.rename(f"{mount}/newer", f"{mount}/lowreplaced")),
+        ]
+        for name, remove in removals:
+            fd = os.open(f"{mount}/{name}", os.O_RDWR)
+            remove()
+            seen[name] = changes(fd)
+            st = os.fstat(fd)
+            seen[f"{name}: fstat"] = (oct(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+                                      st.st_nlink)  # fmt: skip
+            os.close(fd)
+        return seen
+
+    def look(mount: str) -> list[tuple[str, bytes]]:
+        return [(name, open(f"{mount}/{name}", "rb").read()) for name in sorted(os.listdir(mount))]
+
+    seen = on_both(scratch, [lower], change, look)
+    ours, theirs = seen["strata"], seen["overlayfs"]
+    assert isinstance(theirs[0], dict)
+    assert theirs[0]["new"][1:4] == [None, None, None]  # the oracle agrees it can be done
+    assert ours == theirs
 
 
 def test_fallocate_in_every_mode_as_on_overlayfs(scratch: str) -> None:

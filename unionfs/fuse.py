@@ -276,6 +276,10 @@ class StrataOperations(pyfuse3.Operations):
         self.ownership = ownership if ownership is not None else Ownership.identity()
         self._mapped = not self.ownership.is_identity
         self.handles: dict[int, Handle] = {}
+        # Inode -> its open handles: a file open when its last name goes keeps
+        # an anchor in the view (ReadPath.held_open).
+        self._opens: dict[int, int] = {}
+        view.held_open = self._opens.__contains__
         self._next_fh = 1
         self._copy_locks: dict[int, trio.Lock] = {}
         self.lost_writes = LostWrites()
@@ -553,7 +557,19 @@ class StrataOperations(pyfuse3.Operations):
         if version is None:
             version = self.view.node(ino).version
         self.handles[fh] = Handle(ino, fd, version, write, self.lost_writes.sample(ino))
+        self._opens[ino] = self._opens.get(ino, 0) + 1
         return fh
+
+    def _drop_handle(self, fh: int) -> Handle | None:
+        """Forget a handle (released, or its open failed): the caller closes it."""
+        handle = self.handles.pop(fh, None)
+        if handle is not None:
+            left = self._opens[handle.ino] - 1
+            if left:
+                self._opens[handle.ino] = left
+            else:
+                del self._opens[handle.ino]
+        return handle
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -700,7 +716,7 @@ class StrataOperations(pyfuse3.Operations):
             keep = files.open_cached(handle.ino)
             return self._file_info(fh, flush=flush, keep_cache=keep)
         except BaseException:
-            del self.handles[fh]
+            self._drop_handle(fh)
             handle.close()
             raise
 
@@ -989,7 +1005,7 @@ class StrataOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh, None)
+        handle = self._drop_handle(fh)
         if handle is not None:
             handle.close()
             if handle.io is not None and self.backing_files is not None:

@@ -147,6 +147,10 @@ class ReadPath:
         # Told the number of a node the kernel holds whose last name just went
         # (the adapter drops what it keeps for the file: a passthrough id).
         self.last_name_gone: Callable[[int], None] | None = None
+        # Whether a file is open (the adapter knows its handles): one whose
+        # last name goes then keeps an anchor, for changes through the
+        # descriptor (fchown, fsetxattr) and opens through /proc.
+        self.held_open: Callable[[int], bool] | None = None
 
     @property
     def writable(self) -> bool:
@@ -670,11 +674,14 @@ class ReadPath:
         if not node.is_dir and shown.nlink > 1:
             self._anchor(node)
             return None
+        if not node.is_dir and self.held_open is not None and self.held_open(node.ino):
+            self._anchor(node)
         return shown._replace(nlink=0)
 
     def _anchor(self, node: Node) -> None:
         """Keep an upper file found by the one name the kernel knows, which
-        is about to go, while its other names keep it: _upper_stat."""
+        is about to go, while its other names or an open descriptor keep
+        it: _upper_stat, reopen_anchored."""
         if not node.upper or node.linked or node.ino in self._anchors:
             return  # a shared copy in WORK is found by its number
         assert self.store is not None
