@@ -32,6 +32,7 @@ from tests.ops import (
 )
 from tests.stackgen import generate, render
 from tests.trees import Snapshot, differences, snapshot
+from unionfs.mount import pid_file
 
 DEFAULT_SEEDS = 70
 OPERATIONS = 500
@@ -339,6 +340,41 @@ def test_a_file_open_after_its_last_name_went_takes_changes_as_on_overlayfs(
     assert isinstance(theirs[0], dict)
     assert theirs[0]["new"][1:4] == [None, None, None]  # the oracle agrees it can be done
     assert ours == theirs
+
+
+def test_files_open_by_no_name_hold_no_descriptor_once_forgotten(scratch: str) -> None:
+    """What keeps a file open by no name (an anchor: an O_PATH descriptor in
+    the daemon) goes when the kernel forgets the file: the daemon ends a
+    workload of unlinked open files and unnamed O_TMPFILE files with the
+    descriptors it began with."""
+    lower, upper, work = (os.path.join(scratch, name) for name in ("lower", "upper", "work"))
+    os.makedirs(lower)
+    os.makedirs(upper)
+    store, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with strata_mount(store, [lower], mount, "--upper", upper, "--work", work):
+        with open(pid_file(os.path.realpath(mount))) as handle:
+            daemon = int(handle.read())
+
+        def descriptors() -> int:
+            return len(os.listdir(f"/proc/{daemon}/fd"))
+
+        before = descriptors()
+        for number in range(100):
+            write(f"{mount}/f{number}", b"x")
+            fd = os.open(f"{mount}/f{number}", os.O_RDWR)
+            os.unlink(f"{mount}/f{number}")
+            os.fchown(fd, 5, 5)  # through the anchor
+            unnamed = os.open(mount, os.O_TMPFILE | os.O_RDWR, 0o600)
+            os.fchown(unnamed, 6, 6)
+            os.close(unnamed)
+            os.close(fd)
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("2")  # the kernel forgets what it still held
+        deadline = time.monotonic() + 10
+        while descriptors() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert descriptors() == before
+        assert os.listdir(mount) == []
 
 
 def test_fallocate_in_every_mode_as_on_overlayfs(scratch: str) -> None:
