@@ -295,6 +295,20 @@ def test_two_steps_that_lost_a_file(scratch: str) -> None:
     _fsck(store, lower, upper, work)
 
 
+def _hard_link(made: str, lower: str, store: str, mount: str, args: tuple[str, ...]) -> None:
+    """a/x and b/y, one file with "data\n", made in the lower layer or (in an
+    earlier mount, so that the next one knows neither name) in UPPER."""
+    os.makedirs(f"{lower}/b")
+    if made == "lower":
+        write(f"{lower}/a/x", "data\n")
+        os.link(f"{lower}/a/x", f"{lower}/b/y")
+        return
+    os.makedirs(f"{lower}/a")
+    with strata_mount(store, [lower], mount, *args):
+        write(f"{mount}/a/x", "data\n")
+        os.link(f"{mount}/a/x", f"{mount}/b/y")
+
+
 @pytest.mark.parametrize("made", ["lower", "upper"])
 def test_a_hardlink_stays_whole_when_its_open_name_goes(scratch: str, made: str) -> None:
     """A file open by one name, that name removed, then the file written and
@@ -303,17 +317,8 @@ def test_a_hardlink_stays_whole_when_its_open_name_goes(scratch: str, made: str)
     the link failed with ENOENT (seen under load in the random workload,
     seed 50, once attributes were asked for again)."""
     lower, upper, work, store, mount = _places(scratch)
-    os.makedirs(f"{lower}/b")
-    if made == "lower":
-        write(f"{lower}/a/x", "data\n")
-        os.link(f"{lower}/a/x", f"{lower}/b/y")
-    else:
-        os.makedirs(f"{lower}/a")
     args = ("--upper", upper, "--work", work)
-    if made == "upper":
-        with strata_mount(store, [lower], mount, *args):
-            write(f"{mount}/a/x", "data\n")
-            os.link(f"{mount}/a/x", f"{mount}/b/y")
+    _hard_link(made, lower, store, mount, args)
     with strata_mount(store, [lower], mount, *args):
         held = os.open(f"{mount}/a/x", os.O_RDONLY)  # the kernel holds the inode
         try:
@@ -343,17 +348,8 @@ def test_a_hardlink_open_by_a_name_it_lost_still_takes_changes(
     filesystem. strata answered ESTALE for an upper hard link after a
     remount (the kernel knew it by no other name)."""
     lower, upper, work, store, mount = _places(scratch)
-    os.makedirs(f"{lower}/b")
-    if made == "lower":
-        write(f"{lower}/a/x", "data\n")
-        os.link(f"{lower}/a/x", f"{lower}/b/y")
-    else:
-        os.makedirs(f"{lower}/a")
     args = ("--upper", upper, "--work", work, "--passthrough", passthrough)
-    if made == "upper":
-        with strata_mount(store, [lower], mount, *args):
-            write(f"{mount}/a/x", "data\n")
-            os.link(f"{mount}/a/x", f"{mount}/b/y")
+    _hard_link(made, lower, store, mount, args)
     with strata_mount(store, [lower], mount, *args):
         held = os.open(f"{mount}/a/x", os.O_RDWR | os.O_APPEND)
         try:

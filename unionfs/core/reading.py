@@ -761,20 +761,25 @@ class ReadPath:
         assert self.store is not None
         return self.store.host_path(self._upper_place(node))
 
-    def reopen_anchored(self, node: Node, flags: int, stale: FsError) -> int:
-        """A descriptor of an upper file open by a name it lost while names
-        the kernel never looked up keep it (_anchor), reopened from its
-        anchor with *flags*, for changes made through an open descriptor
-        (fchmod, fsetxattr); *stale* is raised for any other file."""
+    def _held_anchor(self, node: Node, stale: FsError) -> int:
+        """The anchor of an upper file open by no name (_anchors), which its
+        place could not be found for (*stale*); *stale* for any other file."""
         anchor = self._anchors.get(node.ino)
         if stale.errno != errno.ESTALE or anchor is None or node.all_names():
             raise stale
-        return os.open(b"/proc/self/fd/%d" % anchor, flags | os.O_CLOEXEC)
+        return anchor
+
+    def reopen_anchored(self, node: Node, flags: int, stale: FsError) -> int:
+        """A descriptor of an upper file open by no name, reopened from its
+        anchor with *flags*, for changes made through an open descriptor
+        (fchown, fsetxattr): _held_anchor."""
+        return reopen(self._held_anchor(node, stale), flags)
 
     @contextlib.contextmanager
     def upper_target(self, node: Node) -> Iterator[bytes | int]:
         """Where a call by path reaches the node's upper file: its host path,
-        or a descriptor reopened from its anchor (reopen_anchored)."""
+        or a descriptor reopened from its anchor (reopen_anchored). Calls
+        take follow_symlinks=follows(target)."""
         try:
             path = self._host(node)
         except FsError as exc:
@@ -1058,10 +1063,8 @@ class ReadPath:
             try:
                 place, st = self._upper_place_stat(node)
             except FsError as exc:
-                anchor = self._anchors.get(node.ino)
-                if exc.errno != errno.ESTALE or anchor is None or node.all_names():
-                    raise
-                st = os.fstat(anchor)  # open by a name it lost: reopened from its anchor
+                anchor = self._held_anchor(node, exc)  # open by no name: reopened from it
+                st = os.fstat(anchor)
                 return DataSource(anchor=anchor, write=write, upper_file=(st.st_dev, st.st_ino))
             found = (st.st_dev, st.st_ino) if st is not None else None
             return DataSource(upper=place, write=write, upper_file=found)
@@ -1125,9 +1128,7 @@ class ReadPath:
                 return None
             try:
                 with self.upper_target(node) as target:
-                    if isinstance(target, int):
-                        return os.getxattr(target, os.fsdecode(name))
-                    return os.getxattr(target, os.fsdecode(name), follow_symlinks=False)
+                    return os.getxattr(target, os.fsdecode(name), follow_symlinks=follows(target))
             except OSError as exc:
                 if exc.errno == errno.ENODATA:
                     if capability:
@@ -1146,10 +1147,7 @@ class ReadPath:
         node = self.node(ino)
         if node.upper:
             with self.upper_target(node) as target:
-                if isinstance(target, int):
-                    names = os.listxattr(target)
-                else:
-                    names = os.listxattr(target, follow_symlinks=False)
+                names = os.listxattr(target, follow_symlinks=follows(target))
             return [
                 key
                 for key in (os.fsencode(name) for name in names)
@@ -1188,8 +1186,19 @@ class DataSource:
     def reopen(self) -> int:
         """A descriptor of the anchored file, for reading (and writing)."""
         assert self.anchor is not None
-        flags = os.O_RDWR if self.write else os.O_RDONLY
-        return os.open(b"/proc/self/fd/%d" % self.anchor, flags | os.O_CLOEXEC)
+        return reopen(self.anchor, os.O_RDWR if self.write else os.O_RDONLY)
+
+
+def reopen(fd: int, flags: int) -> int:
+    """The file open as *fd* opened again with *flags*, through its /proc
+    link (which reaches a file with no name, as an O_PATH descriptor does)."""
+    return os.open(b"/proc/self/fd/%d" % fd, flags | os.O_CLOEXEC)
+
+
+def follows(target: bytes | int) -> bool:
+    """follow_symlinks for a call on upper_target's *target*: never a link
+    in UPPER itself; a descriptor takes only the default."""
+    return isinstance(target, int)
 
 
 def _merge_by_hash(

@@ -20,6 +20,7 @@ from .layer import (
     is_whiteout_device,
 )
 from .nodes import Caller, FsError, Node, count_subdir
+from .reading import follows, reopen
 from .records import Entry
 from .upper import (
     RENAME_EXCHANGE,
@@ -159,7 +160,7 @@ class UnionView(CopyUp):
         self._gone[ino] = self.attributes_of_open(ino, fd)
         # What holds a file open by no name (ReadPath._anchor): fchown,
         # fsetxattr and opens through /proc reach it by this descriptor.
-        self._anchors[ino] = os.open(b"/proc/self/fd/%d" % fd, os.O_PATH | os.O_CLOEXEC)
+        self._anchors[ino] = reopen(fd, os.O_PATH)
         self.remember(node)
         return node, fd
 
@@ -592,10 +593,7 @@ class UnionView(CopyUp):
         self._copy_up(node, data=False)
         node.forget_xattrs()
         with self.upper_target(node) as target:
-            if isinstance(target, int):
-                os.setxattr(target, os.fsdecode(name), value)
-            else:
-                os.setxattr(target, os.fsdecode(name), value, follow_symlinks=False)
+            os.setxattr(target, os.fsdecode(name), value, follow_symlinks=follows(target))
 
     def removexattr(self, ino: int, name: bytes) -> None:
         node = self.node(ino)
@@ -607,10 +605,7 @@ class UnionView(CopyUp):
         self._copy_up(node, data=False)
         node.forget_xattrs()
         with self.upper_target(node) as target:
-            if isinstance(target, int):
-                os.removexattr(target, os.fsdecode(name))
-            else:
-                os.removexattr(target, os.fsdecode(name), follow_symlinks=False)
+            os.removexattr(target, os.fsdecode(name), follow_symlinks=follows(target))
 
     # chattr's append-only and immutable flags ---------------------------------
 
