@@ -617,6 +617,7 @@ class StrataOperations(pyfuse3.Operations):
             fd = NOT_OPENED
         else:
             cached = self.view.open_cached(inode)
+            self.view.opened_lower(inode, cold=cached is None)
             if cached is None:
                 # An open that may wait for the disk goes to a worker thread,
                 # which reads a small lower file whole while it is there: its
@@ -786,7 +787,10 @@ class StrataOperations(pyfuse3.Operations):
         try:
             fd = passthrough.trees.open(source, cached_only=True)
         except BlockingIOError:
+            self.view.opened_lower(ino, cold=True)
             fd = await self._open_moving(ino, passthrough.trees.open)
+        else:
+            self.view.opened_lower(ino, cold=False)
         try:
             return passthrough.files.register(ino, fd)
         except OSError as exc:
@@ -853,6 +857,7 @@ class StrataOperations(pyfuse3.Operations):
         read: where its data is now (a copy-up since the open reads the copy)."""
         version = self.view.node(handle.ino).version
         cached = self.view.open_cached(handle.ino)
+        self.view.opened_lower(handle.ino, cold=cached is None)
         head = None
         if cached is None:
             fd, head = await self._open_moving(handle.ino, self._open_cold)

@@ -33,6 +33,7 @@ from .layer import (
     open_layer_root,
 )
 from .nodes import FsError, Node
+from .openahead import OpenAhead
 from .records import Entry, entry_from_stat
 from .streaming import UNKNOWN, StreamedLayers
 from .upper import (
@@ -103,6 +104,7 @@ class ReadPath:
         self.metacopy_allowed = metacopy
         self.layer_paths = layers
         self.layer_fds = {number: open_layer_root(path) for number, path in layers.items()}
+        self.open_ahead = OpenAhead(index, self.layer_fds, self.lazy.__contains__)
         self.store = upper
         # A rootless UPPER (user.overlay.* markers) may hold stat overrides.
         self.rootless = upper is not None and upper.format.prefix == USER_PREFIX
@@ -162,6 +164,7 @@ class ReadPath:
         return self.store
 
     def close(self) -> None:
+        self.open_ahead.close()
         for node in self.nodes.values():
             if node.partial is not None:
                 node.partial.close()
@@ -856,6 +859,8 @@ class ReadPath:
         directory = self._directory(ino)
         if offset == END_OFFSET:
             return
+        if offset == 0 and self.streaming is None:
+            self.open_ahead.listed(directory)
         last = None
         with contextlib.closing(self._entries(directory, offset)) as entries:
             for entry in entries:
@@ -1041,6 +1046,15 @@ class ReadPath:
             return None
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO) from exc
+
+    def opened_lower(self, ino: int, *, cold: bool) -> None:
+        """A file was opened for its data (*cold*: the open waited for the
+        disk); if the lower layers hold it, the files after it in its
+        directory are warmed ahead (openahead.py)."""
+        node = self.nodes.get(ino)
+        if node is None or node.upper or self.streaming is not None or not stat.S_ISREG(node.mode):
+            return
+        self.open_ahead.opened(self.nodes.get(node.parent), node, cold)
 
     def open_data(self, ino: int, write: bool = False) -> int:
         """A host descriptor for the node's current data. Blocking.

@@ -1,0 +1,239 @@
+"""Opening ahead: the lower files a reader will open next, warmed in the host's caches.
+
+A process that reads a directory's files one after another (tar, cp -r, a
+checksum of a tree, an interpreter importing a package) opens them in the
+order the listing gave it. Cold, each open waits for the disk twice: for the
+layer file's inode (the daemon's open) and for its first pages (the read);
+the daemon's own work for the request comes on top, one after the other. The
+kernel's overlayfs waits the same way. Here the index knows which files come
+next, so a thread opens them ahead, a window of the listing at a time, and
+asks for their first pages (POSIX_FADV_WILLNEED) while the reader and the
+daemon work on the file before: the reader's open then finds the inode in
+the cache (RESOLVE_CACHED), its reads find the pages.
+
+Like the kernel's readahead of a file, a window starts where a reader shows
+it reads in order (two cold opens of files next to each other in the
+listing) and moves on as the reader reaches its middle; opens in another
+order start nothing. While such a reader is at work, the next directory
+listed is warmed from its first file (tar and cp -r list a directory, then
+read it). Lower layers never change, so warming only reads them, and
+nothing it finds is served: the request opens its file itself, as before.
+Layers whose data is pulled lazily are left alone (a read there fetches).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import stat
+import threading
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .index import Index, name_hash
+from .layer import open_beneath
+from .nodes import Node
+from .records import Entry
+
+log = logging.getLogger(__name__)
+
+# Files warmed per window; the next window is queued when the reader opens
+# the file in the middle of the last one.
+WINDOW = 32
+# Two cold opens start a window if the second file is among the first
+# NEXT_TO after the first in the listing.
+NEXT_TO = 4
+# The first pages asked for: the kernel's own first readahead window.
+WARM_BYTES = 128 * 1024
+# Directories whose window is kept; the oldest is dropped first.
+DIRECTORIES_KEPT = 256
+# Files queued and not yet warmed, at most: a reader faster than the disk
+# gains nothing from a longer queue.
+QUEUED_MAX = 4 * WINDOW
+
+Key = tuple[int, bytes]  # (name hash, name): the listing's order
+_FIRST: Key = (0, b"")  # before every entry
+
+
+class _Window:
+    """Where warming stands in one directory."""
+
+    __slots__ = ("done", "frontier", "start", "trigger")
+
+    def __init__(self, start: Key, frontier: Key, trigger: Key, done: bool) -> None:
+        self.start = start  # this pass began with the file after this entry
+        self.frontier = frontier  # the last listing entry looked at
+        self.trigger = trigger  # an open at or past this one queues the next window
+        self.done = done  # the listing ended at the frontier
+
+
+class _Job(NamedTuple):
+    layer: int
+    path: bytes
+    size: int
+
+
+class OpenAhead:
+    """Warms the lower files after the one a reader opens (see the module).
+    `opened` and `listed` are called on the request thread; a thread of its
+    own does the opens, on duplicates of the layer roots it closes itself."""
+
+    def __init__(self, index: Index, layer_fds: dict[int, int], skip_layer: Callable[[int], bool]):
+        self._index = index
+        self._layer_fds = layer_fds
+        self._skip_layer = skip_layer
+        self._windows: dict[int, _Window] = {}
+        # The last cold open outside a window, by directory.
+        self._last_cold: dict[int, Key] = {}
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.opens = 0  # opens of lower files told of
+        self.cold = 0  # of them, those that waited for the disk
+        self.queued = 0  # files queued to be warmed
+        self.warmed = 0  # files the thread opened
+        self._sequential_at = -WINDOW - 1  # self.opens at the last open inside a window
+
+    def opened(self, directory: Node | None, node: Node, cold: bool) -> None:
+        """A lower regular file *node* in *directory* was opened for its data;
+        *cold*: its open had to wait for the disk."""
+        self.opens += 1
+        self.cold += cold
+        if directory is None or self._closed:
+            return
+        key = (name_hash(node.name), node.name)
+        window = self._windows.get(directory.ino)
+        if window is None or key > window.frontier or key <= window.start:
+            # Outside any window. Two cold opens in a row of files next to
+            # each other in the listing start one (a new pass over the
+            # directory); opens in another order (an interpreter's imports)
+            # warm nothing they would not use.
+            if cold:
+                previous = self._last_cold.pop(directory.ino, None)
+                if previous is not None and self._follows(directory, previous, key):
+                    self._queue(directory, key, key)
+                    return
+                if len(self._last_cold) >= DIRECTORIES_KEPT:
+                    del self._last_cold[next(iter(self._last_cold))]
+                self._last_cold[directory.ino] = key
+            return
+        self._sequential_at = self.opens  # a file of the window: a reader in order
+        if key >= window.trigger and not window.done:
+            self._queue(directory, window.start, window.frontier)
+        # else the thread is on its way, or it was the last window
+
+    def listed(self, directory: Node) -> None:
+        """A listing of *directory* begins. While a reader opens files in
+        listing order (one of the last WINDOW opens was of a file in a
+        window), the next directory it lists is most likely the next it
+        reads, as with tar and cp -r: its first files are warmed now, not
+        after its first open waited. A walk that opens nothing (find, du)
+        warms nothing."""
+        if not self._closed and self.opens - self._sequential_at <= WINDOW:
+            self._queue(directory, _FIRST, _FIRST)
+
+    def _follows(self, directory: Node, previous: Key, key: Key) -> bool:
+        """Whether *key* comes right after *previous* in the directory's
+        listing (within NEXT_TO regular files: a reader may skip some)."""
+        lower = directory.lower
+        if lower is None or not lower.listing or key <= previous:
+            return False
+        files, _, _ = self._next_files(lower.listing, previous, NEXT_TO)
+        return any(found.key == key for found in files)
+
+    def _queue(self, directory: Node, start: Key, after: Key) -> None:
+        """Queue the window of *directory*'s files after *after*."""
+        lower = directory.lower
+        if lower is None or directory.opaque or not lower.listing:
+            return
+        if self._jobs.qsize() >= QUEUED_MAX:
+            return
+        jobs, frontier, done = self._next_files(lower.listing, after, WINDOW)
+        trigger = jobs[len(jobs) // 2].key if jobs else frontier
+        self._windows.pop(directory.ino, None)
+        if len(self._windows) >= DIRECTORIES_KEPT:
+            del self._windows[next(iter(self._windows))]
+        self._windows[directory.ino] = _Window(start, frontier, trigger, done)
+        for job in jobs:
+            self._put(job.job)
+
+    def _next_files(self, listing: int, after: Key, count: int) -> tuple[list[_Found], Key, bool]:
+        """The lower regular files after *after* in a listing's order (at
+        most *count*, looking at 4 * count entries), the last entry looked
+        at, and whether the listing ended there."""
+        found: list[_Found] = []
+        frontier = after
+        looked = 0
+        with self._index.read() as txn:
+            for hashed, bucket in self._index.scan(txn, listing, after[0]):
+                for name, entry in sorted(bucket):
+                    key = (hashed, name)
+                    if key <= after:
+                        continue
+                    frontier = key
+                    looked += 1
+                    if _worth_warming(entry) and not self._skip_layer(entry.layer):
+                        found.append(_Found(key, _Job(entry.layer, entry.path, entry.size)))
+                    if len(found) >= count or looked >= 4 * count:
+                        return found, frontier, False
+        return found, frontier, True
+
+    def _put(self, job: _Job) -> None:
+        if self._thread is None:
+            fds = {number: os.dup(fd) for number, fd in self._layer_fds.items()}
+            self._thread = threading.Thread(
+                target=self._warm_all, args=(fds,), name="open-ahead", daemon=True
+            )
+            self._thread.start()
+        self.queued += 1
+        self._jobs.put(job)
+
+    def _warm_all(self, fds: dict[int, int]) -> None:
+        try:
+            while (job := self._jobs.get()) is not None:
+                if _warm(fds[job.layer], job):
+                    self.warmed += 1
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def close(self) -> None:
+        """Stop the thread (what is still queued is dropped)."""
+        self._closed = True
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        while True:  # drop what waits, so the stop comes next
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        self._jobs.put(None)
+        thread.join()
+
+
+class _Found(NamedTuple):
+    key: Key
+    job: _Job
+
+
+def _worth_warming(entry: Entry) -> bool:
+    return stat.S_ISREG(entry.mode) and bool(entry.path)
+
+
+def _warm(layer_fd: int, job: _Job) -> bool:
+    """Bring a layer file's inode and first pages into the host's caches."""
+    try:
+        fd = open_beneath(layer_fd, job.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("open-ahead of %r: %s", job.path, exc)
+        return False
+    try:
+        if job.size:
+            os.posix_fadvise(fd, 0, min(job.size, WARM_BYTES), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return True
