@@ -13,7 +13,7 @@ from tests.layers import write
 from tests.mounts import daemon_logs, drop_caches, strata_mount
 from unionfs.core import openahead
 from unionfs.core.index import ROOT_INO, Index
-from unionfs.core.openahead import WINDOW, OpenAhead
+from unionfs.core.openahead import LISTINGS_AFTER, WINDOW, OpenAhead
 from unionfs.core.stack import prepare_stack
 from unionfs.core.view import UnionView
 
@@ -28,6 +28,8 @@ def lower(scratch: str) -> str:
             write(f"{path}/{directory}/f{number:03}", f"{directory}{number}" * 100)
         os.makedirs(f"{path}/{directory}/sub")
         os.symlink("f000", f"{path}/{directory}/link")
+    for number in range(10):
+        write(f"{path}/walk/x{number}/f0", "x")
     return path
 
 
@@ -193,3 +195,21 @@ def test_reading_a_tree_in_listing_order_after_the_caches_dropped_mostly_finds_i
     assert opens == read == 2 * FILES
     assert warmed >= 2 * FILES - 2 * WINDOW
     assert cold <= opens // 4, (cold, opens)
+
+
+def test_a_walk_after_a_reader_in_order_warms_only_the_first_directories_it_lists(
+    scratch: str, lower: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """find right after tar: its listings stop warming once no open follows."""
+    queued = Queued(monkeypatch)
+    view = _view(scratch, lower)
+    for name in _files_in_listing_order(view, b"d")[:3]:
+        _open(view, b"d", name, cold=True)
+    before = len(queued.paths)
+    walk = view.lookup(ROOT_INO, b"walk")
+    assert walk is not None
+    for number in range(10):
+        directory = view.lookup(walk.ino, f"x{number}".encode())
+        assert directory is not None
+        list(view.listdir(directory.ino))
+    assert len(queued.paths) - before == LISTINGS_AFTER

@@ -44,6 +44,9 @@ WINDOW = 32
 # Two cold opens start a window if the second file is among the first
 # NEXT_TO after the first in the listing.
 NEXT_TO = 4
+# Listings after the last open in a window that still warm their directory
+# (tar lists a directory of directories, then one of those, then reads).
+LISTINGS_AFTER = 4
 # The first pages asked for: the kernel's own first readahead window.
 WARM_BYTES = 128 * 1024
 # Directories whose window is kept; the oldest is dropped first.
@@ -93,12 +96,16 @@ class OpenAhead:
         self.cold = 0  # of them, those that waited for the disk
         self.queued = 0  # files queued to be warmed
         self.warmed = 0  # files the thread opened
-        self._sequential_at = -WINDOW - 1  # self.opens at the last open inside a window
+        # Opens and listings told of, and their count at the last open of a
+        # file inside a window.
+        self._events = 0
+        self._sequential_at = -LISTINGS_AFTER - 1
 
     def opened(self, directory: Node | None, node: Node, cold: bool) -> None:
         """A lower regular file *node* in *directory* was opened for its data;
         *cold*: its open had to wait for the disk."""
         self.opens += 1
+        self._events += 1
         self.cold += cold
         if directory is None or self._closed:
             return
@@ -118,19 +125,21 @@ class OpenAhead:
                     del self._last_cold[next(iter(self._last_cold))]
                 self._last_cold[directory.ino] = key
             return
-        self._sequential_at = self.opens  # a file of the window: a reader in order
+        self._sequential_at = self._events  # a file of the window: a reader in order
         if key >= window.trigger and not window.done:
             self._queue(directory, window.start, window.frontier)
         # else the thread is on its way, or it was the last window
 
     def listed(self, directory: Node) -> None:
         """A listing of *directory* begins. While a reader opens files in
-        listing order (one of the last WINDOW opens was of a file in a
-        window), the next directory it lists is most likely the next it
-        reads, as with tar and cp -r: its first files are warmed now, not
-        after its first open waited. A walk that opens nothing (find, du)
-        warms nothing."""
-        if not self._closed and self.opens - self._sequential_at <= WINDOW:
+        listing order (it opened a file inside a window since the last
+        LISTINGS_AFTER listings), the next directory it lists is most likely
+        the next it reads, as with tar and cp -r: its first files are warmed
+        now, not after its first open waited. A walk that opens nothing
+        (find, du) warms nothing, or the first few directories it lists
+        right after such a reader."""
+        self._events += 1
+        if not self._closed and self._events - self._sequential_at <= LISTINGS_AFTER:
             self._queue(directory, _FIRST, _FIRST)
 
     def _follows(self, directory: Node, previous: Key, key: Key) -> bool:
