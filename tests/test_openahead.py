@@ -3,6 +3,7 @@ lower files in listing order finds them warm; other readers warm nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -92,15 +93,39 @@ def test_opens_in_another_order_warm_nothing(
     scratch: str, lower: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An interpreter's imports, a build's headers: cold opens of files far
-    apart in the listing start no window."""
+    apart in the listing and by name start no window."""
     queued = Queued(monkeypatch)
     view = _view(scratch, lower)
     order = _files_in_listing_order(view, b"d")
-    for name in order[::10]:
-        _open(view, b"d", name, cold=True)
-    for name in reversed(order[:20]):
+    by_name = sorted(order)
+
+    def near(first: bytes, second: bytes, names: list[bytes]) -> bool:
+        return 0 < names.index(second) - names.index(first) <= 8
+
+    jumps = [by_name[0]]
+    for name in order[::3] + by_name[::-3]:
+        if not near(jumps[-1], name, order) and not near(jumps[-1], name, by_name):
+            jumps.append(name)
+    assert len(jumps) > 30
+    for name in jumps:
         _open(view, b"d", name, cold=True)
     assert queued.paths == []
+
+
+def test_a_reader_in_name_order_gets_the_files_after_it_warmed(
+    scratch: str, lower: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """git add, rsync, tar --sort=name: the files by name, not as listed."""
+    queued = Queued(monkeypatch)
+    view = _view(scratch, lower)
+    by_name = sorted(_files_in_listing_order(view, b"d"))
+    assert by_name != _files_in_listing_order(view, b"d")
+    _open(view, b"d", by_name[0], cold=True)
+    _open(view, b"d", by_name[1], cold=True)
+    assert queued.paths == [b"d/" + name for name in by_name[2 : 2 + WINDOW]]
+    for name in by_name[2 : 3 + WINDOW // 2]:
+        _open(view, b"d", name, cold=False)
+    assert queued.paths == [b"d/" + name for name in by_name[2 : 2 + 2 * WINDOW]]
 
 
 def test_the_next_directory_listed_is_warmed_only_while_a_reader_goes_in_order(
@@ -134,7 +159,6 @@ def test_the_thread_warms_what_is_queued_and_stops_with_the_view(
         return real_warm(layer_fd, job)
 
     monkeypatch.setattr(openahead, "_warm", counting)
-    fds_before = len(os.listdir("/proc/self/fd"))
     view = _view(scratch, lower)
     order = _files_in_listing_order(view, b"d")
     _open(view, b"d", order[0], cold=True)
@@ -148,10 +172,19 @@ def test_the_thread_warms_what_is_queued_and_stops_with_the_view(
         threading.Event().wait(0.01)
     assert ahead.warmed == WINDOW
     assert warmed == [b"d/" + name for name in order[2 : 2 + WINDOW]]
+    assert _open_on(lower) > len(view.layer_fds)  # the thread's own copies of the roots
     view.close()
-    view.index.close()
     assert not thread.is_alive()
-    assert len(os.listdir("/proc/self/fd")) == fds_before  # its layer descriptors too
+    assert _open_on(lower) == 0  # and it closed them
+
+
+def _open_on(path: str) -> int:
+    """How many of this process's descriptors are open on *path*."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+    return count
 
 
 def _counts(root: str) -> tuple[int, int, int]:

@@ -13,23 +13,25 @@ the cache (RESOLVE_CACHED), its reads find the pages.
 
 Like the kernel's readahead of a file, a window starts where a reader shows
 it reads in order (two cold opens of files next to each other in the
-listing) and moves on as the reader reaches its middle; opens in another
-order start nothing. While such a reader is at work, the next directory
-listed is warmed from its first file (tar and cp -r list a directory, then
-read it). Lower layers never change, so warming only reads them, and
-nothing it finds is served: the request opens its file itself, as before.
+listing, or by name: git add, rsync and globs sort what they list) and moves
+on as the reader reaches its middle; opens in another order start nothing.
+While such a reader is at work, the next directory listed is warmed from
+its first file (tar and cp -r list a directory, then read it). Lower
+layers never change, so warming only reads them, and nothing it finds is
+served: the request opens its file itself, as before.
 Layers whose data is pulled lazily are left alone (a read there fetches).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import queue
 import stat
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from .index import Index, name_hash
 from .layer import open_beneath
@@ -37,6 +39,7 @@ from .nodes import Node
 from .records import Entry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Files warmed per window; the next window is queued when the reader opens
 # the file in the middle of the last one.
@@ -51,30 +54,56 @@ LISTINGS_AFTER = 4
 WARM_BYTES = 128 * 1024
 # Directories whose window is kept; the oldest is dropped first.
 DIRECTORIES_KEPT = 256
+# Directories of at most this many entries are looked at in name order too,
+# the last BY_NAME_KEPT of them kept sorted.
+BY_NAME_MAX = 8192
+BY_NAME_KEPT = 8
 # Files queued and not yet warmed, at most: a reader faster than the disk
 # gains nothing from a longer queue.
 QUEUED_MAX = 4 * WINDOW
 
-Key = tuple[int, bytes]  # (name hash, name): the listing's order
+Key = tuple[int, bytes]  # (name hash, name) in listing order; (0, name) in name order
 _FIRST: Key = (0, b"")  # before every entry
-
-
-class _Window:
-    """Where warming stands in one directory."""
-
-    __slots__ = ("done", "frontier", "start", "trigger")
-
-    def __init__(self, start: Key, frontier: Key, trigger: Key, done: bool) -> None:
-        self.start = start  # this pass began with the file after this entry
-        self.frontier = frontier  # the last listing entry looked at
-        self.trigger = trigger  # an open at or past this one queues the next window
-        self.done = done  # the listing ended at the frontier
 
 
 class _Job(NamedTuple):
     layer: int
     path: bytes
     size: int
+
+
+class _Found(NamedTuple):
+    key: Key
+    job: _Job
+
+
+class _ByName:
+    """A directory's lower regular files sorted by name: the order of readers
+    that sort what they list (git add, rsync, tar --sort=name, a glob)."""
+
+    __slots__ = ("files", "keys")
+
+    def __init__(self, files: list[_Found]) -> None:
+        self.files = files
+        self.keys = [found.key for found in files]
+
+
+class _Window:
+    """Where warming stands in one directory, in one of the two orders."""
+
+    __slots__ = ("by_name", "done", "frontier", "start", "trigger")
+
+    def __init__(
+        self, by_name: _ByName | None, start: Key, frontier: Key, trigger: Key, done: bool
+    ) -> None:
+        self.by_name = by_name  # None: in listing order
+        self.start = start  # this pass began with the file after this entry
+        self.frontier = frontier  # the last entry looked at
+        self.trigger = trigger  # an open at or past this one queues the next window
+        self.done = done  # the files ended at the frontier
+
+    def key(self, name: bytes) -> Key:
+        return (name_hash(name), name) if self.by_name is None else (0, name)
 
 
 class OpenAhead:
@@ -87,8 +116,10 @@ class OpenAhead:
         self._layer_fds = layer_fds
         self._skip_layer = skip_layer
         self._windows: dict[int, _Window] = {}
-        # The last cold open outside a window, by directory.
-        self._last_cold: dict[int, Key] = {}
+        # The name of the last cold open outside a window, by directory.
+        self._last_cold: dict[int, bytes] = {}
+        # Directories sorted by name lately (a reader in that order asks again).
+        self._by_name: dict[int, _ByName | None] = {}
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -109,26 +140,36 @@ class OpenAhead:
         self.cold += cold
         if directory is None or self._closed:
             return
-        key = (name_hash(node.name), node.name)
-        window = self._windows.get(directory.ino)
-        if window is None or key > window.frontier or key <= window.start:
-            # Outside any window. Two cold opens in a row of files next to
-            # each other in the listing start one (a new pass over the
-            # directory); opens in another order (an interpreter's imports)
-            # warm nothing they would not use.
-            if cold:
-                previous = self._last_cold.pop(directory.ino, None)
-                if previous is not None and self._follows(directory, previous, key):
-                    self._queue(directory, key, key)
-                    return
-                if len(self._last_cold) >= DIRECTORIES_KEPT:
-                    del self._last_cold[next(iter(self._last_cold))]
-                self._last_cold[directory.ino] = key
+        lower = directory.lower
+        if lower is None or directory.opaque or not lower.listing:
             return
-        self._sequential_at = self._events  # a file of the window: a reader in order
-        if key >= window.trigger and not window.done:
-            self._queue(directory, window.start, window.frontier)
-        # else the thread is on its way, or it was the last window
+        name = node.name
+        window = self._windows.get(directory.ino)
+        if window is not None:
+            key = window.key(name)
+            if window.start < key <= window.frontier:
+                self._sequential_at = self._events  # a file of the window: a reader in order
+                if key >= window.trigger and not window.done:
+                    self._queue(directory.ino, lower.listing, window.by_name, window.start,
+                                window.frontier)  # fmt: skip
+                return  # else the thread is on its way, or it was the last window
+        # Outside any window. Two cold opens in a row of files next to each
+        # other, in listing order or by name, start one (a new pass over the
+        # directory); opens in another order (an interpreter's imports) warm
+        # nothing they would not use.
+        if not cold:
+            return
+        previous = self._last_cold.pop(directory.ino, None)
+        if previous is not None and previous != name:
+            key = (name_hash(name), name)
+            if self._follows(lower.listing, (name_hash(previous), previous), key):
+                self._queue(directory.ino, lower.listing, None, key, key)
+                return
+            by_name = self._sorted(directory.ino, lower.listing) if name > previous else None
+            if by_name is not None and _next_to(by_name, (0, previous), (0, name)):
+                self._queue(directory.ino, lower.listing, by_name, (0, name), (0, name))
+                return
+        _keep(self._last_cold, directory.ino, name)
 
     def listed(self, directory: Node) -> None:
         """A listing of *directory* begins. While a reader opens files in
@@ -139,35 +180,65 @@ class OpenAhead:
         (find, du) warms nothing, or the first few directories it lists
         right after such a reader."""
         self._events += 1
-        if not self._closed and self._events - self._sequential_at <= LISTINGS_AFTER:
-            self._queue(directory, _FIRST, _FIRST)
-
-    def _follows(self, directory: Node, previous: Key, key: Key) -> bool:
-        """Whether *key* comes right after *previous* in the directory's
-        listing (within NEXT_TO regular files: a reader may skip some)."""
         lower = directory.lower
-        if lower is None or not lower.listing or key <= previous:
+        if (
+            not self._closed
+            and self._events - self._sequential_at <= LISTINGS_AFTER
+            and lower is not None
+            and not directory.opaque
+            and lower.listing
+        ):
+            self._queue(directory.ino, lower.listing, None, _FIRST, _FIRST)
+
+    def _follows(self, listing: int, previous: Key, key: Key) -> bool:
+        """Whether *key* comes right after *previous* in listing order
+        (within NEXT_TO regular files: a reader may skip some)."""
+        if key <= previous:
             return False
-        files, _, _ = self._next_files(lower.listing, previous, NEXT_TO)
+        files, _, _ = self._next_in_listing(listing, previous, NEXT_TO)
         return any(found.key == key for found in files)
 
-    def _queue(self, directory: Node, start: Key, after: Key) -> None:
-        """Queue the window of *directory*'s files after *after*."""
-        lower = directory.lower
-        if lower is None or directory.opaque or not lower.listing:
-            return
+    def _sorted(self, directory: int, listing: int) -> _ByName | None:
+        """The directory's files by name (None if it has more than BY_NAME_MAX
+        entries: sorting them all on the request thread would cost more
+        than warming saves)."""
+        if directory in self._by_name:
+            return self._by_name[directory]
+        files: list[_Found] = []
+        by_name: _ByName | None = None
+        with self._index.read() as txn:
+            looked = 0
+            for _, bucket in self._index.scan(txn, listing):
+                looked += len(bucket)
+                if looked > BY_NAME_MAX:
+                    break
+                for name, entry in bucket:
+                    if _worth_warming(entry) and not self._skip_layer(entry.layer):
+                        files.append(_Found((0, name), _job(entry)))
+            else:
+                by_name = _ByName(sorted(files))
+        _keep(self._by_name, directory, by_name, BY_NAME_KEPT)
+        return by_name
+
+    def _queue(
+        self, directory: int, listing: int, by_name: _ByName | None, start: Key, after: Key
+    ) -> None:
+        """Queue the window of the directory's files after *after*."""
         if self._jobs.qsize() >= QUEUED_MAX:
             return
-        jobs, frontier, done = self._next_files(lower.listing, after, WINDOW)
+        if by_name is None:
+            jobs, frontier, done = self._next_in_listing(listing, after, WINDOW)
+        else:
+            jobs, frontier, done = _next_by_name(by_name, after, WINDOW)
         trigger = jobs[len(jobs) // 2].key if jobs else frontier
-        self._windows.pop(directory.ino, None)
-        if len(self._windows) >= DIRECTORIES_KEPT:
-            del self._windows[next(iter(self._windows))]
-        self._windows[directory.ino] = _Window(start, frontier, trigger, done)
+        self._windows.pop(directory, None)
+        _keep(self._windows, directory, _Window(by_name, start, frontier, trigger, done))
         for job in jobs:
             self._put(job.job)
 
-    def _next_files(self, listing: int, after: Key, count: int) -> tuple[list[_Found], Key, bool]:
+    def _next_in_listing(
+        self, listing: int, after: Key, count: int
+    ) -> tuple[list[_Found], Key, bool]:
         """The lower regular files after *after* in a listing's order (at
         most *count*, looking at 4 * count entries), the last entry looked
         at, and whether the listing ended there."""
@@ -183,7 +254,7 @@ class OpenAhead:
                     frontier = key
                     looked += 1
                     if _worth_warming(entry) and not self._skip_layer(entry.layer):
-                        found.append(_Found(key, _Job(entry.layer, entry.path, entry.size)))
+                        found.append(_Found(key, _job(entry)))
                     if len(found) >= count or looked >= 4 * count:
                         return found, frontier, False
         return found, frontier, True
@@ -222,13 +293,33 @@ class OpenAhead:
         thread.join()
 
 
-class _Found(NamedTuple):
-    key: Key
-    job: _Job
-
-
 def _worth_warming(entry: Entry) -> bool:
     return stat.S_ISREG(entry.mode) and bool(entry.path)
+
+
+def _job(entry: Entry) -> _Job:
+    return _Job(entry.layer, entry.path, entry.size)
+
+
+def _next_to(by_name: _ByName, previous: Key, key: Key) -> bool:
+    """Whether *key* is among the NEXT_TO files after *previous* by name."""
+    at = bisect.bisect_right(by_name.keys, previous)
+    return key in by_name.keys[at : at + NEXT_TO]
+
+
+def _next_by_name(by_name: _ByName, after: Key, count: int) -> tuple[list[_Found], Key, bool]:
+    """As OpenAhead._next_in_listing, by name."""
+    at = bisect.bisect_right(by_name.keys, after)
+    found = by_name.files[at : at + count]
+    frontier = found[-1].key if found else after
+    return found, frontier, at + count >= len(by_name.files)
+
+
+def _keep(kept: dict[int, T], key: int, value: T, most: int = DIRECTORIES_KEPT) -> None:
+    """Keep *value* under *key*, dropping the oldest beyond *most*."""
+    if len(kept) >= most:
+        del kept[next(iter(kept))]
+    kept[key] = value
 
 
 def _warm(layer_fd: int, job: _Job) -> bool:
