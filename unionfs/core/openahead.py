@@ -25,6 +25,7 @@ Layers whose data is pulled lazily are left alone (a read there fetches).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import queue
@@ -55,7 +56,9 @@ WARM_BYTES = 128 * 1024
 # Directories whose window is kept; the oldest is dropped first.
 DIRECTORIES_KEPT = 256
 # Directories of at most this many entries are looked at in name order too,
-# the last BY_NAME_KEPT of them kept sorted.
+# the last BY_NAME_KEPT used kept sorted (or known too large). The sort is
+# made on the request thread, about 4 µs an entry (the index's scan half of
+# it): up to 31 ms, once per directory while it is kept.
 BY_NAME_MAX = 8192
 BY_NAME_KEPT = 8
 # Files queued and not yet warmed, at most: a reader faster than the disk
@@ -77,15 +80,13 @@ class _Found(NamedTuple):
     job: _Job
 
 
-class _ByName:
-    """A directory's lower regular files sorted by name: the order of readers
-    that sort what they list (git add, rsync, tar --sort=name, a glob)."""
+# A directory's lower regular files sorted by name: the order of readers
+# that sort what they list (git add, rsync, tar --sort=name, a glob).
+_ByName = list[_Found]
 
-    __slots__ = ("files", "keys")
 
-    def __init__(self, files: list[_Found]) -> None:
-        self.files = files
-        self.keys = [found.key for found in files]
+def _key_of(found: _Found) -> Key:
+    return found.key
 
 
 class _Window:
@@ -140,8 +141,8 @@ class OpenAhead:
         self.cold += cold
         if directory is None or self._closed:
             return
-        lower = directory.lower
-        if lower is None or directory.opaque or not lower.listing:
+        listing = _listing(directory)
+        if listing is None:
             return
         name = node.name
         window = self._windows.get(directory.ino)
@@ -150,7 +151,7 @@ class OpenAhead:
             if window.start < key <= window.frontier:
                 self._sequential_at = self._events  # a file of the window: a reader in order
                 if key >= window.trigger and not window.done:
-                    self._queue(directory.ino, lower.listing, window.by_name, window.start,
+                    self._queue(directory.ino, listing, window.by_name, window.start,
                                 window.frontier)  # fmt: skip
                 return  # else the thread is on its way, or it was the last window
         # Outside any window. Two cold opens in a row of files next to each
@@ -162,12 +163,12 @@ class OpenAhead:
         previous = self._last_cold.pop(directory.ino, None)
         if previous is not None and previous != name:
             key = (name_hash(name), name)
-            if self._follows(lower.listing, (name_hash(previous), previous), key):
-                self._queue(directory.ino, lower.listing, None, key, key)
+            if self._follows(listing, (name_hash(previous), previous), key):
+                self._queue(directory.ino, listing, None, key, key)
                 return
-            by_name = self._sorted(directory.ino, lower.listing) if name > previous else None
+            by_name = self._sorted(directory.ino, listing) if name > previous else None
             if by_name is not None and _next_to(by_name, (0, previous), (0, name)):
-                self._queue(directory.ino, lower.listing, by_name, (0, name), (0, name))
+                self._queue(directory.ino, listing, by_name, (0, name), (0, name))
                 return
         _keep(self._last_cold, directory.ino, name)
 
@@ -180,15 +181,11 @@ class OpenAhead:
         (find, du) warms nothing, or the first few directories it lists
         right after such a reader."""
         self._events += 1
-        lower = directory.lower
-        if (
-            not self._closed
-            and self._events - self._sequential_at <= LISTINGS_AFTER
-            and lower is not None
-            and not directory.opaque
-            and lower.listing
-        ):
-            self._queue(directory.ino, lower.listing, None, _FIRST, _FIRST)
+        if self._closed or self._events - self._sequential_at > LISTINGS_AFTER:
+            return
+        listing = _listing(directory)
+        if listing is not None:
+            self._queue(directory.ino, listing, None, _FIRST, _FIRST)
 
     def _follows(self, listing: int, previous: Key, key: Key) -> bool:
         """Whether *key* comes right after *previous* in listing order
@@ -203,7 +200,9 @@ class OpenAhead:
         entries: sorting them all on the request thread would cost more
         than warming saves)."""
         if directory in self._by_name:
-            return self._by_name[directory]
+            kept = self._by_name.pop(directory)  # kept again as the latest
+            self._by_name[directory] = kept
+            return kept
         files: list[_Found] = []
         by_name: _ByName | None = None
         with self._index.read() as txn:
@@ -216,7 +215,7 @@ class OpenAhead:
                     if _worth_warming(entry) and not self._skip_layer(entry.layer):
                         files.append(_Found((0, name), _job(entry)))
             else:
-                by_name = _ByName(sorted(files))
+                by_name = sorted(files)
         _keep(self._by_name, directory, by_name, BY_NAME_KEPT)
         return by_name
 
@@ -293,6 +292,14 @@ class OpenAhead:
         thread.join()
 
 
+def _listing(directory: Node) -> int | None:
+    """The lower listing of *directory* that shows, if any."""
+    lower = directory.lower
+    if lower is None or directory.opaque or not lower.listing:
+        return None
+    return lower.listing
+
+
 def _worth_warming(entry: Entry) -> bool:
     return stat.S_ISREG(entry.mode) and bool(entry.path)
 
@@ -303,16 +310,16 @@ def _job(entry: Entry) -> _Job:
 
 def _next_to(by_name: _ByName, previous: Key, key: Key) -> bool:
     """Whether *key* is among the NEXT_TO files after *previous* by name."""
-    at = bisect.bisect_right(by_name.keys, previous)
-    return key in by_name.keys[at : at + NEXT_TO]
+    at = bisect.bisect_right(by_name, previous, key=_key_of)
+    return any(found.key == key for found in by_name[at : at + NEXT_TO])
 
 
 def _next_by_name(by_name: _ByName, after: Key, count: int) -> tuple[list[_Found], Key, bool]:
     """As OpenAhead._next_in_listing, by name."""
-    at = bisect.bisect_right(by_name.keys, after)
-    found = by_name.files[at : at + count]
+    at = bisect.bisect_right(by_name, after, key=_key_of)
+    found = by_name[at : at + count]
     frontier = found[-1].key if found else after
-    return found, frontier, at + count >= len(by_name.files)
+    return found, frontier, at + count >= len(by_name)
 
 
 def _keep(kept: dict[int, T], key: int, value: T, most: int = DIRECTORIES_KEPT) -> None:
@@ -330,10 +337,9 @@ def _warm(layer_fd: int, job: _Job) -> bool:
         log.debug("open-ahead of %r: %s", job.path, exc)
         return False
     try:
-        if job.size:
-            os.posix_fadvise(fd, 0, min(job.size, WARM_BYTES), os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # a hint: the open warmed the inode
+            if job.size:  # (a length of 0 would mean the whole file)
+                os.posix_fadvise(fd, 0, min(job.size, WARM_BYTES), os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
     return True
