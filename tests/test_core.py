@@ -11,8 +11,9 @@ import pytest
 
 from tests.layers import opaque, whiteout, write
 from unionfs.core.index import ROOT_INO, Index
-from unionfs.core.layer import fingerprint, open_beneath
+from unionfs.core.layer import fingerprint
 from unionfs.core.nodes import FsError, NodeMore
+from unionfs.core.paths import open_beneath
 from unionfs.core.records import Entry
 from unionfs.core.stack import IndexedStack, prepare_stack
 from unionfs.core.view import UnionView

@@ -456,12 +456,13 @@ _flag = os.path.join(os.path.dirname(_upper), "inject")
 _rng = random.Random(11)
 
 def _beneath(target):
-    if isinstance(target, int):
+    path = f"/proc/self/fd/{target}" if isinstance(target, int) else os.fsdecode(target)
+    if path.startswith("/proc/self/fd/"):  # a descriptor, or NAME in a directory open as one
+        fd, _, name = path.removeprefix("/proc/self/fd/").partition("/")
         try:
-            target = os.readlink(f"/proc/self/fd/{target}")
+            path = os.path.join(os.readlink(f"/proc/self/fd/{fd}"), name)
         except OSError:
             return False
-    path = os.fsdecode(target)
     return path.startswith((_upper + "/", _work + "/"))
 
 def _faulty(call, position):
@@ -621,3 +622,4 @@ def test_the_close_of_such_a_file_reports_it_and_no_other_close_asks(scratch: st
         assert caught.value.errno == errno.EIO
         assert _text(flushes) == "f"
     assert daemon.returncode == 0
+

@@ -10,6 +10,8 @@ their own path walks stay inside it, as a container's do.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import threading
@@ -210,3 +212,87 @@ def test_racing_symlink_swaps_never_reach_outside(scratch: str) -> None:
                         assert CANARY not in handle.read(), path
     assert [os.waitstatus_to_exitcode(status) for status in statuses] == [0, 0, 0, 0]
     assert differences(before, snapshot(canary)) == []
+
+
+def _chrooted_steps(mount: str, steps: dict[str, Callable[[], object]]) -> dict[str, str]:
+    """Run *steps* in a process chrooted into *mount*, as a container's; what
+    each gave: "ok", an errno's name, or "canary" where it read the canary."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        results: dict[str, str] = {}
+        try:
+            os.close(reader)
+            os.chroot(mount)
+            os.chdir("/")
+            for name, step in steps.items():
+                try:
+                    step()
+                    results[name] = "ok"
+                except _ReadCanary:
+                    results[name] = "canary"
+                except OSError as exc:
+                    results[name] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            os.write(writer, json.dumps(results).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        raw = pipe.read()
+    os.waitpid(pid, 0)
+    return dict(json.loads(raw))
+
+
+def test_upper_swapped_behind_the_mount_is_never_followed_outside(scratch: str) -> None:
+    """Only the mount changes UPPER, so the daemon's tree and UPPER agree. Should
+    they not (a directory of UPPER swapped on the host for a symlink to the
+    canary, behind the mount's back), a change through the mount to a file
+    the kernel still knows under it acts in UPPER's own directory or fails:
+    no host call follows a symlink of UPPER before its last component,
+    whether the daemon holds the directory open already (d) or opens it
+    again (h, after a directory rename made it drop what it held)."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/keep", "lower")
+    canary = _canary(scratch)
+    before = snapshot(canary)
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper)
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+
+    def steps(top: str) -> dict[str, Callable[[], object]]:
+        return {
+            "chmod": lambda: os.chmod(f"{top}/f", 0o600),
+            "chown": lambda: os.chown(f"{top}/f", 7, 7),
+            "utime": lambda: os.utime(f"{top}/f", ns=(1, 2)),
+            "setxattr": lambda: os.setxattr(f"{top}/f", "user.swap", b"v"),
+            "truncate": lambda: os.truncate(f"{top}/f", 1),
+            "write": lambda: write(f"{top}/x/f", "changed"),
+            "create": lambda: write(f"{top}/new", "new"),
+            "mkdir": lambda: os.mkdir(f"{top}/dir2"),
+            "symlink": lambda: os.symlink("t", f"{top}/link"),
+            "link": lambda: os.link(f"{top}/g", f"{top}/big"),
+            "rename": lambda: os.rename(f"{top}/g", f"{top}/g2"),
+            "unlink": lambda: os.unlink(f"{top}/x/f"),
+            "read": lambda: _read(f"{top}/f"),
+        }
+
+    def swap(top: str) -> None:  # on the host: TOP moved away, a symlink to the canary there
+        os.rename(f"{upper}/{top}", f"{upper}/{top}.away")
+        os.symlink(canary, f"{upper}/{top}")
+
+    with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+        os.makedirs(f"{mount}/e")
+        for top in ("d", "h"):
+            for name in ("f", "g", "x/f"):
+                write(f"{mount}/{top}/{name}", f"{top}/{name} in upper")
+            os.listdir(f"{mount}/{top}/x")
+        swap("d")
+        held = _chrooted_steps(mount, steps("/d"))
+        os.rename(f"{mount}/e", f"{mount}/e2")  # a directory moved: held ones dropped
+        swap("h")
+        reopened = _chrooted_steps(mount, steps("/h"))
+    assert differences(before, snapshot(canary)) == [], (held, reopened)
+    assert "canary" not in {*held.values(), *reopened.values()}, (held, reopened)
+    assert held["chmod"] == "ok", held  # acted in UPPER's own d
+    assert os.stat(f"{upper}/d.away/f").st_mode & 0o777 == 0o600
+    assert reopened["chmod"] in ("ELOOP", "ENOTDIR"), reopened  # h is a symlink now: refused

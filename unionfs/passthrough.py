@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .core.atime import NOATIME, AtimePolicy, detached_mount
-from .core.layer import open_beneath
+from .core.paths import open_beneath
 from .core.reading import DataSource
 from .core.records import Entry
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .layer import open_beneath
+from .paths import open_beneath
 
 if TYPE_CHECKING:
     from .upper import Beneath

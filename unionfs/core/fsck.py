@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from .chunks import PartialCopy
 from .index import Index
-from .layer import WHITEOUT_PREFIX, is_whiteout_device, open_beneath, open_layer_root
+from .layer import WHITEOUT_PREFIX, is_whiteout_device, open_layer_root
+from .paths import open_beneath
 from .records import Entry
 from .upper import UpperStore, join, redirect_target
 

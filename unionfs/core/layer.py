@@ -8,7 +8,6 @@ A layer may use either on-disk convention, even mixed:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import StrataError
-from .paths import PATH_MAX
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -175,112 +173,6 @@ def read_layer_dir(fd: int) -> LayerDir:
                 continue
             entries.append((name, st))
     return LayerDir(opaque, whiteouts, entries)
-
-
-# Opening files beneath a layer root -------------------------------------------
-
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_NO_SYMLINKS = 0x04
-_RESOLVE_BENEATH = 0x08
-_RESOLVE_CACHED = 0x20
-_SYS_OPENAT2 = 437  # same number on every architecture (unified syscall table)
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_openat2_works = True
-
-
-def open_beneath(
-    dir_fd: int,
-    relpath: bytes,
-    flags: int = os.O_RDONLY,
-    *,
-    cached_only: bool = False,
-    noatime: bool = True,
-) -> int:
-    """Open *relpath* under *dir_fd* without following any symlink on the way.
-
-    A layer may hold `etc -> /`; resolving a merged path through it must never
-    reach the host, so every component must be a real directory of the layer.
-    With *cached_only* the open never waits for the disk: BlockingIOError
-    unless every component is in the kernel's dentry cache (RESOLVE_CACHED).
-    Reads through the descriptor leave the file's atime as it is (O_NOATIME):
-    the mount's atime is its own, never the host's, whose rules differ.
-    """
-    global _openat2_works
-    if flags & os.O_PATH:
-        flags |= os.O_NOFOLLOW | os.O_CLOEXEC  # openat2 takes no other flag beside it
-    else:
-        if noatime and flags & os.O_ACCMODE != os.O_WRONLY:
-            flags |= os.O_NOATIME
-        flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
-    resolve = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
-    if cached_only:
-        if not _openat2_works or len(relpath) >= PATH_MAX:
-            raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
-        resolve |= _RESOLVE_CACHED
-    if _openat2_works and len(relpath) < PATH_MAX:  # deeper: a component at a time
-        how = _OpenHow(flags, 0, resolve)
-        fd = _libc.syscall(
-            _SYS_OPENAT2,
-            ctypes.c_int(dir_fd),
-            ctypes.c_char_p(relpath),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err == errno.EPERM and flags & os.O_NOATIME:
-            # As open_noatime: not the owner, without CAP_FOWNER.
-            return open_beneath(dir_fd, relpath, flags & ~os.O_NOATIME, cached_only=cached_only,
-                                noatime=False)  # fmt: skip
-        if cached_only and err in (errno.EAGAIN, errno.EINVAL):  # EINVAL: before Linux 5.12
-            raise BlockingIOError(errno.EAGAIN, "not in the dentry cache", relpath)
-        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
-            raise OSError(err, os.strerror(err), relpath)
-        _openat2_works = False
-        if cached_only:
-            raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
-    return _open_by_components(dir_fd, relpath, flags)
-
-
-def open_noatime(path: bytes, flags: int, *, dir_fd: int | None = None) -> int:
-    """os.open whose reads leave the file's atime alone (O_NOATIME), or a
-    plain open where the daemon may not ask for that: not the owner, without
-    CAP_FOWNER (an id a user namespace does not map)."""
-    try:
-        return os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError as exc:
-        if exc.errno != errno.EPERM:
-            raise
-        return os.open(path, flags, dir_fd=dir_fd)
-
-
-def _open_by_components(dir_fd: int, relpath: bytes, flags: int) -> int:
-    parts = [part for part in relpath.split(b"/") if part]
-    if not parts or any(part in (b".", b"..") for part in parts):
-        raise OSError(errno.EINVAL, "bad path inside a layer", relpath)
-    current = dir_fd
-    try:
-        for part in parts[:-1]:
-            nxt = os.open(
-                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current
-            )
-            if current != dir_fd:
-                os.close(current)
-            current = nxt
-        if flags & os.O_NOATIME:
-            return open_noatime(parts[-1], flags & ~os.O_NOATIME, dir_fd=current)
-        return os.open(parts[-1], flags, dir_fd=current)
-    finally:
-        if current != dir_fd:
-            os.close(current)
 
 
 def open_layer_root(path: str) -> int:

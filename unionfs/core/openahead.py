@@ -35,8 +35,8 @@ from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 from .index import Index, name_hash
-from .layer import open_beneath
 from .nodes import Node
+from .paths import open_beneath
 from .records import Entry
 
 log = logging.getLogger(__name__)

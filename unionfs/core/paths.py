@@ -1,18 +1,130 @@
-"""Host paths at any depth.
+"""Host paths beneath a root, at any depth.
 
-A system call takes a path of at most PATH_MAX bytes, but a tree may be deeper
-(a merged path alone may be 4095 bytes, and UPPER or a layer adds its own
-root). A path within the limit is used as it is; a deeper one goes through a
-descriptor of its parent directory, as /proc/self/fd/N/NAME, which every call
-accepts (the xattr calls have no *at form).
+Two things stand between a tree's relative path and a system call. A call
+takes a path of at most PATH_MAX bytes, but a tree may be deeper (a merged
+path alone may be 4095 bytes, and UPPER or a layer adds its own root). And a
+component of the tree may be a symlink (a layer may hold `etc -> /`; a
+directory of UPPER may be swapped for a symlink to any host path), which the
+host must never follow on the way: every component before the last must be a
+real directory beneath the root. So files are opened with openat2's
+RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS (open_beneath), and calls that take
+paths get one through a descriptor of the parent directory opened that way,
+as /proc/self/fd/N/NAME, which every call accepts (the xattr calls have no
+*at form): BeneathPaths.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import stat
 
 PATH_MAX = 4096  # bytes of a path a system call takes, its NUL included
 _PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_RESOLVE_CACHED = 0x20
+_SYS_OPENAT2 = 437  # same number on every architecture (unified syscall table)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_openat2_works = True
+
+
+def open_beneath(
+    dir_fd: int,
+    relpath: bytes,
+    flags: int = os.O_RDONLY,
+    *,
+    cached_only: bool = False,
+    noatime: bool = True,
+) -> int:
+    """Open *relpath* under *dir_fd* without following any symlink on the way.
+
+    A layer may hold `etc -> /`; resolving a merged path through it must never
+    reach the host, so every component must be a real directory of the layer.
+    With *cached_only* the open never waits for the disk: BlockingIOError
+    unless every component is in the kernel's dentry cache (RESOLVE_CACHED).
+    Reads through the descriptor leave the file's atime as it is (O_NOATIME):
+    the mount's atime is its own, never the host's, whose rules differ.
+    """
+    global _openat2_works
+    if flags & os.O_PATH:
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC  # openat2 takes no other flag beside it
+    else:
+        if noatime and flags & os.O_ACCMODE != os.O_WRONLY:
+            flags |= os.O_NOATIME
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    resolve = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+    if cached_only:
+        if not _openat2_works or len(relpath) >= PATH_MAX:
+            raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
+        resolve |= _RESOLVE_CACHED
+    if _openat2_works and len(relpath) < PATH_MAX:  # deeper: a component at a time
+        how = _OpenHow(flags, 0, resolve)
+        fd = _libc.syscall(
+            _SYS_OPENAT2,
+            ctypes.c_int(dir_fd),
+            ctypes.c_char_p(relpath),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err == errno.EPERM and flags & os.O_NOATIME:
+            # As open_noatime: not the owner, without CAP_FOWNER.
+            return open_beneath(dir_fd, relpath, flags & ~os.O_NOATIME, cached_only=cached_only,
+                                noatime=False)  # fmt: skip
+        if cached_only and err in (errno.EAGAIN, errno.EINVAL):  # EINVAL: before Linux 5.12
+            raise BlockingIOError(errno.EAGAIN, "not in the dentry cache", relpath)
+        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
+            raise OSError(err, os.strerror(err), relpath)
+        _openat2_works = False
+        if cached_only:
+            raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
+    return _open_by_components(dir_fd, relpath, flags)
+
+
+def open_noatime(path: bytes, flags: int, *, dir_fd: int | None = None) -> int:
+    """os.open whose reads leave the file's atime alone (O_NOATIME), or a
+    plain open where the daemon may not ask for that: not the owner, without
+    CAP_FOWNER (an id a user namespace does not map)."""
+    try:
+        return os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+        return os.open(path, flags, dir_fd=dir_fd)
+
+
+def _open_by_components(dir_fd: int, relpath: bytes, flags: int) -> int:
+    parts = [part for part in relpath.split(b"/") if part]
+    if not parts or any(part in (b".", b"..") for part in parts):
+        raise OSError(errno.EINVAL, "bad path inside a layer", relpath)
+    current = dir_fd
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(
+                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current
+            )
+            if current != dir_fd:
+                os.close(current)
+            current = nxt
+        if flags & os.O_NOATIME:
+            return open_noatime(parts[-1], flags & ~os.O_NOATIME, dir_fd=current)
+        return os.open(parts[-1], flags, dir_fd=current)
+    finally:
+        if current != dir_fd:
+            os.close(current)
 
 
 def open_directory(top: bytes, rel: bytes) -> int:
@@ -39,24 +151,75 @@ def fd_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
-class DeepPaths:
-    """Paths under *top* that one system call accepts, whatever the depth."""
+def chmod_here(path: bytes, mode: int) -> None:
+    """chmod of what is at *path*, never of what a symlink there leads to
+    (ELOOP: strata never changes a symlink's mode)."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+        os.chmod(b"/proc/self/fd/%d" % fd, mode)
+    finally:
+        os.close(fd)
+
+
+def truncate_here(path: bytes, size: int) -> None:
+    """truncate of the file at *path*, never of what a symlink there leads to."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+# Parent directories kept open by BeneathPaths: those a workload touches
+# (dpkg's few hundred) stay open; more are opened again when next used.
+PARENTS_KEPT = 512
+
+
+class BeneathPaths:
+    """Paths of a tree under *top* that one system call takes at any depth
+    and that follow no symlink before their last component: NAME in the
+    parent directory, opened beneath *top* with no symlink on the way (so a
+    parent swapped for a symlink fails with ELOOP, never leads outside).
+    Whether the last component is followed is the call's own choice, as
+    with any path. The parents are kept open by relative path, so whoever
+    moves or removes a directory of the tree calls forget()."""
 
     def __init__(self, top: bytes) -> None:
         self.top = top
+        self._top_fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dirs: dict[bytes, int] = {}  # parent directory -> its descriptor
         self._retired: list[int] = []
 
     def path(self, rel: bytes) -> bytes:
         if not rel:
             return self.top
-        if len(self.top) + len(rel) + 2 <= PATH_MAX:  # a slash and the NUL
-            return self.top + b"/" + rel
         parent, _, name = rel.rpartition(b"/")
-        fd = self._dirs.get(parent)
+        if not parent:  # the top is the caller's own: a plain path where it fits
+            if len(self.top) + len(name) + 2 <= PATH_MAX:  # a slash and the NUL
+                return self.top + b"/" + name
+            return fd_path(self._top_fd, name)
+        return fd_path(self._opened(parent), name)
+
+    def directory(self, rel: bytes) -> bytes:
+        """A path of the directory *rel* itself, a symlink at its end refused
+        too: for calls that act in it (O_TMPFILE, a listing) or follow it
+        (stat, utime)."""
+        return b"/proc/self/fd/%d" % self._opened(rel) if rel else self.top
+
+    def _opened(self, rel: bytes) -> int:
+        fd = self._dirs.get(rel)
         if fd is None:
-            fd = self._dirs[parent] = open_directory(self.top, parent)
-        return fd_path(fd, name)
+            fd = open_beneath(self._top_fd, rel, os.O_PATH | os.O_DIRECTORY)
+            if len(self._dirs) >= PARENTS_KEPT:  # the oldest goes (closed later)
+                self._retired.append(self._dirs.pop(next(iter(self._dirs))))
+                if len(self._retired) > 2 * PARENTS_KEPT:
+                    for old in self._retired[:PARENTS_KEPT]:
+                        os.close(old)
+                    del self._retired[:PARENTS_KEPT]
+            self._dirs[rel] = fd
+        return fd
 
     def forget(self) -> None:
         """Directories moved or went: drop the descriptors that reach them by
@@ -72,3 +235,4 @@ class DeepPaths:
             os.close(fd)
         self._retired = []
         self._dirs.clear()
+        os.close(self._top_fd)

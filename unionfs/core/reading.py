@@ -26,14 +26,10 @@ from .acl import DEFAULT as DEFAULT_ACL_NAME
 from .chunks import PartialCopy
 from .data import CAPABILITY_XATTR
 from .index import ROOT_INO, Index, InodeBatches, name_hash
-from .layer import (
-    HIDDEN_XATTR_PREFIXES,
-    is_whiteout_device,
-    open_beneath,
-    open_layer_root,
-)
+from .layer import HIDDEN_XATTR_PREFIXES, is_whiteout_device, open_layer_root
 from .nodes import FsError, Node
 from .openahead import OpenAhead
+from .paths import open_beneath
 from .records import Entry, entry_from_stat
 from .streaming import UNKNOWN, StreamedLayers
 from .upper import (

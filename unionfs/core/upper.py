@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from ..errors import StrataError
 from . import overrides
 from .data import can_reserve
-from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device, open_beneath, open_noatime
-from .paths import DeepPaths, open_directory
+from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device
+from .paths import BeneathPaths, chmod_here, open_beneath, open_noatime
 
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
@@ -227,7 +227,7 @@ class UpperStore:
         self.opaque_xattrs = tuple(prefix + b"opaque" for prefix in PRIVATE_PREFIXES)
         self.redirect_xattrs = tuple(prefix + b"redirect" for prefix in PRIVATE_PREFIXES)
         self.metacopy_xattrs = tuple(prefix + b"metacopy" for prefix in PRIVATE_PREFIXES)
-        self.deep = DeepPaths(self.root)
+        self.deep = BeneathPaths(self.root)
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._work_fd = os.open(self.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
@@ -336,11 +336,18 @@ class UpperStore:
         return unused
 
     def path(self, rel: bytes) -> bytes:
-        """A host path of UPPER's *rel* that one system call takes, at any depth."""
+        """A host path of UPPER's *rel* that one system call takes, at any
+        depth, through no symlink of UPPER but the last component (ELOOP
+        where a directory on the way is one now: BeneathPaths)."""
         return self.deep.path(rel)
 
+    def directory(self, rel: bytes) -> bytes:
+        """A host path of UPPER's directory *rel* itself, through no symlink
+        at all: for calls that act in it or follow it (BeneathPaths)."""
+        return self.deep.directory(rel)
+
     def forget_directories(self) -> None:
-        """Directories of UPPER moved or went (see DeepPaths.forget)."""
+        """Directories of UPPER moved or went (see BeneathPaths.forget)."""
         self.deep.forget()
 
     def temp_path(self) -> bytes:
@@ -390,8 +397,9 @@ class UpperStore:
         return True
 
     def open_directory(self, rel: bytes) -> int:
-        """An O_PATH descriptor of the upper directory *rel*, at any depth."""
-        return open_directory(self.root, rel)
+        """An O_PATH descriptor of the upper directory *rel*, at any depth,
+        through no symlink."""
+        return open_beneath(self._root_fd, rel or b".", os.O_PATH | os.O_DIRECTORY)
 
     def is_whited_out(self, parent_rel: bytes, name: bytes, st: os.stat_result | None) -> bool:
         """Whether NAME in the upper dir hides the lower layers' NAME."""
@@ -419,7 +427,7 @@ class UpperStore:
         opaque = False
         # By descriptor: each entry's stat is relative to it, at any depth.
         # Listing it leaves its atime alone: the mount's atime is its own.
-        fd = open_noatime(self.path(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = open_noatime(self.directory(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             with os.scandir(fd) as listing:  # names as str: scandir of a descriptor
                 for item in listing:
@@ -527,12 +535,12 @@ class UpperStore:
     def times_kept(self, rel: bytes) -> Iterator[None]:
         """A copy-up is invisible in its directory's times: overlayfs, too,
         restores the upper parent's atime and mtime after placing a copy."""
-        path = self.path(rel)
-        st = os.lstat(path)
+        path = self.directory(rel)
+        st = os.stat(path)
         try:
             yield
         finally:
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def place(self, temp: bytes, parent_rel: bytes, name: bytes) -> None:
         """Move a complete new object from WORK to NAME, replacing a whiteout."""
@@ -650,7 +658,7 @@ def copy_link_metadata(
     """Like copy_metadata for a path that may be a symlink or special file."""
     overrides.set_owner(path, stat.S_IFLNK if mode is None else mode, uid, gid)
     if mode is not None:
-        os.chmod(path, stat.S_IMODE(mode))
+        chmod_here(path, stat.S_IMODE(mode))
     for name, value in xattrs:
         try:
             os.setxattr(path, _xattr_name(name), value, follow_symlinks=False)

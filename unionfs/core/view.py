@@ -20,6 +20,7 @@ from .layer import (
     is_whiteout_device,
 )
 from .nodes import Caller, FsError, Node, count_subdir
+from .paths import chmod_here, truncate_here
 from .reading import follows, reopen
 from .records import Entry
 from .upper import (
@@ -70,7 +71,7 @@ class UnionView(CopyUp):
             in_place = False
             if lower is None and stat.S_ISREG(mode):
                 # No whiteout is needed, so none is replaced.
-                fd = _open_unnamed(store.path(parent_rel))
+                fd = _open_unnamed(store.directory(parent_rel))
                 if fd is not None:
                     try:
                         new.dress(store, target, fd)
@@ -125,7 +126,7 @@ class UnionView(CopyUp):
                 mode &= ~(caller.umask & 0o777)
         gid = caller.gid
         if not parent.no_setgid:
-            parent_st = os.lstat(self._writable().path(self.rel(parent)))
+            parent_st = os.stat(self._writable().directory(self.rel(parent)))
             if parent_st.st_mode & stat.S_ISGID:
                 gid = parent_st.st_gid  # BSD group semantics of a setgid directory
                 if stat.S_ISDIR(mode):
@@ -548,14 +549,19 @@ class UnionView(CopyUp):
                 shown.rdev,
             )
         if mode is not None and not stat.S_ISLNK(node.mode):
-            os.chmod(path, stat.S_IMODE(mode))
+            if isinstance(path, int):
+                os.chmod(path, stat.S_IMODE(mode))
+            else:
+                chmod_here(path, stat.S_IMODE(mode))
             if self.rootless:
                 overrides.update_mode(path, stat.S_IMODE(mode))
         if size is not None:
             if fd is not None:
                 os.ftruncate(fd, size)
+            elif isinstance(path, int):
+                os.ftruncate(path, size)
             else:
-                os.truncate(path, size)
+                truncate_here(path, size)
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
                 if found is None or size is not None:  # (a truncation set the mtime)
@@ -577,7 +583,7 @@ class UnionView(CopyUp):
         if truncate and (not node.upper or node.metacopy):
             self._copy_up(node, data=False)
             self._drop_metacopy(node)
-            os.truncate(self._host(node), 0)
+            truncate_here(self._host(node), 0)
         elif node.partial is None:
             self._copy_up(node, data=True)
         fd = self.open_data(ino, write=True)
@@ -706,7 +712,7 @@ class _NewObject:
         if fd is not None:
             os.fchmod(fd, stat.S_IMODE(mode))
         elif not stat.S_ISLNK(mode):
-            os.chmod(path, stat.S_IMODE(mode))
+            chmod_here(path, stat.S_IMODE(mode))
         if self.inherited is not None and not self.placeholder:
             self._set_acls(target, self.inherited)
 

@@ -29,7 +29,7 @@ import zstandard
 
 from ..core import overrides
 from ..core.layer import HIDDEN_XATTR_PREFIXES, IMPLICIT_XATTRS, OPAQUE_MARKER, WHITEOUT_PREFIX
-from ..core.paths import DeepPaths
+from ..core.paths import BeneathPaths
 from ..errors import StrataError
 
 # eStargz (lazy/estargz.py) adds these entries to a layer's tar for its
@@ -186,7 +186,7 @@ class _Unpacker:
         self.entries = 0
         # Rootless: devices kept as plain files, by path, with their numbers.
         self.devices: dict[str, int] = {}
-        self.deep = DeepPaths(os.fsencode(target))  # entries deeper than PATH_MAX
+        self.deep = BeneathPaths(os.fsencode(target))  # entries deeper than PATH_MAX
 
     def path(self, rel: str) -> str:
         return os.fsdecode(self.deep.path(os.fsencode(rel)))
@@ -386,6 +386,7 @@ def unpack_layer(
     the layer and its tar mtime in ns), for a mount that serves the layer
     while it streams in."""
     unpacker = _Unpacker(target, label)
+    current: str | None = None  # the entry being unpacked, for an error's line
     try:
         try:
             stream = HashingReader(decompressed(blob), limit, label)
@@ -395,19 +396,31 @@ def unpack_layer(
                 for member in tar:
                     if hidden and member.name.strip("/").removeprefix("./") in hidden:
                         continue
+                    current = member.name
                     if unpacker.add(tar, member) and on_entry is not None:
                         rel = _clean_name(member.name, label)
                         on_entry(os.fsencode(rel), _ns(member.mtime))
+                    current = None
             stream.drain()  # the DiffID covers the end-of-archive blocks too
         except _STREAM_ERRORS as exc:
             reason = str(exc) or type(exc).__name__
             raise LayerRefused(f"{label}: corrupt or truncated layer data ({reason})") from None
         except OSError as exc:
-            raise StrataError(f"{label}: cannot unpack: {exc.strerror} ({exc.filename})") from None
+            raise _unpack_error(label, exc, current) from None
         implicit = unpacker.finish()
     finally:
         unpacker.deep.close()
     return Unpacked("sha256:" + stream.digest.hexdigest(), stream.size, unpacker.entries, implicit)
+
+
+def _unpack_error(label: str, exc: OSError, entry: str | None) -> StrataError:
+    """One line for a host error met while unpacking: the entry it met it at
+    (the host path may be a /proc/self/fd one, which says nothing)."""
+    if entry is not None:
+        return StrataError(f"{label}: cannot unpack entry {entry!r}: {exc.strerror}")
+    return StrataError(
+        f"{label}: cannot unpack: {exc.strerror} ({os.fsdecode(exc.filename or b'')})"
+    )
 
 
 def unpack_skeleton(members: Iterable[tarfile.TarInfo], target: str, *, label: str) -> int:
@@ -416,11 +429,14 @@ def unpack_skeleton(members: Iterable[tarfile.TarInfo], target: str, *, label: s
     checks as unpack_layer; returns the number of entries."""
     unpacker = _Unpacker(target, label)
     try:
+        current: str | None = None
         try:
             for member in members:
+                current = member.name
                 unpacker.add(None, member)
+            current = None
         except OSError as exc:
-            raise StrataError(f"{label}: cannot unpack: {exc.strerror} ({exc.filename})") from None
+            raise _unpack_error(label, exc, current) from None
         unpacker.finish()
     finally:
         unpacker.deep.close()
