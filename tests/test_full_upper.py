@@ -623,3 +623,48 @@ def test_the_close_of_such_a_file_reports_it_and_no_other_close_asks(scratch: st
         assert _text(flushes) == "f"
     assert daemon.returncode == 0
 
+
+# Fails every update of a shared copy's name count (in WORK/strata-links)
+# while the flag file exists.
+_COUNT_FAILS = """
+import errno, os
+_flag = os.path.join(os.path.dirname(os.path.abspath(upper)), "inject")
+_setxattr = os.setxattr
+def _failing_setxattr(target, *args, **kwargs):
+    if not isinstance(target, int) and b"strata-links" in os.fsencode(target):
+        if os.path.exists(_flag):
+            raise OSError(errno.EIO, "injected I/O error")
+    return _setxattr(target, *args, **kwargs)
+os.setxattr = _failing_setxattr
+"""
+
+
+def test_a_name_that_went_is_gone_even_where_its_shared_copy_count_fails(scratch: str) -> None:
+    """unlink of a name of a hard-linked file, or a rename over one: once the
+    name is gone the call succeeds. Were it to fail, the caller would believe
+    the name still there while it is not. The count the disk would not take
+    stays one too high, which keeps the shared copy, and is logged."""
+    lower = os.path.join(scratch, "lower")
+    data = random.Random(3).randbytes(10_000)
+    write(f"{lower}/a", data)
+    for name in ("b", "c", "d"):
+        os.link(f"{lower}/a", f"{lower}/{name}")
+    log_path = os.path.join(scratch, "daemon.log")
+    with patched_mount(scratch, lower, _COUNT_FAILS, log_path) as (mount, daemon):
+        os.unlink(f"{mount}/a")  # the group is copied up: its copy counts the names
+        write(os.path.join(scratch, "inject"))
+        os.unlink(f"{mount}/b")
+        write(f"{mount}/new", "new")
+        os.rename(f"{mount}/new", f"{mount}/c")
+        os.unlink(os.path.join(scratch, "inject"))
+        assert sorted(os.listdir(mount)) == ["c", "d"]
+        assert read_direct(f"{mount}/d") == data
+        assert read_direct(f"{mount}/c") == b"new"
+    assert daemon.returncode == 0
+    assert _text(log_path).count("count was not lowered") == 2
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+        assert sorted(os.listdir(mount)) == ["c", "d"]
+        assert read_direct(f"{mount}/d") == data
+        assert read_direct(f"{mount}/c") == b"new"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 
@@ -15,6 +16,8 @@ from .nodes import CopyJob, FsError, Node
 from .reading import ReadPath
 from .records import Entry
 from .upper import LinkCounts, copy_link_metadata, copy_metadata, join
+
+log = logging.getLogger(__name__)
 
 
 class CopyUp(ReadPath):
@@ -235,6 +238,21 @@ class CopyUp(ReadPath):
             self.store.drop_link(node.ino)
             return
         self.store.set_link_counts(node.ino, LinkCounts(max(counts.shown + change, 0), names))
+
+    def _uncount_link(self, node: Node) -> None:
+        """_count_link(node, -1) once a name went. The name is gone whatever
+        happens here, so the request must not fail now: a count the disk
+        would not take stays one too high, which keeps the shared copy
+        (never drops one in use), and is logged."""
+        try:
+            self._count_link(node, -1)
+        except OSError as exc:
+            log.warning(
+                "inode %d: a name went, but its shared copy's count was not lowered (%s); "
+                "the copy is kept",
+                node.ino,
+                exc.strerror,
+            )
 
     def _finish_temp(self, fd: int, ino: int, lower: Entry) -> None:
         """Give a new file in WORK its inode number and the metadata of *lower*."""

@@ -298,7 +298,7 @@ class UnionView(CopyUp):
         self._index_group(node)
         last = self._removing(node)
         self._remove(parent, name, node)
-        self._count_link(node, -1)
+        self._uncount_link(node)
         self._removed(node, last)
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
@@ -412,7 +412,7 @@ class UnionView(CopyUp):
         count_subdir(new_parent, node.is_dir - (target is not None and target.is_dir))
         if target is not None and target is not node:
             target.drop_name(new_parent.ino, new_name)
-            self._count_link(target, -1)
+            self._uncount_link(target)
             self._removed(target, replaced)
         self._moved(node, old_parent, old_name, new_parent, new_name)
 
