@@ -151,9 +151,31 @@ def fd_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
+_SYS_FCHMODAT2 = 452  # Linux 6.6: fchmodat with AT_SYMLINK_NOFOLLOW (unified table)
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_fchmodat2_works = True
+
+
 def chmod_here(path: bytes, mode: int) -> None:
     """chmod of what is at *path*, never of what a symlink there leads to
-    (ELOOP: strata never changes a symlink's mode)."""
+    (EOPNOTSUPP or ELOOP: strata never changes a symlink's mode). One
+    fchmodat2 where the kernel has it, else an O_PATH open on the way."""
+    global _fchmodat2_works
+    if _fchmodat2_works:
+        done = _libc.syscall(
+            _SYS_FCHMODAT2,
+            ctypes.c_int(_AT_FDCWD),
+            ctypes.c_char_p(path),
+            ctypes.c_uint(mode),
+            ctypes.c_uint(_AT_SYMLINK_NOFOLLOW),
+        )
+        if done == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
+            raise OSError(err, os.strerror(err), path)
+        _fchmodat2_works = False
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if stat.S_ISLNK(os.fstat(fd).st_mode):
@@ -201,6 +223,12 @@ class BeneathPaths:
                 return self.top + b"/" + name
             return fd_path(self._top_fd, name)
         return fd_path(self._opened(parent), name)
+
+    def at(self, rel: bytes) -> tuple[int, bytes]:
+        """*rel* as the directory descriptor and name the *at calls take
+        (os.stat, os.unlink, os.rename with dir_fd): the cheapest form."""
+        parent, _, name = rel.rpartition(b"/")
+        return (self._opened(parent) if parent else self._top_fd), name
 
     def directory(self, rel: bytes) -> bytes:
         """A path of the directory *rel* itself, a symlink at its end refused

@@ -374,9 +374,15 @@ class UpperStore:
 
     # Reading ----------------------------------------------------------------
 
+    def at(self, rel: bytes) -> tuple[int, bytes]:
+        """UPPER's *rel* as a directory descriptor and a name, for *at calls
+        (the cheapest form of path): BeneathPaths.at."""
+        return self.deep.at(rel)
+
     def lstat(self, rel: bytes) -> os.stat_result | None:
         try:
-            return os.lstat(self.path(rel))
+            directory, name = self.deep.at(rel)  # (ENOENT too where UPPER lacks the parent)
+            return os.stat(name, dir_fd=directory, follow_symlinks=False)
         except FileNotFoundError:
             return None
 
@@ -405,7 +411,12 @@ class UpperStore:
         """Whether NAME in the upper dir hides the lower layers' NAME."""
         if st is not None:
             return is_whiteout_device(st)
-        return os.path.lexists(self.path(join(parent_rel, WHITEOUT_PREFIX + name)))
+        try:
+            directory, marker = self.deep.at(join(parent_rel, WHITEOUT_PREFIX + name))
+            os.stat(marker, dir_fd=directory, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
 
     def read_dir(self, rel: bytes) -> UpperDir:
         """A directory's entries, each lstat'ed, and its markers."""
@@ -560,9 +571,9 @@ class UpperStore:
     def remove_marker(self, parent_rel: bytes, name: bytes) -> None:
         """Drop a `.wh.NAME` file marker if there is one. For a name of more
         than NAME_MAX - 4 bytes there cannot be: ENAMETOOLONG means none."""
-        marker = self.path(join(parent_rel, WHITEOUT_PREFIX + name))
         try:
-            os.unlink(marker)
+            directory, marker = self.deep.at(join(parent_rel, WHITEOUT_PREFIX + name))
+            os.unlink(marker, dir_fd=directory)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
                 raise
@@ -593,15 +604,15 @@ class UpperStore:
 
     def remove(self, parent_rel: bytes, name: bytes) -> None:
         """Remove NAME from UPPER (a directory with whatever markers it holds)."""
-        target = self.path(join(parent_rel, name))
-        st = os.lstat(target)
+        directory, entry = self.deep.at(join(parent_rel, name))
+        st = os.stat(entry, dir_fd=directory, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             temp = self.temp_path()
-            os.rename(target, temp)
+            os.rename(entry, temp, src_dir_fd=directory)
             self.forget_directories()
             shutil.rmtree(temp)
         else:
-            os.unlink(target)
+            os.unlink(entry, dir_fd=directory)
 
 
 def discard(path: bytes) -> None:

@@ -400,7 +400,11 @@ class UnionView(CopyUp):
                 # entry still there beats it, and the lower file stays hidden.
                 store.put_marker(self.rel(old_parent), old_name)
             try:
-                os.rename(store.path(old_rel), store.path(new_rel))
+                (old_dir, old_name_at), (new_dir, new_name_at) = (
+                    store.at(old_rel),
+                    store.at(new_rel),
+                )
+                os.rename(old_name_at, new_name_at, src_dir_fd=old_dir, dst_dir_fd=new_dir)
             except BaseException:
                 if leaves_lower:
                     store.remove_marker(self.rel(old_parent), old_name)
