@@ -405,7 +405,9 @@ class UpperStore:
     def open_directory(self, rel: bytes) -> int:
         """An O_PATH descriptor of the upper directory *rel*, at any depth,
         through no symlink."""
-        return open_beneath(self._root_fd, rel or b".", os.O_PATH | os.O_DIRECTORY)
+        if not rel:
+            return os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._root_fd)
+        return open_beneath(self._root_fd, rel, os.O_PATH | os.O_DIRECTORY)
 
     def is_whited_out(self, parent_rel: bytes, name: bytes, st: os.stat_result | None) -> bool:
         """Whether NAME in the upper dir hides the lower layers' NAME."""
