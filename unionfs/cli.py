@@ -10,17 +10,7 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import StrataError, error_line
 from .images_cli import _registry_arguments, add_image_verbs, mount_image, run_image_verb
-from .mount import RUNTIME_DIR_HELP
-
-
-def default_root() -> str:
-    env = os.environ.get("STRATA_ROOT")
-    if env:
-        return env
-    if os.geteuid() == 0 and os.access("/var/lib", os.W_OK):  # not root of a user namespace
-        return "/var/lib/strata"
-    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return os.path.join(data, "strata")
+from .mount import RUNTIME_DIR_HELP, default_root
 
 
 def _is_mount_helper_call(arguments: list[str], parser: argparse.ArgumentParser) -> bool:

@@ -133,6 +133,18 @@ class LayerStreamSource(Protocol):
     ) -> None: ...
 
 
+def default_root() -> str:
+    """The store's directory where no --root says: $STRATA_ROOT, else
+    /var/lib/strata for root, else the user's data directory."""
+    env = os.environ.get("STRATA_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0 and os.access("/var/lib", os.W_OK):  # not root of a user namespace
+        return "/var/lib/strata"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data, "strata")
+
+
 def default_work_dir(upper: str) -> str:
     """WORK beside UPPER (it must be on the same filesystem, and not inside it)."""
     upper = os.path.abspath(upper).rstrip("/")

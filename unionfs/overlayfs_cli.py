@@ -293,8 +293,7 @@ def parse_arguments(argv: Sequence[str]) -> OverlayRequest:
 
 
 def run(argv: Sequence[str]) -> int:
-    from .cli import default_root
-    from .mount import MountRequest, WritableLayer, mount
+    from .mount import MountRequest, WritableLayer, default_root, mount
 
     if list(argv) in (["--version"], ["-V"]):
         # As fuse-overlayfs answers: tools probe the mount program this way.
