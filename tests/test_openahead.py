@@ -12,13 +12,11 @@ import pytest
 
 from tests.layers import write
 from tests.mounts import daemon_logs, drop_caches, strata_mount
-from tests.test_passthrough import needs_passthrough
 from unionfs.core import openahead
 from unionfs.core.index import ROOT_INO, Index
 from unionfs.core.openahead import LISTINGS_AFTER, WINDOW, OpenAhead
 from unionfs.core.stack import prepare_stack
 from unionfs.core.view import UnionView
-from unionfs.passthrough import BackingFiles
 
 FILES = 100
 
@@ -156,9 +154,9 @@ def test_the_thread_warms_what_is_queued_and_stops_with_the_view(
     warmed: list[bytes] = []
     real_warm = openahead._warm
 
-    def counting(layer_fd: int, job: openahead._Job, hook: openahead.WarmedFiles | None) -> bool:
+    def counting(layer_fd: int, job: openahead._Job) -> bool:
         warmed.append(job.path)
-        return real_warm(layer_fd, job, hook)
+        return real_warm(layer_fd, job)
 
     monkeypatch.setattr(openahead, "_warm", counting)
     view = _view(scratch, lower)
@@ -248,36 +246,3 @@ def test_a_walk_after_a_reader_in_order_warms_only_the_first_directories_it_list
         assert directory is not None
         list(view.listdir(directory.ino))
     assert len(queued.paths) - before == LISTINGS_AFTER
-
-
-@needs_passthrough
-def test_a_reader_in_order_finds_its_lower_files_registered_as_backing_files_ahead(
-    scratch: str, lower: str
-) -> None:
-    """Where passthrough serves lower files (a read-only mount), the warming
-    thread also registers each file it warms as a backing file, so that the
-    reader's open takes it ready: no open and no registration on the request
-    thread. Every such file reads as the layer holds it, and none is left
-    registered at the end beyond those the session drops with it."""
-    root = os.path.join(scratch, "root")
-    mountpoint = os.path.join(scratch, "mnt")
-    read = 0
-    with strata_mount(root, [lower], mountpoint, "--passthrough", "on"):
-        drop_caches(mountpoint)
-        for directory in ("d", "e"):
-            for entry in os.scandir(f"{mountpoint}/{directory}"):
-                if entry.is_file(follow_symlinks=False):
-                    with open(entry.path, "rb") as handle:
-                        number = int(entry.name[1:])
-                        assert handle.read() == f"{directory}{number}".encode() * 100
-                    read += 1
-                    threading.Event().wait(0.002)  # a reader that does something with it
-    logs = daemon_logs(root)
-    ahead = re.findall(r"passthrough: (\d+) opens found their file registered ahead", logs)
-    registered, still = re.findall(
-        r"passthrough: (\d+) backing files registered, (\d+) still in use", logs
-    )[0]
-    assert read == 2 * FILES
-    assert len(ahead) == 1 and int(ahead[0]) >= read - 2 * WINDOW, (ahead, read)
-    assert int(still) == 0
-    assert int(registered) <= read + BackingFiles.PREPARED_MAX

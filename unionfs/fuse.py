@@ -741,8 +741,6 @@ class StrataOperations(pyfuse3.Operations):
             backing_id = passthrough.files.attach(handle.ino, identity)
             if backing_id is None:
                 backing_id = await self._register(passthrough, handle.ino, source)
-            elif source.lower is not None:  # registered before (or ahead): no open waited
-                self.view.opened_lower(handle.ino, cold=False)
         except Busy:
             raise FsError(
                 errno.EIO, "its open files use another backing file than its data now"

@@ -825,16 +825,12 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
         if operations.access_times is not None:
             operations.access_times.close()
         if operations.passthrough is not None:
-            operations.view.open_ahead.close()  # its thread registers files: stopped first
             operations.passthrough.close()
             files = operations.passthrough.files
             # Every backing id in use is dropped with the last release of its
             # inode: a leak shows here (the tests read this line).
             log.info("passthrough: %d backing files registered, %d still in use at the end",
                      files.registered, files.open_ids)  # fmt: skip
-            if files.taken_ahead:
-                log.info("passthrough: %d opens found their file registered ahead",
-                         files.taken_ahead)  # fmt: skip
 
 
 def _start_passthrough(request: MountRequest, operations: StrataOperations) -> None:
@@ -864,8 +860,6 @@ def _start_passthrough(request: MountRequest, operations: StrataOperations) -> N
         log.info("passthrough: not used: %s", reason)
         return
     operations.passthrough = passthrough
-    if passthrough.lower:  # the warming thread registers the files it warms
-        view.open_ahead.hook = passthrough
     log.info("passthrough: in use")
 
 

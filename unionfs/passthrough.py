@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -89,26 +88,17 @@ class BackingTrees:
             return replace(source, write=False).reopen()
         lower = source.lower
         assert lower is not None
-        return self.open_lower(lower.layer, lower.path, lower.host_ino, cached_only=cached_only)
-
-    def open_lower(
-        self, layer: int, path: bytes, host_ino: int, *, cached_only: bool = False
-    ) -> int:
-        """Open a layer's file read-only through its private mount, the one
-        the index knows (*host_ino*). Safe in any thread."""
-        fd = open_beneath(self._layers[layer], path, os.O_RDONLY, cached_only=cached_only)
-        if os.fstat(fd).st_ino != host_ino:
+        root = self._layers[lower.layer]
+        fd = open_beneath(root, lower.path, os.O_RDONLY, cached_only=cached_only)
+        if os.fstat(fd).st_ino != lower.host_ino:
             os.close(fd)  # as UnionView.open_lower: never serve a layer changed under the mount
-            raise OSError(errno.ESTALE, f"layer changed under the mount: {path!r}")
+            raise OSError(errno.ESTALE, f"layer changed under the mount: {lower.path!r}")
         return fd
 
     def lower_identity(self, lower: Entry) -> Identity:
         """The host file of a lower entry, without a system call (the index
         keeps its inode number, checked at every open)."""
-        return self.lower_identity_of(lower.layer, lower.host_ino)
-
-    def lower_identity_of(self, layer: int, host_ino: int) -> Identity:
-        return (self._layer_devices[layer], host_ino)
+        return (self._layer_devices[lower.layer], lower.host_ino)
 
     def close(self) -> None:
         for fd in (*self._layers.values(), self._upper, self._work):
@@ -153,9 +143,6 @@ class BackingFiles:
     """
 
     IDLE_MAX = 4096
-    # Backing files registered ahead of a reader (prepare) and not taken yet,
-    # at most: two windows of the warming thread.
-    PREPARED_MAX = 64
 
     def __init__(self, register: Callable[[int], int], unregister: Callable[[int], None]) -> None:
         self._register = register
@@ -163,18 +150,12 @@ class BackingFiles:
         self._inodes: dict[int, _InodeIO] = {}
         # Backing files no open uses, least recently released first.
         self._idle: OrderedDict[int, Backing] = OrderedDict()
-        # Lower files registered by the warming thread for the open it
-        # expects, by host file, oldest first; shared with that thread, as
-        # are the counts, under the lock.
-        self._prepared: OrderedDict[Identity, Backing] = OrderedDict()
-        self._lock = threading.Lock()
         # Inodes that had passthrough opens since their last cached open: a
         # cached open must not keep pages the kernel cached before (writes
         # through the backing file did not go through them).
         self._stale_pages: set[int] = set()
         self.registered = 0
         self.unregistered = 0
-        self.taken_ahead = 0  # opens answered with a file registered ahead (prepare)
 
     def outstanding(self, ino: int) -> Backing | int | None:
         """The backing file the inode's open files use, CACHED if they use
@@ -216,30 +197,7 @@ class BackingFiles:
                 self._use(ino, idle)
                 return idle.id
             self._drop(idle)
-        if identity is not None and self._prepared:
-            with self._lock:
-                prepared = self._prepared.pop(identity, None)
-            if prepared is not None:
-                self.taken_ahead += 1
-                self._use(ino, prepared)
-                return prepared.id
         return None
-
-    def prepare(self, identity: Identity, fd: int) -> None:
-        """Register the host file *fd* (*identity*) ahead of its first open,
-        which attach then answers with it. Any thread; the oldest one not
-        taken goes beyond PREPARED_MAX."""
-        with self._lock:
-            if identity in self._prepared:
-                return
-        backing = Backing(self._register(fd), identity)
-        with self._lock:
-            self.registered += 1
-            self._prepared[identity] = backing
-            extra = len(self._prepared) - self.PREPARED_MAX
-            dropped = [self._prepared.popitem(last=False)[1] for _ in range(max(extra, 0))]
-        for old in dropped:
-            self._drop(old)
 
     def register(self, ino: int, fd: int) -> int | None:
         """Register the host file *fd* for an open of the inode and count
@@ -256,8 +214,7 @@ class BackingFiles:
             io.passthrough += 1
             return io.backing.id
         backing = Backing(self._register(fd), identity)
-        with self._lock:
-            self.registered += 1
+        self.registered += 1
         self._use(ino, backing)
         return backing.id
 
@@ -270,8 +227,7 @@ class BackingFiles:
         self._stale_pages.add(ino)
 
     def _drop(self, backing: Backing) -> None:
-        with self._lock:
-            self.unregistered += 1
+        self.unregistered += 1
         self._unregister(backing.id)
 
     def release(self, ino: int, mode: int) -> None:
@@ -304,9 +260,7 @@ class BackingFiles:
 
     def closed(self) -> None:
         """The session ended: the kernel dropped every id with it."""
-        with self._lock:
-            self.unregistered += len(self._idle) + len(self._prepared)
-            self._prepared.clear()
+        self.unregistered += len(self._idle)
         self._idle.clear()
 
     @property
@@ -346,17 +300,6 @@ class Passthrough:
     def close(self) -> None:
         self.files.closed()
         self.trees.close()
-
-    # The warming thread's hook (core/openahead.py WarmedFiles), where lower
-    # files are served through passthrough: it opens a file where its backing
-    # file is opened, and registers it there, off the request thread.
-
-    def open(self, layer: int, path: bytes, host_ino: int) -> int:
-        return self.trees.open_lower(layer, path, host_ino)
-
-    def warmed(self, layer: int, host_ino: int, fd: int) -> None:
-        if not self.failed:
-            self.files.prepare(self.trees.lower_identity_of(layer, host_ino), fd)
 
 
 def start(

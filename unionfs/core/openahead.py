@@ -32,7 +32,7 @@ import queue
 import stat
 import threading
 from collections.abc import Callable
-from typing import NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, TypeVar
 
 from .index import Index, name_hash
 from .nodes import Node
@@ -73,18 +73,6 @@ class _Job(NamedTuple):
     layer: int
     path: bytes
     size: int
-    host_ino: int
-
-
-class WarmedFiles(Protocol):
-    """Where the warming thread opens a file, and who hears it is warm: the
-    FUSE adapter, which registers it as a passthrough backing file there, so
-    that the reader's open finds it ready (passthrough.py). Called on the
-    warming thread; an OSError skips the file."""
-
-    def open(self, layer: int, path: bytes, host_ino: int) -> int: ...
-
-    def warmed(self, layer: int, host_ino: int, fd: int) -> None: ...
 
 
 class _Found(NamedTuple):
@@ -128,8 +116,6 @@ class OpenAhead:
         self._index = index
         self._layer_fds = layer_fds
         self._skip_layer = skip_layer
-        # Set once passthrough serves lower files (read by the thread per file).
-        self.hook: WarmedFiles | None = None
         self._windows: dict[int, _Window] = {}
         # The name of the last cold open outside a window, by directory.
         self._last_cold: dict[int, bytes] = {}
@@ -285,7 +271,7 @@ class OpenAhead:
     def _warm_all(self, fds: dict[int, int]) -> None:
         try:
             while (job := self._jobs.get()) is not None:
-                if _warm(fds[job.layer], job, self.hook):
+                if _warm(fds[job.layer], job):
                     self.warmed += 1
         finally:
             for fd in fds.values():
@@ -319,7 +305,7 @@ def _worth_warming(entry: Entry) -> bool:
 
 
 def _job(entry: Entry) -> _Job:
-    return _Job(entry.layer, entry.path, entry.size, entry.host_ino)
+    return _Job(entry.layer, entry.path, entry.size)
 
 
 def _next_to(by_name: _ByName, previous: Key, key: Key) -> bool:
@@ -343,14 +329,10 @@ def _keep(kept: dict[int, T], key: int, value: T, most: int = DIRECTORIES_KEPT) 
     kept[key] = value
 
 
-def _warm(layer_fd: int, job: _Job, hook: WarmedFiles | None) -> bool:
-    """Bring a layer file's inode and first pages into the host's caches
-    (opened where *hook* says, which then hears of it)."""
+def _warm(layer_fd: int, job: _Job) -> bool:
+    """Bring a layer file's inode and first pages into the host's caches."""
     try:
-        if hook is not None:
-            fd = hook.open(job.layer, job.path, job.host_ino)
-        else:
-            fd = open_beneath(layer_fd, job.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_beneath(layer_fd, job.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         log.debug("open-ahead of %r: %s", job.path, exc)
         return False
@@ -358,11 +340,6 @@ def _warm(layer_fd: int, job: _Job, hook: WarmedFiles | None) -> bool:
         with contextlib.suppress(OSError):  # a hint: the open warmed the inode
             if job.size:  # (a length of 0 would mean the whole file)
                 os.posix_fadvise(fd, 0, min(job.size, WARM_BYTES), os.POSIX_FADV_WILLNEED)
-        if hook is not None:
-            try:
-                hook.warmed(job.layer, job.host_ino, fd)
-            except OSError as exc:
-                log.debug("open-ahead of %r: %s", job.path, exc)
     finally:
         os.close(fd)
     return True
