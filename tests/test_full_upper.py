@@ -631,7 +631,7 @@ import errno, os
 _flag = os.path.join(os.path.dirname(os.path.abspath(upper)), "inject")
 _setxattr = os.setxattr
 def _failing_setxattr(target, *args, **kwargs):
-    if not isinstance(target, int) and b"strata-links" in os.fsencode(target):
+    if not isinstance(target, int) and b"strata-links" in os.path.realpath(os.fsencode(target)):
         if os.path.exists(_flag):
             raise OSError(errno.EIO, "injected I/O error")
     return _setxattr(target, *args, **kwargs)

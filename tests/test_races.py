@@ -296,3 +296,43 @@ def test_upper_swapped_behind_the_mount_is_never_followed_outside(scratch: str) 
     assert held["chmod"] == "ok", held  # acted in UPPER's own d
     assert os.stat(f"{upper}/d.away/f").st_mode & 0o777 == 0o600
     assert reopened["chmod"] in ("ELOOP", "ENOTDIR"), reopened  # h is a symlink now: refused
+
+
+def test_work_swapped_behind_the_mount_is_never_followed_outside(scratch: str) -> None:
+    """WORK as UPPER: its directories swapped on the host for symlinks to the
+    canary, copy-ups through the mount (a file's data, a directory, a group
+    of hard links, each built in WORK first) act in WORK's own directories
+    or fail; the canary stays identical, its directory times too."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/a/f", "lower data")
+    write(f"{lower}/h1", "linked")
+    os.link(f"{lower}/h1", f"{lower}/h2")
+    canary = _canary(scratch)
+    before = snapshot(canary)
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper)
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
+        os.listdir(f"{mount}/a")
+        for name in ("strata-tmp", "strata-links"):
+            os.rename(f"{work}/{name}", f"{work}/{name}.away")
+            os.symlink(canary, f"{work}/{name}")
+        results = {
+            "append": _attempt(lambda: _append(f"{mount}/a/f", b"x")),
+            "chmod dir": _attempt(lambda: os.chmod(f"{mount}/a", 0o700)),
+            "unlink link": _attempt(lambda: os.unlink(f"{mount}/h1")),
+        }
+    assert differences(before, snapshot(canary)) == [], results
+
+
+def _append(path: str, data: bytes) -> None:
+    with open(path, "ab") as handle:
+        handle.write(data)
+
+
+def _attempt(step: Callable[[], object]) -> str:
+    try:
+        step()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return "ok"

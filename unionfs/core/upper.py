@@ -204,16 +204,22 @@ class UpperNames:
     opaque_marker: bool  # fuse-overlayfs's rootless form of an opaque directory
 
 
+# WORK's directories: objects built before they are placed; shared copies of
+# hardlinked lower files.
+_TEMPORARIES = b"strata-tmp"
+_LINKS = b"strata-links"
+
+
 class UpperStore:
     """Primitive, crash-safe changes to UPPER, with temporaries in WORK."""
 
     def __init__(self, upper: str, work: str, fmt: UpperFormat, store_id: bytes) -> None:
         self.root = os.fsencode(upper)
         self.work = os.fsencode(work)
-        self.tmp = os.path.join(self.work, b"strata-tmp")
+        self.tmp = os.path.join(self.work, _TEMPORARIES)
         # One name per copied-up hardlinked lower file, by inode number: the
         # copy all its names share, found again after a remount.
-        self.links = os.path.join(self.work, b"strata-links")
+        self.links = os.path.join(self.work, _LINKS)
         # Their inode numbers, read once: only this store changes WORK, and a
         # lookup of any lower file asks whether it has such a copy.
         self._linked: set[int] | None = None
@@ -228,11 +234,15 @@ class UpperStore:
         self.redirect_xattrs = tuple(prefix + b"redirect" for prefix in PRIVATE_PREFIXES)
         self.metacopy_xattrs = tuple(prefix + b"metacopy" for prefix in PRIVATE_PREFIXES)
         self.deep = BeneathPaths(self.root)
+        # WORK's own paths, as UPPER's (its directories never move: nothing
+        # to forget).
+        self.work_paths = BeneathPaths(self.work)
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._work_fd = os.open(self.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
         self.deep.close()
+        self.work_paths.close()
         os.close(self._root_fd)
         os.close(self._work_fd)
 
@@ -243,11 +253,11 @@ class UpperStore:
         return open_beneath(root, place.rel, flags, cached_only=cached_only)
 
     def link_place(self, ino: int) -> Beneath:
-        return Beneath(True, b"strata-links/%x" % ino)
+        return Beneath(True, b"%s/%x" % (_LINKS, ino))
 
     def host_path(self, place: Beneath) -> bytes:
         """A host path of *place*, for calls on the request thread."""
-        return os.path.join(self.work, place.rel) if place.in_work else self.path(place.rel)
+        return self.work_paths.path(place.rel) if place.in_work else self.path(place.rel)
 
     # Setup ------------------------------------------------------------------
 
@@ -271,7 +281,7 @@ class UpperStore:
         return found
 
     def link_path(self, ino: int) -> bytes:
-        return b"%s/%x" % (self.links, ino)
+        return self.host_path(self.link_place(ino))
 
     def has_link(self, ino: int) -> bool:
         """Whether WORK holds the shared copy of a hardlinked file of this number."""
@@ -352,7 +362,7 @@ class UpperStore:
 
     def temp_path(self) -> bytes:
         self._serial += 1
-        return b"%s/%d.%d" % (self.tmp, os.getpid(), self._serial)
+        return self.work_paths.path(b"%s/%d.%d" % (_TEMPORARIES, os.getpid(), self._serial))
 
     @contextlib.contextmanager
     def temp(self) -> Iterator[bytes]:
