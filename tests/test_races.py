@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from tests.layers import write
 from tests.mounts import patched_mount, strata_mount
-from tests.trees import differences, snapshot
+from tests.trees import Snapshot, differences, snapshot
 
 CANARY = b"CANARY-outside-the-mount"
 
@@ -32,6 +32,16 @@ def _canary(scratch: str) -> str:
         write(f"{top}/{name}", CANARY * 10)
     os.makedirs(f"{top}/dir", exist_ok=True)
     return top
+
+
+def _places(scratch: str) -> tuple[str, Snapshot, str, str, str, str]:
+    """The canary and its snapshot, then UPPER (made), WORK, the store and
+    the mountpoint of a test's mount."""
+    canary = _canary(scratch)
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    os.makedirs(upper)
+    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    return canary, snapshot(canary), upper, work, root, mount
 
 
 # Widens the window between the moment strata fixes where a file is and the
@@ -140,11 +150,7 @@ def test_racing_symlink_swaps_never_reach_outside(scratch: str) -> None:
         write(f"{lower}/{top}/f", f"{top} lower data")
         write(f"{lower}/{top}/big", os.urandom(5 << 20))  # copied up chunk by chunk
         write(f"{lower}/{top}/g", "g")
-    canary = _canary(scratch)
-    before = snapshot(canary)
-    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
-    os.makedirs(upper)
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    canary, before, upper, work, root, mount = _places(scratch)
 
     def swapper(rng: random.Random) -> None:
         top = rng.choice(["/x", "/d"])
@@ -253,11 +259,7 @@ def test_upper_swapped_behind_the_mount_is_never_followed_outside(scratch: str) 
     again (h, after a directory rename made it drop what it held)."""
     lower = os.path.join(scratch, "lower")
     write(f"{lower}/keep", "lower")
-    canary = _canary(scratch)
-    before = snapshot(canary)
-    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
-    os.makedirs(upper)
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    canary, before, upper, work, root, mount = _places(scratch)
 
     def steps(top: str) -> dict[str, Callable[[], object]]:
         return {
@@ -307,11 +309,7 @@ def test_work_swapped_behind_the_mount_is_never_followed_outside(scratch: str) -
     write(f"{lower}/a/f", "lower data")
     write(f"{lower}/h1", "linked")
     os.link(f"{lower}/h1", f"{lower}/h2")
-    canary = _canary(scratch)
-    before = snapshot(canary)
-    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
-    os.makedirs(upper)
-    root, mount = os.path.join(scratch, "store"), os.path.join(scratch, "mnt")
+    canary, before, upper, work, root, mount = _places(scratch)
     with strata_mount(root, [lower], mount, "--upper", upper, "--work", work):
         os.listdir(f"{mount}/a")
         for name in ("strata-tmp", "strata-links"):
