@@ -186,7 +186,8 @@ class _Unpacker:
         self.entries = 0
         # Rootless: devices kept as plain files, by path, with their numbers.
         self.devices: dict[str, int] = {}
-        self.deep = BeneathPaths(os.fsencode(target))  # entries deeper than PATH_MAX
+        # Entries deeper than PATH_MAX, and never through a symlink on the way.
+        self.deep = BeneathPaths(os.fsencode(target))
 
     def path(self, rel: str) -> str:
         return os.fsdecode(self.deep.path(os.fsencode(rel)))
