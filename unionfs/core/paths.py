@@ -210,7 +210,7 @@ class BeneathPaths:
 
     def __init__(self, top: bytes) -> None:
         self.top = top
-        self._top_fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.top_fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dirs: dict[bytes, int] = {}  # parent directory -> its descriptor
         self._retired: list[int] = []
 
@@ -221,14 +221,14 @@ class BeneathPaths:
         if not parent:  # the top is the caller's own: a plain path where it fits
             if len(self.top) + len(name) + 2 <= PATH_MAX:  # a slash and the NUL
                 return self.top + b"/" + name
-            return fd_path(self._top_fd, name)
+            return fd_path(self.top_fd, name)
         return fd_path(self._opened(parent), name)
 
     def at(self, rel: bytes) -> tuple[int, bytes]:
         """*rel* as the directory descriptor and name the *at calls take
         (os.stat, os.unlink, os.rename with dir_fd): the cheapest form."""
         parent, _, name = rel.rpartition(b"/")
-        return (self._opened(parent) if parent else self._top_fd), name
+        return (self._opened(parent) if parent else self.top_fd), name
 
     def directory(self, rel: bytes) -> bytes:
         """A path of the directory *rel* itself, a symlink at its end refused
@@ -236,10 +236,17 @@ class BeneathPaths:
         (stat, utime)."""
         return b"/proc/self/fd/%d" % self._opened(rel) if rel else self.top
 
+    def open_directory(self, rel: bytes) -> int:
+        """A new O_PATH descriptor of the directory *rel* (the top for b""),
+        opened with no symlink on the way or at its end; the caller's own."""
+        if not rel:
+            return os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.top_fd)
+        return open_beneath(self.top_fd, rel, os.O_PATH | os.O_DIRECTORY)
+
     def _opened(self, rel: bytes) -> int:
         fd = self._dirs.get(rel)
         if fd is None:
-            fd = open_beneath(self._top_fd, rel, os.O_PATH | os.O_DIRECTORY)
+            fd = self.open_directory(rel)
             if len(self._dirs) >= PARENTS_KEPT:  # the oldest goes (closed later)
                 self._retired.append(self._dirs.pop(next(iter(self._dirs))))
                 if len(self._retired) > 2 * PARENTS_KEPT:
@@ -263,4 +270,4 @@ class BeneathPaths:
             os.close(fd)
         self._retired = []
         self._dirs.clear()
-        os.close(self._top_fd)
+        os.close(self.top_fd)

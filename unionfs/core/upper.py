@@ -233,23 +233,19 @@ class UpperStore:
         self.opaque_xattrs = tuple(prefix + b"opaque" for prefix in PRIVATE_PREFIXES)
         self.redirect_xattrs = tuple(prefix + b"redirect" for prefix in PRIVATE_PREFIXES)
         self.metacopy_xattrs = tuple(prefix + b"metacopy" for prefix in PRIVATE_PREFIXES)
-        self.deep = BeneathPaths(self.root)
+        self.upper_paths = BeneathPaths(self.root)
         # WORK's own paths, as UPPER's (its directories never move: nothing
         # to forget).
         self.work_paths = BeneathPaths(self.work)
-        self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._work_fd = os.open(self.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
-        self.deep.close()
+        self.upper_paths.close()
         self.work_paths.close()
-        os.close(self._root_fd)
-        os.close(self._work_fd)
 
     def open_beneath(self, place: Beneath, flags: int, *, cached_only: bool = False) -> int:
         """Open a file of UPPER or WORK by descriptor (safe in any thread);
         with *cached_only*, BlockingIOError where the open would wait for the disk."""
-        root = self._work_fd if place.in_work else self._root_fd
+        root = (self.work_paths if place.in_work else self.upper_paths).top_fd
         return open_beneath(root, place.rel, flags, cached_only=cached_only)
 
     def link_place(self, ino: int) -> Beneath:
@@ -349,16 +345,16 @@ class UpperStore:
         """A host path of UPPER's *rel* that one system call takes, at any
         depth, through no symlink of UPPER but the last component (ELOOP
         where a directory on the way is one now: BeneathPaths)."""
-        return self.deep.path(rel)
+        return self.upper_paths.path(rel)
 
     def directory(self, rel: bytes) -> bytes:
         """A host path of UPPER's directory *rel* itself, through no symlink
         at all: for calls that act in it or follow it (BeneathPaths)."""
-        return self.deep.directory(rel)
+        return self.upper_paths.directory(rel)
 
     def forget_directories(self) -> None:
         """Directories of UPPER moved or went (see BeneathPaths.forget)."""
-        self.deep.forget()
+        self.upper_paths.forget()
 
     def temp_path(self) -> bytes:
         self._serial += 1
@@ -387,11 +383,11 @@ class UpperStore:
     def at(self, rel: bytes) -> tuple[int, bytes]:
         """UPPER's *rel* as a directory descriptor and a name, for *at calls
         (the cheapest form of path): BeneathPaths.at."""
-        return self.deep.at(rel)
+        return self.upper_paths.at(rel)
 
     def lstat(self, rel: bytes) -> os.stat_result | None:
         try:
-            directory, name = self.deep.at(rel)  # (ENOENT too where UPPER lacks the parent)
+            directory, name = self.upper_paths.at(rel)  # (ENOENT too where UPPER lacks the parent)
             return os.stat(name, dir_fd=directory, follow_symlinks=False)
         except FileNotFoundError:
             return None
@@ -415,16 +411,14 @@ class UpperStore:
     def open_directory(self, rel: bytes) -> int:
         """An O_PATH descriptor of the upper directory *rel*, at any depth,
         through no symlink."""
-        if not rel:
-            return os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._root_fd)
-        return open_beneath(self._root_fd, rel, os.O_PATH | os.O_DIRECTORY)
+        return self.upper_paths.open_directory(rel)
 
     def is_whited_out(self, parent_rel: bytes, name: bytes, st: os.stat_result | None) -> bool:
         """Whether NAME in the upper dir hides the lower layers' NAME."""
         if st is not None:
             return is_whiteout_device(st)
         try:
-            directory, marker = self.deep.at(join(parent_rel, WHITEOUT_PREFIX + name))
+            directory, marker = self.upper_paths.at(join(parent_rel, WHITEOUT_PREFIX + name))
             os.stat(marker, dir_fd=directory, follow_symlinks=False)
         except OSError:
             return False
@@ -584,7 +578,7 @@ class UpperStore:
         """Drop a `.wh.NAME` file marker if there is one. For a name of more
         than NAME_MAX - 4 bytes there cannot be: ENAMETOOLONG means none."""
         try:
-            directory, marker = self.deep.at(join(parent_rel, WHITEOUT_PREFIX + name))
+            directory, marker = self.upper_paths.at(join(parent_rel, WHITEOUT_PREFIX + name))
             os.unlink(marker, dir_fd=directory)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
@@ -616,7 +610,7 @@ class UpperStore:
 
     def remove(self, parent_rel: bytes, name: bytes) -> None:
         """Remove NAME from UPPER (a directory with whatever markers it holds)."""
-        directory, entry = self.deep.at(join(parent_rel, name))
+        directory, entry = self.upper_paths.at(join(parent_rel, name))
         st = os.stat(entry, dir_fd=directory, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             temp = self.temp_path()

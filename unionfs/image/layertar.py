@@ -187,10 +187,10 @@ class _Unpacker:
         # Rootless: devices kept as plain files, by path, with their numbers.
         self.devices: dict[str, int] = {}
         # Entries deeper than PATH_MAX, and never through a symlink on the way.
-        self.deep = BeneathPaths(os.fsencode(target))
+        self.paths = BeneathPaths(os.fsencode(target))
 
     def path(self, rel: str) -> str:
-        return os.fsdecode(self.deep.path(os.fsencode(rel)))
+        return os.fsdecode(self.paths.path(os.fsencode(rel)))
 
     def refuse(self, message: str) -> LayerRefused:
         return LayerRefused(f"{self.label}: {message}")
@@ -232,7 +232,7 @@ class _Unpacker:
         path = self.path(rel)
         if kind:
             shutil.rmtree(path)
-            self.deep.forget()
+            self.paths.forget()
             prefix = rel + "/"
             for name in [name for name in self.kinds if name.startswith(prefix)]:
                 del self.kinds[name]
@@ -410,7 +410,7 @@ def unpack_layer(
             raise _unpack_error(label, exc, current) from None
         implicit = unpacker.finish()
     finally:
-        unpacker.deep.close()
+        unpacker.paths.close()
     return Unpacked("sha256:" + stream.digest.hexdigest(), stream.size, unpacker.entries, implicit)
 
 
@@ -440,7 +440,7 @@ def unpack_skeleton(members: Iterable[tarfile.TarInfo], target: str, *, label: s
             raise _unpack_error(label, exc, current) from None
         unpacker.finish()
     finally:
-        unpacker.deep.close()
+        unpacker.paths.close()
     return unpacker.entries
 
 
