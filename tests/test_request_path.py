@@ -104,7 +104,7 @@ def test_a_serial_readers_cold_opens_and_uncached_reads_stay_on_the_trio_thread(
     assert daemon.returncode == 0
 
 
-# Holds the cold open of any file named "hold" for half a second, wherever it runs.
+# Holds the cold open of any file named "hold" for a second, wherever it runs.
 _HOLD_COLD_OPENS = (
     LOG_WORKER_CALLS
     + """
@@ -113,7 +113,7 @@ from unionfs import fuse
 _unheld = fuse.StrataOperations._open_cold
 def _open_cold(self, source):
     if source.lower is not None and source.lower.path.endswith(b"hold"):
-        time.sleep(0.5)
+        time.sleep(1.0)
     return _unheld(self, source)
 fuse.StrataOperations._open_cold = _open_cold
 """
@@ -129,32 +129,41 @@ def test_a_cold_open_goes_to_a_worker_thread_while_other_requests_wait(scratch: 
     with patched_mount(scratch, lower, _HOLD_COLD_OPENS, log_path) as (mount, daemon):
         calls = WorkerCalls(log_path)
         counts = []
-        # The queueing below depends on the scheduling of this process's
-        # threads: on a busy machine an attempt may see the other opens come
-        # one by one. Always-a-worker or never-a-worker code fails every one.
-        for _ in range(5):
+        # The queue is made, not hoped for: all three files are opened first
+        # (a lower file's open answers at once; its data is opened at the
+        # first read), then the read of "hold" keeps the trio thread busy
+        # while the reads of "a" and "b" queue up in the kernel. The first
+        # of them served finds the other queued and goes to a worker.
+        # Waiting on the first queued read for one second leaves a thread
+        # that the host never schedules meanwhile as the only way to miss:
+        # a second attempt covers it. Code that always or never uses a
+        # worker fails both (3 or 0).
+        for _ in range(2):
             for name in contents:
                 os.lstat(f"{mount}/d/{name}")
             drop_caches(mount)
-            calls.since_last()
-            read: dict[str, bytes] = {}
+            fds = {name: os.open(f"{mount}/d/{name}", os.O_RDONLY) for name in contents}
+            try:
+                calls.since_last()
+                read: dict[str, bytes] = {}
 
-            def read_file(name: str, read: dict[str, bytes] = read) -> None:
-                with open(f"{mount}/d/{name}", "rb") as handle:
-                    read[name] = handle.read()
+                def read_file(fd: int, name: str, read: dict[str, bytes] = read) -> None:
+                    read[name] = os.pread(fd, 16384, 0)
 
-            # "hold" is opened alone, on the trio thread, which then sleeps:
-            # the opens of "a" and "b" queue up meanwhile, so the first of
-            # them read finds the other waiting and goes to a worker.
-            threads = [threading.Thread(target=read_file, args=(name,)) for name in contents]
-            threads[0].start()
-            time.sleep(0.1)
-            for thread in threads[1:]:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
-            assert read == contents
-            counts.append(calls.since_last().count("_open_cold"))
+                threads = [
+                    threading.Thread(target=read_file, args=(fd, name)) for name, fd in fds.items()
+                ]
+                threads[0].start()
+                time.sleep(0.2)  # "hold"'s read is on the trio thread, held there
+                for thread in threads[1:]:
+                    thread.start()
+                for thread in threads:
+                    thread.join(30)
+                assert read == contents
+                counts.append(calls.since_last().count("_open_cold"))
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
             if counts[-1] in (1, 2):
                 break
         assert counts[-1] in (1, 2), counts
