@@ -1073,29 +1073,3 @@ def test_a_file_keeps_its_attributes_when_the_one_name_the_kernel_knows_goes(
         os.close(fd)
     view.close()
     index.close()
-
-
-def test_a_hardlinked_file_changed_by_a_name_under_a_renamed_directory_keeps_that_name_in_upper(
-    scratch: str, layers: list[str]
-) -> None:
-    """UPPER alone must hold what changed, so it can be stacked as a lower
-    layer (or committed) without WORK. The shared copy of a hardlinked lower
-    file is linked at every lower path the view still shows; a name reached
-    through a renamed directory is at no such path, and the change made
-    through it was found only in WORK's shared copy (rotating UPPER into the
-    lower stack showed the file's old set-uid mode again)."""
-    write(f"{layers[0]}/old/f", "shared")
-    os.chmod(f"{layers[0]}/old/f", 0o4755)
-    os.link(f"{layers[0]}/old/f", f"{layers[0]}/other")
-    _index, view, upper = _writable_view(scratch, layers[0])
-    view.rename(ROOT_INO, b"old", ROOT_INO, b"new", 0)  # a redirect, no copy of the tree
-    new = view.lookup(ROOT_INO, b"new")
-    assert new is not None
-    node = view.lookup(new.ino, b"f")
-    assert node is not None and node.lower is not None and node.lower.nlink == 2
-    view.setattr(node.ino, mode=0o755)
-    st = os.lstat(f"{upper}/new/f")  # the name the change came by
-    assert stat.S_IMODE(st.st_mode) == 0o755
-    assert st.st_ino == os.lstat(f"{upper}/other").st_ino  # one file for both names
-    with open(f"{upper}/new/f") as data:
-        assert data.read() == "shared"

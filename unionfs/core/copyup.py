@@ -170,12 +170,6 @@ class CopyUp(ReadPath):
         node.version += 1
         for path in aliases:
             self._link_alias(node.ino, path)
-        # A name under a renamed directory is at no lower path: linked as
-        # well, so UPPER alone holds the change (stacked or committed).
-        for parent_ino, name in node.all_names():
-            parent = self.nodes.get(parent_ino)
-            if parent is not None:
-                self._name_in_upper(parent, name, node)
 
     def _link_alias(self, ino: int, path: bytes) -> None:
         """Link the shared copy at *path* if the merged view still shows the
