@@ -1073,3 +1073,41 @@ def test_a_file_keeps_its_attributes_when_the_one_name_the_kernel_knows_goes(
         os.close(fd)
     view.close()
     index.close()
+
+
+def test_a_hardlinked_file_changed_by_a_name_under_a_renamed_directory_keeps_that_name_in_upper(
+    scratch: str, layers: list[str]
+) -> None:
+    """UPPER alone must hold what changed, so it can be stacked as a lower
+    layer without its WORK. The shared copy of a hardlinked lower file is
+    linked at every lower path the view still shows; a name reached through
+    a renamed directory is at none, and a change made by it was found only
+    in WORK's shared copy (UPPER stacked below a fresh one showed the file's
+    old set-uid mode again). The name a change comes by, the one the file
+    was last looked up by, is linked too, as overlayfs copies that name up."""
+    write(f"{layers[0]}/old/f", "shared")
+    os.chmod(f"{layers[0]}/old/f", 0o4755)
+    os.link(f"{layers[0]}/old/f", f"{layers[0]}/other")
+    os.link(f"{layers[0]}/old/f", f"{layers[0]}/old/g")
+    _index, view, upper = _writable_view(scratch, layers[0])
+    view.rename(ROOT_INO, b"old", ROOT_INO, b"new", 0)  # a redirect, no copy of the tree
+    new = view.lookup(ROOT_INO, b"new")
+    assert new is not None
+    assert view.lookup(new.ino, b"g") is not None  # known, not changed by
+    node = view.lookup(new.ino, b"f")
+    assert node is not None and node.lower is not None and node.lower.nlink == 3
+    view.setattr(node.ino, mode=0o755)
+    st = os.lstat(f"{upper}/new/f")
+    assert stat.S_IMODE(st.st_mode) == 0o755
+    assert st.st_ino == os.lstat(f"{upper}/other").st_ino  # one file for its names
+    assert not os.path.lexists(f"{upper}/new/g")  # as overlayfs: only the name used
+    with open(f"{upper}/new/f") as data:
+        assert data.read() == "shared"
+
+    # A change by a name looked up after the copy links that name too.
+    view.forget(node.ino, 2)
+    g = view.lookup(new.ino, b"g")
+    assert g is not None and g.linked
+    view.setattr(g.ino, uid=1000)
+    assert os.lstat(f"{upper}/new/g").st_ino == st.st_ino
+    assert os.lstat(f"{upper}/new/f").st_uid == 1000

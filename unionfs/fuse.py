@@ -358,7 +358,9 @@ class StrataOperations(pyfuse3.Operations):
         attrs.st_ino = entry.ino
         attrs.generation = 0
         timeout = self.timeout if self.view.streaming is None else STREAMING_TIMEOUT
-        attrs.entry_timeout = timeout
+        # A hardlinked file's names are looked up at every walk: a change to
+        # it is linked in UPPER by the name it comes by (copyup.py).
+        attrs.entry_timeout = 0 if entry.nlink > 1 and not stat.S_ISDIR(entry.mode) else timeout
         attrs.attr_timeout = 0 if entry.ino in self._kernel_writes else timeout
         attrs.st_mode = entry.mode
         attrs.st_nlink = entry.nlink

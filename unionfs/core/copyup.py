@@ -84,6 +84,8 @@ class CopyUp(ReadPath):
             return
         node.keep_lower()  # its name will find the upper file from now on
         if node.upper:
+            if node.linked:
+                self._link_changed_name(node)
             if data and node.metacopy:
                 job = self.prepare_copy(node)
                 try:
@@ -97,6 +99,7 @@ class CopyUp(ReadPath):
         assert lower is not None
         if lower.nlink > 1:
             self._copy_up_group(node)
+            self._link_changed_name(node)
             return
         parent = self.nodes[node.parent]
         self._copy_up_dir(parent)
@@ -170,6 +173,19 @@ class CopyUp(ReadPath):
         node.version += 1
         for path in aliases:
             self._link_alias(node.ino, path)
+
+    def _link_changed_name(self, node: Node) -> None:
+        """Link the shared copy at the name a change to the file comes by (the
+        one it was last looked up by), as overlayfs copies up that name. The
+        lower paths the view shows are linked already; a name under a renamed
+        directory is at none, and UPPER alone must hold the change there: an
+        UPPER stacked as a lower layer has no WORK."""
+        named = self.last_named.get(node.ino)
+        if named is None or not node.has_name(*named):
+            return
+        parent = self.nodes.get(named[0])
+        if parent is not None:
+            self._name_in_upper(parent, named[1], node)
 
     def _link_alias(self, ino: int, path: bytes) -> None:
         """Link the shared copy at *path* if the merged view still shows the

@@ -134,6 +134,9 @@ class ReadPath:
         # attributes, with st_nlink 0, until forgotten. Their old place may hold
         # another file now, so nothing else is done to them (ENOENT).
         self._gone: dict[int, Entry] = {}
+        # The name a hardlinked file was last looked up by: the name a change
+        # to it comes by (the kernel looks such a name up at every walk).
+        self.last_named: dict[int, tuple[int, bytes]] = {}
         # O_TMPFILE files not linked yet (also in _gone: they have no name).
         self._tmpfiles: set[int] = set()
         # Upper files open by no name the view knows: hard links that lost
@@ -216,6 +219,7 @@ class ReadPath:
         if node.lookups <= 0 and node.partial is None:  # a partial copy stays until filled
             del self.nodes[ino]
             self._gone.pop(ino, None)
+            self.last_named.pop(ino, None)
             self._tmpfiles.discard(ino)
             for fd in (self._upper_dirs.pop(ino, None), self._anchors.pop(ino, None)):
                 if fd is not None:
@@ -568,6 +572,8 @@ class ReadPath:
         if node is None:
             return None
         self.remember(node)
+        if node.linked or (not node.is_dir and node.lower is not None and node.lower.nlink > 1):
+            self.last_named[node.ino] = (parent.ino, name)
         return node, up_st if node.upper else None
 
     def peek(self, parent_ino: int, name: bytes) -> Node | None:
