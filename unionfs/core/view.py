@@ -400,11 +400,9 @@ class UnionView(CopyUp):
                 # entry still there beats it, and the lower file stays hidden.
                 store.put_marker(self.rel(old_parent), old_name)
             try:
-                (old_dir, old_name_at), (new_dir, new_name_at) = (
-                    store.at(old_rel),
-                    store.at(new_rel),
-                )
-                os.rename(old_name_at, new_name_at, src_dir_fd=old_dir, dst_dir_fd=new_dir)
+                old_dir, old_at = store.at(old_rel)
+                new_dir, new_at = store.at(new_rel)
+                os.rename(old_at, new_at, src_dir_fd=old_dir, dst_dir_fd=new_dir)
             except BaseException:
                 if leaves_lower:
                     store.remove_marker(self.rel(old_parent), old_name)
