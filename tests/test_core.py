@@ -1111,3 +1111,21 @@ def test_a_hardlinked_file_changed_by_a_name_under_a_renamed_directory_keeps_tha
     view.setattr(g.ino, uid=1000)
     assert os.lstat(f"{upper}/new/g").st_ino == st.st_ino
     assert os.lstat(f"{upper}/new/f").st_uid == 1000
+
+
+def test_the_index_lock_file_has_blocks_for_every_page(scratch: str) -> None:
+    """LMDB writes its reader table through a mapping of a sparse lock file:
+    a reader slot first used on a new page of it while the disk is full
+    would kill the daemon with SIGBUS. The index backs every page when it opens,
+    a sparse lock file left by an older strata too."""
+    path = os.path.join(scratch, "index")
+    for _ in range(2):
+        index = Index(path)
+        index.close()
+        lock = os.path.join(path, "lock.mdb")
+        st = os.stat(lock)
+        assert st.st_size >= 32896  # the reader table LMDB asks for 512 readers
+        with open(lock, "rb") as handle:
+            assert os.lseek(handle.fileno(), 0, os.SEEK_HOLE) == st.st_size
+        os.truncate(lock, 0)
+        os.truncate(lock, st.st_size)  # sparse again, as LMDB alone leaves it

@@ -668,3 +668,89 @@ def test_a_name_that_went_is_gone_even_where_its_shared_copy_count_fails(scratch
         assert sorted(os.listdir(mount)) == ["c", "d"]
         assert read_direct(f"{mount}/d") == data
         assert read_direct(f"{mount}/c") == b"new"
+
+
+def _fill(directory: str) -> str:
+    """Take every free block of *directory*'s filesystem; the file that holds them."""
+    path = os.path.join(directory, "fill")
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_a_full_disk_under_the_index_fails_new_files_with_enospc_not_eio(scratch: str) -> None:
+    """The store's index lives beside UPPER on one disk (as under `strata
+    mount IMAGE`). With that disk full, a new file whose inode number takes
+    an index write gets ENOSPC, as on overlayfs, never EIO; once space is
+    freed new files work again with no remount, and fsck is clean. Another
+    reader of the index (another mount, a command) holds its pages, so the
+    index must grow to record new numbers."""
+    import lmdb
+
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/etc/conf", "conf")
+    small = os.path.join(scratch, "small")
+    mount = os.path.join(scratch, "mnt")
+    with tmpfs(small, "size=4m"):
+        layers = Layers(lower, f"{small}/upper", f"{small}/work", f"{small}/store")
+        os.makedirs(layers.upper)
+        with layers.mount(mount):
+            os.mkdir(f"{mount}/d")
+            reader = lmdb.open(f"{layers.root}/index", max_dbs=8, readonly=True)
+            pinned = reader.begin()
+            try:
+                fill = _fill(small)
+                made, refused = [], 0
+                for index in range(3000):
+                    try:
+                        os.close(os.open(f"{mount}/d/f{index}", os.O_CREAT | os.O_WRONLY, 0o644))
+                        made.append(f"f{index}")
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOSPC, f"f{index}: {exc}"
+                        assert not os.path.lexists(f"{mount}/d/f{index}")
+                        refused += 1
+            finally:
+                pinned.abort()
+                reader.close()
+            assert refused, "the index never had to grow: nothing was tested"
+            assert sorted(os.listdir(f"{mount}/d")) == sorted(made)
+            os.unlink(fill)
+            write(f"{mount}/d/after", "after")
+            assert _text(f"{mount}/d/after") == "after"
+        layers.assert_fsck_clean()
+        with layers.mount(mount):
+            assert sorted(os.listdir(f"{mount}/d")) == sorted([*made, "after"])
+
+
+def test_a_store_on_a_full_disk_is_refused_in_one_line(scratch: str) -> None:
+    """`strata mount` with its store on a full disk says so in one line and
+    changes nothing: before, LMDB's sparse lock file killed it with SIGBUS
+    (with no room at all) or the daemon reported EIO (room to open the
+    index, none to index the layer)."""
+    lower = os.path.join(scratch, "lower")
+    for index in range(2000):
+        write(f"{lower}/etc/f{index}", "x")
+    small = os.path.join(scratch, "small")
+    mount = os.path.join(scratch, "mnt")
+    os.makedirs(mount)
+    with tmpfs(small, "size=1m"):
+        store = f"{small}/store"
+        os.makedirs(store)
+        fill = _fill(small)
+        for room in (0, 300 * 1024):  # none; enough to open the index, not to fill it
+            if room:
+                os.truncate(fill, os.stat(fill).st_size - room)
+            result = strata(store, "mount", "--layer", lower, mount, check=False)
+            assert result.returncode == 1, result
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
+            assert not os.path.ismount(mount)
+        os.unlink(fill)
+        with strata_mount(store, [lower], mount):
+            assert _text(f"{mount}/etc/f7") == "x"

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import StrataError, error_line
+from .errors import StrataError, error_line, os_error_text
 from .images_cli import _registry_arguments, add_image_verbs, mount_image, run_image_verb
 from .mount import RUNTIME_DIR_HELP, default_root
 
@@ -316,8 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # A path the user gave that cannot be used (full disk, no permission,
         # a file where a directory should be): one line, as for any mistake.
-        where = f": {exc.filename}" if exc.filename else ""
-        print(error_line("strata", f"{exc.strerror or exc}{where}"), file=sys.stderr)
+        print(error_line("strata", os_error_text(exc)), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -16,6 +16,12 @@ class StrataError(Exception):
     """A problem with the user's input or environment, stated in one line."""
 
 
+def os_error_text(exc: OSError) -> str:
+    """What an OSError says to a person: its reason, then the path it names."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 def shorten(text: str, limit: int) -> str:
     """*text* if it fits in *limit* characters, else its start and end around '...'."""
     if len(text) <= limit:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import xxhash
 
 from .core.atime import NOATIME, AccessTimes, AtimeMode, AtimePolicy
-from .errors import StrataError
+from .errors import StrataError, os_error_text
 
 if TYPE_CHECKING:
     from .core.index import Index
@@ -393,6 +393,8 @@ def _mount_in_background(request: MountRequest) -> None:
                 code = 0
             except StrataError as exc:
                 notify(f"error:{exc}")
+            except OSError as exc:  # the machine's (a full disk): its one line
+                notify(f"error:{os_error_text(exc)}")
             except BaseException as exc:  # report, never leave the parent waiting
                 log.exception("daemon failed")
                 notify(f"error:the mount daemon failed: {exc!r}")

@@ -20,7 +20,7 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 # What a filesystem without fallocate answers: the copy is then made whole.
-_NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS)
+NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -119,7 +119,7 @@ def can_reserve(directory: bytes) -> bool:
         fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, 1)
         return True
     except OSError as exc:
-        if exc.errno in _NOT_SUPPORTED:
+        if exc.errno in NOT_SUPPORTED:
             return False
         raise
     finally:
@@ -138,7 +138,7 @@ def reserve_space(target: int, source: int, size: int) -> None:
                 fallocate(target, _FALLOC_FL_KEEP_SIZE, start, end - start)
     except OSError as exc:
         release_space(target, size)
-        if exc.errno not in _NOT_SUPPORTED:  # else the copy finds out for itself
+        if exc.errno not in NOT_SUPPORTED:  # else the copy finds out for itself
             raise
     except BaseException:
         release_space(target, size)

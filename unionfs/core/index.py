@@ -15,6 +15,8 @@ depth or the name length, far below LMDB's 511-byte limit.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import lmdb
 import xxhash
 
 from ..errors import StrataError
+from .data import NOT_SUPPORTED, fallocate
 from .records import Entry, pack_entry, pack_group, unpack_entry, unpack_group
 
 FORMAT = b"strata-index-3"
@@ -37,6 +40,10 @@ _U32 = struct.Struct(">I")
 HASH_BITS = 55
 
 
+# LMDB's lock file for 512 readers (a 128-byte header, 64 bytes a reader)
+# is 32,896 bytes; whole pages of it, with room to spare.
+_LOCK_FILE_SIZE = 40960
+
 # Bucket 0 of a listing holds its summary (the number of subdirectories).
 _SUMMARY = 0
 
@@ -49,30 +56,76 @@ def dent_key(listing: int, hashed: int) -> bytes:
     return _KEY.pack(listing, hashed)
 
 
+def _back_lock_file(path: str) -> None:
+    """Give LMDB's lock file (its reader table, which it maps and writes
+    through the mapping) real blocks for every page. LMDB makes it sparse:
+    a page first touched on a full disk would kill the process with SIGBUS
+    (a daemon whose new reader slot lands on a new page, or any command
+    opening a new store), where fallocate fails here with ENOSPC. Larger
+    than LMDB asks for 512 readers, so its size never changes after this."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        st = os.fstat(fd)
+        size = max(st.st_size, _LOCK_FILE_SIZE)
+        if st.st_blocks * 512 < size:
+            try:
+                # Not glibc's posix_fallocate: where the filesystem cannot
+                # allocate, it writes zeros, over reader slots in use.
+                fallocate(fd, 0, 0, size)
+            except OSError as exc:
+                if exc.errno not in NOT_SUPPORTED:
+                    raise
+    finally:
+        os.close(fd)
+
+
+def _nearly_full(path: str) -> bool:
+    """Whether the filesystem of *path* has less room than one of LMDB's
+    writes takes (it writes up to 64 pages at once)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bfree * st.f_frsize < 1 << 20
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 class Index:
     """An LMDB environment shared by every mount that uses the same store."""
 
     def __init__(self, path: str, *, map_size: int = 1 << 38) -> None:
+        self.path = path
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
+            _back_lock_file(os.path.join(path, "lock.mdb"))
             self.env = lmdb.open(path, map_size=map_size, max_dbs=8, max_readers=512, meminit=False)
         except (OSError, lmdb.Error) as exc:
-            raise StrataError(f"cannot open the index at {path}: {exc}") from exc
-        self.path = path
-        self.meta = self.env.open_db(b"meta")
-        self.dents = self.env.open_db(b"dents")
-        self.chains = self.env.open_db(b"chains")
-        self.layers = self.env.open_db(b"layers")
-        self.aliases = self.env.open_db(b"aliases")
-        with self.env.begin(write=True) as txn:
-            found = txn.get(b"format", db=self.meta)
-            if found is None:
-                txn.put(b"format", FORMAT, db=self.meta)
-            elif found != FORMAT:
-                raise StrataError(
-                    f"the index at {path} has format {found.decode(errors='replace')},"
-                    f" this strata reads {FORMAT.decode()}; remove it to rebuild"
-                )
+            raise StrataError(f"cannot open the index at {path}: {_reason(exc)}") from exc
+        try:
+            # Naming a table the first time writes too.
+            self.meta = self.env.open_db(b"meta")
+            self.dents = self.env.open_db(b"dents")
+            self.chains = self.env.open_db(b"chains")
+            self.layers = self.env.open_db(b"layers")
+            self.aliases = self.env.open_db(b"aliases")
+            with self.write() as txn:
+                stored = txn.get(b"format", db=self.meta)
+                if stored is None:
+                    txn.put(b"format", FORMAT, db=self.meta)
+        except (OSError, lmdb.Error) as exc:
+            self.env.close()
+            raise StrataError(f"cannot open the index at {path}: {_reason(exc)}") from exc
+        if stored is not None and bytes(stored) != FORMAT:
+            self.env.close()
+            raise StrataError(
+                f"the index at {path} has format {bytes(stored).decode(errors='replace')},"
+                f" this strata reads {FORMAT.decode()}; remove it to rebuild"
+            )
 
     def close(self) -> None:
         self.env.close()
@@ -83,18 +136,32 @@ class Index:
             found = txn.get(b"store_id", db=self.meta)
         if found is not None:
             return bytes(found)
-        with self.env.begin(write=True) as txn:
-            found = txn.get(b"store_id", db=self.meta)  # another process may have won
-            if found is None:
-                found = os.urandom(8)
-                txn.put(b"store_id", found, db=self.meta)
-            return bytes(found)
+        with self.write() as txn:
+            won = txn.get(b"store_id", db=self.meta)  # another process may have won
+            if won is not None:
+                return bytes(won)
+            made = os.urandom(8)
+            txn.put(b"store_id", made, db=self.meta)
+        return made
 
     def read(self) -> lmdb.Transaction:
         return self.env.begin(buffers=True)
 
-    def write(self) -> lmdb.Transaction:
-        return self.env.begin(write=True)
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction, committed when the block ends. A disk error
+        (a full disk above all: the index lives beside UPPER) comes as the
+        OSError any other write there gives, so a request fails with ENOSPC
+        and a command says so in one line, not EIO and a traceback."""
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.Error as exc:
+            code = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else 0
+            code = code if code > 0 else errno.EIO  # else one of LMDB's own codes
+            if code == errno.EIO and _nearly_full(self.path):
+                code = errno.ENOSPC  # LMDB's word for a short write: the disk filled
+            raise OSError(code, os.strerror(code), self.path) from exc
 
     # Counters -------------------------------------------------------------
 
