@@ -299,3 +299,51 @@ def test_a_zombie_daemon_counts_as_ended() -> None:
     child.wait()
     assert not _alive(child.pid)
     assert _alive(os.getpid())
+
+
+# The daemon takes its time after an unmount, as it does when it completes a
+# partial copy-up of a large file before it lets UPPER go.
+_SLOW_TO_FINISH = """
+import time
+from unionfs.core.view import UnionView
+_complete = UnionView.complete_partials
+def _slowly(self):
+    time.sleep(2)
+    print("slept", flush=True)
+    return _complete(self)
+UnionView.complete_partials = _slowly
+"""
+
+
+def test_a_mount_of_an_upper_just_unmounted_waits_for_its_daemon_to_finish(scratch: str) -> None:
+    """umount(8) returns before the daemon has let UPPER go. A mount of the
+    same UPPER right after it (as scripts and unionmount-testsuite do, as
+    they may with overlayfs) waits for that daemon, where it failed with "in
+    use by another strata mount" (seen under load); `strata rm` of a
+    container likewise. A mount that still serves keeps UPPER to itself."""
+    from tests.mounts import patched_mount
+
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/etc/conf", "conf")
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    root = os.path.join(scratch, "store")
+    writable = ("--upper", upper, "--work", work)
+    log = os.path.join(scratch, "log")
+    with patched_mount(scratch, lower, _SLOW_TO_FINISH, log) as (mount, daemon):
+        write(f"{mount}/new", "made")
+        subprocess.run(["umount", mount], check=True)
+        assert daemon.poll() is None, "the daemon finished at once: nothing was tested"
+        with strata_mount(root, [lower], mount, *writable):
+            with open(log) as handle:
+                assert "slept" in handle.read(), "the new mount did not wait for the old daemon"
+            with open(f"{mount}/new") as handle:
+                assert handle.read() == "made"
+            other = os.path.join(scratch, "other")
+            os.mkdir(other)
+            refused = strata(root, "mount", "--layer", lower, *writable, other, check=False)
+            assert refused.returncode == 1
+            assert (
+                refused.stderr.strip()
+                == f"strata: error: {upper} is in use by another strata mount"
+            )
+            assert find_mount(other) is None

@@ -27,6 +27,7 @@ from .core.atime import NOATIME, AccessTimes, AtimeMode, AtimePolicy
 from .errors import StrataError, os_error_text
 
 if TYPE_CHECKING:
+    from .core.claim import Claim
     from .core.index import Index
     from .core.records import Entry
     from .core.streaming import StreamedLayers, StreamTree
@@ -475,9 +476,9 @@ def serve(request: MountRequest, notify: Notify) -> None:
         else:
             streaming, trees, layers = _streamed_stack(index, request, notify)
             root = streaming.root
-        store = None
+        store = held = None
         if request.writable is not None:
-            store = open_upper(index, request.writable)
+            store, held = open_upper(index, request.writable)
         view = UnionView(
             index,
             root,
@@ -539,6 +540,8 @@ def serve(request: MountRequest, notify: Notify) -> None:
             indexer.start()
         try:
             _serve_mounted(request, notify, operations)
+            if held is not None:
+                held.finishing()  # a new mount of UPPER may wait for what follows
             # Copy-ups still partial are filled now: after an unmount UPPER
             # holds whole files, for fsck, commit and overlayfs.
             for path, error in view.complete_partials():
@@ -556,6 +559,8 @@ def serve(request: MountRequest, notify: Notify) -> None:
             if indexer is not None:
                 indexer.stop()  # before the index closes under it
             view.close()
+            if held is not None:
+                held.release()  # before the interpreter winds down
             ahead = view.open_ahead
             # The tests read this line.
             log.info("open-ahead: %d of %d lower opens waited for the disk; %d files warmed",
@@ -700,7 +705,7 @@ def check_upper(request: MountRequest, repair: bool) -> list[str]:
     index = Index(os.path.join(request.root, "index"))
     try:
         stack = prepare_stack(index, layers)
-        store = open_upper(index, writable, recover=False)
+        store, _ = open_upper(index, writable, recover=False)  # held until the process ends
 
         def allocate() -> int:
             with index.write() as txn:
@@ -716,30 +721,33 @@ def check_upper(request: MountRequest, repair: bool) -> list[str]:
     ]
 
 
-def open_upper(index: Index, layer: WritableLayer, *, recover: bool = True) -> UpperStore:
-    """Claim UPPER for this process (one mount at a time) and tidy after a crash."""
-    import fcntl
-
+def open_upper(
+    index: Index, layer: WritableLayer, *, recover: bool = True
+) -> tuple[UpperStore, Claim]:
+    """Claim UPPER for this process (one mount at a time; a daemon still
+    finishing after its unmount is waited for) and tidy after a crash."""
+    from .core.claim import Claimed, claim
     from .core.upper import UpperStore, probe_format
 
-    lock = os.open(os.path.join(layer.work, "strata-lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
+        held = claim(layer.work)
+    except Claimed:
         raise StrataError(f"{layer.upper} is in use by another strata mount") from None
-    # The lock lives as long as this process: the descriptor is never closed.
-    store = UpperStore(
-        layer.upper,
-        layer.work,
-        probe_format(os.fsencode(layer.work), layer.xattrs, layer.whiteouts),
-        index.store_id(),
-    )
-    if recover:
-        left = store.recover()
-        if left:
-            log.info("removed %d unfinished copies left by an earlier daemon", left)
-    return store
+    try:
+        store = UpperStore(
+            layer.upper,
+            layer.work,
+            probe_format(os.fsencode(layer.work), layer.xattrs, layer.whiteouts),
+            index.store_id(),
+        )
+        if recover:
+            left = store.recover()
+            if left:
+                log.info("removed %d unfinished copies left by an earlier daemon", left)
+    except BaseException:
+        held.release()
+        raise
+    return store, held
 
 
 # Sequential reads of lower files come in requests of the readahead window:

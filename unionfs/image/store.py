@@ -33,6 +33,7 @@ from typing import IO, Any, BinaryIO
 
 import xxhash
 
+from ..core.claim import is_claimed
 from ..errors import StrataError
 from .reference import Reference, check_digest, parse_reference
 
@@ -740,19 +741,9 @@ class Store:
             self._write_json(os.path.join(self.container_dir(name), "container.json"), record)
 
     def container_in_use(self, name: str) -> bool:
-        """Whether a strata daemon has the container's layer mounted (it holds the lock)."""
-        lock = os.path.join(self.container_dir(name), "work", "strata-lock")
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        """Whether a strata daemon has the container's layer mounted (one
+        finishing after its unmount is waited for)."""
+        return is_claimed(os.path.join(self.container_dir(name), "work"))
 
     def remove_container(self, name: str) -> None:
         directory = self.container_dir(name)
