@@ -1129,3 +1129,38 @@ def test_the_index_lock_file_has_blocks_for_every_page(scratch: str) -> None:
             assert os.lseek(handle.fileno(), 0, os.SEEK_HOLE) == st.st_size
         os.truncate(lock, 0)
         os.truncate(lock, st.st_size)  # sparse again, as LMDB alone leaves it
+
+
+def test_a_claim_on_upper_waits_for_a_holder_that_finishes_and_refuses_one_that_serves(
+    scratch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One mount at a time on an UPPER (core/claim.py): a holder that serves
+    is refused (after a grace for an unmount it has not seen yet), one that
+    says it is finishing is waited for, and one that finishes for longer is
+    refused as such."""
+    import threading
+
+    from unionfs.core import claim
+
+    monkeypatch.setattr(claim, "SEEING_UNMOUNT", 0.2)
+    monkeypatch.setattr(claim, "FINISHING", 1.0)
+    work = os.path.join(scratch, "work")
+    os.makedirs(work)
+    held = claim.claim(work)
+    with pytest.raises(claim.Claimed) as refused:
+        claim.claim(work)
+    assert not refused.value.finishing
+    assert claim.is_claimed(work)
+    held.finishing()
+    with pytest.raises(claim.Claimed) as refused:
+        claim.claim(work)
+    assert refused.value.finishing
+    timer = threading.Timer(0.3, held.release)
+    timer.start()
+    try:
+        mine = claim.claim(work)  # waits for the release
+    finally:
+        timer.join()
+    assert claim.is_claimed(work)
+    mine.release()
+    assert not claim.is_claimed(work)

@@ -731,7 +731,12 @@ def open_upper(
 
     try:
         held = claim(layer.work)
-    except Claimed:
+    except Claimed as exc:
+        if exc.finishing:
+            raise StrataError(
+                f"{layer.upper}: the daemon of its last mount still completes its copy-ups;"
+                " mount it again once that daemon has exited"
+            ) from None
         raise StrataError(f"{layer.upper} is in use by another strata mount") from None
     try:
         store = UpperStore(

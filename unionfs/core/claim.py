@@ -32,7 +32,12 @@ _POLL = 0.02
 
 
 class Claimed(Exception):
-    """Another process holds the UPPER and serves a mount on it."""
+    """Another process holds the UPPER: it serves a mount on it, or (with
+    *finishing*) it still finishes after its unmount, longer than we wait."""
+
+    def __init__(self, *, finishing: bool) -> None:
+        super().__init__()
+        self.finishing = finishing
 
 
 class Claim:
@@ -59,7 +64,7 @@ def claim(work: str, *, wait: bool = True) -> Claim:
     fd = os.open(os.path.join(work, LOCK_NAME), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         if not _lock_when_free(fd, wait):
-            raise Claimed()
+            raise Claimed(finishing=_state(fd) == _FINISHING)
         _say(fd, _SERVING)
     except BaseException:
         os.close(fd)
