@@ -277,6 +277,20 @@ print(len(latencies), latencies[int(len(latencies) * 0.99)])
 """
 
 
+def copied_whole(path: str, size: int) -> bool:
+    """Whether the upper copy *path* holds all *size* bytes of its data. Its
+    blocks alone do not say so: strata allocates a chunked copy's space
+    before it copies, and marks the copy partial (or metadata-only) in an
+    xattr until the last chunk is in."""
+    try:
+        if os.stat(path).st_blocks * 512 < size:
+            return False
+        names = os.listxattr(path)
+    except FileNotFoundError:
+        return False
+    return not any(n.endswith((".metacopy", ".strata.chunks")) for n in names)
+
+
 def run_copyup(driver: str, layers: list[str], scratch: str, quick: bool) -> Metrics:
     out: Metrics = {}
     sizes = _copy_sizes(quick)
@@ -310,9 +324,9 @@ def run_copyup(driver: str, layers: list[str], scratch: str, quick: bool) -> Met
         os.close(fd)
         copy = os.path.join(again, "upper", name)
         deadline = time.monotonic() + 600
-        while driver != "native" and time.monotonic() < deadline:
-            if os.path.exists(copy) and os.stat(copy).st_blocks * 512 >= sizes[-1] * MIB:
-                break
+        while driver != "native" and not copied_whole(copy, sizes[-1] * MIB):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{driver}: the copy-up of {name} did not finish")
             time.sleep(0.01)
         open(done, "w").close()
         _, p99 = probe.communicate(timeout=600)[0].split()

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ben
 
 import realwork
 from drivers import DRIVERS, missing
-from workloads import WORKLOADS
+from workloads import WORKLOADS, copied_whole
 
 
 def test_the_quick_suite_writes_every_workload_for_every_driver(scratch: str) -> None:
@@ -66,3 +66,22 @@ def test_the_quick_suite_writes_every_workload_for_every_driver(scratch: str) ->
     for plot in ("lookup-depth.png", "copy-up.png", "small-files.png"):
         with open(os.path.join(out, plot), "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n", plot
+
+
+def test_w5_waits_for_a_chunked_copy_to_be_whole_not_for_its_blocks(scratch: str) -> None:
+    """strata allocates a chunked copy-up's space before it copies: W5 took
+    the blocks for the end of the copy, so its lookups "during the copy-up"
+    and its write "right after" it ran while strata still copied."""
+    copy = os.path.join(scratch, "copy")
+    size = 4 << 20
+    with open(copy, "wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, size)
+    os.setxattr(copy, "trusted.overlay.strata.chunks", b"\x01")
+    assert os.stat(copy).st_blocks * 512 >= size
+    assert not copied_whole(copy, size)
+    os.removexattr(copy, "trusted.overlay.strata.chunks")
+    os.setxattr(copy, "trusted.overlay.metacopy", b"")
+    assert not copied_whole(copy, size)
+    os.removexattr(copy, "trusted.overlay.metacopy")
+    assert copied_whole(copy, size)
+    assert not copied_whole(os.path.join(scratch, "absent"), size)
