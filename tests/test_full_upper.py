@@ -754,3 +754,26 @@ def test_a_store_on_a_full_disk_is_refused_in_one_line(scratch: str) -> None:
         os.unlink(fill)
         with strata_mount(store, [lower], mount):
             assert _text(f"{mount}/etc/f7") == "x"
+
+
+def test_a_full_upper_mounts_for_the_first_time_and_reads(scratch: str) -> None:
+    """A full disk under UPPER and WORK from the start: the mount still
+    comes up and serves the lower files, and the mount's lock in WORK takes
+    no block (its state is its size), so it neither fails there nor holds
+    space the disk needs back."""
+    lower = os.path.join(scratch, "lower")
+    write(f"{lower}/etc/conf", "conf")
+    mount = os.path.join(scratch, "mnt")
+    with small_upper(scratch, lower, "size=1m") as layers:
+        small = os.path.dirname(layers.upper)
+        os.makedirs(layers.work)
+        fill = _fill(small)
+        with layers.mount(mount):
+            assert _text(f"{mount}/etc/conf") == "conf"
+            with pytest.raises(OSError) as caught:  # its copy-up needs a block
+                os.open(f"{mount}/etc/conf", os.O_WRONLY | os.O_APPEND)
+            assert caught.value.errno in FULL
+            assert _text(f"{mount}/etc/conf") == "conf"
+        os.unlink(fill)
+        assert os.statvfs(small).f_bfree == os.statvfs(small).f_blocks
+        layers.assert_fsck_clean()

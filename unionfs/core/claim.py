@@ -1,8 +1,8 @@
 """One mount at a time on an UPPER: a lock in WORK, and what its holder is doing.
 
 The holder (a mount's daemon) keeps an exclusive flock on WORK/strata-lock for
-as long as it may change UPPER, and says in the file whether it serves a mount
-or is finishing after an unmount (filling partial copies, closing). A FUSE
+as long as it may change UPPER, and says by the file's size whether it serves
+a mount or is finishing after an unmount (filling partial copies, closing). A FUSE
 unmount returns before the daemon has seen it, so `umount X; mount ... X`
 with the same UPPER, as scripts and test suites do after the kernel's
 overlayfs, would otherwise find the lock held. Whoever wants UPPER then waits
@@ -19,9 +19,10 @@ import time
 
 LOCK_NAME = "strata-lock"
 
-# The holder's state, at offset 0, each the same length (one small pwrite).
-_SERVING = b"serving  \n"
-_FINISHING = b"finishing\n"
+# The holder's state is the lock file's size: set by ftruncate, which takes
+# no block (a full WORK still mounts) and is never read half-written.
+_SERVING = 1
+_FINISHING = 2
 
 # How long a holder may take to see its unmount (it wakes at once; a busy
 # host may be slow to run it), and to finish after it (a partial copy-up of a
@@ -103,10 +104,9 @@ def _lock_when_free(fd: int, wait: bool) -> bool:
         time.sleep(_POLL)
 
 
-def _say(fd: int, state: bytes) -> None:
-    os.pwrite(fd, state, 0)
-    os.ftruncate(fd, len(state))
+def _say(fd: int, state: int) -> None:
+    os.ftruncate(fd, state)
 
 
-def _state(fd: int) -> bytes:
-    return os.pread(fd, len(_FINISHING), 0)
+def _state(fd: int) -> int:
+    return os.fstat(fd).st_size
