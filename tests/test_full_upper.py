@@ -777,3 +777,29 @@ def test_a_full_upper_mounts_for_the_first_time_and_reads(scratch: str) -> None:
         os.unlink(fill)
         assert os.statvfs(small).f_bfree == os.statvfs(small).f_blocks
         layers.assert_fsck_clean()
+
+
+def test_an_index_an_older_strata_left_still_opens_on_a_full_disk(scratch: str) -> None:
+    """An older strata left the index's lock file sparse (LMDB backs only
+    the pages it touched). On a disk that has filled since, the index opens
+    as it did then, rather than be refused for the pages it cannot back."""
+    from unionfs.core.index import Index
+
+    small = os.path.join(scratch, "small")
+    with tmpfs(small, "size=1m"):
+        path = os.path.join(small, "index")
+        index = Index(path)
+        made = index.store_id()
+        index.close()
+        lock = os.path.join(path, "lock.mdb")
+        size = os.stat(lock).st_size
+        os.truncate(lock, 0)
+        with open(lock, "r+b") as handle:
+            handle.write(bytes(4096))  # its first page, as LMDB leaves it
+        os.truncate(lock, size)
+        _fill(small)
+        index = Index(path)
+        try:
+            assert index.store_id() == made
+        finally:
+            index.close()

@@ -73,7 +73,11 @@ def _back_lock_file(path: str) -> None:
                 # allocate, it writes zeros, over reader slots in use.
                 fallocate(fd, 0, 0, size)
             except OSError as exc:
-                if exc.errno not in NOT_SUPPORTED:
+                # A lock file an older strata left sparse, on a disk now
+                # full: its first page (the header and the first 62 readers)
+                # is there, so it opens as it did before.
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT) and st.st_blocks > 0
+                if exc.errno not in NOT_SUPPORTED and not full:
                     raise
     finally:
         os.close(fd)
