@@ -59,12 +59,12 @@ class Claim:
             self._fd = None
 
 
-def claim(work: str, *, wait: bool = True) -> Claim:
+def claim(work: str) -> Claim:
     """Take WORK's lock for this process, waiting for a holder that is
-    finishing or has just been unmounted (with *wait*). Raises Claimed."""
+    finishing or has just been unmounted. Raises Claimed."""
     fd = os.open(os.path.join(work, LOCK_NAME), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
-        if not _lock_when_free(fd, wait):
+        if not _lock_when_free(fd):
             raise Claimed(finishing=_state(fd) == _FINISHING)
         _say(fd, _SERVING)
     except BaseException:
@@ -81,12 +81,12 @@ def is_claimed(work: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        return not _lock_when_free(fd, True)
+        return not _lock_when_free(fd)
     finally:
         os.close(fd)
 
 
-def _lock_when_free(fd: int, wait: bool) -> bool:
+def _lock_when_free(fd: int) -> bool:
     """flock *fd* (True), or find it held by a holder that serves (False)."""
     started = time.monotonic()
     while True:
@@ -96,8 +96,6 @@ def _lock_when_free(fd: int, wait: bool) -> bool:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-        if not wait:
-            return False
         waited = time.monotonic() - started
         if waited >= (FINISHING if _state(fd) == _FINISHING else SEEING_UNMOUNT):
             return False
