@@ -608,8 +608,8 @@ class StrataOperations(pyfuse3.Operations):
         backable = self.passthrough is not None and self._backable(inode)
         if backable:
             # The kernel reads the host file itself: nothing to open here but
-            # the file it registers.
-            return await self._answer(self._add_handle(inode, NOT_OPENED, write))
+            # the file it registers (and nothing waited since _backable answered).
+            return await self._answer(self._add_handle(inode, NOT_OPENED, write), backable=True)
         elif self.view.partial(inode) is not None:
             fd = self.view.open_data(inode, write=True)  # reads go through the partial copy
         elif self.view.lower_data_is_fixed(inode):
