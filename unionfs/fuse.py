@@ -196,7 +196,9 @@ class Handle:
         return self.fd != NOT_OPENED
 
     def close(self) -> None:
-        for fd in (self.fd, *(self.replaced or ())):
+        if self.fd >= 0:
+            os.close(self.fd)
+        for fd in self.replaced or ():
             if fd >= 0:
                 os.close(fd)
 
@@ -605,14 +607,18 @@ class StrataOperations(pyfuse3.Operations):
             return await self._answer(self._add_handle(inode, fd, write), flush=chunked)
         if self.access_times is not None:
             await self._accessed(inode, directory=False)
-        backable = self.passthrough is not None and self._backable(inode)
+        # Nothing waits from here to the answer but a cold open, which
+        # takes the version before it: the node stays as it is now.
+        node = self.view.node(inode)
+        backable = self.passthrough is not None and self._backable(node)
         if backable:
             # The kernel reads the host file itself: nothing to open here but
             # the file it registers (and nothing waited since _backable answered).
-            return await self._answer(self._add_handle(inode, NOT_OPENED, write), backable=True)
-        elif self.view.partial(inode) is not None:
+            fh = self._add_handle(inode, NOT_OPENED, write, node.version)
+            return await self._answer(fh, backable=True)
+        elif node.partial is not None:
             fd = self.view.open_data(inode, write=True)  # reads go through the partial copy
-        elif self.view.lower_data_is_fixed(inode):
+        elif self.view.lower_data_is_fixed(node):
             # Opened at the first read that reaches the daemon: most opens of
             # a lower file read pages the kernel keeps (keep_cache), and then
             # neither the open nor the close costs a system call here.
@@ -626,14 +632,15 @@ class StrataOperations(pyfuse3.Operations):
                 # pages are not in the cache either, and the read follows.
                 # The version before the open: a copy-up while the worker
                 # runs makes the first read reopen (and skip what was read).
-                version = self.view.node(inode).version
+                version = node.version
                 fd, head = await self._open_moving(inode, self._open_cold)
                 fh = self._add_handle(inode, fd, write, version)
                 self.handles[fh].head = head
                 return await self._answer(fh)
             fd = cached
         # Nothing waited since _backable answered: no need to ask again.
-        return await self._answer(self._add_handle(inode, fd, write), backable=backable)
+        fh = self._add_handle(inode, fd, write, node.version)
+        return await self._answer(fh, backable=backable)
 
     async def _accessed(self, inode: int, *, directory: bool) -> None:
         """An open for reading, or a listing: the container layer's copy gets
@@ -668,19 +675,18 @@ class StrataOperations(pyfuse3.Operations):
             info.noflush = not flush
         return info
 
-    def _backable(self, ino: int) -> bool:
+    def _backable(self, node: Node) -> bool:
         """Whether the kernel may read and write the node's data itself (see
         passthrough.py): a whole upper file, or a lower file here (not still
         to be pulled or streamed in) on a mount that cannot change it."""
         assert self.passthrough is not None
-        node = self.view.node(ino)
         if self.passthrough.failed or node.partial is not None or self.view.streaming is not None:
             return False
-        if self.view.is_tmpfile(ino):
+        if self.view.is_tmpfile(node.ino):
             return False
         if node.upper and not node.metacopy:
             return True
-        return self.passthrough.lower and self.view.lower_data_missing(ino) is None
+        return self.passthrough.lower and self.view.lower_data_missing(node.ino) is None
 
     async def _answer(
         self,
@@ -710,7 +716,7 @@ class StrataOperations(pyfuse3.Operations):
             if (
                 outstanding is None
                 and passthrough is not None
-                and (self._backable(handle.ino) if backable is None else backable)
+                and (self._backable(self.view.node(handle.ino)) if backable is None else backable)
             ):
                 info = await self._answer_backed(passthrough, handle, fh, flush, made)
                 if info is not None:
@@ -1017,7 +1023,7 @@ class StrataOperations(pyfuse3.Operations):
             handle.close()
             if handle.io is not None and self.backing_files is not None:
                 self.backing_files.release(handle.ino, handle.io)
-            writers = self._kernel_writes.get(handle.ino)
+            writers = self._kernel_writes.get(handle.ino) if handle.write else None
             if writers is not None:
                 writers.discard(fh)
                 if not writers:

@@ -1013,18 +1013,14 @@ class ReadPath:
             except OSError as exc:
                 raise FsError(exc.errno or errno.EIO) from exc
 
-    def lower_data_is_fixed(self, ino: int) -> bool:
+    def lower_data_is_fixed(self, node: Node) -> bool:
         """Whether the node's data is a lower file that can be opened at any
         later time just as now: no copy of it in UPPER, no layer that fills
         it in (lazy pulling) or still streams in."""
-        node = self.node(ino)
-        return (
-            not node.upper
-            and stat.S_ISREG(node.mode)
-            and node.lower is not None
-            and self.streaming is None
-            and node.lower.layer not in self.lazy
-        )
+        if node.upper or not stat.S_ISREG(node.mode) or self.streaming is not None:
+            return False
+        lower = node.lower
+        return lower is not None and lower.layer not in self.lazy
 
     def open_cached(self, ino: int) -> int | None:
         """A descriptor to read a file's data, if opening it cannot wait for
