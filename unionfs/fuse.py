@@ -608,12 +608,13 @@ class StrataOperations(pyfuse3.Operations):
         if self.access_times is not None:
             await self._accessed(inode, directory=False)
         # Nothing waits from here to the answer but a cold open, which
-        # takes the version before it: the node stays as it is now.
+        # takes the version before it: the node, its version and what
+        # _backable answers stay as they are now (_answer need not ask again).
         node = self.view.node(inode)
         backable = self.passthrough is not None and self._backable(node)
         if backable:
             # The kernel reads the host file itself: nothing to open here but
-            # the file it registers (and nothing waited since _backable answered).
+            # the file it registers.
             fh = self._add_handle(inode, NOT_OPENED, write, node.version)
             return await self._answer(fh, backable=True)
         elif node.partial is not None:
@@ -638,7 +639,6 @@ class StrataOperations(pyfuse3.Operations):
                 self.handles[fh].head = head
                 return await self._answer(fh)
             fd = cached
-        # Nothing waited since _backable answered: no need to ask again.
         fh = self._add_handle(inode, fd, write, node.version)
         return await self._answer(fh, backable=backable)
 
