@@ -97,10 +97,10 @@ def _fuse_errors(handler: F) -> F:
     async def wrapper(self: StrataOperations, *args: Any, **kwargs: Any) -> Any:
         try:
             return await handler(self, *args, **kwargs)
-        except FsError as exc:
-            if exc.errno in (errno.ESTALE, errno.EIO):  # trouble worth a line in the log
-                log.error("%s", exc.args[1])
-            raise pyfuse3.FUSEError(exc.errno) from None
+        except FsError as failure:  # (each except clause its own name: see unionfs.native)
+            if failure.errno in (errno.ESTALE, errno.EIO):  # trouble worth a line in the log
+                log.error("%s", failure.args[1])
+            raise pyfuse3.FUSEError(failure.errno) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except pyfuse3.FUSEError:
@@ -262,7 +262,8 @@ class StrataOperations(pyfuse3.Operations):
     # the umask (FUSE_DONT_MASK, tools/pyfuse3-dont-mask.patch; without it the
     # kernel's umask would come first, so ACLs stay as they were: stored,
     # not enforced).
-    dont_mask = enable_acl = bool(getattr(pyfuse3, "DONT_MASK_SUPPORTED", False))
+    dont_mask = bool(getattr(pyfuse3, "DONT_MASK_SUPPORTED", False))
+    enable_acl = bool(getattr(pyfuse3, "DONT_MASK_SUPPORTED", False))
 
     def __init__(
         self,
@@ -658,7 +659,10 @@ class StrataOperations(pyfuse3.Operations):
         try:
             try:  # mostly all in the caches: no thread, however busy the mount
                 changed = self.access_times.accessed(place, directory, nowait=True)
+                blocked = False
             except BlockingIOError:
+                blocked = True  # (awaited outside the except clause: see unionfs.native)
+            if blocked:
                 changed = await _briefly_blocking(self.access_times.accessed, place, directory)
         except OSError as exc:  # moved or removed meanwhile: nothing was read
             log.debug("atime of inode %d not updated: %s", inode, exc)
@@ -793,12 +797,11 @@ class StrataOperations(pyfuse3.Operations):
         if source.partial is not None:
             return None
         try:
-            fd = passthrough.trees.open(source, cached_only=True)
+            cached: int | None = passthrough.trees.open(source, cached_only=True)
         except BlockingIOError:
-            self.view.opened_lower(ino, cold=True)
-            fd = await self._open_moving(ino, passthrough.trees.open)
-        else:
-            self.view.opened_lower(ino, cold=False)
+            cached = None  # (awaited outside the except clause: see unionfs.native)
+        self.view.opened_lower(ino, cold=cached is None)
+        fd = cached if cached is not None else await self._open_moving(ino, passthrough.trees.open)
         try:
             return passthrough.files.register(ino, fd)
         except OSError as exc:
@@ -939,10 +942,10 @@ class StrataOperations(pyfuse3.Operations):
             while partial is not None and await in_worker(partial.fill_next):
                 pass
             await self._copy_data_up(ino)
-        except FsError as exc:
-            if exc.errno not in (errno.ESTALE, errno.ENOENT):  # else: unlinked meanwhile
-                log.error("copy-up of inode %d in the background failed: %s", ino, exc)
-                self.lost_writes.record(ino, OSError(exc.errno, exc.args[1]))
+        except FsError as failure:
+            if failure.errno not in (errno.ESTALE, errno.ENOENT):  # else: unlinked meanwhile
+                log.error("copy-up of inode %d in the background failed: %s", ino, failure)
+                self.lost_writes.record(ino, OSError(failure.errno, failure.args[1]))
         except OSError as exc:
             # The file still reads right (what was not copied is read from
             # the lower file); its next fsync says the copy failed.

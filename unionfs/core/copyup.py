@@ -347,9 +347,9 @@ class CopyUp(ReadPath):
                 continue
             try:
                 self._copy_up(node, data=True)
-            except FsError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ESTALE):
-                    failed.append((self.rel(node), OSError(exc.errno, exc.args[1])))
+            except FsError as failure:
+                if failure.errno not in (errno.ENOENT, errno.ESTALE):
+                    failed.append((self.rel(node), OSError(failure.errno, failure.args[1])))
                 else:  # no name left (unlinked while open): nothing to keep
                     node.partial.close()
                     node.partial = None

@@ -788,13 +788,15 @@ class ReadPath:
         try:
             path = self._host(node)
         except FsError as exc:
+            # (yielded outside the except clause: see unionfs.native)
             fd = self.reopen_anchored(node, os.O_RDONLY, exc)
-            try:
-                yield fd
-            finally:
-                os.close(fd)
         else:
             yield path
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def _upper_stat(self, node: Node) -> os.stat_result:
         """An lstat of the node's upper file: for a file found by one of its
