@@ -2,6 +2,8 @@
 
 strata, strata-no-passthrough (strata with `--passthrough off`: every byte
 through the daemon, so the gain of passthrough shows beside it),
+strata-python (strata running its request path as Python, not the build
+setup compiled with mypyc: unionfs/native.py; so the gain of that shows),
 overlay (the kernel's overlayfs), fuse-overlayfs, unionfs-fuse,
 native (no union: the layers copied into one plain directory, the floor), and
 passthrough (a minimal pyfuse3 filesystem over one layer: the floor of a
@@ -32,13 +34,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 DRIVERS = (
     "strata",
     "strata-no-passthrough",
+    "strata-python",
     "overlay",
     "fuse-overlayfs",
     "unionfs-fuse",
     "native",
     "passthrough",
 )
-STRATA_DRIVERS = ("strata", "strata-no-passthrough")
+STRATA_DRIVERS = ("strata", "strata-no-passthrough", "strata-python")
 # What every ratio is taken against, when it ran.
 PEERS = (
     "overlay",
@@ -47,6 +50,7 @@ PEERS = (
     "native",
     "passthrough",
     "strata-no-passthrough",
+    "strata-python",
 )
 PASSTHROUGH = os.path.join(REPO, "benchmarks", "passthrough.py")
 
@@ -160,7 +164,9 @@ def mounted(
             args += ["--upper", upper, "--work", work]
         if driver == "strata-no-passthrough":
             args += ["--passthrough", "off"]
-        subprocess.run([*STRATA, "--root", store, "mount", *args, mountpoint], check=True)
+        env = {**os.environ, "STRATA_NATIVE": "0"} if driver == "strata-python" else None
+        command = [*STRATA, "--root", store, "mount", *args, mountpoint]
+        subprocess.run(command, check=True, env=env)
     elif driver == "overlay":
         if len(lowers) == 1 and not writable:
             # overlayfs wants two lower layers when there is no upper one.

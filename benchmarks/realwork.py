@@ -40,8 +40,9 @@ from drivers import Mounted, drop_caches, mounted
 from tests.tracing import EventCounter
 
 Metrics = dict[str, float]
-DRIVERS = ("strata", "strata-no-passthrough", "overlay", "fuse-overlayfs", "native")
-FUSE_DRIVERS = ("strata", "strata-no-passthrough", "fuse-overlayfs")
+DRIVERS = ("strata", "strata-no-passthrough", "strata-python", "overlay", "fuse-overlayfs",
+           "native")  # fmt: skip
+FUSE_DRIVERS = ("strata", "strata-no-passthrough", "strata-python", "fuse-overlayfs")
 SUITE = "bookworm"
 FULL_PACKAGES = ("gcc", "make", "libc6-dev", "python3", "python3-venv", "git")
 DEBS_FULL = ("vim-runtime", "python3-pygments", "python3-pkg-resources")

@@ -501,7 +501,7 @@ WORKLOADS = [
         "Daemon CPU per request",
         build_cpu,
         run_cpu,
-        ("strata", "fuse-overlayfs", "unionfs-fuse", "passthrough"),
+        ("strata", "strata-python", "fuse-overlayfs", "unionfs-fuse", "passthrough"),
     ),
     Workload(
         "W9",

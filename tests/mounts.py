@@ -92,7 +92,9 @@ def patched_mount(
     code; its output goes to *log_path*. Yields the mountpoint and the daemon,
     which has exited when the block ends. The patches watch the daemon's own
     reads and writes: passthrough (which leaves them to the kernel) is off
-    unless asked for."""
+    unless asked for. The daemon runs strata's Python modules, not their
+    compiled build (unionfs.native): a compiled module's calls to its own
+    functions cannot be patched."""
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
     if writable:
         os.makedirs(upper, exist_ok=True)
@@ -107,6 +109,7 @@ def patched_mount(
             stdout=log,
             stderr=log,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            env={**os.environ, "STRATA_NATIVE": "0"},
         )
     try:
         deadline = time.monotonic() + 60

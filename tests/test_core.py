@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.layers import opaque, whiteout, write
+from unionfs import native
 from unionfs.core.index import ROOT_INO, Index
 from unionfs.core.layer import fingerprint
 from unionfs.core.nodes import FsError, NodeMore
@@ -417,8 +418,10 @@ def test_nodes_of_lower_files_keep_no_entry(scratch: str, layers: list[str]) -> 
     alive = sum(1 for thing in gc.get_objects() if isinstance(thing, Entry))
     assert alive <= LOWER_ENTRIES_KEPT + dirs + 1 + 64, alive
     # A plain file's node is one small object: its flags in one int, no
-    # NodeMore (only the directories have one, for their lower path).
-    assert max(sys.getsizeof(node) for node in stack.view.nodes.values()) <= 96
+    # NodeMore (only the directories have one, for their lower path). Compiled
+    # (unionfs.native), it holds a vtable pointer more and its ints unboxed.
+    limit = 104 if "unionfs.core.nodes" in native.compiled() else 96
+    assert max(sys.getsizeof(node) for node in stack.view.nodes.values()) <= limit
     more = sum(1 for thing in gc.get_objects() if isinstance(thing, NodeMore))
     assert more <= dirs + 1, more
     # Each node still finds its own entry, also past the ones kept at hand.

@@ -176,6 +176,28 @@ if [[ "$(cat "$installed/.strata-source" 2>/dev/null)" != "$source_hash" ]]; the
   chmod -R a+rX "$installed"
 fi
 
+# The request path compiled with mypyc (unionfs/native.py), once per change
+# of its sources, into each environment's strata-native: the checkout's
+# .venv builds it (it has mypy), the installed copy gets the same build
+# (same interpreter, same sources). A build that fails leaves strata running
+# that code as Python, slower but the same; STRATA_NATIVE=0 at run time does too.
+native_fresh() {
+  "$1/bin/python" -I -c 'import sys; from unionfs import native
+sys.exit(0 if native.is_fresh(native.DIRECTORY) else 1)'
+}
+if ! native_fresh .venv; then
+  echo "setup: compiling the request path (mypyc, about 2 minutes)" >&2
+  if ! .venv/bin/python -c 'from unionfs import native; native.build(native.DIRECTORY)' \
+      > .venv/strata-native.log 2>&1; then
+    echo "setup: compiling failed (see .venv/strata-native.log); strata runs it as Python" >&2
+  fi
+fi
+if native_fresh .venv && ! native_fresh "$installed"; then
+  rm -rf "$installed/strata-native"
+  cp -r .venv/strata-native "$installed/strata-native"
+  chmod -R a+rX "$installed/strata-native"
+fi
+
 # `mount -t fuse.strata` (fstab) runs mount.fuse3, which finds `strata` only on
 # the system PATH; the same holds for tools given `strata-overlayfs` by name.
 for command in strata strata-overlayfs; do
