@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.layers import write
-from tests.mounts import strata_mount
+from tests.mounts import daemon_logs, strata_mount
 from unionfs import native
 from unionfs.mount import pid_file
 
@@ -77,8 +77,8 @@ def test_the_mount_daemon_serves_requests_with_the_compiled_modules(scratch: str
     _require_build()
     lower = os.path.join(scratch, "lower")
     write(f"{lower}/d/f", b"data")
-    mountpoint = os.path.join(scratch, "mnt")
-    with strata_mount(os.path.join(scratch, "store"), [lower], mountpoint):
+    mountpoint, store = os.path.join(scratch, "mnt"), os.path.join(scratch, "store")
+    with strata_mount(store, [lower], mountpoint):
         with open(f"{mountpoint}/d/f", "rb") as mounted:
             assert mounted.read() == b"data"
         with open(pid_file(mountpoint)) as handle:
@@ -89,6 +89,7 @@ def test_the_mount_daemon_serves_requests_with_the_compiled_modules(scratch: str
     assert group and all(path.startswith(native.DIRECTORY + "/") for path in group)
     adapter = os.path.join(native.DIRECTORY, "unionfs", "fuse.")
     assert any(path.startswith(adapter) for path in mapped)
+    assert f"request path: compiled with mypyc ({native.DIRECTORY})" in daemon_logs(store)
 
 
 def _compiled_trees() -> list[tuple[str, ast.Module]]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import xxhash
 
+from . import native
 from .core.atime import NOATIME, AccessTimes, AtimeMode, AtimePolicy
 from .errors import StrataError, os_error_text
 
@@ -817,6 +818,7 @@ def _serve_mounted(request: MountRequest, notify: Notify, operations: StrataOper
                 # A request through the kernel proves the mount serves.
                 st = await trio.to_thread.run_sync(os.stat, request.mountpoint)
                 set_readahead(st.st_dev)
+                log.info("request path: %s", native.describe())
                 try:
                     _start_passthrough(request, operations)
                 except StrataError as exc:

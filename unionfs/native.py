@@ -103,6 +103,17 @@ def _load_group(directory: str) -> None:
             return
 
 
+def describe() -> str:
+    """How this process runs the request path, for the mount's log."""
+    if _active_directory() is not None:
+        return f"compiled with mypyc ({DIRECTORY})"
+    if os.environ.get("STRATA_NATIVE", "1") == "0":
+        return "Python (STRATA_NATIVE=0)"
+    if not os.path.isdir(DIRECTORY):
+        return f"Python (nothing compiled in {DIRECTORY}: see tools/setup.sh)"
+    return "Python (its sources changed since setup compiled them)"
+
+
 def extend_path(path: list[str], package: str) -> list[str]:
     """A package's __path__ with its compiled modules first, when they are
     fresh: each package of MODULES calls this from its __init__."""
