@@ -17,9 +17,9 @@ from unionfs import native
 from unionfs.mount import pid_file
 
 _IMPORT_ALL = "import importlib; from unionfs import native\n" + "\n".join(
-    f"importlib.import_module({module.removesuffix('.py').replace('/', '.')!r})"
-    for module in native.MODULES
+    f"importlib.import_module({name!r})" for name in native.NAMES
 )
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(native.__file__)))
 
 
 def _require_build() -> None:
@@ -33,10 +33,9 @@ def _require_build() -> None:
 
 def test_a_build_serves_only_the_sources_it_was_built_from(scratch: str) -> None:
     root, build = os.path.join(scratch, "source"), os.path.join(scratch, "build")
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(native.__file__)))
     for module in native.MODULES:
         os.makedirs(os.path.dirname(os.path.join(root, module)), exist_ok=True)
-        shutil.copyfile(os.path.join(checkout, module), os.path.join(root, module))
+        shutil.copyfile(os.path.join(_CHECKOUT, module), os.path.join(root, module))
     os.makedirs(build)
     assert not native.is_fresh(build, root)  # no stamp: nothing was built
     with open(os.path.join(build, native.STAMP), "w") as stamp:
@@ -58,11 +57,10 @@ def test_a_build_serves_only_the_sources_it_was_built_from(scratch: str) -> None
 def test_every_listed_module_imports_compiled_unless_turned_off() -> None:
     _require_build()
     report = _IMPORT_ALL + "\nprint(','.join(native.compiled()))"
-    names = [module.removesuffix(".py").replace("/", ".") for module in native.MODULES]
     compiled = subprocess.run(
         [sys.executable, "-c", report], check=True, capture_output=True, text=True
     ).stdout.strip()
-    assert compiled.split(",") == names
+    assert compiled.split(",") == list(native.NAMES)
     python = subprocess.run(
         [sys.executable, "-c", report],
         check=True,
@@ -93,10 +91,9 @@ def test_the_mount_daemon_serves_requests_with_the_compiled_modules(scratch: str
 
 
 def _compiled_trees() -> list[tuple[str, ast.Module]]:
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(native.__file__)))
     trees = []
     for module in native.MODULES:
-        with open(os.path.join(checkout, module)) as source:
+        with open(os.path.join(_CHECKOUT, module)) as source:
             trees.append((module, ast.parse(source.read())))
     return trees
 

@@ -85,6 +85,9 @@ async def _briefly_blocking(function: Callable[..., T], *args: Any) -> T:
     return await in_worker(function, *args)
 
 
+_DONT_MASK_SUPPORTED = bool(getattr(pyfuse3, "DONT_MASK_SUPPORTED", False))
+
+
 def _fuse_errors(handler: F) -> F:
     """Turn core and OS errors into FUSE replies with the same errno.
 
@@ -262,8 +265,8 @@ class StrataOperations(pyfuse3.Operations):
     # the umask (FUSE_DONT_MASK, tools/pyfuse3-dont-mask.patch; without it the
     # kernel's umask would come first, so ACLs stay as they were: stored,
     # not enforced).
-    dont_mask = bool(getattr(pyfuse3, "DONT_MASK_SUPPORTED", False))
-    enable_acl = bool(getattr(pyfuse3, "DONT_MASK_SUPPORTED", False))
+    dont_mask = _DONT_MASK_SUPPORTED
+    enable_acl = _DONT_MASK_SUPPORTED  # (not `a = b = ...`: mypyc compiles one target)
 
     def __init__(
         self,

@@ -48,6 +48,8 @@ MODULES = (
     "unionfs/core/streaming.py",
     "unionfs/core/view.py",
 )
+# The same as module names.
+NAMES = tuple(module.removesuffix(".py").replace("/", ".") for module in MODULES)
 # The library all compiled modules share (mypyc's runtime and their code).
 GROUP = "strata_native"
 DIRECTORY = os.path.join(sys.prefix, "strata-native")
@@ -79,11 +81,15 @@ def is_fresh(directory: str, root: str = _SOURCE_ROOT) -> bool:
     return built == sources_digest(root)
 
 
+def _turned_off() -> bool:
+    return os.environ.get("STRATA_NATIVE", "1") == "0"
+
+
 @functools.cache
 def _active_directory() -> str | None:
     """DIRECTORY if its build is fresh and wanted (then its shared library
     is loaded), else None; decided once per process."""
-    if os.environ.get("STRATA_NATIVE", "1") == "0" or not is_fresh(DIRECTORY):
+    if _turned_off() or not is_fresh(DIRECTORY):
         return None
     _load_group(DIRECTORY)
     return DIRECTORY
@@ -107,7 +113,7 @@ def describe() -> str:
     """How this process runs the request path, for the mount's log."""
     if _active_directory() is not None:
         return f"compiled with mypyc ({DIRECTORY})"
-    if os.environ.get("STRATA_NATIVE", "1") == "0":
+    if _turned_off():
         return "Python (STRATA_NATIVE=0)"
     if not os.path.isdir(DIRECTORY):
         return f"Python (nothing compiled in {DIRECTORY}: see tools/setup.sh)"
@@ -125,10 +131,9 @@ def extend_path(path: list[str], package: str) -> list[str]:
 
 def compiled() -> list[str]:
     """The modules of MODULES this process imported compiled."""
-    names = [module.removesuffix(".py").replace("/", ".") for module in MODULES]
     return [
         name
-        for name in names
+        for name in NAMES
         if name in sys.modules
         and not (getattr(sys.modules[name], "__file__", None) or "").endswith(".py")
     ]
