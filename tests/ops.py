@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from unionfs.core import acl
-from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from unionfs.core.syscalls import renameat2
+from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 USER = 1000
 # Never through a symlink: a layer may hold `passwd -> /etc/passwd`, and a

@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import sys
+from typing import Any
 
 import pytest
 
@@ -277,8 +278,25 @@ def test_listing_offsets_resume_exactly(scratch: str, layers: list[str]) -> None
     stack.close()
 
 
+def _count_scans(monkeypatch: pytest.MonkeyPatch, top: bytes) -> list[bytes]:
+    """The directories under *top* listed by descriptor from now on (each
+    os.scandir of one), by their paths relative to *top*. Counted in os:
+    compiled code (unionfs.native) calls it as the Python does."""
+    scans: list[bytes] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path: Any = None) -> Any:
+        if isinstance(path, int):
+            listed = os.fsencode(os.readlink(f"/proc/self/fd/{path}"))
+            scans.append(os.path.relpath(listed, top))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    return scans
+
+
 def test_a_listing_resumed_after_its_last_entry_reads_nothing(
-    scratch: str, layers: list[str]
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The kernel asks once more after a listing's last entry; for a merged
     directory that meant a second scan of its UPPER directory for nothing.
@@ -296,14 +314,7 @@ def test_a_listing_resumed_after_its_last_entry_reads_nothing(
     fd = view.create(directory.ino, b"new", 0o644, os.O_WRONLY, Caller(0, 0))[1]
     os.close(fd)
     view.unlink(directory.ino, b"f07")
-    scans: list[bytes] = []
-    scan = store.scan_dir
-
-    def counted_scan(rel: bytes):  # type: ignore[no-untyped-def]
-        scans.append(rel)
-        return scan(rel)
-
-    store.scan_dir = counted_scan  # type: ignore[method-assign]
+    scans = _count_scans(monkeypatch, store.root)
     list(view.listdir_with_attributes(directory.ino))  # (link counts are counted once)
     scans.clear()
     listed = list(view.listdir_with_attributes(directory.ino))
@@ -501,19 +512,14 @@ def test_new_files_are_built_unnamed_in_place_unless_they_replace_a_whiteout(
     index, view, upper = _writable_view(scratch, layers[0])
     store = view.store
     assert store is not None
-    temporaries: list[bytes] = []
-    take = store.temp_path
-
-    def counted_temp_path() -> bytes:
-        temporaries.append(take())
-        return temporaries[-1]
-
-    store.temp_path = counted_temp_path  # type: ignore[method-assign]
     caller = Caller(1234, 5678)
     etc = view.lookup(ROOT_INO, b"etc")
     assert etc is not None
     view.setattr(etc.ino, mode=0o755)  # the directory's copy-up is built in WORK
-    temporaries.clear()
+
+    def temporaries(start: int = store._serial) -> int:
+        """Temporaries named in WORK since now (temp_path numbers them)."""
+        return store._serial - start
 
     node, fd = view.create(etc.ino, b"new", 0o640, os.O_WRONLY, caller)
     os.write(fd, b"fresh")
@@ -521,7 +527,7 @@ def test_new_files_are_built_unnamed_in_place_unless_they_replace_a_whiteout(
     directory = view.mkdir(etc.ino, b"newdir", 0o750, caller)
     link = view.symlink(etc.ino, b"newlink", b"target", caller)
     assert view.link(node.ino, etc.ino, b"hardlink") is node  # a second name, in place
-    made_in_work = len(temporaries)
+    made_in_work = temporaries()
     for made, name, mode in (
         (node, "new", 0o640),
         (directory, "newdir", 0o750),
@@ -541,11 +547,11 @@ def test_new_files_are_built_unnamed_in_place_unless_they_replace_a_whiteout(
     opaque = view.mkdir(etc.ino, b"olddir", 0o700, caller)
     assert made_in_work == 2  # the directory and the symlink, not the file nor its link
     # Two whiteouts, then the two objects that replace them.
-    assert len(temporaries) == made_in_work + 4
+    assert temporaries() == made_in_work + 4
     assert view.getattr(again.ino).size == 0
     view.unlink(etc.ino, b"old")  # the whiteout again, replaced by a hard link this time
     assert view.link(node.ino, etc.ino, b"old") is node
-    assert len(temporaries) == made_in_work + 6
+    assert temporaries() == made_in_work + 6
     assert os.lstat(f"{upper}/etc/old").st_ino == os.lstat(f"{upper}/etc/new").st_ino
     assert view.getattr(node.ino).nlink == 3
     assert opaque.opaque and store.is_opaque(b"etc/olddir")
@@ -557,7 +563,7 @@ def test_new_files_are_built_unnamed_in_place_unless_they_replace_a_whiteout(
 
 
 def test_a_new_object_that_cannot_be_finished_is_not_left_half_made(
-    scratch: str, layers: list[str]
+    scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Built in place, an object whose numbering fails (EIO, a full UPPER)
     is removed again: the name stays free, in UPPER as in the view."""
@@ -571,11 +577,14 @@ def test_a_new_object_that_cannot_be_finished_is_not_left_half_made(
     assert etc is not None
     view.setattr(etc.ino, mode=0o755)  # copied up before the faults begin
 
-    def failing(*args: object) -> None:
-        raise OSError(errno.EIO, "injected")
+    real_setxattr = os.setxattr
 
-    store.set_ino_fd = failing  # type: ignore[method-assign,assignment]
-    store.set_ino = failing  # type: ignore[method-assign,assignment]
+    def failing(target: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        if os.fsencode(name) == store.ino_xattr:  # the object's number
+            raise OSError(errno.EIO, "injected")
+        real_setxattr(target, name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "setxattr", failing)
     with pytest.raises(OSError):
         view.create(etc.ino, b"file", 0o644, os.O_WRONLY, Caller(0, 0))
     with pytest.raises(OSError):

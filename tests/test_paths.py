@@ -8,8 +8,9 @@ import os
 import pytest
 
 from tests.layers import write
-from unionfs.core import paths
+from unionfs.core import paths, syscalls
 from unionfs.core.paths import BeneathPaths, chmod_here, truncate_here
+from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 
 def _open_fds() -> int:
@@ -92,3 +93,29 @@ def test_chmod_and_truncate_never_follow_a_symlink(scratch: str) -> None:
     truncate_here(os.fsencode(target), 1)
     assert os.stat(target).st_mode & 0o777 == 0o600
     assert os.path.getsize(target) == 1
+
+
+def test_the_system_calls_made_through_ctypes_fail_as_os_calls_do(scratch: str) -> None:
+    """core/syscalls.py raises what an os function would (the errno's own
+    OSError subclass, with the paths), which its callers tell apart."""
+    write(f"{scratch}/a", "a")
+    write(f"{scratch}/b", "b")
+    a, b, missing = (os.fsencode(f"{scratch}/{name}") for name in ("a", "b", "missing"))
+    with pytest.raises(FileExistsError) as caught:
+        syscalls.renameat2(a, b, RENAME_NOREPLACE)
+    assert (caught.value.filename, caught.value.filename2) == (a, b)
+    with pytest.raises(FileNotFoundError) as gone:
+        syscalls.linkat(missing, b, 0)
+    assert gone.value.filename == missing
+    top = os.open(scratch, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileNotFoundError):
+            syscalls.openat2(top, b"missing", os.O_RDONLY, 0)
+        fd = syscalls.openat2(top, b"a", os.O_RDONLY | os.O_CLOEXEC, 0)
+        assert os.read(fd, 8) == b"a"
+        os.close(fd)
+    finally:
+        os.close(top)
+    syscalls.renameat2(a, b, RENAME_EXCHANGE)
+    with open(b, "rb") as handle:
+        assert handle.read() == b"a"

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from tests.layers import write
 from tests.mounts import WRITABLE_OVERLAY, overlay_mount, patched_mount
-from unionfs.core.upper import RENAME_EXCHANGE, renameat2
+from unionfs.core.syscalls import renameat2
+from unionfs.core.upper import RENAME_EXCHANGE
 from unionfs.fuse import OPENDIR_OPTIONAL
 
 _COUNT_READDIR = """

@@ -22,10 +22,11 @@ import trio
 
 from .core import acl, fileflags
 from .core.atime import AccessTimes
-from .core.data import fallocate, read_cached
+from .core.data import read_cached
 from .core.nodes import Caller, FsError, Node
 from .core.reading import DataSource
 from .core.records import Entry
+from .core.syscalls import fallocate
 from .core.upper import RENAME_EXCHANGE
 from .core.view import UnionView
 from .errors import shorten

@@ -14,9 +14,10 @@ gives a variable one type), and no generator or coroutine yields or awaits
 inside an except clause (mypyc's keep no exception state of their own, and
 one resumed there by a throw raised an exception without a value).
 
-Left out, each for a reason: the modules that call the C library through
-ctypes (paths, data, upper, atime: mypyc cannot compile those calls) and
-those whose tests count work by patching a method (index, openahead).
+Left out, each for a reason: core/syscalls.py, which holds the ctypes
+structures the request path's system calls need (mypyc cannot compile a
+ctypes structure), and the modules whose tests count work by patching a
+method (index, openahead).
 """
 
 from __future__ import annotations
@@ -34,18 +35,22 @@ MODULES = (
     "unionfs/passthrough.py",
     "unionfs/fuse.py",
     "unionfs/core/acl.py",
+    "unionfs/core/atime.py",
     "unionfs/core/chunks.py",
     "unionfs/core/claim.py",
     "unionfs/core/copyup.py",
+    "unionfs/core/data.py",
     "unionfs/core/fileflags.py",
     "unionfs/core/layer.py",
     "unionfs/core/merge.py",
     "unionfs/core/nodes.py",
     "unionfs/core/overrides.py",
+    "unionfs/core/paths.py",
     "unionfs/core/reading.py",
     "unionfs/core/records.py",
     "unionfs/core/stack.py",
     "unionfs/core/streaming.py",
+    "unionfs/core/upper.py",
     "unionfs/core/view.py",
 )
 # The same as module names.

@@ -19,7 +19,6 @@ atime anyway, unless the directory changed, which drops it.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import os
@@ -28,33 +27,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .paths import open_beneath
+from .syscalls import mount_setattr, open_tree
 
 if TYPE_CHECKING:
     from .upper import Beneath
 
-_SYS_OPEN_TREE = 428
-_SYS_MOUNT_SETATTR = 442
 _OPEN_TREE_CLONE = 1
 _AT_EMPTY_PATH = 0x1000
-_AT_FDCWD = -100
 _MOUNT_ATTR_NOATIME = 0x10
 _MOUNT_ATTR_STRICTATIME = 0x20
 _MOUNT_ATTR__ATIME = 0x70
 _MOUNT_ATTR_NODIRATIME = 0x80
 _MOUNT_ATTR_RELATIME = 0x00
 _DAY_NS = 24 * 3600 * 10**9
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
 
 
 class AtimeMode(enum.Enum):
@@ -120,32 +105,20 @@ RELATIME = AtimePolicy(AtimeMode.RELATIME)
 def detached_mount(path: str, policy: AtimePolicy = NOATIME) -> int:
     """A private copy of the mount at *path* (rooted there, in no namespace,
     gone with its last user) whose reads follow *policy*: an O_PATH descriptor."""
-    fd = _libc.syscall(
-        _SYS_OPEN_TREE,
-        ctypes.c_int(_AT_FDCWD),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC),
-    )
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot clone the mount of {path}: {os.strerror(err)}")
+    try:
+        fd = open_tree(os.fsencode(path), _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot clone the mount of {path}: {exc.strerror}") from None
     clear = _MOUNT_ATTR__ATIME | _MOUNT_ATTR_NODIRATIME
-    attr = _MountAttr(policy.mount_attributes(), clear, 0, 0)
-    done = _libc.syscall(
-        _SYS_MOUNT_SETATTR,
-        ctypes.c_int(fd),
-        ctypes.c_char_p(b""),
-        ctypes.c_uint(_AT_EMPTY_PATH),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
-    )
-    if done < 0:
-        err = ctypes.get_errno()
+    try:
+        mount_setattr(fd, b"", _AT_EMPTY_PATH, policy.mount_attributes(), clear)
+    except OSError as exc:
         os.close(fd)
         raise OSError(
-            err, f"cannot make a private mount of {path} {policy.describe()}: {os.strerror(err)}"
-        )
-    return int(fd)
+            exc.errno,
+            f"cannot make a private mount of {path} {policy.describe()}: {exc.strerror}",
+        ) from None
+    return fd
 
 
 # What a read with RWF_NOWAIT answers when it would wait, or cannot tell.

@@ -5,30 +5,21 @@ writes kept from changing what the file shows."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import stat
 from collections.abc import Iterator
 
+from .syscalls import fallocate
+
 CAPABILITY_XATTR = "security.capability"
 
 _FICLONE = 0x40049409
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 # What a filesystem without fallocate answers: the copy is then made whole.
 NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS)
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) itself: glibc's posix_fallocate writes zeros where the
-    filesystem cannot allocate, which would fill a hole with real blocks."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def copy_data(source: int, target: int, size: int) -> None:

@@ -25,8 +25,9 @@ import lmdb
 import xxhash
 
 from ..errors import StrataError
-from .data import NOT_SUPPORTED, fallocate
+from .data import NOT_SUPPORTED
 from .records import Entry, pack_entry, pack_group, unpack_entry, unpack_group
+from .syscalls import fallocate
 
 FORMAT = b"strata-index-3"
 ROOT_INO = 1

@@ -15,10 +15,11 @@ as /proc/self/fd/N/NAME, which every call accepts (the xattr calls have no
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
+
+from .syscalls import AT_FDCWD, fchmodat2, openat2
 
 PATH_MAX = 4096  # bytes of a path a system call takes, its NUL included
 _PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -27,15 +28,6 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 _RESOLVE_CACHED = 0x20
-_SYS_OPENAT2 = 437  # same number on every architecture (unified syscall table)
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 _openat2_works = True
 
 
@@ -69,25 +61,17 @@ def open_beneath(
             raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
         resolve |= _RESOLVE_CACHED
     if _openat2_works and len(relpath) < PATH_MAX:  # deeper: a component at a time
-        how = _OpenHow(flags, 0, resolve)
-        fd = _libc.syscall(
-            _SYS_OPENAT2,
-            ctypes.c_int(dir_fd),
-            ctypes.c_char_p(relpath),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err == errno.EPERM and flags & os.O_NOATIME:
-            # As open_noatime: not the owner, without CAP_FOWNER.
-            return open_beneath(dir_fd, relpath, flags & ~os.O_NOATIME, cached_only=cached_only,
-                                noatime=False)  # fmt: skip
-        if cached_only and err in (errno.EAGAIN, errno.EINVAL):  # EINVAL: before Linux 5.12
-            raise BlockingIOError(errno.EAGAIN, "not in the dentry cache", relpath)
-        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
-            raise OSError(err, os.strerror(err), relpath)
+        try:
+            return openat2(dir_fd, relpath, flags, resolve)
+        except OSError as exc:
+            if exc.errno == errno.EPERM and flags & os.O_NOATIME:
+                # As open_noatime: not the owner, without CAP_FOWNER.
+                return open_beneath(dir_fd, relpath, flags & ~os.O_NOATIME,
+                                    cached_only=cached_only, noatime=False)  # fmt: skip
+            if cached_only and exc.errno in (errno.EAGAIN, errno.EINVAL):  # EINVAL: < Linux 5.12
+                raise BlockingIOError(errno.EAGAIN, "not in the dentry cache", relpath) from None
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
+                raise
         _openat2_works = False
         if cached_only:
             raise BlockingIOError(errno.EAGAIN, "no cached open here", relpath)
@@ -151,8 +135,6 @@ def fd_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
-_SYS_FCHMODAT2 = 452  # Linux 6.6: fchmodat with AT_SYMLINK_NOFOLLOW (unified table)
-_AT_FDCWD = -100
 _AT_SYMLINK_NOFOLLOW = 0x100
 _fchmodat2_works = True
 
@@ -160,21 +142,16 @@ _fchmodat2_works = True
 def chmod_here(path: bytes, mode: int) -> None:
     """chmod of what is at *path*, never of what a symlink there leads to
     (EOPNOTSUPP or ELOOP: strata never changes a symlink's mode). One
-    fchmodat2 where the kernel has it, else an O_PATH open on the way."""
+    fchmodat2 where the kernel has it (Linux 6.6), else an O_PATH open on
+    the way."""
     global _fchmodat2_works
     if _fchmodat2_works:
-        done = _libc.syscall(
-            _SYS_FCHMODAT2,
-            ctypes.c_int(_AT_FDCWD),
-            ctypes.c_char_p(path),
-            ctypes.c_uint(mode),
-            ctypes.c_uint(_AT_SYMLINK_NOFOLLOW),
-        )
-        if done == 0:
+        try:
+            fchmodat2(AT_FDCWD, path, mode, _AT_SYMLINK_NOFOLLOW)
             return
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
-            raise OSError(err, os.strerror(err), path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp filters
+                raise
         _fchmodat2_works = False
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:

@@ -24,7 +24,6 @@ into place, so a crash leaves either the old view or the whole new file.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import os
@@ -39,6 +38,7 @@ from . import overrides
 from .data import can_reserve
 from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_device
 from .paths import BeneathPaths, chmod_here, open_beneath, open_noatime
+from .syscalls import linkat, renameat2
 
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
@@ -49,23 +49,6 @@ RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 
 _INO = struct.Struct(">8sQ")
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-]
-_AT_FDCWD = -100
-
-
-def renameat2(old: bytes, new: bytes, flags: int = 0) -> None:
-    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), old, None, new)
-
-
 _AT_SYMLINK_FOLLOW = 0x400
 
 
@@ -73,10 +56,7 @@ def link_open_file(fd: int, new: bytes) -> None:
     """Give the file open as *fd* (an O_TMPFILE file) the name *new*: linkat
     through its /proc link, which needs no CAP_DAC_READ_SEARCH (os.link
     would link the /proc symlink itself)."""
-    old = b"/proc/self/fd/%d" % fd
-    if _libc.linkat(_AT_FDCWD, old, _AT_FDCWD, new, _AT_SYMLINK_FOLLOW) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), old, None, new)
+    linkat(b"/proc/self/fd/%d" % fd, new, _AT_SYMLINK_FOLLOW)
 
 
 def _xattr_name(name: bytes) -> str:

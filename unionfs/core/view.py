@@ -23,6 +23,7 @@ from .nodes import Caller, FsError, Node, count_subdir
 from .paths import chmod_here, truncate_here
 from .reading import follows, reopen
 from .records import Entry
+from .syscalls import renameat2
 from .upper import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -31,7 +32,6 @@ from .upper import (
     get_xattr,
     join,
     link_open_file,
-    renameat2,
 )
 
 
