@@ -8,42 +8,28 @@ never again however many entries it has or how often it changes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-from collections.abc import Iterator
-from typing import ClassVar
 
 import pytest
 
+from tests.counting import count_scans
 from tests.layers import write
 from unionfs.core.index import ROOT_INO, Index
 from unionfs.core.nodes import Caller
 from unionfs.core.stack import prepare_stack
-from unionfs.core.upper import UpperNames, UpperStore, probe_format
+from unionfs.core.upper import UpperStore, probe_format
 from unionfs.core.view import UnionView
 
 ROOT = Caller(0, 0)
 
 
-class CountingStore(UpperStore):
-    """UPPER with the directories it listed, in order."""
-
-    listed: ClassVar[list[bytes]] = []
-
-    @contextlib.contextmanager
-    def scan_dir(self, rel: bytes) -> Iterator[UpperNames]:  # every listing reads through it
-        CountingStore.listed.append(rel)
-        with super().scan_dir(rel) as names:
-            yield names
-
-
-def _listings(of: bytes) -> int:
-    """How often the directory *of* was listed (rmdir lists the one it removes)."""
-    return CountingStore.listed.count(of)
-
-
-def _view(scratch: str, lower_entries: int) -> tuple[UnionView, Index]:
+def _view(
+    scratch: str, lower_entries: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[UnionView, Index, list[bytes]]:
+    """A view of a lower directory `d` of *lower_entries* files, and the
+    directories of UPPER it lists from now on (rmdir lists the one it
+    removes), in order."""
     lower = os.path.join(scratch, "lower")
     for number in range(lower_entries):
         write(f"{lower}/d/lower{number}", "x")
@@ -53,16 +39,19 @@ def _view(scratch: str, lower_entries: int) -> tuple[UnionView, Index]:
     os.makedirs(work)
     index = Index(os.path.join(scratch, "index"))
     stack = prepare_stack(index, [lower])
-    store = CountingStore(upper, work, probe_format(os.fsencode(work)), index.store_id())
+    store = UpperStore(upper, work, probe_format(os.fsencode(work)), index.store_id())
     store.recover()
-    return UnionView(index, stack.root, stack.layers, store), index
+    listed = count_scans(monkeypatch, os.fsencode(upper))
+    return UnionView(index, stack.root, stack.layers, store), index, listed
 
 
-def _changes(view: UnionView, directory: int, rounds: int, whiteouts: bool = True) -> int:
+def _changes(
+    view: UnionView, directory: int, listed: list[bytes], rounds: int, whiteouts: bool = True
+) -> int:
     """Create, mkdir, rename, link, unlink and rmdir *rounds* times, with the
     parent's getattr after each as the kernel sends it; its listings read."""
     rel = view.rel(view.node(directory))
-    before = _listings(rel)
+    before = listed.count(rel)
     for number in range(rounds):
         name = b"new%d" % number
         node, fd = view.create(directory, name, 0o644, os.O_WRONLY, ROOT)
@@ -82,21 +71,23 @@ def _changes(view: UnionView, directory: int, rounds: int, whiteouts: bool = Tru
         if whiteouts:
             view.unlink(directory, b"lower%d" % number)  # a whiteout of a lower file
             view.getattr(directory)
-    return _listings(rel) - before
+    return listed.count(rel) - before
 
 
 @pytest.mark.parametrize("size", [100, 3000])
-def test_changes_never_list_the_directory_again(scratch: str, size: int) -> None:
-    view, index = _view(scratch, size)
+def test_changes_never_list_the_directory_again(
+    scratch: str, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    view, index, listed = _view(scratch, size, monkeypatch)
     try:
         directory = view.lookup(ROOT_INO, b"d")
         assert directory is not None
         view.mkdir(directory.ino, b"first", 0o755, ROOT)  # the directory is in UPPER now
-        first = _listings(b"d")
+        first = listed.count(b"d")
         nlink = view.getattr(directory.ino).nlink
-        assert _listings(b"d") - first == 1  # its first st_nlink lists it once
+        assert listed.count(b"d") - first == 1  # its first st_nlink lists it once
         assert nlink == 2 + 2  # sub and first
-        assert _changes(view, directory.ino, 50) == 0
+        assert _changes(view, directory.ino, listed, 50) == 0
         # The count kept through the changes is the one a fresh listing gives.
         view.nodes[directory.ino].subdirs = None
         assert view.getattr(directory.ino).nlink == nlink
@@ -106,17 +97,19 @@ def test_changes_never_list_the_directory_again(scratch: str, size: int) -> None
         index.close()
 
 
-def test_a_directory_of_upper_alone_is_never_listed_for_its_link_count(scratch: str) -> None:
+def test_a_directory_of_upper_alone_is_never_listed_for_its_link_count(
+    scratch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Its count is the host directory's, as overlayfs reports it."""
-    view, index = _view(scratch, 10)
+    view, index, listed = _view(scratch, 10, monkeypatch)
     try:
         made = view.mkdir(ROOT_INO, b"made", 0o755, ROOT)
         for number in range(5):
             view.mkdir(made.ino, b"sub%d" % number, 0o755, ROOT)
         assert view.getattr(made.ino).nlink == 2 + 5
-        assert _changes(view, made.ino, 20, whiteouts=False) == 0
+        assert _changes(view, made.ino, listed, 20, whiteouts=False) == 0
         assert view.getattr(made.ino).nlink == 2 + 5
-        assert _listings(b"made") == 0
+        assert listed.count(b"made") == 0
     finally:
         view.close()
         index.close()

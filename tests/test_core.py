@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.counting import count_scans
 from tests.layers import opaque, whiteout, write
 from unionfs import native
 from unionfs.core.index import ROOT_INO, Index
@@ -278,23 +279,6 @@ def test_listing_offsets_resume_exactly(scratch: str, layers: list[str]) -> None
     stack.close()
 
 
-def _count_scans(monkeypatch: pytest.MonkeyPatch, top: bytes) -> list[bytes]:
-    """The directories under *top* listed by descriptor from now on (each
-    os.scandir of one), by their paths relative to *top*. Counted in os:
-    compiled code (unionfs.native) calls it as the Python does."""
-    scans: list[bytes] = []
-    real_scandir = os.scandir
-
-    def counting_scandir(path: Any = None) -> Any:
-        if isinstance(path, int):
-            listed = os.fsencode(os.readlink(f"/proc/self/fd/{path}"))
-            scans.append(os.path.relpath(listed, top))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", counting_scandir)
-    return scans
-
-
 def test_a_listing_resumed_after_its_last_entry_reads_nothing(
     scratch: str, layers: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,7 +298,7 @@ def test_a_listing_resumed_after_its_last_entry_reads_nothing(
     fd = view.create(directory.ino, b"new", 0o644, os.O_WRONLY, Caller(0, 0))[1]
     os.close(fd)
     view.unlink(directory.ino, b"f07")
-    scans = _count_scans(monkeypatch, store.root)
+    scans = count_scans(monkeypatch, store.root)
     list(view.listdir_with_attributes(directory.ino))  # (link counts are counted once)
     scans.clear()
     listed = list(view.listdir_with_attributes(directory.ino))
