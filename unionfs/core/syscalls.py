@@ -48,32 +48,26 @@ def _failed(filename: bytes | None = None, filename2: bytes | None = None) -> OS
     return OSError(code, os.strerror(code), filename, None, filename2)
 
 
+def _syscall(number: int, path: bytes, *args: object) -> int:
+    """syscall(2) *number* with *args*: its result, OSError naming *path*
+    where it fails."""
+    result = _libc.syscall(number, *args)
+    if result < 0:
+        raise _failed(path)
+    return int(result)
+
+
 def openat2(dir_fd: int, path: bytes, flags: int, resolve: int) -> int:
     """openat2(2) with no mode: a descriptor."""
     how = _OpenHow(flags, 0, resolve)
-    fd = _libc.syscall(
-        _SYS_OPENAT2,
-        ctypes.c_int(dir_fd),
-        ctypes.c_char_p(path),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-    )
-    if fd < 0:
-        raise _failed(path)
-    return int(fd)
+    size = ctypes.c_size_t(ctypes.sizeof(how))
+    return _syscall(_SYS_OPENAT2, path, ctypes.c_int(dir_fd), path, ctypes.byref(how), size)
 
 
 def fchmodat2(dir_fd: int, path: bytes, mode: int, flags: int) -> None:
     """fchmodat2(2): fchmodat that takes AT_SYMLINK_NOFOLLOW."""
-    done = _libc.syscall(
-        _SYS_FCHMODAT2,
-        ctypes.c_int(dir_fd),
-        ctypes.c_char_p(path),
-        ctypes.c_uint(mode),
-        ctypes.c_uint(flags),
-    )
-    if done != 0:
-        raise _failed(path)
+    _syscall(_SYS_FCHMODAT2, path, ctypes.c_int(dir_fd), path, ctypes.c_uint(mode),
+             ctypes.c_uint(flags))  # fmt: skip
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -98,24 +92,12 @@ def linkat(old: bytes, new: bytes, flags: int) -> None:
 def open_tree(path: bytes, flags: int) -> int:
     """open_tree(2): a descriptor of the mount at *path* (a copy of it with
     OPEN_TREE_CLONE)."""
-    fd = _libc.syscall(
-        _SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), ctypes.c_char_p(path), ctypes.c_uint(flags)
-    )
-    if fd < 0:
-        raise _failed(path)
-    return int(fd)
+    return _syscall(_SYS_OPEN_TREE, path, ctypes.c_int(AT_FDCWD), path, ctypes.c_uint(flags))
 
 
 def mount_setattr(fd: int, path: bytes, flags: int, attr_set: int, attr_clr: int) -> None:
     """mount_setattr(2) with no propagation or id mapping change."""
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
-    done = _libc.syscall(
-        _SYS_MOUNT_SETATTR,
-        ctypes.c_int(fd),
-        ctypes.c_char_p(path),
-        ctypes.c_uint(flags),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
-    )
-    if done < 0:
-        raise _failed(path)
+    size = ctypes.c_size_t(ctypes.sizeof(attr))
+    _syscall(_SYS_MOUNT_SETATTR, path, ctypes.c_int(fd), path, ctypes.c_uint(flags),
+             ctypes.byref(attr), size)  # fmt: skip
