@@ -623,3 +623,39 @@ def test_a_listing_read_in_many_requests_lstats_each_upper_entry_once(scratch: s
         assert calls["getdents64"] >= 2 * 20, calls  # listed again by each of many requests
         assert sum(calls[name] for name in stats) < 1.2 * len(names), calls
     assert daemon.returncode == 0
+
+
+def test_a_sync_handed_to_the_kernel_answers_as_fsync_does(scratch: str) -> None:
+    """KernelSync, driven directly: an fsync and an fdatasync of a file
+    finish, many at once are all answered, and a descriptor that cannot be
+    synced gets fsync's own error."""
+    import trio
+
+    from unionfs.kernel_sync import KernelSync
+
+    path = write(f"{scratch}/f", "data")
+    fd = os.open(path, os.O_WRONLY)
+    unsyncable = os.open(scratch, os.O_PATH)
+    with pytest.raises(OSError) as expected:
+        os.fsync(unsyncable)
+    sync = KernelSync()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync.collect)
+            await sync.sync(fd, False)
+            await sync.sync(fd, True)
+            async with trio.open_nursery() as syncs:
+                for n in range(100):
+                    syncs.start_soon(sync.sync, fd, bool(n % 2))
+            with pytest.raises(OSError) as caught:
+                await sync.sync(unsyncable, False)
+            assert caught.value.errno == expected.value.errno
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        sync.close()
+        os.close(fd)
+        os.close(unsyncable)

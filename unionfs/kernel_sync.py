@@ -19,55 +19,20 @@ fsync per file in `dpkg -i`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import logging
 import os
-import platform
 from collections.abc import Callable
 
 import trio
 
+from .core.syscalls import AioContext
+
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-# System call numbers of the AIO calls: x86_64 and aarch64.
-_SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
-_IOCB_CMD_FSYNC, _IOCB_CMD_FDSYNC = 2, 3
-_IOCB_FLAG_RESFD = 1
 # Syncs in flight at once; one more waits for a worker thread instead.
 QUEUE_DEPTH = 256
-
-
-class _Iocb(ctypes.Structure):
-    _fields_ = [
-        ("aio_data", ctypes.c_uint64),
-        ("aio_key", ctypes.c_uint32),
-        ("aio_rw_flags", ctypes.c_int32),
-        ("aio_lio_opcode", ctypes.c_uint16),
-        ("aio_reqprio", ctypes.c_int16),
-        ("aio_fildes", ctypes.c_uint32),
-        ("aio_buf", ctypes.c_uint64),
-        ("aio_nbytes", ctypes.c_uint64),
-        ("aio_offset", ctypes.c_int64),
-        ("aio_reserved2", ctypes.c_uint64),
-        ("aio_flags", ctypes.c_uint32),
-        ("aio_resfd", ctypes.c_uint32),
-    ]
-
-
-class _IoEvent(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_uint64),
-        ("obj", ctypes.c_uint64),
-        ("res", ctypes.c_int64),
-        ("res2", ctypes.c_int64),
-    ]
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
 class Unavailable(Exception):
@@ -91,17 +56,11 @@ class KernelSync:
 
     def __init__(self, quiet_wait: Callable[[int], bool] | None = None) -> None:
         self._quiet_wait = quiet_wait
-        numbers = _SYSCALLS.get(platform.machine())
-        if numbers is None:
-            raise Unavailable(f"no AIO system call numbers for {platform.machine()}")
-        self._setup, self._destroy, self._getevents, self._submit = numbers
-        self._context = ctypes.c_ulong(0)
-        if _libc.syscall(self._setup, QUEUE_DEPTH, ctypes.byref(self._context)) != 0:
-            code = ctypes.get_errno()
-            raise Unavailable(f"io_setup: {os.strerror(code)}")
+        try:
+            self._aio = AioContext(QUEUE_DEPTH)
+        except OSError as exc:
+            raise Unavailable(f"io_setup: {exc.strerror}") from None
         self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._events = (_IoEvent * 64)()
-        self._no_wait = _Timespec(0, 0)
         self._keys = itertools.count(1)
         self._waiting: dict[int, _Waiter] = {}
 
@@ -109,22 +68,14 @@ class KernelSync:
         """fsync(fd) (fdatasync with *datasync*); raises OSError as they do,
         Unavailable where the kernel would not take it."""
         key = next(self._keys)
-        request = _Iocb(
-            aio_data=key,
-            aio_lio_opcode=_IOCB_CMD_FDSYNC if datasync else _IOCB_CMD_FSYNC,
-            aio_fildes=fd,
-            aio_flags=_IOCB_FLAG_RESFD,
-            aio_resfd=self._eventfd,
-        )
         waiter = self._waiting[key] = _Waiter()
-        # The kernel copies the request and takes its own reference to the file.
-        requests = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(request))
-        if _libc.syscall(self._submit, self._context, 1, requests) != 1:
+        try:
+            self._aio.submit_sync(key, fd, datasync, self._eventfd)
+        except OSError as exc:
             del self._waiting[key]
-            code = ctypes.get_errno()
-            if code in (errno.EAGAIN, errno.EINVAL, errno.ENOSYS):
-                raise Unavailable(os.strerror(code))
-            raise OSError(code, os.strerror(code))
+            if exc.errno in (errno.EAGAIN, errno.EINVAL, errno.ENOSYS):
+                raise Unavailable(exc.strerror) from None
+            raise
         self._reap()  # mostly done already: then no wait at all
         quiet_wait = self._quiet_wait
         while not waiter.done.is_set() and quiet_wait is not None and quiet_wait(self._eventfd):
@@ -141,22 +92,13 @@ class KernelSync:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._eventfd)
         while True:
-            found = _libc.syscall(
-                self._getevents,
-                self._context,
-                0,
-                len(self._events),
-                self._events,
-                ctypes.byref(self._no_wait),
-            )
-            if found <= 0:
-                return
-            for event in self._events[:found]:
-                waiter = self._waiting.pop(event.data, None)
+            finished = self._aio.finished()
+            for key, result in finished:
+                waiter = self._waiting.pop(key, None)
                 if waiter is not None:  # (else its caller was cancelled)
-                    waiter.result = event.res
+                    waiter.result = result
                     waiter.done.set()
-            if found < len(self._events):
+            if len(finished) < AioContext.EVENTS:
                 return
 
     async def collect(self) -> None:
@@ -167,7 +109,7 @@ class KernelSync:
 
     def close(self) -> None:
         """Wait for the syncs in flight (io_destroy does) and free the context."""
-        _libc.syscall(self._destroy, self._context)
+        self._aio.close()
         os.close(self._eventfd)
 
 

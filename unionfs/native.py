@@ -34,6 +34,7 @@ MODULES = (
     "unionfs/threads.py",
     "unionfs/passthrough.py",
     "unionfs/fuse.py",
+    "unionfs/kernel_sync.py",
     "unionfs/core/acl.py",
     "unionfs/core/atime.py",
     "unionfs/core/chunks.py",

@@ -12,19 +12,18 @@ as Docker does. The binds are recorded beside the mount's pid file so
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
 import stat
 from dataclasses import dataclass
 
+from .core.syscalls import mount, umount2
 from .errors import StrataError
 
 _MS_RDONLY = 1
 _MS_REMOUNT = 32
 _MS_BIND = 4096
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +52,7 @@ def parse_volume(text: str) -> Volume:
 
 
 def _mount(source: str | None, target: str, flags: int) -> None:
-    result = _libc.mount(
-        None if source is None else os.fsencode(source), os.fsencode(target), None, flags, None
-    )
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), target)
+    mount(None if source is None else os.fsencode(source), os.fsencode(target), flags)
 
 
 def _open_target(mountpoint: str, path: str) -> int:
@@ -117,10 +111,11 @@ def attach(mountpoint: str, volumes: list[Volume], pid_file: str) -> None:
 
 def detach_all(targets: list[str]) -> None:
     for target in sorted(targets, key=len, reverse=True):
-        if _libc.umount2(os.fsencode(target), 0) != 0:
-            code = ctypes.get_errno()
-            if code not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
-                raise StrataError(f"cannot unbind volume {target}: {os.strerror(code)}")
+        try:
+            umount2(os.fsencode(target), 0)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+                raise StrataError(f"cannot unbind volume {target}: {exc.strerror}") from None
 
 
 def detach(pid_file: str) -> None:

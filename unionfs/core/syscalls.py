@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -28,6 +29,10 @@ _SYS_OPEN_TREE = 428
 _SYS_OPENAT2 = 437
 _SYS_MOUNT_SETATTR = 442
 _SYS_FCHMODAT2 = 452  # Linux 6.6
+# The AIO calls (io_setup, io_destroy, io_getevents, io_submit): by architecture.
+_AIO_SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
+_IOCB_CMD_FSYNC, _IOCB_CMD_FDSYNC = 2, 3
+_IOCB_FLAG_RESFD = 1
 
 
 class _OpenHow(ctypes.Structure):
@@ -41,6 +46,36 @@ class _MountAttr(ctypes.Structure):
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
     ]
+
+
+class _Iocb(ctypes.Structure):
+    _fields_ = [
+        ("aio_data", ctypes.c_uint64),
+        ("aio_key", ctypes.c_uint32),
+        ("aio_rw_flags", ctypes.c_int32),
+        ("aio_lio_opcode", ctypes.c_uint16),
+        ("aio_reqprio", ctypes.c_int16),
+        ("aio_fildes", ctypes.c_uint32),
+        ("aio_buf", ctypes.c_uint64),
+        ("aio_nbytes", ctypes.c_uint64),
+        ("aio_offset", ctypes.c_int64),
+        ("aio_reserved2", ctypes.c_uint64),
+        ("aio_flags", ctypes.c_uint32),
+        ("aio_resfd", ctypes.c_uint32),
+    ]
+
+
+class _IoEvent(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_uint64),
+        ("obj", ctypes.c_uint64),
+        ("res", ctypes.c_int64),
+        ("res2", ctypes.c_int64),
+    ]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
 def _failed(filename: bytes | None = None, filename2: bytes | None = None) -> OSError:
@@ -101,3 +136,59 @@ def mount_setattr(fd: int, path: bytes, flags: int, attr_set: int, attr_clr: int
     size = ctypes.c_size_t(ctypes.sizeof(attr))
     _syscall(_SYS_MOUNT_SETATTR, path, ctypes.c_int(fd), path, ctypes.c_uint(flags),
              ctypes.byref(attr), size)  # fmt: skip
+
+
+def mount(source: bytes | None, target: bytes, flags: int) -> None:
+    """mount(2) with no filesystem type or data: a bind, or its remount."""
+    if _libc.mount(source, target, None, flags, None) != 0:
+        raise _failed(target)
+
+
+def umount2(target: bytes, flags: int) -> None:
+    if _libc.umount2(target, flags) != 0:
+        raise _failed(target)
+
+
+class AioContext:
+    """A Linux AIO context (4.18+) for fsync and fdatasync requests, whose
+    completions are signalled on an eventfd."""
+
+    EVENTS = 64  # completions collected per io_getevents
+
+    def __init__(self, depth: int) -> None:
+        numbers = _AIO_SYSCALLS.get(platform.machine())
+        if numbers is None:
+            raise OSError(0, f"no AIO system call numbers for {platform.machine()}")
+        self._setup, self._destroy, self._getevents, self._submit = numbers
+        self._context = ctypes.c_ulong(0)
+        if _libc.syscall(self._setup, depth, ctypes.byref(self._context)) != 0:
+            raise _failed()
+        self._events = (_IoEvent * self.EVENTS)()
+        self._no_wait = _Timespec(0, 0)
+
+    def submit_sync(self, key: int, fd: int, datasync: bool, eventfd: int) -> None:
+        """Submit an fsync of *fd* (fdatasync with *datasync*) known by *key*;
+        the kernel copies the request and takes its own reference to the file."""
+        request = _Iocb(
+            aio_data=key,
+            aio_lio_opcode=_IOCB_CMD_FDSYNC if datasync else _IOCB_CMD_FSYNC,
+            aio_fildes=fd,
+            aio_flags=_IOCB_FLAG_RESFD,
+            aio_resfd=eventfd,
+        )
+        requests = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(request))
+        if _libc.syscall(self._submit, self._context, 1, requests) != 1:
+            raise _failed()
+
+    def finished(self) -> list[tuple[int, int]]:
+        """The requests finished since last asked, without waiting: each
+        one's key and result (-errno where it failed); at most EVENTS."""
+        found = _libc.syscall(
+            self._getevents, self._context, 0, self.EVENTS, self._events,
+            ctypes.byref(self._no_wait),
+        )  # fmt: skip
+        return [(int(event.data), int(event.res)) for event in self._events[: max(found, 0)]]
+
+    def close(self) -> None:
+        """Wait for the requests in flight (io_destroy does) and free the context."""
+        _libc.syscall(self._destroy, self._context)
