@@ -8,6 +8,7 @@ raises OSError as an os function would.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 
@@ -158,7 +159,7 @@ class AioContext:
     def __init__(self, depth: int) -> None:
         numbers = _AIO_SYSCALLS.get(platform.machine())
         if numbers is None:
-            raise OSError(0, f"no AIO system call numbers for {platform.machine()}")
+            raise OSError(errno.ENOSYS, f"no AIO system call numbers for {platform.machine()}")
         self._setup, self._destroy, self._getevents, self._submit = numbers
         self._context = ctypes.c_ulong(0)
         if _libc.syscall(self._setup, depth, ctypes.byref(self._context)) != 0:
